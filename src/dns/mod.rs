@@ -1,0 +1,111 @@
+//! DNS message types shared by the resolver thread, the sessions and the HELO checks.
+//!
+//! Outcomes are a closed set (as Postfix's `dns.h`): records, NXDOMAIN, NODATA, or a
+//! temporary failure. NXDOMAIN and NODATA are answers and lead checks to `fail`; a temporary
+//! failure (timeout, SERVFAIL, REFUSED, network error) leads to `temperror`, never `fail`.
+//! This module holds types only; `resolver` owns the thread and hickory.
+
+pub mod resolver;
+
+use std::net::IpAddr;
+
+/// Identifies who asked: the event loop's connection token (slot and generation packed).
+pub type RequestId = u64;
+
+/// Why a lookup could not be decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TempFailure {
+    Timeout,
+    ServFail,
+    Refused,
+    Other,
+}
+
+/// The outcome of one lookup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup<T> {
+    Found(T),
+    NxDomain,
+    NoData,
+    TempError(TempFailure),
+}
+
+/// A PTR name of the client and what its own A/AAAA lookup gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PtrName {
+    /// Lower case, without the trailing dot.
+    pub name: String,
+    pub addrs: Lookup<Vec<IpAddr>>,
+}
+
+/// Everything the reverse side learned: the PTR names and their forward confirmations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReverseFacts {
+    pub ptr: Lookup<Vec<PtrName>>,
+}
+
+impl ReverseFacts {
+    /// The first PTR name whose A/AAAA records include `ip` (RFC 8601 iprev `pass`).
+    pub fn confirmed_name(&self, ip: IpAddr) -> Option<&str> {
+        match &self.ptr {
+            Lookup::Found(names) => names
+                .iter()
+                .find(|n| matches!(&n.addrs, Lookup::Found(a) if a.contains(&ip)))
+                .map(|n| n.name.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// A request to the resolver thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsRequest {
+    /// PTR of the client, then A/AAAA of each PTR name (at most 10), for FCrDNS.
+    Reverse { id: RequestId, ip: IpAddr },
+    /// A and AAAA of a HELO name.
+    Forward { id: RequestId, name: String },
+}
+
+/// An answer from the resolver thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsAnswer {
+    Reverse {
+        id: RequestId,
+        ip: IpAddr,
+        facts: ReverseFacts,
+    },
+    Forward {
+        id: RequestId,
+        /// The name exactly as it was requested, so a session can ignore answers for an
+        /// identity it has since replaced.
+        name: String,
+        addrs: Lookup<Vec<IpAddr>>,
+    },
+}
+
+impl DnsAnswer {
+    pub fn id(&self) -> RequestId {
+        match self {
+            Self::Reverse { id, .. } | Self::Forward { id, .. } => *id,
+        }
+    }
+}
+
+/// Record type of a single query, for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryType {
+    A,
+    Aaaa,
+    Ptr,
+}
+
+/// Outcome of a single query, for metrics (SPEC: ok, nxdomain, nodata, servfail, timeout, error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryOutcome {
+    Ok,
+    NxDomain,
+    NoData,
+    ServFail,
+    Timeout,
+    Error,
+}

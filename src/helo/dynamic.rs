@@ -1,0 +1,1 @@
+//! Generic (dynamic pool) host name heuristics.

@@ -1,0 +1,20 @@
+//! heloguard: an inbound SMTP server that judges the HELO/EHLO identity against DNS.
+//!
+//! Layers, from pure to I/O (nothing pure imports anything below it):
+//! - `protocol`: the zero-copy line parser, commands, DATA decoder, replies (sans-I/O)
+//! - `session`: the SMTP session state machine (sans-I/O)
+//! - `helo`: the eleven HELO checks, policy, verdict and trace fields (pure)
+//! - `dns`: DNS message types, and `dns::resolver`, the resolver thread
+//! - `spool`: the envelope, trace fields and the Maildir writer threads
+//! - `server`: listeners, the mio event loop, connections, the worker pool, TLS
+//! - `config`, `net`, `proxy_protocol`, `metrics`: configuration, addresses, PROXY headers,
+//!   Prometheus counters
+
+pub mod config;
+pub mod dns;
+pub mod helo;
+pub mod net;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod spool;

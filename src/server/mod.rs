@@ -1,0 +1,1 @@
+//! The I/O edge: listeners, the mio event loop, connections, workers, TLS.

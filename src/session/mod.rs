@@ -1,0 +1,169 @@
+//! The sans-I/O SMTP session state machine (RFC 5321, with PIPELINING, SIZE, 8BITMIME,
+//! ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING and STARTTLS).
+//!
+//! `Session::handle` takes one `Event` and appends what it has to say to an `Output`: reply
+//! bytes, actions for the event loop (look up a HELO name, deliver, start TLS, close) and
+//! observations for metrics. It never reads, writes, sleeps or resolves; time comes in as
+//! `Now`. When it needs something from outside (a HELO verdict, a delivery result, the TLS
+//! handshake) it stops consuming input until the matching event arrives: `wants_input` tells.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crate::config::Config;
+use crate::dns::{Lookup, ReverseFacts};
+use crate::helo::policy::HeloVerdict;
+use crate::protocol::reply::Reply;
+use crate::spool::Envelope;
+
+/// The negotiated TLS parameters, for the Received field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// `TLSv1.3` or `TLSv1.2`.
+    pub version: String,
+    /// IANA name, e.g. `TLS_AES_256_GCM_SHA384`.
+    pub cipher: String,
+    /// Symmetric key bits, e.g. 256.
+    pub bits: u16,
+}
+
+/// The time now, from the loop: monotonic for rates and deadlines, wall for Date fields.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub mono: Instant,
+    pub wall: SystemTime,
+}
+
+/// What happened to a message handed off with `SessionAction::Deliver`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// Stored durably (or taken by the next hop): the client gets 250.
+    Accepted,
+    /// Not stored: the client gets exactly this reply (451 4.3.0 for a spool error, the next
+    /// hop's reply in relay modes).
+    Failed(Reply),
+}
+
+/// An input to the session.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Send the banner (after the PROXY header and the greeting delay).
+    Greet,
+    /// The client talked before the banner (HELOGUARD_GREET_DELAY_MS): 554 5.5.1.
+    Pregreeted,
+    /// Bytes from the client (plaintext, after TLS). `Output::consumed` says how many were
+    /// used; the rest must be offered again, with what arrives later appended.
+    Input(&'a [u8]),
+    /// PTR of the client and forward confirmation of its names.
+    Reverse(ReverseFacts),
+    /// A/AAAA of a HELO name that the session asked for.
+    Forward {
+        name: String,
+        addrs: Lookup<Vec<std::net::IpAddr>>,
+    },
+    /// 2 x HELOGUARD_DNS_TIMEOUT_MS after the EHLO/HELO of this generation: undecided
+    /// checks become `temperror`.
+    VerdictDeadline { generation: u32 },
+    Delivered(DeliveryOutcome),
+    /// The STARTTLS handshake completed.
+    TlsEstablished(TlsInfo),
+    /// Nothing heard for HELOGUARD_TIMEOUT_SECS: 421 4.4.2, then close.
+    IdleTimeout,
+    /// SIGTERM: outside a transaction 421 at once; inside, finish the transaction first.
+    Shutdown,
+    /// HELOGUARD_SHUTDOWN_GRACE_SECS ran out: 421 4.3.2 now.
+    GraceExpired,
+}
+
+/// A request from the session to the event loop.
+#[derive(Debug)]
+pub enum SessionAction {
+    /// An EHLO/HELO was accepted: arm the verdict deadline for `generation`, and look up
+    /// `lookup` (A/AAAA) when the argument is a domain.
+    HeloAccepted {
+        generation: u32,
+        lookup: Option<String>,
+    },
+    /// Hand this message off; answer with `Event::Delivered`.
+    Deliver(Box<Envelope>),
+    /// The 220 to STARTTLS is in `bytes`: flush it, discard all unread plaintext, handshake.
+    StartTls,
+    /// Flush `bytes`, then close the connection.
+    Close,
+}
+
+/// Where a message was refused, for `heloguard_messages_rejected_total{stage}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Helo,
+    Mail,
+    Rcpt,
+    Data,
+}
+
+impl Stage {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stage::Helo => "helo",
+            Stage::Mail => "mail",
+            Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
+        }
+    }
+}
+
+/// Something worth counting, reported with the output so the session stays free of globals.
+#[derive(Clone, Debug)]
+pub enum Observation {
+    Reply(u16),
+    MessageAccepted,
+    MessageRejected(Stage),
+    /// A verdict was reached (once per accepted EHLO/HELO whose verdict was evaluated).
+    Verdict(Box<HeloVerdict>),
+}
+
+/// What one call to `Session::handle` produced.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Reply bytes to send, in order.
+    pub bytes: Vec<u8>,
+    /// For `Event::Input`: how many input bytes were used.
+    pub consumed: usize,
+    pub actions: Vec<SessionAction>,
+    pub observations: Vec<Observation>,
+}
+
+/// How a session ended, for the session-end log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    Quit,
+    Timeout,
+    TooManyErrors,
+    TooManyJunk,
+    Shutdown,
+    Pregreet,
+    /// Still open (the loop closed it for another reason: EOF, I/O error, TLS error).
+    Open,
+}
+
+/// Numbers for the session-end log line.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub helo: Option<String>,
+    pub verdict: Option<crate::helo::VerdictKind>,
+    pub messages: u32,
+    pub bytes: u64,
+    pub ending: Ending,
+}
+
+/// Everything the session knows at accept time.
+#[derive(Clone, Debug)]
+pub struct SessionParams {
+    pub config: Arc<Config>,
+    pub client_ip: IpAddr,
+    /// Unique per process run; queue IDs are derived from it.
+    pub session_id: u64,
+    /// HELOGUARD_TLS_CERT/KEY are loaded: EHLO advertises STARTTLS outside TLS.
+    pub tls_available: bool,
+}
