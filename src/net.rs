@@ -54,9 +54,12 @@ impl Cidr {
     /// Whether `ip` (made canonical first) lies inside this block.
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.network, canonical_ip(ip)) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                prefix_eq(u32::from(net).into(), u32::from(ip).into(), self.prefix_len, 32)
-            }
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
+                u32::from(net).into(),
+                u32::from(ip).into(),
+                self.prefix_len,
+                32,
+            ),
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 prefix_eq(u128::from(net), u128::from(ip), self.prefix_len, 128)
             }

@@ -7,6 +7,7 @@
 pub mod checks;
 pub mod dynamic;
 pub mod policy;
+pub mod report;
 pub mod trace;
 
 use std::fmt;

@@ -64,7 +64,9 @@ pub enum Event<'a> {
     },
     /// 2 x HELOGUARD_DNS_TIMEOUT_MS after the EHLO/HELO of this generation: undecided
     /// checks become `temperror`.
-    VerdictDeadline { generation: u32 },
+    VerdictDeadline {
+        generation: u32,
+    },
     Delivered(DeliveryOutcome),
     /// The STARTTLS handshake completed.
     TlsEstablished(TlsInfo),
@@ -166,4 +168,7 @@ pub struct SessionParams {
     pub session_id: u64,
     /// HELOGUARD_TLS_CERT/KEY are loaded: EHLO advertises STARTTLS outside TLS.
     pub tls_available: bool,
+    /// Set by the loop while the spool's filesystem has less than HELOGUARD_MIN_FREE_MB free:
+    /// MAIL then gets 452 4.3.1.
+    pub spool_space_low: Arc<std::sync::atomic::AtomicBool>,
 }
