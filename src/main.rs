@@ -1,1 +1,125 @@
-fn main() {}
+//! The `heloguard` binary: `serve` (the default), `check`, `--help`. Exit codes: 0 success,
+//! 1 runtime failure (or a `check` that fails), 2 configuration or usage error.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use log::{error, info, warn};
+
+use heloguard::config::{self, Config};
+use heloguard::metrics::Metrics;
+use heloguard::server::event_loop::{Server, ServerOptions};
+use heloguard::server::listener::{self, ListenerKind};
+use heloguard::server::sd_notify;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("--help" | "-h" | "help") => {
+            print!("{}", config::help_text());
+            ExitCode::SUCCESS
+        }
+        None | Some("serve") => serve(),
+        Some("check") => check(&args[1..]),
+        Some(other) => {
+            eprintln!("heloguard: unknown subcommand `{other}`; see `heloguard --help`");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+}
+
+fn load_config() -> Result<Config, ExitCode> {
+    match Config::from_env() {
+        Ok((config, warnings)) => {
+            for w in warnings {
+                warn!("{w}");
+            }
+            Ok(config)
+        }
+        Err(e) => {
+            eprintln!("heloguard: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn check(args: &[String]) -> ExitCode {
+    let config = match load_config() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let code = heloguard::check_cli::run(args, &config);
+    ExitCode::from(u8::try_from(code).unwrap_or(2))
+}
+
+fn serve() -> ExitCode {
+    init_logging();
+    let config = match load_config() {
+        Ok(c) => Arc::new(c),
+        Err(code) => return code,
+    };
+    let bound = match listener::bind_all(&config.listen, &config.proxy_listen) {
+        Ok(b) => b,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("heloguard: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = config.metrics {
+        let started = std::net::TcpListener::bind(addr)
+            .and_then(|l| heloguard::metrics::serve(l, metrics.clone()));
+        match started {
+            Ok(_) => info!("metrics on http://{addr}/metrics"),
+            Err(e) => {
+                eprintln!("heloguard: HELOGUARD_METRICS: cannot listen on {addr}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let server = match Server::new(
+        config.clone(),
+        bound,
+        metrics,
+        ServerOptions {
+            handle_signals: true,
+        },
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("heloguard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for (addr, kind) in server.local_addrs() {
+        let kind = match kind {
+            ListenerKind::Plain => "plain",
+            ListenerKind::Proxy => "proxy",
+        };
+        info!("listening on {addr} ({kind})");
+    }
+    info!(
+        "heloguard {} serving as {} with {} workers, {} spool writers",
+        env!("CARGO_PKG_VERSION"),
+        config.hostname,
+        config.workers,
+        config.spool_writers
+    );
+    sd_notify::notify_ready();
+    let result = server.run();
+    sd_notify::notify_stopping();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("event loop failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
