@@ -72,6 +72,8 @@ pub enum SpoolError {
     SyncDirectory { path: PathBuf, source: io::Error },
     /// The writer threads are gone; nothing was written.
     WritersGone,
+    /// The writer panicked while on this message; whether a file reached new/ is unknown.
+    WriterPanicked,
 }
 
 impl Maildir {
@@ -80,8 +82,18 @@ impl Maildir {
     pub fn open(dir: &Path, hostname: &str) -> Result<Maildir, SpoolError> {
         let tmp = dir.join("tmp");
         let new = dir.join("new");
-        for path in [dir.to_path_buf(), tmp.clone(), new.clone(), dir.join("cur")] {
-            create_dir(&path)?;
+        let created_root = create_dir(dir)?;
+        let mut created_sub = false;
+        for path in [&tmp, &new, &dir.join("cur")] {
+            created_sub |= create_dir(path)?;
+        }
+        // A directory just made is durable only once the directory holding it is fsync'd;
+        // otherwise a crash could take new/ away with messages already answered 250.
+        if created_sub {
+            sync_dir(dir)?;
+        }
+        if created_root {
+            sync_dir(parent_of(dir))?;
         }
         let new_handle = File::open(&new).map_err(|source| SpoolError::Directory {
             path: new.clone(),
@@ -246,6 +258,7 @@ impl fmt::Display for SpoolError {
             SpoolError::Rename { path, source } => ("cannot rename into", path, source),
             SpoolError::SyncDirectory { path, source } => ("cannot fsync directory", path, source),
             SpoolError::WritersGone => return f.write_str("spool writer threads are gone"),
+            SpoolError::WriterPanicked => return f.write_str("spool writer panicked"),
         };
         write!(f, "spool: {step} {}: {source}", path.display())
     }
@@ -260,19 +273,37 @@ impl std::error::Error for SpoolError {
             | SpoolError::SyncFile { source, .. }
             | SpoolError::Rename { source, .. }
             | SpoolError::SyncDirectory { source, .. } => Some(source),
-            SpoolError::WritersGone => None,
+            SpoolError::WritersGone | SpoolError::WriterPanicked => None,
         }
     }
 }
 
-fn create_dir(path: &Path) -> Result<(), SpoolError> {
+/// Creates the directory `path` (its parent must exist); true when it did not exist before.
+fn create_dir(path: &Path) -> Result<bool, SpoolError> {
     match fs::create_dir(path) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(false),
         Err(source) => Err(SpoolError::Directory {
             path: path.to_path_buf(),
             source,
         }),
+    }
+}
+
+fn sync_dir(path: &Path) -> Result<(), SpoolError> {
+    File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|source| SpoolError::SyncDirectory {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The directory holding `path`; `.` for a relative path of one component such as `spool`.
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
     }
 }
 
@@ -535,6 +566,13 @@ mod tests {
             .expect_err("store must fail");
         assert!(matches!(err, SpoolError::Rename { .. }), "{err}");
         assert!(names_in(&dir.0.join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn the_parent_of_a_one_component_relative_path_is_the_current_directory() {
+        assert_eq!(parent_of(Path::new("spool")), Path::new("."));
+        assert_eq!(parent_of(Path::new("/var/spool")), Path::new("/var"));
+        assert_eq!(parent_of(Path::new("a/b")), Path::new("a"));
     }
 
     #[test]

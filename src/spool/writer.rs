@@ -14,6 +14,8 @@
 //! half-written files in new/).
 
 use std::io;
+use std::panic;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -130,7 +132,9 @@ fn run_writer<F>(
     F: Fn(&Envelope) -> Result<String, SpoolError>,
 {
     for job in queue.iter() {
-        let result = deliver(&job.envelope);
+        // A panic must not take the answer with it: the session would wait for it forever.
+        let result = panic::catch_unwind(AssertUnwindSafe(|| deliver(&job.envelope)))
+            .unwrap_or(Err(SpoolError::WriterPanicked));
         if let Err(err) = &result {
             log::error!("spool: message {} not written: {err}", job.id);
         }
@@ -293,6 +297,26 @@ mod tests {
         let done = done_rx.try_recv().expect("a result");
         assert_eq!(done.id, 9);
         assert!(matches!(done.result, Err(SpoolError::WritersGone)));
+    }
+
+    #[test]
+    fn a_panicking_delivery_is_answered_and_the_writer_goes_on() {
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let writers = spawn_with(1, done_tx, None, |env| match env.trace.queue_id.as_str() {
+            "Q1" => panic!("test panic"),
+            _ => Ok(String::from("file")),
+        })
+        .expect("spawn");
+        for id in 1..=2 {
+            writers.submit(SpoolJob {
+                id,
+                envelope: envelope(id),
+            });
+        }
+        writers.shutdown();
+        let results: Vec<SpoolDone> = done_rx.try_iter().collect();
+        assert!(matches!(results[0].result, Err(SpoolError::WriterPanicked)));
+        assert_eq!(results[1].result.as_deref().ok(), Some("file"));
     }
 
     #[test]
