@@ -1,1 +1,584 @@
-//! spool maildir
+//! The Maildir spool (SPEC "Spool"): durable delivery of one accepted message.
+//!
+//! Contract of `Maildir::deliver`: the message is written to `tmp/UNIQUE`, the file is fsync'd,
+//! renamed into `new/UNIQUE`, and `new/` itself is fsync'd so that the rename is on disk; only
+//! then does it return `Ok`, and only then may the session answer 250. On any failure the file
+//! is removed (from `tmp/`, or from `new/` when the directory fsync failed: the client gets 451
+//! 4.3.0 and will send again, so a copy left behind would be a duplicate) and a `SpoolError`
+//! says which step failed. A process killed mid-write leaves at most a file in `tmp/`, which
+//! `Maildir::open` removes 36 hours later (the Maildir convention, maildir(5)).
+//!
+//! Unique names follow maildir(5) and Courier/Dovecot: `SECS.M<micros>P<pid>Q<n>.<host>`, where
+//! `n` is a process-wide counter, so names never repeat within one process even within the same
+//! microsecond, and `/` and `:` in the host name are written `\057` and `\072`.
+
+use std::fmt;
+use std::fs;
+use std::fs::File;
+use std::fs::OpenOptions;
+use std::io;
+use std::io::IoSlice;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::SystemTime;
+use std::time::UNIX_EPOCH;
+
+use crate::spool::Envelope;
+use crate::spool::envelope::maildir_prefix;
+use crate::spool::header::kept_slices;
+use crate::spool::header::own_field_spans;
+
+/// maildir(5): a file in tmp/ untouched for 36 hours is the remains of a failed delivery.
+pub const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
+
+/// Mail files are readable by the spool's owner only; the reader runs as the same user.
+const FILE_MODE: u32 = 0o600;
+
+/// Process-wide part of unique names: never the same twice in this process.
+static DELIVERIES: AtomicU64 = AtomicU64::new(0);
+
+/// One Maildir: its three directories, and an open handle on `new/` to fsync after a rename.
+#[derive(Debug)]
+pub struct Maildir {
+    tmp: PathBuf,
+    new: PathBuf,
+    /// Opened once: fsync on a directory handle makes the renames into it durable.
+    new_handle: File,
+    /// The host name part of unique names, already escaped.
+    name_host: String,
+}
+
+/// Which step of opening the spool or delivering a message failed. Every variant answers
+/// 451 4.3.0 to the client (SPEC "Spool": never 250 after a write or fsync error).
+#[derive(Debug)]
+pub enum SpoolError {
+    /// Creating or opening one of the Maildir directories.
+    Directory { path: PathBuf, source: io::Error },
+    /// Creating the file in tmp/.
+    Create { path: PathBuf, source: io::Error },
+    /// Writing the message into it.
+    Write { path: PathBuf, source: io::Error },
+    /// fsync of the file.
+    SyncFile { path: PathBuf, source: io::Error },
+    /// The rename from tmp/ into new/.
+    Rename { path: PathBuf, source: io::Error },
+    /// fsync of new/ after the rename.
+    SyncDirectory { path: PathBuf, source: io::Error },
+    /// The writer threads are gone; nothing was written.
+    WritersGone,
+    /// The writer panicked while on this message; whether a file reached new/ is unknown.
+    WriterPanicked,
+}
+
+impl Maildir {
+    /// Opens (creating as needed) the Maildir at `dir` and removes stale files from its tmp/.
+    /// `hostname` is the last part of every unique file name.
+    pub fn open(dir: &Path, hostname: &str) -> Result<Maildir, SpoolError> {
+        let tmp = dir.join("tmp");
+        let new = dir.join("new");
+        let created_root = create_dir(dir)?;
+        let mut created_sub = false;
+        for path in [&tmp, &new, &dir.join("cur")] {
+            created_sub |= create_dir(path)?;
+        }
+        // A directory just made is durable only once the directory holding it is fsync'd;
+        // otherwise a crash could take new/ away with messages already answered 250.
+        if created_sub {
+            sync_dir(dir)?;
+        }
+        if created_root {
+            sync_dir(parent_of(dir))?;
+        }
+        let new_handle = File::open(&new).map_err(|source| SpoolError::Directory {
+            path: new.clone(),
+            source,
+        })?;
+        let maildir = Maildir {
+            tmp,
+            new,
+            new_handle,
+            name_host: escape_host(hostname),
+        };
+        maildir.remove_stale_tmp(SystemTime::now(), TMP_MAX_AGE);
+        Ok(maildir)
+    }
+
+    /// Writes `env` durably into new/ (see the module docs); returns the file's name in new/.
+    /// The file is `maildir_prefix` followed by the message without the forged trace fields.
+    pub fn deliver(&self, env: &Envelope) -> Result<String, SpoolError> {
+        self.deliver_with_prefix(&maildir_prefix(env), env)
+    }
+
+    /// `deliver` with the prefix already formatted.
+    fn deliver_with_prefix(&self, prefix: &[u8], env: &Envelope) -> Result<String, SpoolError> {
+        let removed = own_field_spans(&env.content, &env.trace.hostname);
+        let mut parts = Vec::with_capacity(removed.len() + 2);
+        parts.push(prefix);
+        parts.extend(kept_slices(&env.content, &removed));
+        self.store(&parts)
+    }
+
+    /// Writes the concatenation of `parts` durably into new/ under a fresh unique name.
+    pub fn store(&self, parts: &[&[u8]]) -> Result<String, SpoolError> {
+        let name = self.unique_name();
+        let tmp_path = self.tmp.join(&name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&tmp_path)
+            .map_err(|source| SpoolError::Create {
+                path: tmp_path.clone(),
+                source,
+            })?;
+        if let Err(err) = self.write_and_publish(file, &tmp_path, &name, parts) {
+            remove_quietly(&tmp_path);
+            return Err(err);
+        }
+        Ok(name)
+    }
+
+    /// Writes, fsyncs, renames into new/ and fsyncs new/. The tmp file is the caller's to
+    /// remove on error; a file already renamed into new/ is removed here.
+    fn write_and_publish(
+        &self,
+        mut file: File,
+        tmp_path: &Path,
+        name: &str,
+        parts: &[&[u8]],
+    ) -> Result<(), SpoolError> {
+        write_all_parts(&mut file, parts).map_err(|source| SpoolError::Write {
+            path: tmp_path.to_path_buf(),
+            source,
+        })?;
+        file.sync_all().map_err(|source| SpoolError::SyncFile {
+            path: tmp_path.to_path_buf(),
+            source,
+        })?;
+        drop(file);
+        let new_path = self.new.join(name);
+        fs::rename(tmp_path, &new_path).map_err(|source| SpoolError::Rename {
+            path: new_path.clone(),
+            source,
+        })?;
+        if let Err(source) = self.new_handle.sync_all() {
+            remove_quietly(&new_path);
+            return Err(SpoolError::SyncDirectory {
+                path: self.new.clone(),
+                source,
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes every file in tmp/ whose modification time is more than `max_age` before `now`.
+    /// Failures are logged, not fatal: a stale file costs disk space, not correctness. The
+    /// modification time is used rather than maildir(5)'s access time, which relatime and
+    /// noatime mounts do not keep up to date.
+    pub fn remove_stale_tmp(&self, now: SystemTime, max_age: Duration) -> usize {
+        let entries = match fs::read_dir(&self.tmp) {
+            Ok(entries) => entries,
+            Err(err) => {
+                log::warn!("spool: cannot list {}: {err}", self.tmp.display());
+                return 0;
+            }
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if is_stale_file(&entry, now, max_age) {
+                match fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(err) => log::warn!("spool: cannot remove {}: {err}", path.display()),
+                }
+            }
+        }
+        if removed > 0 {
+            log::info!(
+                "spool: removed {removed} stale files from {}",
+                self.tmp.display()
+            );
+        }
+        removed
+    }
+
+    /// maildir(5): `SECS.M<micros>P<pid>Q<n>.<host>`.
+    fn unique_name(&self) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let n = DELIVERIES.fetch_add(1, Ordering::Relaxed);
+        format!(
+            "{}.M{}P{}Q{}.{}",
+            now.as_secs(),
+            now.subsec_micros(),
+            std::process::id(),
+            n,
+            self.name_host
+        )
+    }
+}
+
+/// Free space for an unprivileged user on the filesystem holding `dir`, in MiB
+/// (HELOGUARD_MIN_FREE_MB: below it MAIL gets 452 4.3.1).
+pub fn free_space_mb(dir: &Path) -> io::Result<u64> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string alive for the call, and `stat` points to memory
+    // large enough for one `statvfs`, which the call fills in completely when it returns 0.
+    let stat = unsafe {
+        if libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        stat.assume_init()
+    };
+    // f_bavail counts blocks of f_frsize bytes available to unprivileged users (POSIX).
+    #[allow(
+        clippy::useless_conversion,
+        reason = "fsblkcnt_t and c_ulong are 32 bits wide on some targets"
+    )]
+    let bytes = u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize));
+    Ok(bytes / (1024 * 1024))
+}
+
+impl fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (step, path, source) = match self {
+            SpoolError::Directory { path, source } => ("cannot create or open", path, source),
+            SpoolError::Create { path, source } => ("cannot create", path, source),
+            SpoolError::Write { path, source } => ("cannot write", path, source),
+            SpoolError::SyncFile { path, source } => ("cannot fsync", path, source),
+            SpoolError::Rename { path, source } => ("cannot rename into", path, source),
+            SpoolError::SyncDirectory { path, source } => ("cannot fsync directory", path, source),
+            SpoolError::WritersGone => return f.write_str("spool writer threads are gone"),
+            SpoolError::WriterPanicked => return f.write_str("spool writer panicked"),
+        };
+        write!(f, "spool: {step} {}: {source}", path.display())
+    }
+}
+
+impl std::error::Error for SpoolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SpoolError::Directory { source, .. }
+            | SpoolError::Create { source, .. }
+            | SpoolError::Write { source, .. }
+            | SpoolError::SyncFile { source, .. }
+            | SpoolError::Rename { source, .. }
+            | SpoolError::SyncDirectory { source, .. } => Some(source),
+            SpoolError::WritersGone | SpoolError::WriterPanicked => None,
+        }
+    }
+}
+
+/// Creates the directory `path` (its parent must exist); true when it did not exist before.
+fn create_dir(path: &Path) -> Result<bool, SpoolError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(false),
+        Err(source) => Err(SpoolError::Directory {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn sync_dir(path: &Path) -> Result<(), SpoolError> {
+    File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|source| SpoolError::SyncDirectory {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The directory holding `path`; `.` for a relative path of one component such as `spool`.
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+/// Writes every part, in order, with as few system calls as the kernel allows, and without
+/// first copying the parts (the message body among them) into one buffer.
+fn write_all_parts(file: &mut File, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts
+        .iter()
+        .filter(|part| !part.is_empty())
+        .map(|part| IoSlice::new(part))
+        .collect();
+    let mut remaining = &mut slices[..];
+    while !remaining.is_empty() {
+        match file.write_vectored(remaining) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut remaining, n),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+fn is_stale_file(entry: &fs::DirEntry, now: SystemTime, max_age: Duration) -> bool {
+    let Ok(meta) = entry.metadata() else {
+        return false;
+    };
+    let Ok(modified) = meta.modified() else {
+        return false;
+    };
+    meta.is_file() && now.duration_since(modified).is_ok_and(|age| age > max_age)
+}
+
+/// maildir(5): `/` and `:` in the host name become `\057` and `\072` (`:` starts the info part
+/// of a name in cur/, `/` would make a path).
+fn escape_host(hostname: &str) -> String {
+    hostname.replace('/', "\\057").replace(':', "\\072")
+}
+
+/// Removal of a file that is being abandoned after an error already reported.
+fn remove_quietly(path: &Path) {
+    if let Err(err) = fs::remove_file(path) {
+        log::warn!("spool: cannot remove {}: {err}", path.display());
+    }
+}
+
+/// A fresh directory under the system temporary directory, removed with its contents on drop.
+#[cfg(test)]
+pub(crate) struct TestDir(pub PathBuf);
+
+#[cfg(test)]
+impl TestDir {
+    pub(crate) fn new(tag: &str) -> TestDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("heloguard-test-{tag}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("create a test directory");
+        TestDir(path)
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .expect("list directory")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn open_creates_the_three_directories() {
+        let dir = TestDir::new("open");
+        let spool = dir.0.join("spool");
+        Maildir::open(&spool, "mx").expect("open");
+        for sub in ["tmp", "new", "cur"] {
+            assert!(spool.join(sub).is_dir(), "{sub}");
+        }
+        // A second open of an existing Maildir is fine.
+        Maildir::open(&spool, "mx").expect("reopen");
+    }
+
+    #[test]
+    fn a_stored_message_is_in_new_byte_exact() {
+        let dir = TestDir::new("store");
+        let maildir = Maildir::open(&dir.0, "mx.example.net").expect("open");
+        let name = maildir
+            .store(&[
+                b"Return-Path: <a@b>\r\n",
+                b"",
+                b"Subject: s\r\n\r\nbody\r\n",
+            ])
+            .expect("store");
+        assert_eq!(names_in(&dir.0.join("new")), vec![name.clone()]);
+        assert!(names_in(&dir.0.join("tmp")).is_empty());
+        let stored = fs::read(dir.0.join("new").join(&name)).expect("read");
+        assert_eq!(stored, b"Return-Path: <a@b>\r\nSubject: s\r\n\r\nbody\r\n");
+        assert!(name.ends_with(".mx.example.net"), "{name}");
+    }
+
+    fn envelope(content: &[u8]) -> Envelope {
+        use crate::helo::Action;
+        use crate::helo::CheckResult;
+        use crate::helo::VerdictKind;
+        use crate::helo::policy::Decision;
+        use crate::helo::policy::HeloVerdict;
+        use crate::helo::policy::IprevResult;
+        use crate::spool::Protocol;
+        use crate::spool::TraceInfo;
+
+        Envelope {
+            reverse_path: "a@example.org".to_owned(),
+            recipients: vec!["b@example.net".to_owned()],
+            trace: TraceInfo {
+                hostname: "mx.example.net".to_owned(),
+                helo: "mail.example.org".to_owned(),
+                client_ip: std::net::IpAddr::from([192, 0, 2, 7]),
+                verdict: HeloVerdict {
+                    kind: VerdictKind::Pass,
+                    shown: [CheckResult::Pass; 11],
+                    measured: [CheckResult::Pass; 11],
+                    action: Action::Off,
+                    failed: Vec::new(),
+                    allowed_by: None,
+                    ptr: None,
+                    iprev: IprevResult::PermError,
+                    decision: Decision::Accept,
+                },
+                tls: None,
+                protocol: Protocol::Esmtp,
+                queue_id: "Q1".to_owned(),
+                received_at: UNIX_EPOCH,
+            },
+            content: content.to_vec(),
+        }
+    }
+
+    const FORGED: &[u8] = b"X-HELO-Check: mx.example.net; pass\r\n\
+        Subject: s\r\n\
+        Authentication-Results: MX.example.net;\r\n\tiprev=pass\r\n\
+        Authentication-Results: other.example; iprev=fail\r\n\
+        \r\n\
+        X-HELO-Check: mx.example.net; body line\r\n";
+
+    #[test]
+    fn delivery_prepends_the_prefix_and_strips_forged_fields() {
+        let dir = TestDir::new("deliver-prefix");
+        let maildir = Maildir::open(&dir.0, "mx.example.net").expect("open");
+        let name = maildir
+            .deliver_with_prefix(b"Return-Path: <a@example.org>\r\n", &envelope(FORGED))
+            .expect("deliver");
+        let stored = fs::read(dir.0.join("new").join(name)).expect("read");
+        assert_eq!(
+            stored,
+            b"Return-Path: <a@example.org>\r\n\
+              Subject: s\r\n\
+              Authentication-Results: other.example; iprev=fail\r\n\
+              \r\n\
+              X-HELO-Check: mx.example.net; body line\r\n"
+        );
+    }
+
+    #[test]
+    #[ignore = "needs helo::trace"]
+    fn a_delivered_file_is_the_prefix_then_the_stripped_message() {
+        let dir = TestDir::new("deliver");
+        let maildir = Maildir::open(&dir.0, "mx.example.net").expect("open");
+        let env = envelope(FORGED);
+        let name = maildir.deliver(&env).expect("deliver");
+        assert_eq!(names_in(&dir.0.join("new")), vec![name.clone()]);
+        let stored = fs::read(dir.0.join("new").join(name)).expect("read");
+        let mut want = maildir_prefix(&env);
+        want.extend_from_slice(&crate::spool::header::strip_own_fields(
+            &env.content,
+            "mx.example.net",
+        ));
+        assert_eq!(stored, want);
+        assert!(stored.starts_with(b"Return-Path: <a@example.org>\r\nX-Envelope-To: <b@example.net>\r\nReceived: from mail.example.org (unknown [192.0.2.7])\r\n"));
+    }
+
+    #[test]
+    fn many_slices_are_all_written() {
+        let dir = TestDir::new("slices");
+        let maildir = Maildir::open(&dir.0, "mx").expect("open");
+        // More slices than IOV_MAX (1024) forces several vectored writes.
+        let parts: Vec<Vec<u8>> = (0..3000).map(|i| format!("{i}\n").into_bytes()).collect();
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        let name = maildir.store(&refs).expect("store");
+        let stored = fs::read(dir.0.join("new").join(name)).expect("read");
+        assert_eq!(stored, parts.concat());
+    }
+
+    #[test]
+    fn unique_names_follow_maildir_5_and_escape_the_host() {
+        let dir = TestDir::new("names");
+        let maildir = Maildir::open(&dir.0, "a/b:c").expect("open");
+        let first = maildir.unique_name();
+        let second = maildir.unique_name();
+        assert_ne!(first, second);
+        assert!(first.ends_with(".a\\057b\\072c"), "{first}");
+        let pid = format!("P{}Q", std::process::id());
+        assert!(first.contains(&pid), "{first}");
+        let (secs, rest) = first.split_once(".M").expect("SECS.M");
+        assert!(secs.bytes().all(|b| b.is_ascii_digit()), "{first}");
+        assert!(rest.starts_with(|c: char| c.is_ascii_digit()), "{first}");
+    }
+
+    #[test]
+    fn open_removes_old_tmp_files_but_not_fresh_ones() {
+        let dir = TestDir::new("stale");
+        Maildir::open(&dir.0, "mx").expect("open");
+        let old = dir.0.join("tmp").join("old");
+        let fresh = dir.0.join("tmp").join("fresh");
+        let file = File::create(&old).expect("create old");
+        let long_ago = SystemTime::now() - TMP_MAX_AGE - Duration::from_secs(60);
+        file.set_modified(long_ago).expect("set mtime");
+        drop(file);
+        File::create(&fresh).expect("create fresh");
+        Maildir::open(&dir.0, "mx").expect("reopen");
+        assert_eq!(names_in(&dir.0.join("tmp")), vec!["fresh".to_owned()]);
+    }
+
+    #[test]
+    fn a_failed_store_leaves_nothing_in_new() {
+        let dir = TestDir::new("fail");
+        let maildir = Maildir::open(&dir.0, "mx").expect("open");
+        // Tests may run as root, for whom permissions stop nothing: replace tmp/ by a file.
+        let tmp = dir.0.join("tmp");
+        fs::remove_dir(&tmp).expect("remove tmp");
+        File::create(&tmp).expect("tmp as a file");
+        let err = maildir
+            .store(&[b"Subject: s\r\n\r\n"])
+            .expect_err("store must fail");
+        assert!(matches!(err, SpoolError::Create { .. }), "{err}");
+        assert!(names_in(&dir.0.join("new")).is_empty());
+    }
+
+    #[test]
+    fn a_failed_rename_removes_the_tmp_file() {
+        let dir = TestDir::new("rename");
+        let maildir = Maildir::open(&dir.0, "mx").expect("open");
+        let new = dir.0.join("new");
+        fs::remove_dir(&new).expect("remove new");
+        File::create(&new).expect("new as a file");
+        let err = maildir
+            .store(&[b"Subject: s\r\n\r\n"])
+            .expect_err("store must fail");
+        assert!(matches!(err, SpoolError::Rename { .. }), "{err}");
+        assert!(names_in(&dir.0.join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn the_parent_of_a_one_component_relative_path_is_the_current_directory() {
+        assert_eq!(parent_of(Path::new("spool")), Path::new("."));
+        assert_eq!(parent_of(Path::new("/var/spool")), Path::new("/var"));
+        assert_eq!(parent_of(Path::new("a/b")), Path::new("a"));
+    }
+
+    #[test]
+    fn free_space_of_an_existing_directory() {
+        let dir = TestDir::new("df");
+        free_space_mb(&dir.0).expect("statvfs");
+        assert!(free_space_mb(&dir.0.join("missing")).is_err());
+    }
+}

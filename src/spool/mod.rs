@@ -2,17 +2,20 @@
 //!
 //! `Envelope` is built by the session at the end of DATA/BDAT; `envelope` formats the
 //! Return-Path, X-Envelope-To and Received fields and prepends the trace block; `maildir`
-//! writes it durably on the spool writer threads.
+//! writes it durably; `writer` runs those writes on the spool writer threads.
 
 pub mod envelope;
 pub mod header;
 pub mod maildir;
+pub mod writer;
 
 use std::net::IpAddr;
 use std::time::SystemTime;
 
 use crate::helo::policy::HeloVerdict;
 use crate::session::TlsInfo;
+
+pub use maildir::SpoolError;
 
 /// The protocol name written after `with` in Received (RFC 3848, RFC 6531).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
