@@ -178,6 +178,10 @@ impl TlsAcceptor {
     }
 
     /// Starts the server side of a handshake (after `220 2.0.0 Ready to start TLS`).
+    ///
+    /// The caller must first discard every plaintext byte that arrived after the STARTTLS line
+    /// (RFC 3207 4.2; the CVE-2011-0411 command injection): only bytes read after the 220 go
+    /// into [`TlsSession::receive_ciphertext`].
     pub fn accept(&self) -> Result<TlsSession, TlsError> {
         TlsSession::new(self.config())
     }
