@@ -3,4 +3,6 @@
 pub mod conn;
 pub mod event_loop;
 pub mod listener;
+pub mod sd_notify;
+pub mod tls;
 pub mod worker;
