@@ -1,12 +1,28 @@
 //! HELOGUARD_HELO_POLICY, HELOGUARD_HELO_ALLOW and HELOGUARD_REJECT_AT, and the verdict they
 //! give over the eleven check results.
+//!
+//! Policy string rules (`default=tag,localhost=reject,...`): items are `KEY=ACTION`, separated
+//! by commas, blanks around items ignored, keys and actions case-insensitive. KEY is `default`
+//! or a check name; ACTION is off, log, tag, defer or reject. A key given twice, an unknown
+//! key or action, or an item without `=` is a [`PolicyError`] naming it. An empty string is
+//! the default policy. A check not named takes `default` (itself `tag` unless given), except
+//! `syntax`, which stays `reject` unless named: `default=log` is a dry run of the DNS checks
+//! that still refuses unparsable HELOs, as SPEC's default `default=tag,syntax=reject` does.
+//!
+//! Verdict (SPEC "HELO checks"): an allow-list match skips every check. Otherwise `off`
+//! checks are not counted at all, `log` checks are measured but shown `none` and left out of
+//! the verdict, and `tag`/`defer`/`reject` checks count. RFC 5321 4.1.4 forbids refusing mail
+//! only because the HELO does not match the client IP, hence tag by default; a temporary DNS
+//! failure is never answered with a 5xx.
 
 use std::fmt;
+use std::net::IpAddr;
 
-use crate::dns::ReverseFacts;
-use crate::helo::checks::CheckInput;
+use crate::dns::{Lookup, ReverseFacts};
+use crate::helo::checks::{self, CheckInput};
+use crate::helo::trace::sanitize_helo;
 use crate::helo::{Action, Check, CheckResult, VerdictKind};
-use crate::net::Cidr;
+use crate::net::{Cidr, canonical_ip};
 use crate::protocol::reply::Reply;
 
 /// One action per check (HELOGUARD_HELO_POLICY).
@@ -83,12 +99,42 @@ impl HeloPolicy {
     /// Parses `default=tag,localhost=reject,...`; unspecified checks take `default`, which is
     /// `tag` unless given; `syntax` is `reject` unless given.
     pub fn parse(spec: &str) -> Result<Self, PolicyError> {
-        let _ = spec;
-        todo!("helo policy parsing")
+        let mut default = None;
+        let mut explicit: [Option<Action>; 11] = [None; 11];
+        for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (key, action) = parse_item(item)?;
+            let slot = match key {
+                PolicyKey::Default => &mut default,
+                PolicyKey::Check(check) => &mut explicit[check.index()],
+            };
+            if slot.is_some() {
+                return Err(PolicyError(format!(
+                    "`{}` is given twice in the HELO policy",
+                    key.name()
+                )));
+            }
+            *slot = Some(action);
+        }
+        let default = default.unwrap_or(Action::Tag);
+        let mut actions = [default; 11];
+        for check in Check::ALL {
+            let fallback = match check {
+                Check::Syntax => Action::Reject,
+                _ => default,
+            };
+            actions[check.index()] = explicit[check.index()].unwrap_or(fallback);
+        }
+        Ok(Self { actions })
     }
 
     pub fn action(&self, check: Check) -> Action {
         self.actions[check.index()]
+    }
+
+    /// Whether a failed `syntax` is refused at the EHLO/HELO itself with 501 5.5.2 (SPEC:
+    /// whatever HELOGUARD_REJECT_AT says, and the session stays as it was).
+    pub fn rejects_bad_syntax(&self) -> bool {
+        self.action(Check::Syntax) == Action::Reject
     }
 }
 
@@ -101,14 +147,215 @@ impl Default for HeloPolicy {
     }
 }
 
-/// Parses HELOGUARD_HELO_ALLOW (comma separated).
-pub fn parse_allow_list(spec: &str) -> Result<Vec<AllowEntry>, PolicyError> {
-    let _ = spec;
-    todo!("allow list parsing")
+impl fmt::Display for HeloPolicy {
+    /// The policy written back as a complete `check=action,...` string.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, check) in Check::ALL.into_iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            write!(f, "{sep}{}={}", check.name(), self.action(check).name())?;
+        }
+        Ok(())
+    }
 }
 
-/// Runs the checks over the facts known and applies policy and allow list. `final_` says the
-/// verdict deadline has passed (or every fact is in): missing facts then give `temperror`.
+/// The left side of a policy item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PolicyKey {
+    Default,
+    Check(Check),
+}
+
+impl PolicyKey {
+    fn name(self) -> &'static str {
+        match self {
+            PolicyKey::Default => "default",
+            PolicyKey::Check(check) => check.name(),
+        }
+    }
+}
+
+fn parse_item(item: &str) -> Result<(PolicyKey, Action), PolicyError> {
+    let Some((key, action)) = item.split_once('=') else {
+        return Err(PolicyError(format!(
+            "`{item}` in the HELO policy is not CHECK=ACTION"
+        )));
+    };
+    let key = key.trim().to_ascii_lowercase();
+    let key = match key.as_str() {
+        "default" => PolicyKey::Default,
+        name => PolicyKey::Check(
+            Check::from_name(name)
+                .ok_or_else(|| PolicyError(format!("unknown HELO check `{name}`")))?,
+        ),
+    };
+    Ok((key, parse_action(action.trim())?))
+}
+
+fn parse_action(text: &str) -> Result<Action, PolicyError> {
+    match text.to_ascii_lowercase().as_str() {
+        "off" => Ok(Action::Off),
+        "log" => Ok(Action::Log),
+        "tag" => Ok(Action::Tag),
+        "defer" => Ok(Action::Defer),
+        "reject" => Ok(Action::Reject),
+        _ => Err(PolicyError(format!(
+            "unknown HELO action `{text}` (expected off, log, tag, defer or reject)"
+        ))),
+    }
+}
+
+impl RejectAt {
+    /// Parses HELOGUARD_REJECT_AT: `rcpt` or `helo`, any case.
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "rcpt" => Ok(RejectAt::Rcpt),
+            "helo" => Ok(RejectAt::Helo),
+            _ => Err(PolicyError(format!(
+                "unknown reject point `{text}` (expected rcpt or helo)"
+            ))),
+        }
+    }
+}
+
+impl Default for RejectAt {
+    /// `rcpt`, as Postfix's smtpd_delay_reject.
+    fn default() -> Self {
+        RejectAt::Rcpt
+    }
+}
+
+/// Parses HELOGUARD_HELO_ALLOW (comma separated).
+pub fn parse_allow_list(spec: &str) -> Result<Vec<AllowEntry>, PolicyError> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(parse_allow_entry)
+        .collect()
+}
+
+fn parse_allow_entry(entry: &str) -> Result<AllowEntry, PolicyError> {
+    let ptr_domain = entry
+        .get(..4)
+        .filter(|p| p.eq_ignore_ascii_case("ptr:"))
+        .map(|_| &entry[4..]);
+    if let Some(domain) = ptr_domain {
+        return checks::normalize_domain(domain.trim())
+            .map(AllowEntry::PtrDomain)
+            .ok_or_else(|| PolicyError(format!("`{entry}` in the HELO allow list: bad domain")));
+    }
+    entry
+        .parse::<Cidr>()
+        .map(AllowEntry::Net)
+        .map_err(|e| PolicyError(format!("`{entry}` in the HELO allow list: {e}")))
+}
+
+impl AllowEntry {
+    /// Whether this entry covers the client: its IP, or its forward-confirmed PTR name.
+    pub fn matches(&self, client_ip: IpAddr, confirmed_ptr: Option<&str>) -> bool {
+        match self {
+            AllowEntry::Net(net) => net.contains(client_ip),
+            // Never the HELO name: anyone can claim any name.
+            AllowEntry::PtrDomain(domain) => {
+                confirmed_ptr.is_some_and(|ptr| is_at_or_below(ptr, domain))
+            }
+        }
+    }
+}
+
+fn is_at_or_below(name: &str, domain: &str) -> bool {
+    name == domain
+        || name
+            .strip_suffix(domain)
+            .is_some_and(|head| head.ends_with('.'))
+}
+
+impl fmt::Display for AllowEntry {
+    /// The entry as the operator wrote it, normalized: an address without `/32` or `/128`, a
+    /// block as `addr/len`, `ptr:domain` in lower case.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AllowEntry::Net(net) => {
+                let width = if net.network().is_ipv4() { 32 } else { 128 };
+                if net.prefix_len() == width {
+                    write!(f, "{}", net.network())
+                } else {
+                    write!(f, "{net}")
+                }
+            }
+            AllowEntry::PtrDomain(domain) => write!(f, "ptr:{domain}"),
+        }
+    }
+}
+
+impl IprevResult {
+    /// The RFC 8601 result keyword.
+    pub const fn name(self) -> &'static str {
+        match self {
+            IprevResult::Pass => "pass",
+            IprevResult::Fail => "fail",
+            IprevResult::PermError => "permerror",
+            IprevResult::TempError => "temperror",
+        }
+    }
+
+    /// RFC 8601 3: pass when a PTR name confirms, permerror when there is no PTR name,
+    /// temperror when a lookup on the way failed temporarily, fail otherwise.
+    pub fn of(reverse: Option<&ReverseFacts>, client_ip: IpAddr) -> Self {
+        let Some(reverse) = reverse else {
+            return IprevResult::TempError;
+        };
+        match &reverse.ptr {
+            Lookup::NxDomain | Lookup::NoData => IprevResult::PermError,
+            Lookup::Found(names) if names.is_empty() => IprevResult::PermError,
+            _ => match checks::fcrdns(client_ip, Some(reverse)) {
+                CheckResult::Pass => IprevResult::Pass,
+                CheckResult::TempError => IprevResult::TempError,
+                _ => IprevResult::Fail,
+            },
+        }
+    }
+}
+
+/// The rule a failed check breaks, in words a sender's admin can act on.
+pub const fn rule_text(check: Check) -> &'static str {
+    match check {
+        Check::Syntax => {
+            "RFC 5321 4.1.1.1: HELO must be a domain name or an address literal such as [192.0.2.1]"
+        }
+        Check::BareIp => {
+            "RFC 5321 4.1.3: an IP address in HELO must be an address literal in brackets"
+        }
+        Check::Fqdn => {
+            "RFC 5321 2.3.5: HELO must be a fully-qualified domain name or an address literal"
+        }
+        Check::Localhost => {
+            "RFC 5321 4.1.4: HELO must name this client, not localhost or a loopback address"
+        }
+        Check::OwnName => {
+            "RFC 5321 4.1.4: HELO must name the client, not this server or its domains"
+        }
+        Check::LiteralMatch => {
+            "RFC 5321 4.1.3: an address literal in HELO must be the client's own IP address"
+        }
+        Check::Forward => {
+            "RFC 5321 2.3.5: the HELO name must resolve in the DNS (A or AAAA record)"
+        }
+        Check::ForwardMatch => "the A/AAAA records of the HELO name must include the client IP",
+        Check::Fcrdns => {
+            "RFC 8601 3 (iprev): the client IP needs a PTR name whose A/AAAA records include it"
+        }
+        Check::RdnsMatch => {
+            "the HELO name and the PTR name of the client IP must be in the same registered domain"
+        }
+        Check::Dynamic => {
+            "the HELO or PTR name looks like a dynamic address pool: send through your provider's relay or use a static name"
+        }
+    }
+}
+
+/// Runs the checks over the facts known and applies policy and allow list. Facts still
+/// missing (`None`) when this is called give `temperror`: call it when every fact is in or
+/// the verdict deadline has passed.
 pub fn decide(
     input: &CheckInput<'_>,
     helo_addrs: Option<&crate::dns::Lookup<Vec<std::net::IpAddr>>>,
@@ -116,6 +363,135 @@ pub fn decide(
     policy: &HeloPolicy,
     allow: &[AllowEntry],
 ) -> HeloVerdict {
-    let _ = (input, helo_addrs, reverse, policy, allow);
-    todo!("verdict")
+    let client_ip = canonical_ip(input.client_ip);
+    let ptr = checks::confirmed_ptr(reverse, client_ip);
+    let iprev = IprevResult::of(reverse, client_ip);
+    if let Some(entry) = allow.iter().find(|e| e.matches(client_ip, ptr.as_deref())) {
+        return allowed_verdict(entry, ptr, iprev);
+    }
+    let results = checks::run_all(input, helo_addrs, reverse);
+    let measured = mask(&results, policy, |a| a == Action::Off);
+    let shown = mask(&results, policy, |a| a <= Action::Log);
+    let failed: Vec<Check> = Check::ALL
+        .into_iter()
+        .filter(|c| shown[c.index()] == CheckResult::Fail)
+        .collect();
+    let action = failed
+        .iter()
+        .map(|c| policy.action(*c))
+        .max()
+        .unwrap_or(Action::Off);
+    HeloVerdict {
+        kind: verdict_kind(&shown, &failed),
+        shown,
+        measured,
+        action,
+        decision: decision(input.helo, &shown, &failed, policy),
+        failed,
+        allowed_by: None,
+        ptr,
+        iprev,
+    }
+}
+
+/// SPEC: an allowed client skips every check; verdict pass, every check `none`.
+fn allowed_verdict(entry: &AllowEntry, ptr: Option<String>, iprev: IprevResult) -> HeloVerdict {
+    HeloVerdict {
+        kind: VerdictKind::Pass,
+        shown: [CheckResult::None; 11],
+        measured: [CheckResult::None; 11],
+        action: Action::Off,
+        failed: Vec::new(),
+        allowed_by: Some(entry.to_string()),
+        ptr,
+        iprev,
+        decision: Decision::Accept,
+    }
+}
+
+/// The results with `none` for every check whose action is hidden by `hide`.
+fn mask(
+    results: &[CheckResult; 11],
+    policy: &HeloPolicy,
+    hide: impl Fn(Action) -> bool,
+) -> [CheckResult; 11] {
+    let mut out = *results;
+    for check in Check::ALL {
+        if hide(policy.action(check)) {
+            out[check.index()] = CheckResult::None;
+        }
+    }
+    out
+}
+
+fn verdict_kind(shown: &[CheckResult; 11], failed: &[Check]) -> VerdictKind {
+    if !failed.is_empty() {
+        VerdictKind::Fail
+    } else if shown.contains(&CheckResult::TempError) {
+        VerdictKind::TempError
+    } else {
+        VerdictKind::Pass
+    }
+}
+
+/// The answer the session owes: the strongest failed action decides; a temperror under defer
+/// or reject defers (451 4.4.3, never 5xx: the DNS may answer next time).
+fn decision(
+    helo: &str,
+    shown: &[CheckResult; 11],
+    failed: &[Check],
+    policy: &HeloPolicy,
+) -> Decision {
+    let name = sanitize_helo(helo);
+    let with_action = |action: Action| -> Vec<Check> {
+        failed
+            .iter()
+            .copied()
+            .filter(|c| policy.action(*c) == action)
+            .collect()
+    };
+    let rejected = with_action(Action::Reject);
+    if !rejected.is_empty() {
+        return Decision::Refuse(refusal(550, "5.7.1", &name, "refused", &rejected));
+    }
+    let deferred = with_action(Action::Defer);
+    if !deferred.is_empty() {
+        return Decision::Refuse(refusal(450, "4.7.1", &name, "deferred", &deferred));
+    }
+    let undecided: Vec<Check> = Check::ALL
+        .into_iter()
+        .filter(|c| shown[c.index()] == CheckResult::TempError)
+        .filter(|c| policy.action(*c) >= Action::Defer)
+        .collect();
+    if !undecided.is_empty() {
+        return Decision::Refuse(undecided_reply(&name, &undecided));
+    }
+    Decision::Accept
+}
+
+/// One line per failed check: the HELO, the check and the rule broken.
+fn refusal(code: u16, enhanced: &str, name: &str, what: &str, checks: &[Check]) -> Reply {
+    let lines = checks
+        .iter()
+        .map(|c| {
+            format!(
+                "{enhanced} HELO {name} {what}: check {} failed: {}",
+                c.name(),
+                rule_text(*c)
+            )
+        })
+        .collect();
+    Reply { code, lines }
+}
+
+fn undecided_reply(name: &str, checks: &[Check]) -> Reply {
+    let names: Vec<&str> = checks.iter().map(|c| c.name()).collect();
+    Reply::new(
+        451,
+        "4.4.3",
+        &format!(
+            "HELO {name} could not be verified ({}): temporary DNS failure, try again later",
+            names.join(", ")
+        ),
+    )
 }
