@@ -495,3 +495,438 @@ fn undecided_reply(name: &str, checks: &[Check]) -> Reply {
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::{PtrName, TempFailure};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test address")
+    }
+
+    fn policy(spec: &str) -> HeloPolicy {
+        HeloPolicy::parse(spec).expect("valid policy")
+    }
+
+    fn err(spec: &str) -> String {
+        HeloPolicy::parse(spec).expect_err("invalid policy").0
+    }
+
+    #[test]
+    fn policy_parsing_rules() {
+        assert_eq!(policy(""), HeloPolicy::default());
+        assert_eq!(policy("  "), HeloPolicy::default());
+        assert_eq!(policy("default=tag"), HeloPolicy::default());
+        assert_eq!(policy("default=tag,syntax=reject"), HeloPolicy::default());
+        // syntax stays reject unless named.
+        let dry = policy("default=log");
+        assert_eq!(dry.action(Check::Syntax), Action::Reject);
+        assert_eq!(dry.action(Check::Fcrdns), Action::Log);
+        let p = policy("default=off,syntax=tag");
+        assert_eq!(p.action(Check::Syntax), Action::Tag);
+        assert_eq!(p.action(Check::Dynamic), Action::Off);
+        let p = policy(" Default = TAG , LOCALHOST=Reject, literal_match=reject,");
+        assert_eq!(p.action(Check::Localhost), Action::Reject);
+        assert_eq!(p.action(Check::LiteralMatch), Action::Reject);
+        assert_eq!(p.action(Check::Fqdn), Action::Tag);
+        assert_eq!(p.action(Check::Syntax), Action::Reject);
+        let p = policy("fqdn=defer");
+        assert_eq!(p.action(Check::Fqdn), Action::Defer);
+        assert_eq!(p.action(Check::Forward), Action::Tag);
+        assert!(p.rejects_bad_syntax());
+        assert!(!policy("syntax=tag").rejects_bad_syntax());
+        assert_eq!(
+            policy("default=log,dynamic=reject").to_string(),
+            "syntax=reject,bare_ip=log,fqdn=log,localhost=log,own_name=log,literal_match=log,\
+             forward=log,forward_match=log,fcrdns=log,rdns_match=log,dynamic=reject"
+        );
+        let round = policy("default=defer,rdns_match=off");
+        assert_eq!(policy(&round.to_string()), round);
+    }
+
+    #[test]
+    fn policy_errors_name_the_bad_part() {
+        assert!(err("default=block").contains("`block`"));
+        assert!(err("spf=reject").contains("`spf`"));
+        assert!(err("default=tag,localhost").contains("`localhost`"));
+        assert!(err("fqdn=tag,fqdn=reject").contains("`fqdn` is given twice"));
+        assert!(err("default=tag,default=log").contains("`default`"));
+        assert!(err("fqdn=").contains("``"));
+        assert_eq!(RejectAt::parse("RCPT"), Ok(RejectAt::Rcpt));
+        assert_eq!(RejectAt::parse("helo"), Ok(RejectAt::Helo));
+        assert!(
+            RejectAt::parse("data")
+                .expect_err("bad")
+                .0
+                .contains("`data`")
+        );
+        assert_eq!(RejectAt::default(), RejectAt::Rcpt);
+    }
+
+    #[test]
+    fn allow_list_parsing() {
+        let list =
+            parse_allow_list(" 192.0.2.0/24, 2001:db8::/32,198.51.100.7 ,ptr:Example.COM.,,")
+                .expect("valid allow list");
+        let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "192.0.2.0/24",
+                "2001:db8::/32",
+                "198.51.100.7",
+                "ptr:example.com"
+            ]
+        );
+        assert_eq!(parse_allow_list(""), Ok(Vec::new()));
+        assert_eq!(
+            parse_allow_list("PTR:mail.example")
+                .expect("ptr entry")
+                .first(),
+            Some(&AllowEntry::PtrDomain("mail.example".into()))
+        );
+        for bad in [
+            "ptr:",
+            "ptr:bad domain",
+            "300.1.1.1",
+            "10.0.0.0/33",
+            "example.com",
+        ] {
+            let e = parse_allow_list(bad).expect_err(bad);
+            assert!(e.0.contains(&format!("`{bad}`")), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn allow_entries_match_ip_or_confirmed_ptr() {
+        let net = AllowEntry::Net("192.0.2.0/24".parse().expect("cidr"));
+        assert!(net.matches(ip("192.0.2.200"), None));
+        assert!(net.matches(ip("::ffff:192.0.2.200"), None));
+        assert!(!net.matches(ip("192.0.3.1"), Some("x.example")));
+        let ptr = AllowEntry::PtrDomain("example.com".into());
+        assert!(ptr.matches(ip("192.0.3.1"), Some("example.com")));
+        assert!(ptr.matches(ip("192.0.3.1"), Some("mx.out.example.com")));
+        assert!(!ptr.matches(ip("192.0.3.1"), Some("notexample.com")));
+        assert!(!ptr.matches(ip("192.0.3.1"), Some("example.com.evil.test")));
+        assert!(!ptr.matches(ip("192.0.3.1"), None));
+    }
+
+    // ---- decide ----
+
+    const CLIENT: &str = "192.0.2.1";
+
+    fn found(addrs: &[&str]) -> Lookup<Vec<IpAddr>> {
+        Lookup::Found(addrs.iter().map(|a| ip(a)).collect())
+    }
+
+    fn confirmed(name: &str) -> ReverseFacts {
+        ReverseFacts {
+            ptr: Lookup::Found(vec![PtrName {
+                name: name.into(),
+                addrs: found(&[CLIENT]),
+            }]),
+        }
+    }
+
+    fn run(
+        helo: &str,
+        addrs: Option<&Lookup<Vec<IpAddr>>>,
+        reverse: Option<&ReverseFacts>,
+        policy_spec: &str,
+        allow_spec: &str,
+    ) -> HeloVerdict {
+        let domains = vec!["example.org".to_string()];
+        let input = CheckInput {
+            client_ip: ip(CLIENT),
+            helo,
+            hostname: "mx.example.org",
+            domains: &domains,
+        };
+        let allow = parse_allow_list(allow_spec).expect("allow list");
+        decide(&input, addrs, reverse, &policy(policy_spec), &allow)
+    }
+
+    fn refusal_of(v: &HeloVerdict) -> &Reply {
+        match &v.decision {
+            Decision::Refuse(reply) => reply,
+            Decision::Accept => panic!("expected a refusal, got {v:?}"),
+        }
+    }
+
+    #[test]
+    fn aligned_client_passes() {
+        let rev = confirmed("mx.example.com");
+        let v = run(
+            "mail.example.com",
+            Some(&found(&[CLIENT])),
+            Some(&rev),
+            "",
+            "",
+        );
+        assert_eq!(v.kind, VerdictKind::Pass);
+        assert_eq!(v.action, Action::Off);
+        assert!(v.failed.is_empty());
+        assert_eq!(v.ptr.as_deref(), Some("mx.example.com"));
+        assert_eq!(v.iprev, IprevResult::Pass);
+        assert_eq!(v.decision, Decision::Accept);
+        assert_eq!(v.shown, v.measured);
+    }
+
+    #[test]
+    fn allow_list_skips_every_check() {
+        let v = run(
+            "localhost",
+            None,
+            None,
+            "default=reject",
+            "10.0.0.0/8,192.0.2.1",
+        );
+        assert_eq!(v.kind, VerdictKind::Pass);
+        assert_eq!(v.allowed_by.as_deref(), Some("192.0.2.1"));
+        assert_eq!(v.shown, [CheckResult::None; 11]);
+        assert_eq!(v.measured, [CheckResult::None; 11]);
+        assert_eq!(v.decision, Decision::Accept);
+        assert_eq!(v.iprev, IprevResult::TempError);
+
+        let rev = confirmed("out.mx.example.net");
+        let v = run(
+            "localhost",
+            None,
+            Some(&rev),
+            "default=reject",
+            "ptr:example.net",
+        );
+        assert_eq!(v.allowed_by.as_deref(), Some("ptr:example.net"));
+        assert_eq!(v.ptr.as_deref(), Some("out.mx.example.net"));
+        assert_eq!(v.decision, Decision::Accept);
+
+        // The HELO name is never what a ptr: entry matches.
+        let nx = ReverseFacts {
+            ptr: Lookup::NxDomain,
+        };
+        let v = run(
+            "mx.example.net",
+            None,
+            Some(&nx),
+            "default=reject",
+            "ptr:example.net",
+        );
+        assert_eq!(v.allowed_by, None);
+        assert_eq!(v.kind, VerdictKind::Fail);
+    }
+
+    #[test]
+    fn tagged_failure_is_accepted() {
+        let rev = confirmed("mailhost.example.com");
+        let v = run("mailhost", Some(&Lookup::NxDomain), Some(&rev), "", "");
+        assert_eq!(v.kind, VerdictKind::Fail);
+        assert_eq!(v.action, Action::Tag);
+        // A single label has no registered domain to share with the PTR name.
+        assert_eq!(
+            v.failed,
+            vec![Check::Fqdn, Check::Forward, Check::RdnsMatch]
+        );
+        assert_eq!(v.decision, Decision::Accept);
+    }
+
+    #[test]
+    fn reject_names_the_helo_the_checks_and_the_rules() {
+        let rev = confirmed("mailhost.example.com");
+        let v = run(
+            "mailhost",
+            Some(&Lookup::NxDomain),
+            Some(&rev),
+            "fqdn=reject,forward=defer",
+            "",
+        );
+        assert_eq!(v.action, Action::Reject);
+        assert_eq!(
+            v.failed,
+            vec![Check::Fqdn, Check::Forward, Check::RdnsMatch]
+        );
+        let reply = refusal_of(&v);
+        let mut wire = Vec::new();
+        reply.write_to(&mut wire);
+        assert_eq!(
+            String::from_utf8_lossy(&wire),
+            "550 5.7.1 HELO mailhost refused: check fqdn failed: RFC 5321 2.3.5: HELO must be \
+             a fully-qualified domain name or an address literal\r\n"
+        );
+
+        let v = run(
+            "mailhost",
+            Some(&Lookup::NxDomain),
+            Some(&rev),
+            "default=reject",
+            "",
+        );
+        let reply = refusal_of(&v);
+        assert_eq!(reply.code, 550);
+        assert_eq!(reply.lines.len(), 3);
+        assert!(reply.lines[0].starts_with("5.7.1 HELO mailhost refused: check fqdn failed: "));
+        assert!(reply.lines[1].starts_with("5.7.1 HELO mailhost refused: check forward failed: "));
+        assert!(
+            reply.lines[2].starts_with("5.7.1 HELO mailhost refused: check rdns_match failed: ")
+        );
+    }
+
+    #[test]
+    fn defer_answers_450() {
+        let rev = confirmed("mx.example.com");
+        let v = run(
+            "mail.example.com",
+            Some(&found(&["192.0.2.99"])),
+            Some(&rev),
+            "forward_match=defer",
+            "",
+        );
+        assert_eq!(v.action, Action::Defer);
+        assert_eq!(v.failed, vec![Check::ForwardMatch]);
+        let reply = refusal_of(&v);
+        assert_eq!(reply.code, 450);
+        assert_eq!(
+            reply.lines,
+            [
+                "4.7.1 HELO mail.example.com deferred: check forward_match failed: the A/AAAA \
+              records of the HELO name must include the client IP"
+            ]
+        );
+    }
+
+    #[test]
+    fn temperror_under_defer_or_reject_answers_451() {
+        let t = Lookup::TempError(TempFailure::Timeout);
+        let rev = confirmed("mx.example.com");
+        let v = run(
+            "mail.example.com",
+            Some(&t),
+            Some(&rev),
+            "forward=reject",
+            "",
+        );
+        assert_eq!(v.kind, VerdictKind::TempError);
+        assert_eq!(v.action, Action::Off);
+        assert_eq!(
+            refusal_of(&v),
+            &Reply::new(
+                451,
+                "4.4.3",
+                "HELO mail.example.com could not be verified (forward): temporary DNS failure, \
+                 try again later"
+            )
+        );
+        // Under tag a temperror is only tagged.
+        let v = run("mail.example.com", Some(&t), Some(&rev), "", "");
+        assert_eq!(v.kind, VerdictKind::TempError);
+        assert_eq!(v.decision, Decision::Accept);
+        // A failed tag check makes the verdict fail, and the temperror under defer still defers.
+        let v = run("mailhost", None, Some(&rev), "forward=defer", "");
+        assert_eq!(v.kind, VerdictKind::Fail);
+        assert_eq!(v.action, Action::Tag);
+        assert_eq!(refusal_of(&v).code, 451);
+        // A failed defer check wins over a temperror under reject.
+        let v = run(
+            "mail.example.com",
+            Some(&t),
+            Some(&rev),
+            "forward=reject,rdns_match=defer",
+            "",
+        );
+        let rev_other = confirmed("mx.other.example");
+        let v2 = run(
+            "mail.example.com",
+            Some(&t),
+            Some(&rev_other),
+            "forward=reject,rdns_match=defer",
+            "",
+        );
+        assert_eq!(refusal_of(&v).code, 451);
+        assert_eq!(refusal_of(&v2).code, 450);
+    }
+
+    #[test]
+    fn log_and_off_are_left_out_of_the_verdict() {
+        let rev = confirmed("mailhost.example.com");
+        let addrs = found(&[CLIENT]);
+        let v = run(
+            "mailhost",
+            Some(&addrs),
+            Some(&rev),
+            "fqdn=log,rdns_match=off",
+            "",
+        );
+        assert_eq!(v.kind, VerdictKind::Pass);
+        assert_eq!(v.shown[Check::Fqdn.index()], CheckResult::None);
+        assert_eq!(v.measured[Check::Fqdn.index()], CheckResult::Fail);
+        assert!(v.failed.is_empty());
+        assert_eq!(v.decision, Decision::Accept);
+        let v = run(
+            "mailhost",
+            Some(&addrs),
+            Some(&rev),
+            "fqdn=off,rdns_match=off",
+            "",
+        );
+        assert_eq!(v.shown[Check::Fqdn.index()], CheckResult::None);
+        assert_eq!(v.measured[Check::Fqdn.index()], CheckResult::None);
+        assert_eq!(v.kind, VerdictKind::Pass);
+        // A temperror under log does not make the verdict temperror.
+        let v = run("mail.example.com", None, Some(&rev), "default=log", "");
+        assert_eq!(v.kind, VerdictKind::Pass);
+        assert_eq!(v.measured[Check::Forward.index()], CheckResult::TempError);
+    }
+
+    #[test]
+    fn bad_syntax_is_still_reported() {
+        let nx = ReverseFacts {
+            ptr: Lookup::NxDomain,
+        };
+        let v = run("bad host!", None, Some(&nx), "", "");
+        assert_eq!(v.kind, VerdictKind::Fail);
+        assert_eq!(v.failed, vec![Check::Syntax, Check::Fcrdns]);
+        let reply = refusal_of(&v);
+        assert_eq!(reply.code, 550);
+        assert_eq!(reply.lines.len(), 1);
+        assert!(reply.lines[0].starts_with("5.7.1 HELO bad?host! refused: check syntax failed: "));
+    }
+
+    #[test]
+    fn iprev_results() {
+        let c = ip(CLIENT);
+        let unconfirmed = ReverseFacts {
+            ptr: Lookup::Found(vec![PtrName {
+                name: "x.example".into(),
+                addrs: found(&["192.0.2.2"]),
+            }]),
+        };
+        let pending = ReverseFacts {
+            ptr: Lookup::Found(vec![PtrName {
+                name: "x.example".into(),
+                addrs: Lookup::TempError(TempFailure::Other),
+            }]),
+        };
+        let r = |facts: Option<&ReverseFacts>| IprevResult::of(facts, c);
+        assert_eq!(r(Some(&confirmed("x.example"))), IprevResult::Pass);
+        assert_eq!(r(Some(&unconfirmed)), IprevResult::Fail);
+        assert_eq!(
+            r(Some(&ReverseFacts {
+                ptr: Lookup::NxDomain
+            })),
+            IprevResult::PermError
+        );
+        assert_eq!(
+            r(Some(&ReverseFacts {
+                ptr: Lookup::NoData
+            })),
+            IprevResult::PermError
+        );
+        assert_eq!(r(Some(&pending)), IprevResult::TempError);
+        let t = ReverseFacts {
+            ptr: Lookup::TempError(TempFailure::Refused),
+        };
+        assert_eq!(r(Some(&t)), IprevResult::TempError);
+        assert_eq!(r(None), IprevResult::TempError);
+        assert_eq!(IprevResult::PermError.name(), "permerror");
+    }
+}
