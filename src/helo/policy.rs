@@ -348,9 +348,24 @@ pub const fn rule_text(check: Check) -> &'static str {
             "the HELO name and the PTR name of the client IP must be in the same registered domain"
         }
         Check::Dynamic => {
-            "the HELO or PTR name looks like a dynamic address pool: send through your provider's relay or use a static name"
+            "the HELO or PTR name looks like a dynamic address pool: \
+             send through your provider's relay or use a static name"
         }
     }
+}
+
+/// The answer to an EHLO/HELO whose argument fails `syntax` under `reject`: SPEC, 501 5.5.2
+/// at the command itself, naming the argument and the rule.
+pub fn syntax_refusal(helo: &str) -> Reply {
+    Reply::new(
+        501,
+        "5.5.2",
+        &format!(
+            "HELO {} refused: check syntax failed: {}",
+            sanitize_helo(helo),
+            rule_text(Check::Syntax)
+        ),
+    )
 }
 
 /// Runs the checks over the facts known and applies policy and allow list. Facts still
@@ -889,6 +904,17 @@ mod tests {
         assert_eq!(reply.code, 550);
         assert_eq!(reply.lines.len(), 1);
         assert!(reply.lines[0].starts_with("5.7.1 HELO bad?host! refused: check syntax failed: "));
+    }
+
+    #[test]
+    fn syntax_refusal_is_501_naming_the_argument() {
+        let mut wire = Vec::new();
+        syntax_refusal("bad host").write_to(&mut wire);
+        assert_eq!(
+            String::from_utf8_lossy(&wire),
+            "501 5.5.2 HELO bad?host refused: check syntax failed: RFC 5321 4.1.1.1: HELO must \
+             be a domain name or an address literal such as [192.0.2.1]\r\n"
+        );
     }
 
     #[test]

@@ -251,7 +251,10 @@ impl Facts<'_> {
                     "no PTR name of {ip} resolves back to it ({})",
                     self.describe_ptr()
                 ),
-                _ => format!("{ip} has no PTR record ({})", self.describe_ptr()),
+                Some(other @ (Lookup::NxDomain | Lookup::NoData)) => {
+                    format!("{ip} has no PTR record ({})", outcome(other))
+                }
+                _ => format!("{ip} has no PTR record (NODATA)"),
             },
             _ => format!("lookups not decided: PTR {}", self.describe_ptr()),
         }
@@ -395,7 +398,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("fcrdns: fail — 192.0.2.1 has no PTR record (none (NXDOMAIN))\n"),
+            text.contains("fcrdns: fail — 192.0.2.1 has no PTR record (NXDOMAIN)\n"),
             "{text}"
         );
         assert!(text.contains("dynamic: off — not run (policy)\n"), "{text}");
@@ -418,7 +421,9 @@ mod tests {
         };
         let (text, kind) = render(&inp, Some(&t), Some(&rev), &HeloPolicy::default(), &[]);
         assert_eq!(kind, VerdictKind::TempError);
-        assert!(text.contains("forward: temperror — A/AAAA lookup of mail.example.test: temporary failure: timeout\n"), "{text}");
+        let want = "forward: temperror — A/AAAA lookup of mail.example.test: \
+                    temporary failure: timeout\n";
+        assert!(text.contains(want), "{text}");
         assert!(
             text.contains("ptr: none (temporary failure: SERVFAIL)\n"),
             "{text}"
