@@ -124,7 +124,7 @@ pub fn run(args: &[String], config: &Config) -> i32 {
     let Gathered {
         helo_addrs,
         reverse,
-    } = match gather(config, ip, &helo) {
+    } = match gather(settings(config), ip, forward_name(&helo)) {
         Ok(found) => found,
         Err(e) => {
             eprintln!("heloguard check: {e}");
@@ -164,29 +164,41 @@ fn exit_code(verdict: VerdictKind) -> i32 {
     }
 }
 
+fn settings(config: &Config) -> ResolverSettings {
+    ResolverSettings::new(config.dns_servers.clone(), config.dns_timeout)
+}
+
+/// The name whose A/AAAA the checks need: only a syntactically valid domain has one.
+fn forward_name(helo: &str) -> Option<String> {
+    match parse_helo(helo) {
+        HeloArg::Domain(name) => Some(name),
+        HeloArg::AddressLiteral(_) | HeloArg::BareIp(_) | HeloArg::Invalid => None,
+    }
+}
+
 const REVERSE_ID: u64 = 1;
 const FORWARD_ID: u64 = 2;
 
 /// The DNS facts the checks need, as the server would gather them: PTR with its forward
-/// confirmations, and the HELO name's A/AAAA when it is a domain. Whatever has not arrived
-/// after 2 x the lookup timeout (the server's verdict deadline) is `None`, which the checks
-/// treat as undecided.
-fn gather(config: &Config, ip: IpAddr, helo: &str) -> std::io::Result<Gathered> {
+/// confirmations, and `forward_name`'s A/AAAA (the HELO name, when it is a domain). Whatever
+/// has not arrived after 2 x the lookup timeout (the server's verdict deadline) is `None`,
+/// which the checks treat as undecided.
+pub fn gather(
+    settings: ResolverSettings,
+    ip: IpAddr,
+    forward_name: Option<String>,
+) -> std::io::Result<Gathered> {
+    let deadline = Instant::now() + settings.timeout.saturating_mul(2);
     let (tx, rx) = crossbeam_channel::unbounded();
-    let settings = ResolverSettings::new(config.dns_servers.clone(), config.dns_timeout);
     let handle = resolver::spawn(settings, tx, None, resolver::no_observer())?;
     handle.submit(DnsRequest::Reverse { id: REVERSE_ID, ip });
-    let want_forward = match parse_helo(helo) {
-        HeloArg::Domain(name) => {
-            handle.submit(DnsRequest::Forward {
-                id: FORWARD_ID,
-                name,
-            });
-            true
-        }
-        HeloArg::AddressLiteral(_) | HeloArg::BareIp(_) | HeloArg::Invalid => false,
-    };
-    let deadline = Instant::now() + config.dns_timeout.saturating_mul(2);
+    let want_forward = forward_name.is_some();
+    if let Some(name) = forward_name {
+        handle.submit(DnsRequest::Forward {
+            id: FORWARD_ID,
+            name,
+        });
+    }
     let mut helo_addrs = None;
     let mut reverse = None;
     while reverse.is_none() || (want_forward && helo_addrs.is_none()) {
@@ -211,9 +223,10 @@ fn gather(config: &Config, ip: IpAddr, helo: &str) -> std::io::Result<Gathered> 
 }
 
 /// What `gather` learned; `None` is undecided.
-struct Gathered {
-    helo_addrs: Option<Lookup<Vec<IpAddr>>>,
-    reverse: Option<ReverseFacts>,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gathered {
+    pub helo_addrs: Option<Lookup<Vec<IpAddr>>>,
+    pub reverse: Option<ReverseFacts>,
 }
 
 #[cfg(test)]

@@ -6,6 +6,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::dns_server::{TestDns, TestZone};
+use heloguard::check_cli::gather;
+use heloguard::dns::resolver::ResolverSettings;
+use heloguard::dns::{Lookup, TempFailure};
 
 const TIMEOUT_MS: u64 = 500;
 
@@ -101,4 +104,67 @@ fn usage_errors_exit_2() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("usage: heloguard check"), "{args:?}: {err}");
     }
+}
+
+fn settings(dns: &TestDns) -> ResolverSettings {
+    ResolverSettings::new(vec![dns.addr()], Duration::from_millis(TIMEOUT_MS))
+}
+
+#[test]
+fn gather_collects_both_sides() {
+    let dns = TestDns::start(zone());
+    let ip = "192.0.2.10".parse().expect("literal");
+    let got = gather(settings(&dns), ip, Some("mail.example.test".into())).expect("gather");
+    assert_eq!(
+        got.helo_addrs,
+        Some(Lookup::Found(vec![
+            ip,
+            "2001:db8::10".parse().expect("literal")
+        ]))
+    );
+    let reverse = got.reverse.expect("reverse answered");
+    assert_eq!(reverse.confirmed_name(ip), Some("mail.example.test"));
+}
+
+#[test]
+fn gather_without_a_domain_asks_only_the_reverse_side() {
+    let dns = TestDns::start(zone());
+    let ip = "192.0.2.10".parse().expect("literal");
+    let got = gather(settings(&dns), ip, None).expect("gather");
+    assert_eq!(got.helo_addrs, None);
+    assert!(got.reverse.is_some());
+    assert!(
+        dns.queries()
+            .iter()
+            .all(|q| q.name.ends_with(".arpa.") || q.name == "mail.example.test."),
+        "{:?}",
+        dns.queries()
+    );
+}
+
+#[test]
+fn gather_gives_up_at_twice_the_timeout() {
+    let dns = TestDns::start(zone());
+    let started = Instant::now();
+    let got = gather(
+        settings(&dns),
+        "198.51.100.66".parse().expect("literal"),
+        Some("slow.example.test".into()),
+    )
+    .expect("gather");
+    let took = started.elapsed();
+    // Each lookup times out on its own (one timeout each, run concurrently) and is reported as
+    // such; nothing waits beyond the verdict deadline.
+    assert_eq!(
+        got.helo_addrs,
+        Some(Lookup::TempError(TempFailure::Timeout))
+    );
+    assert_eq!(
+        got.reverse.map(|r| r.ptr),
+        Some(Lookup::TempError(TempFailure::Timeout))
+    );
+    assert!(
+        took < Duration::from_millis(2 * TIMEOUT_MS) + Duration::from_millis(500),
+        "took {took:?}"
+    );
 }

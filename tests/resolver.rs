@@ -436,7 +436,9 @@ fn blackholed_names_do_not_hold_up_the_others() {
         zone = zone.a(&format!("fast{i}.example.test"), "192.0.2.77");
     }
     let dns = TestDns::start(zone);
-    let timeout = Duration::from_millis(2000);
+    // Long enough that the 200 answerable lookups all finish before it even on a busy machine,
+    // so the only thing the test measures is that the silent ones do not block them.
+    let timeout = Duration::from_millis(3000);
     let h = Harness::new(vec![dns.addr()], timeout, 256);
     // The slow ones go first, so a head-of-line block would show.
     for i in 0..50 {
