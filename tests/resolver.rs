@@ -305,6 +305,9 @@ fn reverse_confirmed_ipv4() {
             (QueryType::Ptr, QueryOutcome::Ok),
         ]
     );
+    // An IPv4-mapped address is looked up as the IPv4 address it is.
+    let mapped = ip("::ffff:192.0.2.10");
+    assert_eq!(h.reverse(mapped).ptr, facts.ptr);
 }
 
 #[test]

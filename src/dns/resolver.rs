@@ -367,6 +367,8 @@ fn merge_families(a: Lookup<Vec<IpAddr>>, aaaa: Lookup<Vec<IpAddr>>) -> Lookup<V
 
 /// PTR of the client, then A/AAAA of each PTR name (at most `MAX_PTR_NAMES`, concurrently).
 async fn reverse(ctx: &Arc<Context>, ip: IpAddr) -> ReverseFacts {
+    // `::ffff:a.b.c.d` has its PTR under in-addr.arpa, like every other view of that client.
+    let ip = crate::net::canonical_ip(ip);
     let ptr = query(ctx, QueryType::Ptr, ctx.resolver.reverse_lookup(ip)).await;
     let names = match ptr {
         Lookup::Found(names) => names,
