@@ -7,9 +7,11 @@
 //! - `dns`: DNS message types, and `dns::resolver`, the resolver thread
 //! - `spool`: the envelope, trace fields and the Maildir writer threads
 //! - `server`: listeners, the mio event loop, connections, the worker pool, TLS
+//! - `check_cli`: the `heloguard check` command (one HELO verdict, printed)
 //! - `config`, `net`, `proxy_protocol`, `metrics`: configuration, addresses, PROXY headers,
 //!   Prometheus counters
 
+pub mod check_cli;
 pub mod config;
 pub mod dns;
 pub mod helo;

@@ -1,0 +1,299 @@
+//! `heloguard check --ip IP --helo NAME`: every HELO check once, against the configured
+//! resolver, with a line per check and the verdict. The operator's tool to verify an outbound
+//! server's HELO/PTR/A alignment before sending.
+//!
+//! Exit codes (SPEC "Running it"): 0 pass, 1 fail, 2 temperror or usage error.
+
+use std::fmt;
+use std::io::Write;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::dns::resolver::{self, ResolverSettings};
+use crate::dns::{DnsAnswer, DnsRequest, Lookup, ReverseFacts};
+use crate::helo::VerdictKind;
+use crate::helo::checks::{CheckInput, HeloArg, parse_helo};
+use crate::helo::report;
+use crate::net::canonical_ip;
+
+/// Shown on a usage error (stderr) and for `--help` (stdout).
+pub const USAGE: &str = "\
+usage: heloguard check --ip IP --helo NAME
+
+Runs every HELO check once against the configured resolver (HELOGUARD_DNS,
+HELOGUARD_DNS_TIMEOUT_MS) and policy (HELOGUARD_HELO_POLICY, HELOGUARD_HELO_ALLOW),
+prints each check's result and why, then the verdict.
+
+  --ip IP      the address the server sends from (IPv4 or IPv6)
+  --helo NAME  the EHLO/HELO argument it sends, as sent
+
+exit status: 0 pass, 1 fail, 2 temperror or usage error
+";
+
+/// Exit status for a usage error (the same as temperror, as SPEC says).
+pub const EXIT_USAGE: i32 = 2;
+
+/// What the command line asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Check { ip: IpAddr, helo: String },
+    Help,
+}
+
+/// Why the command line was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UsageError {
+    MissingValue(&'static str),
+    Missing(&'static str),
+    Repeated(&'static str),
+    BadIp(String),
+    Unknown(String),
+}
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MissingValue(opt) => write!(f, "{opt} needs a value"),
+            Self::Missing(opt) => write!(f, "{opt} is required"),
+            Self::Repeated(opt) => write!(f, "{opt} given twice"),
+            Self::BadIp(s) => write!(f, "--ip {s:?} is not an IP address"),
+            Self::Unknown(s) => write!(f, "unknown argument {s:?}"),
+        }
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Parses the arguments after `check` (a leading `check` itself is skipped too, so the
+/// caller may pass either `argv[1..]` or `argv[2..]`). Accepts `--opt VALUE` and
+/// `--opt=VALUE`.
+pub fn parse_args(args: &[String]) -> Result<Command, UsageError> {
+    let args = match args.first() {
+        Some(first) if first == "check" => &args[1..],
+        _ => args,
+    };
+    let mut ip: Option<String> = None;
+    let mut helo: Option<String> = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (opt, inline) = match arg.split_once('=') {
+            Some((o, v)) if o.starts_with("--") => (o, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let slot = match opt {
+            "-h" | "--help" => return Ok(Command::Help),
+            "--ip" => (&mut ip, "--ip"),
+            "--helo" => (&mut helo, "--helo"),
+            _ => return Err(UsageError::Unknown(arg.clone())),
+        };
+        let (target, name) = slot;
+        let value = match inline {
+            Some(v) => v,
+            None => it.next().cloned().ok_or(UsageError::MissingValue(name))?,
+        };
+        if target.replace(value).is_some() {
+            return Err(UsageError::Repeated(name));
+        }
+    }
+    let ip_text = ip.ok_or(UsageError::Missing("--ip"))?;
+    let ip = ip_text
+        .parse::<IpAddr>()
+        .map_err(|_| UsageError::BadIp(ip_text.clone()))?;
+    let helo = helo.ok_or(UsageError::Missing("--helo"))?;
+    // The same address every other part of heloguard would judge (SPEC "Who the client is").
+    Ok(Command::Check {
+        ip: canonical_ip(ip),
+        helo,
+    })
+}
+
+/// Runs `heloguard check`; returns the exit status.
+pub fn run(args: &[String], config: &Config) -> i32 {
+    let (ip, helo) = match parse_args(args) {
+        Ok(Command::Check { ip, helo }) => (ip, helo),
+        Ok(Command::Help) => {
+            print!("{USAGE}");
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("heloguard check: {e}\n\n{USAGE}");
+            return EXIT_USAGE;
+        }
+    };
+    let Gathered {
+        helo_addrs,
+        reverse,
+    } = match gather(settings(config), ip, forward_name(&helo)) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("heloguard check: {e}");
+            return exit_code(VerdictKind::TempError);
+        }
+    };
+    let input = CheckInput {
+        client_ip: ip,
+        helo: &helo,
+        hostname: &config.hostname,
+        domains: &config.domains,
+    };
+    let (text, verdict) = report::render(
+        &input,
+        helo_addrs.as_ref(),
+        reverse.as_ref(),
+        &config.helo_policy,
+        &config.helo_allow,
+    );
+    let mut out = std::io::stdout().lock();
+    let written = if text.ends_with('\n') {
+        out.write_all(text.as_bytes())
+    } else {
+        writeln!(out, "{text}")
+    };
+    if let Err(e) = written.and_then(|()| out.flush()) {
+        eprintln!("heloguard check: writing the report: {e}");
+    }
+    exit_code(verdict)
+}
+
+fn exit_code(verdict: VerdictKind) -> i32 {
+    match verdict {
+        VerdictKind::Pass => 0,
+        VerdictKind::Fail => 1,
+        VerdictKind::TempError => 2,
+    }
+}
+
+fn settings(config: &Config) -> ResolverSettings {
+    ResolverSettings::new(config.dns_servers.clone(), config.dns_timeout)
+}
+
+/// The name whose A/AAAA the checks need: only a syntactically valid domain has one.
+fn forward_name(helo: &str) -> Option<String> {
+    match parse_helo(helo) {
+        HeloArg::Domain(name) => Some(name),
+        HeloArg::AddressLiteral(_) | HeloArg::BareIp(_) | HeloArg::Invalid => None,
+    }
+}
+
+const REVERSE_ID: u64 = 1;
+const FORWARD_ID: u64 = 2;
+
+/// The DNS facts the checks need, as the server would gather them: PTR with its forward
+/// confirmations, and `forward_name`'s A/AAAA (the HELO name, when it is a domain). Whatever
+/// has not arrived after 2 x the lookup timeout (the server's verdict deadline) is `None`,
+/// which the checks treat as undecided.
+pub fn gather(
+    settings: ResolverSettings,
+    ip: IpAddr,
+    forward_name: Option<String>,
+) -> std::io::Result<Gathered> {
+    let deadline = Instant::now() + settings.timeout.saturating_mul(2);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let handle = resolver::spawn(settings, tx, None, resolver::no_observer())?;
+    handle.submit(DnsRequest::Reverse { id: REVERSE_ID, ip });
+    let want_forward = forward_name.is_some();
+    if let Some(name) = forward_name {
+        handle.submit(DnsRequest::Forward {
+            id: FORWARD_ID,
+            name,
+        });
+    }
+    let mut helo_addrs = None;
+    let mut reverse = None;
+    while reverse.is_none() || (want_forward && helo_addrs.is_none()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left == Duration::ZERO {
+            break;
+        }
+        match rx.recv_timeout(left) {
+            Ok(DnsAnswer::Reverse { facts, .. }) => reverse = Some(facts),
+            Ok(DnsAnswer::Forward { addrs, .. }) => helo_addrs = Some(addrs),
+            // Timeout: the deadline passed. Disconnected: the thread is gone; either way what
+            // is missing stays undecided.
+            Err(_) => break,
+        }
+    }
+    // Dropping the only handle cancels whatever is still in flight.
+    handle.join();
+    Ok(Gathered {
+        helo_addrs,
+        reverse,
+    })
+}
+
+/// What `gather` learned; `None` is undecided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gathered {
+    pub helo_addrs: Option<Lookup<Vec<IpAddr>>>,
+    pub reverse: Option<ReverseFacts>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_both_forms() {
+        let want = Command::Check {
+            ip: "192.0.2.1".parse().expect("literal"),
+            helo: "Mail.Example.test".into(),
+        };
+        assert_eq!(
+            parse_args(&args(&["--ip", "192.0.2.1", "--helo", "Mail.Example.test"])),
+            Ok(want.clone())
+        );
+        assert_eq!(
+            parse_args(&args(&[
+                "check",
+                "--helo=Mail.Example.test",
+                "--ip=192.0.2.1"
+            ])),
+            Ok(want)
+        );
+        assert_eq!(parse_args(&args(&["--help"])), Ok(Command::Help));
+    }
+
+    #[test]
+    fn mapped_addresses_become_ipv4() {
+        assert_eq!(
+            parse_args(&args(&["--ip", "::ffff:192.0.2.7", "--helo", "x"])),
+            Ok(Command::Check {
+                ip: "192.0.2.7".parse().expect("literal"),
+                helo: "x".into()
+            })
+        );
+    }
+
+    #[test]
+    fn usage_errors() {
+        assert_eq!(
+            parse_args(&args(&["--helo", "x"])),
+            Err(UsageError::Missing("--ip"))
+        );
+        assert_eq!(
+            parse_args(&args(&["--ip", "192.0.2.1"])),
+            Err(UsageError::Missing("--helo"))
+        );
+        assert_eq!(
+            parse_args(&args(&["--ip"])),
+            Err(UsageError::MissingValue("--ip"))
+        );
+        assert_eq!(
+            parse_args(&args(&["--ip", "mail.example", "--helo", "x"])),
+            Err(UsageError::BadIp("mail.example".into()))
+        );
+        assert_eq!(
+            parse_args(&args(&["--ip", "192.0.2.1", "--ip", "192.0.2.2"])),
+            Err(UsageError::Repeated("--ip"))
+        );
+        assert_eq!(
+            parse_args(&args(&["--verbose"])),
+            Err(UsageError::Unknown("--verbose".into()))
+        );
+    }
+}

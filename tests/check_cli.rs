@@ -1,0 +1,170 @@
+//! `heloguard check` end to end: the real binary against the in-process test DNS server.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::dns_server::{TestDns, TestZone};
+use heloguard::check_cli::gather;
+use heloguard::dns::resolver::ResolverSettings;
+use heloguard::dns::{Lookup, TempFailure};
+
+const TIMEOUT_MS: u64 = 500;
+
+fn zone() -> TestZone {
+    TestZone::new()
+        .a("mail.example.test", "192.0.2.10")
+        .aaaa("mail.example.test", "2001:db8::10")
+        .ptr("192.0.2.10", "mail.example.test")
+        .ptr("2001:db8::10", "mail.example.test")
+        .blackhole("slow.example.test")
+        .blackhole_ptr("198.51.100.66")
+}
+
+fn check(dns: &TestDns, args: &[&str]) -> Output {
+    let spool = std::env::temp_dir().join(format!("heloguard-check-cli-{}", std::process::id()));
+    Command::new(env!("CARGO_BIN_EXE_heloguard"))
+        .arg("check")
+        .args(args)
+        .env("HELOGUARD_DNS", dns.env_value())
+        .env("HELOGUARD_DNS_TIMEOUT_MS", TIMEOUT_MS.to_string())
+        .env("HELOGUARD_HOSTNAME", "mx.heloguard.test")
+        .env("HELOGUARD_SPOOL", spool)
+        .env_remove("HELOGUARD_HELO_POLICY")
+        .env_remove("HELOGUARD_HELO_ALLOW")
+        .env_remove("HELOGUARD_DOMAINS")
+        .output()
+        .expect("run heloguard check")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+#[ignore = "needs helo + main integration"]
+fn aligned_identity_passes() {
+    let dns = TestDns::start(zone());
+    for ip in ["192.0.2.10", "2001:db8::10"] {
+        let out = check(&dns, &["--ip", ip, "--helo", "mail.example.test"]);
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(0), "{ip}: {text}");
+        assert!(text.contains("pass"), "{text}");
+        assert!(text.contains("fcrdns"), "{text}");
+    }
+}
+
+#[test]
+#[ignore = "needs helo + main integration"]
+fn unknown_name_fails() {
+    let dns = TestDns::start(zone());
+    let out = check(
+        &dns,
+        &["--ip", "192.0.2.10", "--helo", "nowhere.example.test"],
+    );
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("fail"), "{text}");
+    assert!(text.contains("forward"), "{text}");
+}
+
+#[test]
+#[ignore = "needs helo + main integration"]
+fn silent_dns_is_a_temperror_within_the_deadline() {
+    let dns = TestDns::start(zone());
+    let started = Instant::now();
+    let out = check(
+        &dns,
+        &["--ip", "198.51.100.66", "--helo", "slow.example.test"],
+    );
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("temperror"), "{text}");
+    // The verdict deadline is 2 x the lookup timeout; allow for process start-up.
+    assert!(
+        started.elapsed() < Duration::from_millis(2 * TIMEOUT_MS) + Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+#[ignore = "needs helo + main integration"]
+fn usage_errors_exit_2() {
+    let dns = TestDns::start(zone());
+    for args in [
+        &["--ip", "192.0.2.10"][..],
+        &["--helo", "mail.example.test"][..],
+        &["--ip", "not-an-ip", "--helo", "mail.example.test"][..],
+        &["--bogus"][..],
+    ] {
+        let out = check(&dns, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("usage: heloguard check"), "{args:?}: {err}");
+    }
+}
+
+fn settings(dns: &TestDns) -> ResolverSettings {
+    ResolverSettings::new(vec![dns.addr()], Duration::from_millis(TIMEOUT_MS))
+}
+
+#[test]
+fn gather_collects_both_sides() {
+    let dns = TestDns::start(zone());
+    let ip = "192.0.2.10".parse().expect("literal");
+    let got = gather(settings(&dns), ip, Some("mail.example.test".into())).expect("gather");
+    assert_eq!(
+        got.helo_addrs,
+        Some(Lookup::Found(vec![
+            ip,
+            "2001:db8::10".parse().expect("literal")
+        ]))
+    );
+    let reverse = got.reverse.expect("reverse answered");
+    assert_eq!(reverse.confirmed_name(ip), Some("mail.example.test"));
+}
+
+#[test]
+fn gather_without_a_domain_asks_only_the_reverse_side() {
+    let dns = TestDns::start(zone());
+    let ip = "192.0.2.10".parse().expect("literal");
+    let got = gather(settings(&dns), ip, None).expect("gather");
+    assert_eq!(got.helo_addrs, None);
+    assert!(got.reverse.is_some());
+    assert!(
+        dns.queries()
+            .iter()
+            .all(|q| q.name.ends_with(".arpa.") || q.name == "mail.example.test."),
+        "{:?}",
+        dns.queries()
+    );
+}
+
+#[test]
+fn gather_gives_up_at_twice_the_timeout() {
+    let dns = TestDns::start(zone());
+    let started = Instant::now();
+    let got = gather(
+        settings(&dns),
+        "198.51.100.66".parse().expect("literal"),
+        Some("slow.example.test".into()),
+    )
+    .expect("gather");
+    let took = started.elapsed();
+    // Each lookup times out on its own (one timeout each, run concurrently) and is reported as
+    // such; nothing waits beyond the verdict deadline.
+    assert_eq!(
+        got.helo_addrs,
+        Some(Lookup::TempError(TempFailure::Timeout))
+    );
+    assert_eq!(
+        got.reverse.map(|r| r.ptr),
+        Some(Lookup::TempError(TempFailure::Timeout))
+    );
+    assert!(
+        took < Duration::from_millis(2 * TIMEOUT_MS) + Duration::from_millis(500),
+        "took {took:?}"
+    );
+}
