@@ -43,7 +43,6 @@ fn stdout(out: &Output) -> String {
 }
 
 #[test]
-#[ignore = "needs helo + main integration"]
 fn aligned_identity_passes() {
     let dns = TestDns::start(zone());
     for ip in ["192.0.2.10", "2001:db8::10"] {
@@ -56,7 +55,6 @@ fn aligned_identity_passes() {
 }
 
 #[test]
-#[ignore = "needs helo + main integration"]
 fn unknown_name_fails() {
     let dns = TestDns::start(zone());
     let out = check(
@@ -70,7 +68,6 @@ fn unknown_name_fails() {
 }
 
 #[test]
-#[ignore = "needs helo + main integration"]
 fn silent_dns_is_a_temperror_within_the_deadline() {
     let dns = TestDns::start(zone());
     let started = Instant::now();
@@ -90,7 +87,6 @@ fn silent_dns_is_a_temperror_within_the_deadline() {
 }
 
 #[test]
-#[ignore = "needs helo + main integration"]
 fn usage_errors_exit_2() {
     let dns = TestDns::start(zone());
     for args in [

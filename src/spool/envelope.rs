@@ -229,7 +229,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs helo::trace"]
     fn received_field_sanitizes_the_helo() {
         let mut t = trace(V4, None, false);
         t.helo = "bad (helo); \"x\"".to_owned();

@@ -480,7 +480,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs helo::trace"]
     fn a_delivered_file_is_the_prefix_then_the_stripped_message() {
         let dir = TestDir::new("deliver");
         let maildir = Maildir::open(&dir.0, "mx.example.net").expect("open");

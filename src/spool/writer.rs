@@ -320,7 +320,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs helo::trace"]
     fn spawn_writers_delivers_through_the_maildir() {
         let dir = TestDir::new("pool-deliver");
         let maildir = Arc::new(Maildir::open(&dir.0, "mx").expect("open"));
