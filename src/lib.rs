@@ -13,8 +13,10 @@
 pub mod config;
 pub mod dns;
 pub mod helo;
+pub mod metrics;
 pub mod net;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod server;
 pub mod session;
 pub mod spool;
