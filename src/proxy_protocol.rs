@@ -165,14 +165,14 @@ fn scan_v1(line: &[u8], completeness: Completeness) -> Result<Option<SocketAddr>
         };
     }
 
-    let fields: Vec<&[u8]> = rest.split(|&b| b == b' ').collect();
-    if fields.len() > 5 {
+    let field_count = rest.split(|&b| b == b' ').count();
+    if field_count > 5 {
         return Err(V1Syntax("too many fields"));
     }
-    let last = fields.len() - 1;
+    let last = field_count - 1;
     let mut family = None;
     let (mut source_ip, mut source_port) = (None, None);
-    for (index, field) in fields.iter().enumerate() {
+    for (index, field) in rest.split(|&b| b == b' ').enumerate() {
         // Only the last field of a partial line can be cut short.
         let cut = !whole && index == last;
         match index {
@@ -196,7 +196,7 @@ fn scan_v1(line: &[u8], completeness: Completeness) -> Result<Option<SocketAddr>
     if !whole {
         return Ok(None);
     }
-    match (fields.len(), source_ip, source_port) {
+    match (field_count, source_ip, source_port) {
         (5, Some(ip), Some(port)) => Ok(Some(SocketAddr::new(ip, port))),
         _ => Err(V1Syntax("too few fields")),
     }
