@@ -1541,7 +1541,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs helo::policy"]
     fn helo_policy_default_text_is_the_default_policy() {
         assert_eq!(
             HeloPolicy::parse("default=tag,syntax=reject").unwrap(),
@@ -1560,7 +1559,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs helo::policy"]
     fn helo_allow() {
         let c = config(&[("HELOGUARD_HELO_ALLOW", "192.0.2.0/24, ptr:example.org")]);
         assert_eq!(c.helo_allow.len(), 2);
