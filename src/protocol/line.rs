@@ -116,6 +116,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::type_complexity, reason = "a test table, read once")]
     fn table() {
         let long = vec![b'x'; 600];
         let exact: Vec<u8> = [vec![b'y'; 510], b"\r\n".to_vec()].concat();

@@ -123,6 +123,19 @@ impl Session {
         }
     }
 
+    /// Tests: make the verdict gate RCPT/EHLO whatever the policy says (the policy parser
+    /// lives in `helo`).
+    #[cfg(test)]
+    pub(crate) fn set_policy_can_refuse(&mut self, can_refuse: bool) {
+        self.policy_can_refuse = can_refuse;
+    }
+
+    /// Tests: the flag the loop sets when the spool runs low.
+    #[cfg(test)]
+    pub(crate) fn spool_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        std::sync::Arc::clone(&self.params.spool_space_low)
+    }
+
     /// Processes one event, appending replies, actions and observations to `out`.
     pub fn handle(&mut self, event: Event<'_>, now: Now, out: &mut Output) {
         if let Event::Input(_) = event {

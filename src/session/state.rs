@@ -17,6 +17,10 @@ use crate::protocol::data::DataDecoder;
 #[derive(Clone, Copy)]
 pub(crate) struct HeloJudge {
     pub parse: fn(&str) -> HeloArg,
+    #[allow(
+        clippy::type_complexity,
+        reason = "the signature of helo::policy::decide, spelled out"
+    )]
     pub decide: fn(
         &CheckInput<'_>,
         Option<&Lookup<Vec<IpAddr>>>,
