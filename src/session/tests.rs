@@ -818,7 +818,6 @@ proptest! {
 
 /// The same dialogue through the real `helo` module (default policy: only syntax refuses).
 #[test]
-#[ignore = "needs helo::policy::decide"]
 fn real_helo_module_default_policy() {
     let params = SessionParams {
         config: Arc::new(config()),
