@@ -438,7 +438,10 @@ impl Session {
             return;
         }
         self.generation = self.generation.wrapping_add(1);
-        let identity = Identity::new(verb, arg, parsed, self.generation);
+        let needs_forward = [Check::Localhost, Check::Forward, Check::ForwardMatch]
+            .into_iter()
+            .any(|check| config.helo_policy.action(check) != Action::Off);
+        let identity = Identity::new(verb, arg, parsed, self.generation, needs_forward);
         out.actions.push(SessionAction::HeloAccepted {
             generation: self.generation,
             lookup: identity.lookup_name().map(str::to_string),

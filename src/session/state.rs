@@ -53,10 +53,19 @@ pub(crate) struct Identity {
     /// The verdict deadline passed: evaluate with what is known.
     pub deadline_passed: bool,
     pub verdict: Option<HeloVerdict>,
+    /// Some enabled check reads the name's A/AAAA records (localhost, forward,
+    /// forward_match); with all three off the lookup is not made and not waited for.
+    pub needs_forward: bool,
 }
 
 impl Identity {
-    pub fn new(verb: Verb, arg: String, parsed: HeloArg, generation: u32) -> Self {
+    pub fn new(
+        verb: Verb,
+        arg: String,
+        parsed: HeloArg,
+        generation: u32,
+        needs_forward: bool,
+    ) -> Self {
         Self {
             verb,
             arg,
@@ -65,13 +74,14 @@ impl Identity {
             forward: None,
             deadline_passed: false,
             verdict: None,
+            needs_forward,
         }
     }
 
     /// The name whose A/AAAA records the checks need, if any.
     pub fn lookup_name(&self) -> Option<&str> {
         match &self.parsed {
-            HeloArg::Domain(name) => Some(name),
+            HeloArg::Domain(name) if self.needs_forward => Some(name),
             _ => None,
         }
     }

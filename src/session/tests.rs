@@ -863,3 +863,27 @@ fn real_helo_module_default_policy() {
             .any(|o| matches!(o, Observation::Verdict(_)))
     );
 }
+
+/// With localhost, forward and forward_match off, nothing reads the name's A/AAAA records:
+/// the session neither asks for them nor waits for them before the verdict.
+#[test]
+fn no_forward_lookup_when_no_enabled_check_reads_it() {
+    let mut c = config();
+    c.helo_policy =
+        HeloPolicy::parse("default=tag,localhost=off,forward=off,forward_match=off").unwrap();
+    let mut h = Harness::build(c, false, false);
+    h.take();
+    h.event(Event::Reverse(ReverseFacts {
+        ptr: Lookup::NxDomain,
+    }));
+    h.script(TRANSACTION);
+    h.input(b"x\r\n.\r\n");
+    assert_eq!(h.lookups, vec![(1, None)]);
+    assert_eq!(h.envelopes.len(), 1, "delivered without waiting for A/AAAA");
+    assert!(h.take().starts_with("250 2.0.0"));
+
+    let mut h = Harness::build(config(), false, false);
+    h.take();
+    h.cmd("EHLO client.example", "250-mx.test");
+    assert_eq!(h.lookups, vec![(1, Some("client.example".to_string()))]);
+}
