@@ -389,6 +389,51 @@ fn metrics_count_a_known_dialogue_exactly() {
     assert_eq!(status, 404, "{body}");
 }
 
+#[test]
+fn a_log_only_check_is_logged_and_counted_but_not_enforced() {
+    let dns = TestDns::start(TestZone::default());
+    let (s, metrics) = start_with_metrics(
+        dns.addr(),
+        &[("HELOGUARD_HELO_POLICY", "default=tag,forward=log")],
+    );
+    let mut c = s.connect();
+    c.deliver(
+        "dry.example.org",
+        "alice@example.org",
+        "bob@example.net",
+        "Subject: dry run\r\n\r\nbody",
+    );
+    c.cmd("QUIT", 221);
+    assert!(c.is_closed());
+    wait_log(&s, "session end ");
+
+    let log = s.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("helo verdict "))
+        .unwrap_or_else(|| panic!("no verdict line:\n{log}"));
+    // The dry run shows in the log line, apart from the enforced failures.
+    assert!(line.contains(" log_failed=forward"), "{line}");
+    let failed = line
+        .split(" failed=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no failed= in {line}"));
+    assert!(!failed.split(',').any(|c| c == "forward"), "{line}");
+
+    let text = scrape(metrics);
+    assert_eq!(
+        sample(
+            &text,
+            "heloguard_helo_checks_total{check=\"forward\",result=\"fail\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    let msg = std::fs::read_to_string(&s.wait_messages(1)[0]).unwrap();
+    assert!(msg.contains(" forward=none "), "{msg}");
+}
+
 // ---------------------------------------------------------------------------------------
 // signals
 
