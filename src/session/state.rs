@@ -13,21 +13,20 @@ use crate::helo::policy::{AllowEntry, HeloPolicy, HeloVerdict};
 use crate::protocol::command::Verb;
 use crate::protocol::data::DataDecoder;
 
+/// Runs the checks and the policy on what is known of one identity.
+pub(crate) type DecideFn = fn(
+    &CheckInput<'_>,
+    Option<&Lookup<Vec<IpAddr>>>,
+    Option<&ReverseFacts>,
+    &HeloPolicy,
+    &[AllowEntry],
+) -> HeloVerdict;
+
 /// The HELO functions the session calls; a value so tests can judge without DNS rules.
 #[derive(Clone, Copy)]
 pub(crate) struct HeloJudge {
     pub parse: fn(&str) -> HeloArg,
-    #[allow(
-        clippy::type_complexity,
-        reason = "the signature of helo::policy::decide, spelled out"
-    )]
-    pub decide: fn(
-        &CheckInput<'_>,
-        Option<&Lookup<Vec<IpAddr>>>,
-        Option<&ReverseFacts>,
-        &HeloPolicy,
-        &[AllowEntry],
-    ) -> HeloVerdict,
+    pub decide: DecideFn,
 }
 
 impl HeloJudge {
