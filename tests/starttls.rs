@@ -276,6 +276,12 @@ fn without_cert_and_key_starttls_is_neither_offered_nor_accepted() {
     // The session goes on in plaintext.
     c.cmd("NOOP", 250);
     c.deliver("client.example.org", "a@example.org", "b@example.net", "x");
+    // SIGHUP without TLS is logged and changes nothing (it must not end the process).
+    s.signal(libc::SIGHUP);
+    let log = wait_log(&s, "no TLS configured", 1);
+    assert!(log.contains("SIGHUP: no TLS configured"), "{log}");
+    c.cmd("NOOP", 250);
+    assert_serving(&s);
 }
 
 #[test]
@@ -752,4 +758,144 @@ fn close_notify_from_the_client_ends_the_session_cleanly() {
     let mut raw = t.reader.get_ref().sock.try_clone().expect("clone");
     assert!(closed_within(&mut raw, Duration::from_secs(5)));
     assert_serving(&f.server);
+}
+
+// ----- reload during a handshake, metrics --------------------------------------------------
+
+#[test]
+fn a_handshake_begun_before_sighup_finishes_with_the_pair_it_began_with() {
+    let f = TlsFixture::start();
+    let s = &f.server;
+    let sock = starttls_socket(s, "client.example.org");
+    // The 220 is out, the server side of this session exists; now the pair changes.
+    let (_, _, der2) = certs::write_self_signed(f.dir.path(), "server", 2);
+    s.signal(libc::SIGHUP);
+    let log = wait_log(s, "TLS certificate and key reloaded", 1);
+    assert!(log.contains("TLS certificate and key reloaded"), "{log}");
+    let mut t = TlsClient::handshake(sock, certs::client_config(&f.der));
+    assert_eq!(t.peer_serial(), certs::serial_octets(1));
+    t.cmd("EHLO client.example.org", 250);
+    t.deliver("a@example.org", "b@example.net", "Subject: r\r\n\r\nr");
+    // Sessions that start now get the new pair.
+    let fresh = tls_session(s, certs::client_config(&der2));
+    assert_eq!(fresh.peer_serial(), certs::serial_octets(2));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn scrape(addr: &str) -> String {
+    let mut c = TcpStream::connect(addr).expect("metrics connect");
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .expect("metrics request");
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out
+}
+
+fn handshakes(text: &str, outcome: &str) -> Option<u64> {
+    let prefix = format!("heloguard_tls_handshakes_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn handshake_outcomes_are_counted() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let f = TlsFixture::start_with(&[("HELOGUARD_METRICS", &metrics)]);
+    let s = &f.server;
+
+    let mut good = tls_session(s, certs::client_config(&f.der));
+    good.cmd("NOOP", 250);
+
+    let mut garbage = starttls_socket(s, "client.example.org");
+    garbage.write_all(b"\x16\x03\x01\x00\x05hello").unwrap();
+    assert!(closed_within(&mut garbage, Duration::from_secs(5)));
+
+    let other_dir = TempDir::new("other");
+    let (_, _, other_der) = certs::write_self_signed(other_dir.path(), "other", 7);
+    let sock = starttls_socket(s, "client.example.org");
+    assert!(TlsClient::try_handshake(sock, certs::client_config(&other_der)).is_err());
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(&metrics);
+        let (ok, err) = (handshakes(&text, "ok"), handshakes(&text, "error"));
+        if (ok, err) == (Some(1), Some(2)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected ok=1 error=2, got ok={ok:?} error={err:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn ehlo_in_the_same_segment_as_the_client_finished_is_answered() {
+    let f = TlsFixture::start();
+    let mut sock = starttls_socket(&f.server, "client.example.org");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut conn = certs::client_connection(certs::client_config(&f.der));
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    sock.write_all(&out).unwrap();
+    // Read the server's flight until the client side is done (TLS 1.3: the client's
+    // Finished is then queued but not yet sent).
+    while conn.is_handshaking() {
+        conn.read_tls(&mut sock).expect("server flight");
+        conn.process_new_packets().expect("server flight valid");
+    }
+    assert_eq!(
+        conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    // Finished, EHLO, MAIL, RCPT and DATA leave in one write.
+    conn.writer()
+        .write_all(b"EHLO client.example.org\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    sock.write_all(&out).unwrap();
+    let mut t = TlsClient {
+        reader: BufReader::new(StreamOwned::new(conn, sock)),
+    };
+    let (code, text) = t.reply();
+    assert_eq!(code, 250, "{text}");
+    assert!(text.starts_with(&format!("250-{HOSTNAME}")), "{text}");
+    assert_eq!(t.reply().0, 250, "MAIL");
+    assert_eq!(t.reply().0, 250, "RCPT");
+    assert_eq!(t.reply().0, 354, "DATA");
+    t.send(b"Subject: fast\r\n\r\nfast\r\n.\r\n");
+    assert_eq!(t.reply().0, 250);
+    let files = f.server.wait_messages(1);
+    assert!(read_message(&files[0]).contains(" with ESMTPS id "));
+}
+
+#[test]
+fn an_smtputf8_transaction_inside_tls_is_utf8smtps() {
+    let f = TlsFixture::start();
+    let mut t = tls_session(&f.server, certs::client_config(&f.der));
+    t.cmd("MAIL FROM:<j\u{00f6}rg@example.org> SMTPUTF8", 250);
+    t.cmd("RCPT TO:<b@example.net>", 250);
+    t.cmd("DATA", 354);
+    t.send("Subject: gr\u{00fc}\u{00df}e\r\n\r\nhi\r\n.\r\n".as_bytes());
+    assert_eq!(t.reply().0, 250);
+    let files = f.server.wait_messages(1);
+    let msg = read_message(&files[0]);
+    let received = received_field(&msg);
+    assert_using_line(received, "TLSv1.3");
+    assert!(received.contains(" with UTF8SMTPS id "), "{received}");
 }
