@@ -899,3 +899,68 @@ fn an_smtputf8_transaction_inside_tls_is_utf8smtps() {
     assert_using_line(received, "TLSv1.3");
     assert!(received.contains(" with UTF8SMTPS id "), "{received}");
 }
+
+#[test]
+fn starttls_through_the_proxy_listener_keeps_the_proxied_client_ip() {
+    let dir = TempDir::new("tlsproxy");
+    let (cert, key, der) = certs::write_self_signed(dir.path(), "server", 5);
+    let dns = TestDns::start(TestZone::default());
+    let s = TestServer::builder()
+        .dns(dns.addr())
+        .proxy()
+        .env("HELOGUARD_TLS_CERT", cert.to_str().unwrap())
+        .env("HELOGUARD_TLS_KEY", key.to_str().unwrap())
+        .start();
+    let mut c = s.connect_as("192.0.2.7".parse().unwrap());
+    let (code, text) = c.reply();
+    assert_eq!(code, 220, "{text}");
+    let ehlo = c.cmd("EHLO proxied.example.org", 250);
+    assert!(ehlo.contains("STARTTLS"), "{ehlo}");
+    c.cmd("STARTTLS", 220);
+    let sock = c.stream.try_clone().expect("clone");
+    let mut t = TlsClient::handshake(sock, certs::client_config(&der));
+    assert_eq!(t.peer_serial(), certs::serial_octets(5));
+    t.cmd("EHLO proxied.example.org", 250);
+    t.deliver("a@example.org", "b@example.net", "Subject: p\r\n\r\np");
+    let files = s.wait_messages(1);
+    let msg = read_message(&files[0]);
+    let received = received_field(&msg);
+    assert!(received.contains("[192.0.2.7]"), "{received}");
+    assert!(!received.contains("127.0.0.1"), "{received}");
+    assert_using_line(received, "TLSv1.3");
+}
+
+#[test]
+fn fifty_concurrent_tls_sessions_each_deliver_one_message() {
+    let f = TlsFixture::start();
+    let addr = f.server.addr;
+    let config = certs::client_config(&f.der);
+    let threads: Vec<_> = (0..50)
+        .map(|i| {
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let mut c = common::server::Client::connect(addr);
+                c.cmd("EHLO c.example.org", 250);
+                c.cmd("STARTTLS", 220);
+                let sock = c.stream.try_clone().expect("clone");
+                let mut t = TlsClient::handshake(sock, config);
+                t.cmd("EHLO c.example.org", 250);
+                t.deliver(
+                    "a@example.org",
+                    &format!("r{i}@example.net"),
+                    &format!("Subject: n{i}\r\n\r\nbody {i}"),
+                );
+                t.cmd("QUIT", 221);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    let files = f.server.wait_messages(50);
+    assert_eq!(files.len(), 50);
+    for file in files {
+        let msg = read_message(&file);
+        assert!(msg.contains(" with ESMTPS id "), "{msg}");
+    }
+}
