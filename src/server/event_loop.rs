@@ -925,7 +925,13 @@ impl Server {
                     self.push_timer(due, id, TimerKind::Idle);
                     return;
                 }
-                if conn.phase == Phase::Active && (conn.session.is_some() || conn.at_worker) {
+                if conn.tls.is_some() && !conn.tls_up {
+                    // A handshake that never completes is a failed handshake.
+                    self.metrics.tls_handshake(false);
+                    info!("{}: TLS handshake timed out", conn.client_ip);
+                    self.close(slot, "TLS handshake timeout");
+                } else if conn.phase == Phase::Active && (conn.session.is_some() || conn.at_worker)
+                {
                     conn.pending.push(OwnedEvent::IdleTimeout);
                     self.pump(slot);
                 } else {
