@@ -1236,3 +1236,173 @@ fn sessions_waiting_on_silent_dns_do_not_hold_up_others() {
     }
     assert_eq!(s.new_messages().len(), FAST);
 }
+
+// ---- edge cases ----
+
+#[test]
+fn an_ipv4_mapped_proxy_source_is_the_plain_ipv4_client() {
+    let (s, _dns) = start(&[]);
+    let msg = deliver_as(&s, "::ffff:192.0.2.24", "fqdn-ok.example.com");
+    assert_eq!(
+        x_helo_check(&msg),
+        expected_xhc(
+            "pass",
+            None,
+            "fqdn-ok.example.com",
+            "192.0.2.24",
+            "fqdn-ok.example.com",
+            ALL_PASS
+        )
+    );
+    assert_eq!(
+        auth_results(&msg),
+        expected_ar("pass", "192.0.2.24", Some("fqdn-ok.example.com"))
+    );
+    assert!(msg.contains("(fqdn-ok.example.com [192.0.2.24])"), "{msg}");
+    // A mapped literal names the same address.
+    let msg = deliver_as(&s, "192.0.2.31", "[IPv6:::ffff:192.0.2.31]");
+    assert_token(&x_helo_check(&msg), "literal_match=pass");
+    let msg = deliver_as(&s, "2001:db8::5", "[ipv6:2001:DB8:0::5]");
+    assert_token(&x_helo_check(&msg), "literal_match=pass");
+    assert!(msg.contains("[IPv6:2001:db8::5]"), "{msg}");
+}
+
+#[test]
+fn a_second_ehlo_does_not_wait_for_the_first_ones_silent_dns() {
+    let (s, _dns) = start(&[]);
+    let mut c = open(&s, "192.0.2.37");
+    c.cmd("EHLO bh-helo.example.com", 250);
+    let started = Instant::now();
+    c.cmd("EHLO fwd-bh.example.com", 250);
+    let msg = send_message(&s, &mut c);
+    let took = started.elapsed();
+    assert_eq!(
+        x_helo_check(&msg),
+        expected_xhc(
+            "pass",
+            None,
+            "fwd-bh.example.com",
+            "192.0.2.37",
+            "fwd-bh.example.com",
+            ALL_PASS
+        )
+    );
+    // The silent name's deadline (600 ms) is not what the message waited for.
+    assert!(took < Duration::from_millis(500), "took {took:?}");
+    c.cmd("QUIT", 221);
+
+    let (s, _dns) = start(&[("HELOGUARD_HELO_POLICY", "forward=reject")]);
+    let mut c = open(&s, "203.0.113.23");
+    c.cmd("EHLO bh-pol.example.com", 250);
+    c.cmd("EHLO pol-bh.example.com", 250);
+    c.cmd("MAIL FROM:<a@example.org>", 250);
+    c.cmd("RCPT TO:<b@example.net>", 250);
+    c.cmd("QUIT", 221);
+}
+
+#[test]
+fn reject_at_helo_answers_a_silent_name_451_at_the_deadline() {
+    let (s, _dns) = start(&[
+        ("HELOGUARD_HELO_POLICY", "forward=reject"),
+        ("HELOGUARD_REJECT_AT", "helo"),
+    ]);
+    let mut c = open(&s, "203.0.113.23");
+    let started = Instant::now();
+    let text = c.cmd("EHLO bh-pol.example.com", 451);
+    assert!(started.elapsed() < VERDICT_BOUND, "{:?}", started.elapsed());
+    assert!(text.starts_with("451 4.4.3 "), "{text}");
+    c.cmd("MAIL FROM:<a@example.org>", 503);
+    c.cmd("EHLO pol-bh.example.com", 250);
+    let msg = send_message(&s, &mut c);
+    assert_token(&x_helo_check(&msg), "helo=pol-bh.example.com");
+    c.cmd("QUIT", 221);
+}
+
+#[test]
+fn pipelined_recipients_wait_for_the_verdict_and_keep_their_order() {
+    let (s, _dns) = start(&[("HELOGUARD_HELO_POLICY", "forward=reject")]);
+    let mut c = open(&s, "203.0.113.23");
+    c.send(
+        b"EHLO bh-pol.example.com\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n\
+          RCPT TO:<c@example.net>\r\nDATA\r\nNOOP\r\n",
+    );
+    for expect in [250, 250, 451, 451, 503, 250] {
+        let (code, text) = c.reply();
+        assert_eq!(code, expect, "{text}");
+    }
+    c.cmd("QUIT", 221);
+    assert!(s.new_messages().is_empty());
+}
+
+#[test]
+fn the_helo_in_headers_is_sanitized_octet_by_octet() {
+    let (s, _dns) = start(&[("HELOGUARD_HELO_POLICY", "syntax=tag")]);
+    let msg = deliver_as(&s, "192.0.2.21", "bad;name\"(x)");
+    let xhc = x_helo_check(&msg);
+    assert_token(&xhc, "helo=bad?name??x?");
+    assert_token(&xhc, "syntax=fail");
+    assert!(msg.contains("Received: from bad?name??x? ("), "{msg}");
+
+    // Raw octets that are not UTF-8: one `?` each.
+    let mut c = open(&s, "192.0.2.21");
+    c.send(b"EHLO h\xffx\xe9.example\r\n");
+    assert_eq!(c.reply().0, 250);
+    let msg = send_message(&s, &mut c);
+    c.cmd("QUIT", 221);
+    let xhc = x_helo_check(&msg);
+    assert_token(&xhc, "helo=h?x?.example");
+    assert!(msg.contains("Received: from h?x?.example ("), "{msg}");
+
+    // Cut to 255 octets.
+    let long = format!("{}!", "a".repeat(300));
+    let msg = deliver_as(&s, "192.0.2.21", &long);
+    assert_token(&x_helo_check(&msg), &format!("helo={}", "a".repeat(255)));
+}
+
+#[test]
+fn a_local_client_may_call_itself_localhost_or_the_server() {
+    let (s, _dns) = start(&[]);
+    for helo in ["localhost", HOSTNAME] {
+        let msg = deliver_as(&s, "127.0.0.5", helo);
+        let xhc = x_helo_check(&msg);
+        assert_token(&xhc, "localhost=pass");
+        assert_token(&xhc, "own_name=pass");
+        assert_token(&xhc, "ip=127.0.0.5");
+    }
+    let msg = deliver_as(&s, "::1", "[IPv6:::1]");
+    let xhc = x_helo_check(&msg);
+    assert_token(&xhc, "localhost=pass");
+    assert_token(&xhc, "literal_match=pass");
+}
+
+#[test]
+fn own_name_covers_the_accepted_domains_but_not_their_subdomains() {
+    let (s, _dns) = start(&[("HELOGUARD_DOMAINS", "example.net,Example.COM")]);
+    let msg = deliver_as(&s, "192.0.2.24", "example.com");
+    assert_token(&x_helo_check(&msg), "own_name=fail");
+    let msg = deliver_as(&s, "192.0.2.24", "EXAMPLE.NET.");
+    assert_token(&x_helo_check(&msg), "own_name=fail");
+    let msg = deliver_as(&s, "192.0.2.24", "fqdn-ok.example.com");
+    assert_token(&x_helo_check(&msg), "own_name=pass");
+}
+
+#[test]
+fn each_verdict_is_logged_with_the_client_and_the_helo() {
+    let (s, _dns) = start(&[]);
+    deliver_as(&s, "192.0.2.40", "fm-bad.example.com");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = s.log();
+        if let Some(line) = log.lines().find(|l| {
+            l.contains("192.0.2.40")
+                && l.contains("fm-bad.example.com")
+                && l.contains("forward_match")
+        }) {
+            assert!(line.contains("fail"), "{line}");
+            assert!(line.contains("fm-ptr.example.com"), "{line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no verdict line: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
