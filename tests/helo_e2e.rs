@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::dns_server::{TestDns, TestZone, reverse_name};
 use common::server::{Client, HOSTNAME, TestServer};
+use hickory_proto::rr::RecordType;
 
 /// The eleven checks, in header order.
 const CHECKS: [&str; 11] = [
@@ -97,6 +98,23 @@ fn zone() -> TestZone {
         .blackhole_ptr("192.0.2.46")
         .a("bh-ptr.example.com", "192.0.2.46");
     let z = z.aaaa("nptr6.example.com", "2001:db8::7");
+    // PTR names whose own lookups fail, and a PTR set where only the second name confirms.
+    let z = z
+        .ptr("192.0.2.49", "silent-ptr.example.com")
+        .blackhole("silent-ptr.example.com")
+        .a("chain-bh.example.com", "192.0.2.49");
+    let z = z
+        .ptr("192.0.2.50", "wrong.example.org")
+        .a("wrong.example.org", "192.0.2.99")
+        .ptr("192.0.2.50", "right.example.com")
+        .a("right.example.com", "192.0.2.50")
+        .a("multi.example.com", "192.0.2.50");
+    let z = z
+        .ptr("192.0.2.51", "broken.example.org")
+        .servfail("broken.example.org")
+        .ptr("192.0.2.51", "fine.example.com")
+        .a("fine.example.com", "192.0.2.51")
+        .a("half.example.com", "192.0.2.51");
     // rdns_match
     let z = z
         .a("rd-ok.example.com", "192.0.2.47")
@@ -568,6 +586,24 @@ fn fcrdns_and_iprev_pass_fail_and_permerror() {
                 results: unconfirmed,
                 iprev: "permerror",
             },
+            // Several PTR names: the one that confirms is the PTR, whatever its position.
+            Case {
+                client: "192.0.2.50",
+                helo: "multi.example.com",
+                verdict: "pass",
+                ptr: Some("right.example.com"),
+                results: ALL_PASS,
+                iprev: "pass",
+            },
+            // One name confirms, another fails temporarily: still pass.
+            Case {
+                client: "192.0.2.51",
+                helo: "half.example.com",
+                verdict: "pass",
+                ptr: Some("fine.example.com"),
+                results: ALL_PASS,
+                iprev: "pass",
+            },
         ],
     );
 }
@@ -690,6 +726,15 @@ fn servfail_refused_and_silence_give_temperror_never_fail() {
             verdict: "temperror",
             ptr: None,
             results: REVERSE_TEMPERROR,
+            iprev: "temperror",
+        },
+        // The PTR answers, but its name's A/AAAA lookup is never answered.
+        Case {
+            client: "192.0.2.49",
+            helo: "chain-bh.example.com",
+            verdict: "temperror",
+            ptr: None,
+            results: "pass pass pass pass pass none pass pass temperror temperror pass",
             iprev: "temperror",
         },
     ];
@@ -1405,4 +1450,51 @@ fn each_verdict_is_logged_with_the_client_and_the_helo() {
         assert!(Instant::now() < deadline, "no verdict line: {log}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn the_ptr_lookup_starts_at_accept_before_any_ehlo() {
+    let (s, dns) = start(&[]);
+    let _c = open(&s, "192.0.2.41");
+    let ptr_name = reverse_name(ip("192.0.2.41"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // The PTR, then the PTR name's own A lookup (forward confirmation), all before EHLO.
+    while dns.count(&ptr_name, RecordType::PTR) == 0
+        || dns.count("fc-ok.example.com", RecordType::A) == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no PTR lookup before EHLO: {:?}",
+            dns.queries()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_allowed_client_is_accepted_at_the_ehlo_under_reject_at_helo() {
+    let (s, _dns) = start(&[
+        ("HELOGUARD_HELO_POLICY", "default=reject"),
+        ("HELOGUARD_REJECT_AT", "helo"),
+        ("HELOGUARD_HELO_ALLOW", "203.0.113.70"),
+    ]);
+    let mut c = open(&s, "203.0.113.70");
+    c.cmd("EHLO localhost", 250);
+    let msg = send_message(&s, &mut c);
+    c.cmd("QUIT", 221);
+    assert_eq!(
+        x_helo_check(&msg),
+        expected_xhc(
+            "pass",
+            Some("203.0.113.70"),
+            "localhost",
+            "203.0.113.70",
+            "none",
+            ALL_NONE
+        )
+    );
+    let mut c = open(&s, "203.0.113.71");
+    let text = c.cmd("EHLO localhost", 550);
+    assert!(text.contains("check localhost failed"), "{text}");
+    c.cmd("QUIT", 221);
 }
