@@ -39,6 +39,17 @@ use crate::spool::{Envelope, Protocol, TraceInfo};
 /// Refused identities remembered per session (REJECT_AT=helo), so a repeat gets the same answer.
 const REMEMBERED_REFUSALS: usize = 16;
 
+/// The EHLO/HELO argument as text: valid UTF-8 is kept, and each octet of an invalid sequence
+/// becomes one `?`, so headers show one `?` per octet (SPEC) and never a 3-octet U+FFFD.
+fn helo_text(arg: &[u8]) -> String {
+    let mut text = String::with_capacity(arg.len());
+    for chunk in arg.utf8_chunks() {
+        text.push_str(chunk.valid());
+        text.extend(std::iter::repeat_n('?', chunk.invalid().len()));
+    }
+    text
+}
+
 /// Whether the banner went out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Greeting {
@@ -413,7 +424,7 @@ impl Session {
     }
 
     fn on_helo(&mut self, verb: Verb, arg: &[u8], out: &mut Output) {
-        let arg = String::from_utf8_lossy(arg).into_owned();
+        let arg = helo_text(arg);
         // SPEC: a refused identity stays refused when repeated, or sent with the other verb.
         if let Some((_, reply)) = self
             .refused
