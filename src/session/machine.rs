@@ -534,10 +534,15 @@ impl Session {
                 match (decision, self.candidate.take()) {
                     (Some(Decision::Accept), Some(identity)) => self.adopt(identity, out),
                     (Some(Decision::Refuse(reply)), Some(identity)) => {
-                        if self.refused.len() == REMEMBERED_REFUSALS {
-                            self.refused.remove(0);
+                        // A policy refusal sticks to the identity (sending it again, or with
+                        // the other verb, must not get through). A 451 for undecided DNS is
+                        // not a judgement: the next try runs the checks again.
+                        if reply.code != 451 {
+                            if self.refused.len() == REMEMBERED_REFUSALS {
+                                self.refused.remove(0);
+                            }
+                            self.refused.push((identity.arg, reply.clone()));
                         }
-                        self.refused.push((identity.arg, reply.clone()));
                         out.observations
                             .push(Observation::MessageRejected(Stage::Helo));
                         self.reply(out, reply);

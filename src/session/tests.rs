@@ -77,7 +77,8 @@ fn fake_parse(arg: &str) -> HeloArg {
     }
 }
 
-/// Stands in for `helo::policy::decide`: names starting `refuse` get 550, `defer` 450.
+/// Stands in for `helo::policy::decide`: names starting `refuse` get 550, `defer` 450,
+/// `tempfail` 451.
 fn fake_decide(
     input: &CheckInput<'_>,
     _forward: Option<&Lookup<Vec<IpAddr>>>,
@@ -89,6 +90,8 @@ fn fake_decide(
         Decision::Refuse(Reply::new(550, "5.7.1", "HELO refused"))
     } else if input.helo.starts_with("defer") {
         Decision::Refuse(Reply::new(450, "4.7.1", "HELO deferred"))
+    } else if input.helo.starts_with("tempfail") {
+        Decision::Refuse(Reply::new(451, "4.4.3", "HELO not verified"))
     } else {
         Decision::Accept
     };
@@ -765,6 +768,21 @@ fn helo_waits_for_the_verdict_with_reject_at_helo() {
     // A literal needs no forward lookup: judged as soon as the PTR facts are in.
     h.cmd("EHLO [192.0.2.7]", "250-mx.test");
     assert_eq!(h.session.summary().helo.as_deref(), Some("[192.0.2.7]"));
+}
+
+#[test]
+fn a_temporary_failure_is_judged_again_when_repeated() {
+    let mut h = gated(RejectAt::Helo);
+    h.event(Event::Reverse(ReverseFacts {
+        ptr: Lookup::NxDomain,
+    }));
+    h.input(b"EHLO tempfail.example\r\n");
+    h.event(Event::VerdictDeadline { generation: 1 });
+    assert_eq!(h.take(), "451 4.4.3 HELO not verified\r\n");
+    // Not remembered as refused: the repeat starts new checks (a new lookup, a new wait).
+    h.input(b"EHLO tempfail.example\r\n");
+    assert!(h.take().is_empty() && !h.session.wants_input());
+    assert_eq!(h.lookups.len(), 2);
 }
 
 #[test]
