@@ -99,6 +99,8 @@ pub struct Conn {
     pub last_input: Instant,
     pub started: Instant,
     pub dns: DnsTiming,
+    /// Relay modes: the slot of this session's link to the next hop.
+    pub relay: Option<usize>,
 }
 
 impl Conn {
@@ -134,6 +136,7 @@ impl Conn {
             last_input: now,
             started: now,
             dns: DnsTiming::default(),
+            relay: None,
         }
     }
 

@@ -29,12 +29,14 @@ use slab::Slab;
 use crate::config::{Config, DeliverTarget};
 use crate::dns::resolver::{self, ResolverHandle, ResolverSettings};
 use crate::dns::{DnsAnswer, DnsRequest};
-use crate::metrics::{Listener as MetricListener, Metrics, RefuseReason};
+use crate::metrics::{Listener as MetricListener, Metrics, RefuseReason, RelayFailure};
 use crate::net::{ClientKey, canonical_ip};
 use crate::protocol::reply::Reply;
 use crate::proxy_protocol::{self, ProxyParse};
 use crate::server::conn::{Conn, Phase};
+use crate::relay::client::{NextHopProtocol, RelayClientParams, XclientAttrs};
 use crate::server::listener::{BoundListener, ListenerKind};
+use crate::server::relay_link::{LinkAnswer, LinkFailure, NextHopSocket, RelayLink};
 use crate::server::tls::TlsAcceptor;
 use crate::server::worker::{Done, Job, OwnedEvent, WorkerPool};
 use crate::session::{DeliveryOutcome, Observation, Session, SessionAction, SessionParams};
@@ -46,6 +48,10 @@ const SIGNALS: Token = Token(1);
 const FIRST_LISTENER: usize = 2;
 /// Connection tokens start here; listeners sit below.
 const FIRST_CONN: usize = 1024;
+/// Next-hop link tokens start here (relay modes); client connections sit below.
+const FIRST_RELAY: usize = 1 << 30;
+/// How often links to the next hop are checked against their deadlines.
+const RELAY_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// SPEC "PROXY protocol": the header must arrive within 5 seconds of connect.
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,6 +68,7 @@ pub enum StartError {
     Io(&'static str, io::Error),
     Spool(String),
     Tls(String),
+    Relay(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -70,6 +77,7 @@ impl std::fmt::Display for StartError {
             StartError::Io(what, e) => write!(f, "{what}: {e}"),
             StartError::Spool(e) => write!(f, "HELOGUARD_SPOOL: {e}"),
             StartError::Tls(e) => write!(f, "{e}"),
+            StartError::Relay(e) => write!(f, "HELOGUARD_DELIVER: {e}"),
         }
     }
 }
@@ -101,6 +109,7 @@ enum TimerKind {
     SpaceCheck,
     GraceExpired,
     FinalExit,
+    RelayCheck,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -113,6 +122,21 @@ struct Timer {
 /// Where accepted mail goes.
 enum Handoff {
     Maildir(SpoolWriters),
+    /// Before-queue relay to the next hop (HELOGUARD_DELIVER smtp:// or lmtp://).
+    Relay(NextHop),
+}
+
+/// The next hop of the relay modes, resolved once at startup.
+#[derive(Clone, Debug)]
+enum NextHop {
+    Tcp {
+        addr: SocketAddr,
+        host: String,
+        protocol: NextHopProtocol,
+    },
+    Unix {
+        path: std::path::PathBuf,
+    },
 }
 
 /// The server: listeners, connections, timers and the threads that serve them.
@@ -141,6 +165,8 @@ pub struct Server {
     shutting_down: bool,
     exit_now: bool,
     spool_space_low: Arc<AtomicBool>,
+    relays: Slab<RelayLink>,
+    relay_check_armed: bool,
 }
 
 /// Options that differ between the binary and an embedded (test) server.
@@ -210,10 +236,14 @@ impl Server {
                 .map_err(|e| StartError::Io("HELOGUARD_SPOOL_WRITERS", e))?;
                 Handoff::Maildir(writers)
             }
-            other => {
-                return Err(StartError::Spool(format!(
-                    "HELOGUARD_DELIVER={other:?} is not available in this build"
-                )));
+            DeliverTarget::Smtp { host, port } => {
+                Handoff::Relay(resolve_next_hop(host, *port, NextHopProtocol::Smtp)?)
+            }
+            DeliverTarget::Lmtp { host, port } => {
+                Handoff::Relay(resolve_next_hop(host, *port, NextHopProtocol::Lmtp)?)
+            }
+            DeliverTarget::LmtpUnix { path } => {
+                Handoff::Relay(NextHop::Unix { path: path.clone() })
             }
         };
 
@@ -259,6 +289,8 @@ impl Server {
             shutting_down: false,
             exit_now: false,
             spool_space_low: Arc::new(AtomicBool::new(false)),
+            relays: Slab::new(),
+            relay_check_armed: false,
         };
         server.check_spool_space(Instant::now());
         Ok(server)
@@ -297,6 +329,7 @@ impl Server {
                     Token(t) if (FIRST_LISTENER..FIRST_CONN).contains(&t) => {
                         self.accept(t - FIRST_LISTENER)
                     }
+                    Token(t) if t >= FIRST_RELAY => self.relay_ready(t - FIRST_RELAY),
                     Token(t) => self.conn_ready(t - FIRST_CONN),
                 }
             }
@@ -322,9 +355,8 @@ impl Server {
         }
         // Spool writers finish every submitted job: a file is either whole in new/ or only in
         // tmp/, never half-written in new/.
-        match self.handoff.take() {
-            Some(Handoff::Maildir(w)) => w.shutdown(),
-            None => {}
+        if let Some(Handoff::Maildir(w)) = self.handoff.take() {
+            w.shutdown();
         }
         drop(self.resolver.take());
         info!("heloguard stopped");
@@ -771,14 +803,38 @@ impl Server {
                     id: conn.id,
                     envelope,
                 }),
-                None => conn
-                    .pending
-                    .push(OwnedEvent::Delivered(DeliveryOutcome::Failed(Reply::new(
-                        421,
-                        "4.3.2",
-                        "Service shutting down",
-                    )))),
+                Some(Handoff::Relay(_)) => match conn.relay.and_then(|r| self.relays.get_mut(r)) {
+                    Some(link) => link.deliver(envelope),
+                    None => conn.pending.push(OwnedEvent::Delivered(DeliveryOutcome::Failed(
+                        next_hop_unavailable(),
+                    ))),
+                },
+                None => conn.pending.push(OwnedEvent::Delivered(DeliveryOutcome::Failed(
+                    Reply::new(421, "4.3.2", "Service shutting down"),
+                ))),
             },
+            SessionAction::RelayMail {
+                reverse_path,
+                params,
+                xclient,
+            } => {
+                let Some(link) = self.relay_link(slot, xclient, now) else {
+                    if let Some(conn) = self.conns.get_mut(slot) {
+                        conn.pending
+                            .push(OwnedEvent::RelayReply(next_hop_unavailable()));
+                    }
+                    return;
+                };
+                link.mail(&reverse_path, &params);
+            }
+            SessionAction::RelayRcpt { forward_path } => {
+                match conn.relay.and_then(|r| self.relays.get_mut(r)) {
+                    Some(link) => link.rcpt(&forward_path),
+                    None => conn
+                        .pending
+                        .push(OwnedEvent::RelayReply(next_hop_unavailable())),
+                }
+            }
             SessionAction::StartTls => {
                 // RFC 3207 4.2 (and CVE-2011-0411): nothing the client sent before the
                 // handshake may be read inside TLS. The 220 is already queued in plaintext.
@@ -881,6 +937,7 @@ impl Server {
                 TimerKind::SpaceCheck => self.check_spool_space(now),
                 TimerKind::GraceExpired => self.grace_expired(now),
                 TimerKind::FinalExit => self.exit_now = true,
+                TimerKind::RelayCheck => self.check_relays(now),
                 _ => self.fire_conn_timer(t, now),
             }
         }
@@ -944,7 +1001,10 @@ impl Server {
                 self.pump(slot);
             }
             TimerKind::PregreetClose => self.close(slot, "pregreet"),
-            TimerKind::SpaceCheck | TimerKind::GraceExpired | TimerKind::FinalExit => {}
+            TimerKind::SpaceCheck
+            | TimerKind::GraceExpired
+            | TimerKind::FinalExit
+            | TimerKind::RelayCheck => {}
         }
     }
 
@@ -983,6 +1043,169 @@ impl Server {
         self.push_timer(now + SPACE_CHECK_EVERY, u64::MAX, TimerKind::SpaceCheck);
     }
 
+    // ----- relay links -----------------------------------------------------------------
+
+    /// The session's link to the next hop, connecting one when it has none. A link carries
+    /// one client's XCLIENT attributes and serves only that client.
+    fn relay_link(
+        &mut self,
+        slot: usize,
+        xclient: XclientAttrs,
+        now: Instant,
+    ) -> Option<&mut RelayLink> {
+        let Some(Handoff::Relay(next_hop)) = &self.handoff else {
+            return None;
+        };
+        let conn = self.conns.get(slot)?;
+        if let Some(r) = conn.relay
+            && self.relays.contains(r)
+        {
+            return self.relays.get_mut(r);
+        }
+        let owner = conn.id;
+        let (socket, tls_host, protocol) = match next_hop {
+            NextHop::Tcp {
+                addr,
+                host,
+                protocol,
+            } => (NextHopSocket::connect_tcp(*addr), host.clone(), *protocol),
+            NextHop::Unix { path } => (
+                NextHopSocket::connect_unix(path),
+                "localhost".to_string(),
+                NextHopProtocol::Lmtp,
+            ),
+        };
+        let socket = match socket {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("next hop: cannot connect: {e}");
+                self.metrics.relay_failure(RelayFailure::Connect);
+                return None;
+            }
+        };
+        let params = RelayClientParams {
+            hostname: self.config.hostname.clone(),
+            protocol,
+            xclient,
+            can_tls: true,
+        };
+        let entry = self.relays.vacant_entry();
+        let key = entry.key();
+        let mut link = RelayLink::new(socket, owner, params, &tls_host, now);
+        if self
+            .poll
+            .registry()
+            .register(
+                &mut link.socket,
+                Token(FIRST_RELAY + key),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .is_err()
+        {
+            self.metrics.relay_failure(RelayFailure::Connect);
+            return None;
+        }
+        entry.insert(link);
+        if let Some(conn) = self.conns.get_mut(slot) {
+            conn.relay = Some(key);
+        }
+        if !self.relay_check_armed {
+            self.relay_check_armed = true;
+            self.push_timer(now + RELAY_CHECK_EVERY, u64::MAX, TimerKind::RelayCheck);
+        }
+        self.relays.get_mut(key)
+    }
+
+    fn relay_ready(&mut self, key: usize) {
+        let now = Instant::now();
+        let Some(link) = self.relays.get_mut(key) else {
+            return;
+        };
+        let progress = link.ready(now);
+        let owner = link.owner;
+        self.route_link_answers(owner, progress.answers);
+        if let Some(failure) = progress.failed {
+            self.fail_relay(key, failure);
+        }
+    }
+
+    fn route_link_answers(&mut self, owner: u64, answers: Vec<LinkAnswer>) {
+        if answers.is_empty() {
+            return;
+        }
+        let Some(slot) = self.slot_of(owner) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        for answer in answers {
+            conn.pending.push(match answer {
+                LinkAnswer::Command(reply) => OwnedEvent::RelayReply(reply),
+                LinkAnswer::Delivery(Ok(())) => OwnedEvent::Delivered(DeliveryOutcome::Accepted),
+                LinkAnswer::Delivery(Err(reply)) => {
+                    OwnedEvent::Delivered(DeliveryOutcome::Failed(reply))
+                }
+            });
+        }
+        self.pump(slot);
+        self.flush_or_close(slot);
+    }
+
+    /// The link is unusable: everything waiting on it gets 451 4.4.1 and it is closed.
+    fn fail_relay(&mut self, key: usize, failure: LinkFailure) {
+        let Some(link) = self.relays.get_mut(key) else {
+            return;
+        };
+        let answers = link.fail_all(&next_hop_unavailable());
+        let owner = link.owner;
+        self.metrics.relay_failure(match failure {
+            LinkFailure::Connect => RelayFailure::Connect,
+            LinkFailure::Timeout => RelayFailure::Timeout,
+            LinkFailure::Refused => RelayFailure::Refused,
+        });
+        warn!("next hop failed ({failure:?}); waiting clients get 451 4.4.1");
+        self.close_relay(key, false);
+        if let Some(slot) = self.slot_of(owner)
+            && let Some(conn) = self.conns.get_mut(slot)
+        {
+            conn.relay = None;
+        }
+        self.route_link_answers(owner, answers);
+    }
+
+    fn close_relay(&mut self, key: usize, polite: bool) {
+        if !self.relays.contains(key) {
+            return;
+        }
+        let mut link = self.relays.remove(key);
+        if polite {
+            if link.is_waiting() {
+                // The client left mid-transaction: the next hop never sees the final dot.
+                self.metrics.relay_failure(RelayFailure::Aborted);
+            }
+            link.quit();
+        }
+        let _ = self.poll.registry().deregister(&mut link.socket);
+    }
+
+    fn check_relays(&mut self, now: Instant) {
+        let late: Vec<usize> = self
+            .relays
+            .iter()
+            .filter(|(_, l)| l.is_waiting() && l.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in late {
+            self.fail_relay(key, LinkFailure::Timeout);
+        }
+        if self.relays.is_empty() {
+            self.relay_check_armed = false;
+        } else {
+            self.push_timer(now + RELAY_CHECK_EVERY, u64::MAX, TimerKind::RelayCheck);
+        }
+    }
+
     // ----- closing ---------------------------------------------------------------------
 
     fn close(&mut self, slot: usize, why: &str) {
@@ -991,6 +1214,9 @@ impl Server {
         }
         let mut conn = self.conns.remove(slot);
         let _ = self.poll.registry().deregister(&mut conn.socket);
+        if let Some(r) = conn.relay.take() {
+            self.close_relay(r, true);
+        }
         if let Some(key) = conn.counted_as
             && let Some(n) = self.per_client.get_mut(&key)
         {
@@ -1002,6 +1228,30 @@ impl Server {
         self.metrics.session_closed();
         log_session_end(&conn, why);
     }
+}
+
+/// What a client hears when the next hop cannot take its mail: try again later.
+fn next_hop_unavailable() -> Reply {
+    Reply::new(451, "4.4.1", "Next hop not available, try again later")
+}
+
+/// Resolves the next hop's host once, at startup (a blocking lookup is fine there).
+fn resolve_next_hop(
+    host: &str,
+    port: u16,
+    protocol: NextHopProtocol,
+) -> Result<NextHop, StartError> {
+    use std::net::ToSocketAddrs;
+    let addr = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| StartError::Relay(format!("cannot resolve next hop {host}")))?;
+    Ok(NextHop::Tcp {
+        addr,
+        host: host.to_string(),
+        protocol,
+    })
 }
 
 /// Best-effort one-shot reply to a connection we will not serve.

@@ -17,6 +17,7 @@ use mio::Waker;
 
 use crate::dns::{Lookup, ReverseFacts};
 use crate::metrics::Metrics;
+use crate::protocol::reply::Reply;
 use crate::session::{DeliveryOutcome, Event, Now, Observation, Output, Session, TlsInfo};
 
 /// An event for a session that owns no borrowed bytes, so it can wait in a queue.
@@ -37,6 +38,7 @@ pub enum OwnedEvent {
     IdleTimeout,
     Shutdown,
     GraceExpired,
+    RelayReply(Reply),
 }
 
 impl OwnedEvent {
@@ -57,6 +59,7 @@ impl OwnedEvent {
             OwnedEvent::IdleTimeout => Event::IdleTimeout,
             OwnedEvent::Shutdown => Event::Shutdown,
             OwnedEvent::GraceExpired => Event::GraceExpired,
+            OwnedEvent::RelayReply(reply) => Event::RelayReply(reply.clone()),
         }
     }
 }

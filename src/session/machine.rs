@@ -20,7 +20,8 @@
 
 use std::time::SystemTime;
 
-use crate::config::BareNewline;
+use crate::config::{BareNewline, DeliverTarget};
+use crate::dns::Lookup;
 use crate::helo::checks::{CheckInput, HeloArg};
 use crate::helo::policy::{Decision, RejectAt};
 use crate::helo::{Action, Check};
@@ -28,6 +29,7 @@ use crate::protocol::command::{Command, MailParams, Path, Verb};
 use crate::protocol::data::{BareLineFeed, DataDecoder, DataLimits, DataRefusal, Framing};
 use crate::protocol::line::{LineRead, LineReader};
 use crate::protocol::reply::Reply;
+use crate::relay::client::{XclientAttrs, XclientName};
 use crate::session::limits::{Counters, DataRate};
 use crate::session::state::{HeloJudge, Identity, Park, Phase, Transaction};
 use crate::session::{
@@ -191,6 +193,7 @@ impl Session {
                 self.evaluate(out);
             }
             Event::Delivered(outcome) => self.on_delivered(outcome, out),
+            Event::RelayReply(reply) => self.on_relay_reply(reply, out),
             Event::TlsEstablished(info) => self.on_tls(info),
             Event::IdleTimeout => self.close(
                 out,
@@ -222,7 +225,12 @@ impl Session {
         self.tx.is_some()
             || matches!(
                 self.park,
-                Some(Park::DataVerdict { .. } | Park::Delivery { .. })
+                Some(
+                    Park::DataVerdict { .. }
+                        | Park::Delivery { .. }
+                        | Park::RelayMail { .. }
+                        | Park::RelayRcpt { .. }
+                )
             )
     }
 
@@ -621,8 +629,78 @@ impl Session {
             );
             return;
         }
+        if config.deliver != DeliverTarget::Maildir {
+            // Before-queue relay: the client's MAIL gets the next hop's answer.
+            out.actions.push(SessionAction::RelayMail {
+                reverse_path: from.mailbox.to_string(),
+                params,
+                xclient: self.xclient_attrs(),
+            });
+            self.park = Some(Park::RelayMail {
+                reverse_path: from.mailbox.to_string(),
+                smtputf8: params.smtputf8,
+            });
+            return;
+        }
         self.tx = Some(Transaction::new(from.mailbox, params.smtputf8));
         self.reply(out, Reply::new(250, "2.1.0", "Ok"));
+    }
+
+    /// What XCLIENT tells the next hop about the client (Postfix XCLIENT_README).
+    fn xclient_attrs(&self) -> XclientAttrs {
+        let ip = self.params.client_ip;
+        let name = match self.reverse.as_ref() {
+            None => XclientName::TempUnavailable,
+            Some(facts) => match facts.confirmed_name(ip) {
+                Some(name) => XclientName::Name(name.to_string()),
+                // Postfix turns [TEMPUNAVAIL] into a 4xx, never a 5xx: use it while
+                // the PTR side is undecided.
+                None if matches!(facts.ptr, Lookup::TempError(_)) => XclientName::TempUnavailable,
+                None => XclientName::Unavailable,
+            },
+        };
+        let current = self.current.as_ref();
+        XclientAttrs {
+            addr: ip,
+            name,
+            helo: current.map(|id| id.arg.clone()),
+            proto: match current.map(|id| id.verb) {
+                Some(Verb::Ehlo) => "ESMTP",
+                _ => "SMTP",
+            },
+        }
+    }
+
+    /// The next hop answered the replayed MAIL or RCPT.
+    fn on_relay_reply(&mut self, reply: Reply, out: &mut Output) {
+        let accepted = (200..300).contains(&reply.code);
+        match self.park.take() {
+            Some(Park::RelayMail {
+                reverse_path,
+                smtputf8,
+            }) => {
+                if accepted {
+                    self.tx = Some(Transaction::new(&reverse_path, smtputf8));
+                    self.reply(out, Reply::new(250, "2.1.0", "Ok"));
+                } else {
+                    out.observations
+                        .push(Observation::MessageRejected(Stage::Mail));
+                    self.reply(out, reply);
+                }
+            }
+            Some(Park::RelayRcpt { recipient }) => match (accepted, self.tx.as_mut()) {
+                (true, Some(tx)) => {
+                    tx.recipients.push(recipient);
+                    self.reply(out, Reply::new(250, "2.1.5", "Ok"));
+                }
+                _ => {
+                    out.observations
+                        .push(Observation::MessageRejected(Stage::Rcpt));
+                    self.reply(out, reply);
+                }
+            },
+            other => self.park = other,
+        }
     }
 
     fn on_rcpt(&mut self, to: Path<'_>, out: &mut Output) {
@@ -681,10 +759,29 @@ impl Session {
 
     fn answer_rcpt(&mut self, recipient: String, decision: Decision, out: &mut Output) {
         match (decision, self.tx.as_mut()) {
-            (Decision::Accept, Some(tx)) => {
-                tx.recipients.push(recipient);
-                self.reply(out, Reply::new(250, "2.1.5", "Ok"));
-            }
+            (Decision::Accept, Some(tx)) => match &self.params.config.deliver {
+                DeliverTarget::Maildir => {
+                    tx.recipients.push(recipient);
+                    self.reply(out, Reply::new(250, "2.1.5", "Ok"));
+                }
+                // LMTP answers once per recipient after the data (RFC 2033 4.2), while the
+                // SMTP client expects one reply: one recipient per transaction keeps the two
+                // in step. RFC 5321 4.5.3.1.10: clients retry the others in a new one.
+                DeliverTarget::Lmtp { .. } | DeliverTarget::LmtpUnix { .. }
+                    if !tx.recipients.is_empty() =>
+                {
+                    self.reply(
+                        out,
+                        Reply::new(452, "4.5.3", "One recipient per transaction, send the rest later"),
+                    );
+                }
+                _ => {
+                    out.actions.push(SessionAction::RelayRcpt {
+                        forward_path: recipient.clone(),
+                    });
+                    self.park = Some(Park::RelayRcpt { recipient });
+                }
+            },
             (Decision::Accept, None) => {
                 self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"))
             }

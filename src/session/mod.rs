@@ -14,7 +14,9 @@ use std::time::{Instant, SystemTime};
 use crate::config::Config;
 use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::policy::HeloVerdict;
+use crate::protocol::command::MailParams;
 use crate::protocol::reply::Reply;
+use crate::relay::client::XclientAttrs;
 use crate::spool::Envelope;
 
 mod limits;
@@ -84,6 +86,9 @@ pub enum Event<'a> {
     Shutdown,
     /// HELOGUARD_SHUTDOWN_GRACE_SECS ran out: 421 4.3.2 now.
     GraceExpired,
+    /// Relay modes: the next hop's answer to `RelayMail` or `RelayRcpt` (or the loop's
+    /// 451 4.4.1 when the next hop could not be reached).
+    RelayReply(Reply),
 }
 
 /// A request from the session to the event loop.
@@ -101,6 +106,16 @@ pub enum SessionAction {
     StartTls,
     /// Flush `bytes`, then close the connection.
     Close,
+    /// Relay modes: replay MAIL at the next hop (opening the connection if needed); answer
+    /// with `Event::RelayReply`. A next-hop transaction left open (RSET, a late refusal) is
+    /// reset by the loop before the next MAIL, so no final dot is ever sent for it.
+    RelayMail {
+        reverse_path: String,
+        params: MailParams,
+        xclient: XclientAttrs,
+    },
+    /// Relay modes: replay RCPT at the next hop; answer with `Event::RelayReply`.
+    RelayRcpt { forward_path: String },
 }
 
 /// Where a message was refused, for `heloguard_messages_rejected_total{stage}`.

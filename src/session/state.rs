@@ -151,4 +151,11 @@ pub(crate) enum Park {
     Delivery { queue_id: String },
     /// `Event::TlsEstablished` after our 220 to STARTTLS.
     Tls,
+    /// Relay modes: the next hop's answer to MAIL.
+    RelayMail {
+        reverse_path: String,
+        smtputf8: bool,
+    },
+    /// Relay modes: the next hop's answer to RCPT.
+    RelayRcpt { recipient: String },
 }

@@ -1,0 +1,505 @@
+//! One connection to the next hop in relay modes (HELOGUARD_DELIVER smtp:// or lmtp://),
+//! owned by the event loop like a client connection: non-blocking, no thread of its own.
+//!
+//! The protocol is `crate::relay::client::RelayClient` (sans-I/O); this module does its
+//! socket and TLS I/O and remembers which answer belongs to which request, so the loop can
+//! hand each reply to the session that asked. A link serves one client session only: it
+//! carries that client's XCLIENT attributes and is never reused for another.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::event::Source;
+use mio::net::{TcpStream, UnixStream};
+use mio::{Interest, Registry, Token};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
+
+use crate::protocol::reply::Reply;
+use crate::relay::client::{RelayClient, RelayClientParams, RelayEvent, RelayOutput};
+use crate::spool::Envelope;
+
+/// How long the next hop gets to accept the connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the next hop gets for each reply (RFC 5321 4.5.3.2 suggests minutes for a
+/// queueing MTA; a before-queue proxy holds a client meanwhile, so we wait less).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+const READ_CHUNK: usize = 16 * 1024;
+
+/// TCP or a Unix socket (`lmtp:unix:/PATH`).
+pub enum NextHopSocket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl NextHopSocket {
+    pub fn connect_tcp(addr: SocketAddr) -> io::Result<Self> {
+        TcpStream::connect(addr).map(NextHopSocket::Tcp)
+    }
+
+    pub fn connect_unix(path: &Path) -> io::Result<Self> {
+        UnixStream::connect(path).map(NextHopSocket::Unix)
+    }
+
+    /// A non-blocking connect has finished when the socket has a peer; an error here is
+    /// the connect's own error (SO_ERROR).
+    fn check_connected(&self) -> io::Result<bool> {
+        let (err, peer) = match self {
+            NextHopSocket::Tcp(s) => (s.take_error()?, s.peer_addr().map(|_| ())),
+            NextHopSocket::Unix(s) => (s.take_error()?, s.peer_addr().map(|_| ())),
+        };
+        if let Some(e) = err {
+            return Err(e);
+        }
+        match peer {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Read for NextHopSocket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            NextHopSocket::Tcp(s) => s.read(buf),
+            NextHopSocket::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for NextHopSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            NextHopSocket::Tcp(s) => s.write(buf),
+            NextHopSocket::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Source for NextHopSocket {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            NextHopSocket::Tcp(s) => s.register(r, t, i),
+            NextHopSocket::Unix(s) => s.register(r, t, i),
+        }
+    }
+
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            NextHopSocket::Tcp(s) => s.reregister(r, t, i),
+            NextHopSocket::Unix(s) => s.reregister(r, t, i),
+        }
+    }
+
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        match self {
+            NextHopSocket::Tcp(s) => s.deregister(r),
+            NextHopSocket::Unix(s) => s.deregister(r),
+        }
+    }
+}
+
+/// What a reply from the next hop answers.
+pub enum Awaiting {
+    Mail,
+    Rcpt,
+    /// DATA; on 354 the message follows.
+    Data(Box<Envelope>),
+    /// The final dot.
+    EndOfData,
+}
+
+/// A reply routed back to the owning session.
+pub enum LinkAnswer {
+    /// For `Event::RelayReply` (MAIL, RCPT).
+    Command(Reply),
+    /// For `Event::Delivered`: accepted (`Ok`) or the reply to pass on.
+    Delivery(Result<(), Reply>),
+}
+
+/// What happened on the link during one round of I/O.
+#[derive(Default)]
+pub struct LinkProgress {
+    pub answers: Vec<LinkAnswer>,
+    /// The link can no longer be used: the loop closes it.
+    pub failed: Option<LinkFailure>,
+}
+
+/// Why a link failed, for `heloguard_relay_failures_total{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkFailure {
+    Connect,
+    Timeout,
+    Refused,
+}
+
+/// The client side of the connection to the next hop.
+pub struct RelayLink {
+    pub socket: NextHopSocket,
+    /// The client connection this link serves.
+    pub owner: u64,
+    client: RelayClient,
+    tls: Option<ClientConnection>,
+    /// Server name for the next hop's TLS (SNI); the certificate is not verified.
+    tls_name: ServerName<'static>,
+    hostname: String,
+    connected: bool,
+    /// `tls_established` was reported to the protocol after the handshake.
+    tls_announced: bool,
+    outbuf: Vec<u8>,
+    inbuf: Vec<u8>,
+    awaiting: VecDeque<Awaiting>,
+    /// A MAIL was accepted and its transaction has not ended: RSET before the next MAIL.
+    transaction_open: bool,
+    pub deadline: Instant,
+}
+
+impl RelayLink {
+    pub fn new(
+        socket: NextHopSocket,
+        owner: u64,
+        params: RelayClientParams,
+        tls_host: &str,
+        now: Instant,
+    ) -> Self {
+        let hostname = params.hostname.clone();
+        let tls_name = ServerName::try_from(tls_host.to_string())
+            .unwrap_or_else(|_| ServerName::try_from("localhost").expect("a valid DNS name"));
+        Self {
+            socket,
+            owner,
+            client: RelayClient::new(params),
+            tls: None,
+            tls_name,
+            hostname,
+            connected: false,
+            tls_announced: false,
+            outbuf: Vec::new(),
+            inbuf: Vec::new(),
+            awaiting: VecDeque::new(),
+            transaction_open: false,
+            deadline: now + CONNECT_TIMEOUT,
+        }
+    }
+
+    /// Replays MAIL, resetting a transaction left open before (no final dot for it).
+    pub fn mail(&mut self, reverse_path: &str, params: &crate::protocol::command::MailParams) {
+        let mut out = RelayOutput::default();
+        if self.transaction_open {
+            self.client.rset(&mut out);
+            self.transaction_open = false;
+        }
+        self.client.mail(reverse_path, params, &mut out);
+        self.awaiting.push_back(Awaiting::Mail);
+        self.absorb_output(out);
+    }
+
+    pub fn rcpt(&mut self, forward_path: &str) {
+        let mut out = RelayOutput::default();
+        self.client.rcpt(forward_path, &mut out);
+        self.awaiting.push_back(Awaiting::Rcpt);
+        self.absorb_output(out);
+    }
+
+    /// Sends DATA; the message follows once the next hop says 354.
+    pub fn deliver(&mut self, envelope: Box<Envelope>) {
+        let mut out = RelayOutput::default();
+        self.client.data(&mut out);
+        self.awaiting.push_back(Awaiting::Data(envelope));
+        self.absorb_output(out);
+    }
+
+    /// Ends the session with the next hop politely (best effort).
+    pub fn quit(&mut self) {
+        let mut out = RelayOutput::default();
+        self.client.quit(&mut out);
+        self.absorb_output(out);
+        let _ = self.flush();
+    }
+
+    pub fn is_waiting(&self) -> bool {
+        !self.awaiting.is_empty()
+    }
+
+    /// Answers every outstanding request with `reply` (the link is gone).
+    pub fn fail_all(&mut self, reply: &Reply) -> Vec<LinkAnswer> {
+        self.awaiting
+            .drain(..)
+            .map(|a| match a {
+                Awaiting::Mail | Awaiting::Rcpt => LinkAnswer::Command(reply.clone()),
+                Awaiting::Data(_) | Awaiting::EndOfData => {
+                    LinkAnswer::Delivery(Err(reply.clone()))
+                }
+            })
+            .collect()
+    }
+
+    /// Handles readiness: finishes the connect, writes, reads and runs the protocol.
+    pub fn ready(&mut self, now: Instant) -> LinkProgress {
+        let mut progress = LinkProgress::default();
+        if !self.connected {
+            match self.socket.check_connected() {
+                Ok(true) => {
+                    self.connected = true;
+                    self.deadline = now + REPLY_TIMEOUT;
+                }
+                Ok(false) => return progress,
+                Err(_) => {
+                    progress.failed = Some(LinkFailure::Connect);
+                    return progress;
+                }
+            }
+        }
+        if self.flush().is_err() {
+            progress.failed = Some(LinkFailure::Connect);
+            return progress;
+        }
+        match self.read_available() {
+            Ok(eof) => {
+                self.run_protocol(&mut progress, now);
+                if eof && progress.failed.is_none() {
+                    progress.failed = Some(LinkFailure::Refused);
+                }
+            }
+            Err(_) => progress.failed = Some(LinkFailure::Refused),
+        }
+        if progress.failed.is_none() && self.flush().is_err() {
+            progress.failed = Some(LinkFailure::Refused);
+        }
+        progress
+    }
+
+    fn read_available(&mut self) -> io::Result<bool> {
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
+            let n = match self.socket.read(&mut chunk) {
+                Ok(0) => return Ok(true),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            match self.tls.as_mut() {
+                None => self.inbuf.extend_from_slice(&chunk[..n]),
+                Some(tls) => {
+                    let mut slice = &chunk[..n];
+                    while !slice.is_empty() {
+                        tls.read_tls(&mut slice)?;
+                        tls.process_new_packets().map_err(io::Error::other)?;
+                    }
+                    match tls.reader().read_to_end(&mut self.inbuf) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                    tls.write_tls(&mut self.outbuf)?;
+                }
+            }
+        }
+    }
+
+    fn run_protocol(&mut self, progress: &mut LinkProgress, now: Instant) {
+        if let Some(tls) = &self.tls {
+            if tls.is_handshaking() {
+                return;
+            }
+            if !self.tls_announced {
+                // The handshake just completed: EHLO again (RFC 3207 4.2).
+                self.tls_announced = true;
+                let mut out = RelayOutput::default();
+                self.client.tls_established(&mut out);
+                self.absorb_events(out, progress, now);
+            }
+        }
+        let mut out = RelayOutput::default();
+        let used = self.client.receive(&self.inbuf, &mut out);
+        self.inbuf.drain(..used.min(self.inbuf.len()));
+        self.absorb_events(out, progress, now);
+    }
+
+    fn absorb_events(&mut self, out: RelayOutput, progress: &mut LinkProgress, now: Instant) {
+        let RelayOutput { bytes, events } = out;
+        self.queue(&bytes);
+        for event in events {
+            match event {
+                RelayEvent::StartTls => self.start_tls(progress),
+                RelayEvent::Reply(reply) => {
+                    self.deadline = now + REPLY_TIMEOUT;
+                    self.on_reply(reply, progress);
+                }
+                RelayEvent::Failed(reply) => {
+                    progress.answers.extend(self.fail_all(&reply));
+                    progress.failed = Some(LinkFailure::Refused);
+                }
+            }
+        }
+    }
+
+    fn on_reply(&mut self, reply: Reply, progress: &mut LinkProgress) {
+        let accepted = (200..300).contains(&reply.code);
+        match self.awaiting.pop_front() {
+            Some(Awaiting::Mail) => {
+                self.transaction_open = accepted;
+                progress.answers.push(LinkAnswer::Command(reply));
+            }
+            Some(Awaiting::Rcpt) => progress.answers.push(LinkAnswer::Command(reply)),
+            Some(Awaiting::Data(envelope)) if reply.code == 354 => {
+                let mut out = RelayOutput::default();
+                let trace = crate::spool::envelope::trace_fields(&envelope.trace, &envelope.recipients);
+                self.client.data_chunk(&trace, &mut out);
+                let content =
+                    crate::spool::header::strip_own_fields(&envelope.content, &self.hostname);
+                self.client.data_chunk(&content, &mut out);
+                self.client.end_data(&mut out);
+                self.awaiting.push_front(Awaiting::EndOfData);
+                self.absorb_output(out);
+            }
+            Some(Awaiting::Data(_)) => progress.answers.push(LinkAnswer::Delivery(Err(reply))),
+            Some(Awaiting::EndOfData) => {
+                self.transaction_open = false;
+                let result = if accepted { Ok(()) } else { Err(reply) };
+                progress.answers.push(LinkAnswer::Delivery(result));
+            }
+            // A reply nobody asked for (e.g. to RSET): nothing waits on it.
+            None => {}
+        }
+    }
+
+    fn start_tls(&mut self, progress: &mut LinkProgress) {
+        let mut conn = match ClientConnection::new(opportunistic_tls_config(), self.tls_name.clone()) {
+            Ok(c) => c,
+            Err(_) => {
+                let mut out = RelayOutput::default();
+                self.client.tls_failed(&mut out);
+                progress.failed = Some(LinkFailure::Refused);
+                return;
+            }
+        };
+        // Anything after the 220 in plaintext is not trusted (RFC 3207 4.2).
+        self.inbuf.clear();
+        let _ = conn.write_tls(&mut self.outbuf);
+        self.tls = Some(conn);
+    }
+
+    fn absorb_output(&mut self, out: RelayOutput) {
+        self.queue(&out.bytes);
+        // Events only come from replies; a request alone produces bytes.
+        let _ = self.flush();
+    }
+
+    fn queue(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        match self.tls.as_mut() {
+            None => self.outbuf.extend_from_slice(bytes),
+            Some(tls) => {
+                let _ = tls.writer().write_all(bytes);
+                let _ = tls.write_tls(&mut self.outbuf);
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.connected {
+            return Ok(());
+        }
+        if let Some(tls) = self.tls.as_mut() {
+            while tls.wants_write() {
+                tls.write_tls(&mut self.outbuf)?;
+            }
+        }
+        let mut written = 0;
+        while written < self.outbuf.len() {
+            match self.socket.write(&self.outbuf[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.outbuf.drain(..written);
+        Ok(())
+    }
+}
+
+/// TLS to the next hop is opportunistic, as Postfix's `smtp_tls_security_level = may`: it
+/// protects against passive listeners on the way; the next hop is usually local and its
+/// certificate often self-signed, so the certificate is not verified (the handshake
+/// signature still is).
+fn opportunistic_tls_config() -> Arc<ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(AnyCertificate(provider.clone()));
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_no_client_auth()
+        });
+    match config {
+        Ok(c) => Arc::new(c),
+        // The ring provider supports the default versions; this cannot fail.
+        Err(e) => panic!("TLS client configuration: {e}"),
+    }
+}
+
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,223 @@
+//! Relay modes: heloguard as a before-queue proxy in front of a real next hop.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+
+use common::dns_server::{TestDns, TestZone};
+use common::server::TestServer;
+
+/// A second heloguard in Maildir mode, the next hop.
+fn next_hop(dns: &TestDns, extra: &[(&str, &str)]) -> TestServer {
+    let mut b = TestServer::builder()
+        .dns(dns.addr())
+        .env("HELOGUARD_HOSTNAME", "nexthop.heloguard.test")
+        .env("HELOGUARD_DOMAINS", "example.net");
+    for (k, v) in extra {
+        b = b.env(k, v);
+    }
+    b.start()
+}
+
+fn relay_to(dns: &TestDns, target: &str) -> TestServer {
+    TestServer::builder()
+        .dns(dns.addr())
+        .env("HELOGUARD_DELIVER", target)
+        .env("HELOGUARD_DOMAINS", "example.net,other.test")
+        .start()
+}
+
+#[test]
+fn relayed_messages_arrive_byte_exact_with_our_trace_fields_once() {
+    let dns = TestDns::start(TestZone::new());
+    let hop = next_hop(&dns, &[]);
+    let relay = relay_to(&dns, &format!("smtp://{}", hop.addr));
+    let mut c = relay.connect();
+    let body = "Subject: relayed\r\nX-HELO-Check: mx.heloguard.test; pass forged\r\n\r\n\
+                8-bit \u{e9}t\u{e9}\r\n.leading dot\r\nend\r\n";
+    c.cmd("EHLO client.example.org", 250);
+    c.cmd("MAIL FROM:<alice@example.org> BODY=8BITMIME", 250);
+    c.cmd("RCPT TO:<bob@example.net>", 250);
+    c.cmd("DATA", 354);
+    c.send(body.replace("\r\n.", "\r\n..").as_bytes());
+    c.send(b".\r\n");
+    let (code, text) = c.reply();
+    assert_eq!(code, 250, "{text}");
+    c.cmd("QUIT", 221);
+    // The client's 250 came after the next hop's: the file is already there.
+    let files = hop.new_messages();
+    assert_eq!(files.len(), 1, "{}", relay.log());
+    assert!(relay.new_messages().is_empty(), "relay mode keeps no spool");
+    let msg = String::from_utf8(std::fs::read(&files[0]).unwrap()).unwrap();
+    // Next hop's fields first, then ours (once), then the message as sent minus the forgery.
+    let hop_received = msg.find("by nexthop.heloguard.test (heloguard)").unwrap();
+    let our_received = msg.find("by mx.heloguard.test (heloguard)").unwrap();
+    assert!(hop_received < our_received, "{msg}");
+    assert_eq!(msg.matches("by mx.heloguard.test (heloguard)").count(), 1);
+    assert_eq!(msg.matches("Authentication-Results: mx.heloguard.test;").count(), 1);
+    assert_eq!(msg.matches("X-HELO-Check: mx.heloguard.test;").count(), 1);
+    assert!(!msg.contains("pass forged"), "{msg}");
+    // Return-Path and X-Envelope-To are the next hop's (Maildir-only fields), not ours.
+    assert_eq!(msg.matches("Return-Path:").count(), 1);
+    assert!(msg.ends_with("Subject: relayed\r\n\r\n8-bit \u{e9}t\u{e9}\r\n.leading dot\r\nend\r\n"), "{msg}");
+}
+
+#[test]
+fn the_next_hops_refusals_reach_the_client() {
+    let dns = TestDns::start(TestZone::new());
+    let hop = next_hop(&dns, &[]);
+    let relay = relay_to(&dns, &format!("smtp://{}", hop.addr));
+    let mut c = relay.connect();
+    c.cmd("EHLO client.example.org", 250);
+    c.cmd("MAIL FROM:<alice@example.org>", 250);
+    // other.test is ours but not the next hop's: its 550 comes through.
+    let text = c.cmd("RCPT TO:<carol@other.test>", 550);
+    assert!(text.contains("5.7.1"), "{text}");
+    c.cmd("RCPT TO:<bob@example.net>", 250);
+    c.cmd("DATA", 354);
+    c.send(b"Subject: one of two\r\n\r\nx\r\n.\r\n");
+    assert_eq!(c.reply().0, 250);
+    let files = hop.wait_messages(1);
+    let msg = String::from_utf8(std::fs::read(&files[0]).unwrap()).unwrap();
+    assert!(msg.contains("X-Envelope-To: <bob@example.net>") && !msg.contains("carol"));
+
+    // A 4xx from the next hop (its spool "full") is a 4xx for the client, never a 250.
+    let full = next_hop(&dns, &[("HELOGUARD_MIN_FREE_MB", "999999999")]);
+    let relay = relay_to(&dns, &format!("smtp://{}", full.addr));
+    let mut c = relay.connect();
+    c.cmd("EHLO client.example.org", 250);
+    let text = c.cmd("MAIL FROM:<alice@example.org>", 452);
+    assert!(text.contains("4.3.1"), "{text}");
+}
+
+#[test]
+fn a_next_hop_that_is_down_or_dies_mid_data_gives_4xx_and_never_250() {
+    let dns = TestDns::start(TestZone::new());
+    // Nothing listens on this port.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let relay = relay_to(&dns, &format!("smtp://{closed}"));
+    let mut c = relay.connect();
+    c.cmd("EHLO client.example.org", 250);
+    let text = c.cmd("MAIL FROM:<alice@example.org>", 451);
+    assert!(text.contains("4.4.1"), "{text}");
+    c.cmd("QUIT", 221);
+
+    let mut hop = next_hop(&dns, &[]);
+    let relay = relay_to(&dns, &format!("smtp://{}", hop.addr));
+    let mut c = relay.connect();
+    c.cmd("EHLO client.example.org", 250);
+    c.cmd("MAIL FROM:<alice@example.org>", 250);
+    c.cmd("RCPT TO:<bob@example.net>", 250);
+    c.cmd("DATA", 354);
+    c.send(b"Subject: doomed\r\n\r\nfirst half\r\n");
+    let _ = hop.child.kill();
+    let _ = hop.child.wait();
+    c.send(b"second half\r\n.\r\n");
+    let (code, text) = c.reply();
+    assert!((400..500).contains(&code), "{text}");
+    assert!(hop.new_messages().is_empty());
+}
+
+/// A minimal LMTP server (RFC 2033): one reply per recipient after the data.
+fn lmtp_responder(per_recipient: &'static [&'static str]) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let seen = seen2.clone();
+            std::thread::spawn(move || serve_lmtp(stream, per_recipient, &seen));
+        }
+    });
+    (addr, seen)
+}
+
+fn serve_lmtp(stream: TcpStream, per_recipient: &[&str], seen: &Mutex<Vec<String>>) {
+    let mut out = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let _ = out.write_all(b"220 lmtp.test LMTP ready\r\n");
+    let mut rcpts = 0;
+    let mut line = String::new();
+    while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+        let cmd = line.trim_end().to_string();
+        line.clear();
+        seen.lock().unwrap().push(cmd.clone());
+        let upper = cmd.to_ascii_uppercase();
+        let reply: String = if upper.starts_with("LHLO") {
+            "250-lmtp.test\r\n250 8BITMIME\r\n".into()
+        } else if upper.starts_with("MAIL") || upper.starts_with("RSET") {
+            rcpts = 0;
+            "250 2.1.0 ok\r\n".into()
+        } else if upper.starts_with("RCPT") {
+            rcpts += 1;
+            "250 2.1.5 ok\r\n".into()
+        } else if upper == "DATA" {
+            let _ = out.write_all(b"354 go ahead\r\n");
+            let mut body = String::new();
+            loop {
+                let mut l = String::new();
+                if reader.read_line(&mut l).unwrap_or(0) == 0 || l == ".\r\n" {
+                    break;
+                }
+                body.push_str(&l);
+            }
+            seen.lock().unwrap().push(format!("BODY {}", body.len()));
+            (0..rcpts).map(|i| format!("{}\r\n", per_recipient[i % per_recipient.len()])).collect()
+        } else if upper == "QUIT" {
+            let _ = out.write_all(b"221 bye\r\n");
+            return;
+        } else {
+            "500 5.5.2 what\r\n".into()
+        };
+        let _ = out.write_all(reply.as_bytes());
+    }
+}
+
+#[test]
+fn lmtp_takes_one_recipient_per_transaction_and_its_reply_is_the_answer() {
+    let dns = TestDns::start(TestZone::new());
+    let (addr, seen) = lmtp_responder(&["250 2.0.0 delivered"]);
+    let relay = relay_to(&dns, &format!("lmtp://{addr}"));
+    let mut c = relay.connect();
+    c.cmd("EHLO client.example.org", 250);
+    c.cmd("MAIL FROM:<alice@example.org>", 250);
+    c.cmd("RCPT TO:<bob@example.net>", 250);
+    // A second recipient waits for the next transaction (RFC 5321 clients retry 452).
+    let text = c.cmd("RCPT TO:<carol@example.net>", 452);
+    assert!(text.contains("4.5.3"), "{text}");
+    c.cmd("DATA", 354);
+    c.send(b"Subject: lmtp\r\n\r\nhi\r\n.\r\n");
+    assert_eq!(c.reply().0, 250);
+    c.cmd("QUIT", 221);
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|l| l.starts_with("LHLO mx.heloguard.test")), "{seen:?}");
+    assert_eq!(seen.iter().filter(|l| l.starts_with("RCPT")).count(), 1, "{seen:?}");
+
+    // A per-recipient temporary failure after the data is the client's answer.
+    let (addr, _seen) = lmtp_responder(&["452 4.2.2 mailbox full"]);
+    let relay = relay_to(&dns, &format!("lmtp://{addr}"));
+    let mut c = relay.connect();
+    c.cmd("EHLO client.example.org", 250);
+    c.cmd("MAIL FROM:<alice@example.org>", 250);
+    c.cmd("RCPT TO:<bob@example.net>", 250);
+    c.cmd("DATA", 354);
+    c.send(b"Subject: lmtp\r\n\r\nhi\r\n.\r\n");
+    let (code, text) = c.reply();
+    assert_eq!(code, 452, "{text}");
+}
+
+#[test]
+fn relay_modes_refuse_to_start_without_domains() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_heloguard"))
+        .env("HELOGUARD_DELIVER", "smtp://127.0.0.1:10025")
+        .env("HELOGUARD_DNS", "127.0.0.1:53")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("HELOGUARD_DOMAINS"), "{err}");
+}
+
