@@ -2,13 +2,23 @@
 //!
 //! Every variable is validated at startup; a bad value is a `ConfigError` that names the
 //! variable, and the binary exits 2 without starting anything. `--help` text is generated from
-//! the same table of variables, so the two cannot drift apart. For the limits, 0 = unlimited.
+//! the same table of variables (`VARIABLES`) the parser reads through, so the two cannot drift
+//! apart. For the limits, 0 = unlimited.
+//!
+//! Value rules: surrounding whitespace, and whitespace around list items, is ignored. A value
+//! that is empty after trimming counts as unset (systemd `EnvironmentFile` writes `NAME=` for
+//! "nothing"), with one exception: an empty HELOGUARD_LISTEN means "no plain listener", which is
+//! allowed only when HELOGUARD_PROXY_LISTEN is set. Anything else that does not parse is an
+//! error; nothing is silently clamped.
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt};
+use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt, parse_allow_list};
 use crate::net::Cidr;
 
 /// Where accepted mail goes (HELOGUARD_DELIVER).
@@ -71,4 +81,1532 @@ pub struct Config {
     pub bare_newline: BareNewline,
     pub metrics: Option<SocketAddr>,
     pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Reads the process environment. Warnings (not errors) come back for the log.
+    pub fn from_env() -> Result<(Config, Vec<String>), ConfigError> {
+        let (config, mut warnings) = Self::from_lookup(|name| {
+            // A value that is not UTF-8 is kept (lossily) so that it fails validation with the
+            // variable's name instead of being silently ignored.
+            std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+        })?;
+        warnings.extend(unknown_variable_warnings(
+            std::env::vars_os().map(|(name, _)| name.to_string_lossy().into_owned()),
+        ));
+        Ok((config, warnings))
+    }
+
+    /// Reads every variable through `lookup` (None = unset); machine defaults (host name,
+    /// cores, /etc/resolv.conf) come from this machine.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        build(&Env { lookup: &lookup }, &ThisMachine)
+    }
+}
+
+/// A bad configuration value; its Display is one line that names the variable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub variable: &'static str,
+    /// The value as given, when the fault is in a value (not in a missing companion).
+    pub value: Option<String>,
+    /// What is wrong, phrased to follow the value: `is not a whole number`.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn bad_value(variable: &'static str, value: &str, reason: impl Into<String>) -> Self {
+        Self {
+            variable,
+            value: Some(value.to_string()),
+            reason: reason.into(),
+        }
+    }
+
+    fn other(variable: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            variable,
+            value: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `{:?}` quotes the value and escapes control characters, so the message stays on one
+        // line whatever the operator typed.
+        match &self.value {
+            Some(value) => write!(f, "{}: {:?} {}", self.variable, value, self.reason),
+            None => write!(f, "{}: {}", self.variable, self.reason),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The `--help` text: subcommands, then every variable with its meaning and default.
+pub fn help_text() -> String {
+    let mut text = String::from(concat!(
+        "heloguard: inbound SMTP server that judges the HELO/EHLO identity against DNS\n",
+        "\n",
+        "Usage:\n",
+        "  heloguard [serve]                     serve SMTP (the default)\n",
+        "  heloguard check --ip IP --helo NAME   run every HELO check once against the\n",
+        "                                        configured resolver, print each result and why,\n",
+        "                                        then the verdict;\n",
+        "                                        exit 0 pass, 1 fail, 2 temperror or usage error\n",
+        "  heloguard --help                      print this text\n",
+        "\n",
+        "Environment (an invalid value stops startup with a one-line error, exit code 2;\n",
+        "for the limits 0 means unlimited; an empty value counts as unset):\n",
+    ));
+    for variable in VARIABLES {
+        text.push_str(&format!(
+            "\n  {}\n      {}\n      default: {}\n",
+            variable.name,
+            variable.meaning,
+            variable.default.describe()
+        ));
+    }
+    text
+}
+
+/// One environment variable: the single source for the parser and for `--help`.
+struct Variable {
+    name: &'static str,
+    meaning: &'static str,
+    default: DefaultValue,
+}
+
+enum DefaultValue {
+    /// This text is parsed like an operator's value when the variable is unset.
+    Text(&'static str),
+    /// Unset means "off" or "none".
+    Unset,
+    /// Taken from the machine at startup; the text says from where.
+    Machine(&'static str),
+}
+
+impl DefaultValue {
+    fn describe(&self) -> &'static str {
+        match self {
+            DefaultValue::Text("") => "empty",
+            DefaultValue::Text(text) => text,
+            DefaultValue::Unset => "unset",
+            DefaultValue::Machine(source) => source,
+        }
+    }
+}
+
+const LISTEN: Variable = Variable {
+    name: "HELOGUARD_LISTEN",
+    meaning: "comma-separated SMTP listen addresses, e.g. 0.0.0.0:25,[::]:25 (IPv6 listeners \
+              are V6ONLY); empty = none, allowed only with HELOGUARD_PROXY_LISTEN",
+    default: DefaultValue::Text("127.0.0.1:2525"),
+};
+const PROXY_LISTEN: Variable = Variable {
+    name: "HELOGUARD_PROXY_LISTEN",
+    meaning: "listen addresses where every connection must open with a PROXY protocol v1 or \
+              v2 header; an address in both lists is an error",
+    default: DefaultValue::Unset,
+};
+const PROXY_TRUSTED: Variable = Variable {
+    name: "HELOGUARD_PROXY_TRUSTED",
+    meaning: "CIDRs allowed to connect to the PROXY listeners; others are closed at once",
+    default: DefaultValue::Text("127.0.0.0/8,::1/128"),
+};
+const HOSTNAME: Variable = Variable {
+    name: "HELOGUARD_HOSTNAME",
+    meaning: "the server's own name (banner, Received, Authentication-Results authserv-id)",
+    default: DefaultValue::Machine("the system host name"),
+};
+const WORKERS: Variable = Variable {
+    name: "HELOGUARD_WORKERS",
+    meaning: "protocol worker threads (at least 1)",
+    default: DefaultValue::Machine("the number of available cores"),
+};
+const SPOOL_WRITERS: Variable = Variable {
+    name: "HELOGUARD_SPOOL_WRITERS",
+    meaning: "threads that write and fsync spool files (at least 1)",
+    default: DefaultValue::Text("8"),
+};
+const DNS: Variable = Variable {
+    name: "HELOGUARD_DNS",
+    meaning: "nameservers ip:port,... (port 53 when absent; IPv6 with a port as [addr]:port)",
+    default: DefaultValue::Machine("the nameserver lines of /etc/resolv.conf"),
+};
+const DNS_TIMEOUT_MS: Variable = Variable {
+    name: "HELOGUARD_DNS_TIMEOUT_MS",
+    meaning: "total time for one lookup in milliseconds, retries included (more than 0)",
+    default: DefaultValue::Text("2000"),
+};
+const DELIVER: Variable = Variable {
+    name: "HELOGUARD_DELIVER",
+    meaning: "hand-off: maildir (into HELOGUARD_SPOOL), smtp://HOST:PORT, lmtp://HOST:PORT or \
+              lmtp:unix:/PATH (before-queue relay: 250 only after the next hop's 250)",
+    default: DefaultValue::Text("maildir"),
+};
+const SPOOL: Variable = Variable {
+    name: "HELOGUARD_SPOOL",
+    meaning: "Maildir for accepted messages",
+    default: DefaultValue::Text("./spool"),
+};
+const MIN_FREE_MB: Variable = Variable {
+    name: "HELOGUARD_MIN_FREE_MB",
+    meaning: "below this much free space on the spool's filesystem, MAIL gets 452 4.3.1",
+    default: DefaultValue::Text("100"),
+};
+const DOMAINS: Variable = Variable {
+    name: "HELOGUARD_DOMAINS",
+    meaning: "comma list of recipient domains accepted; empty = all (a warning in maildir \
+              mode, an error in relay modes, which would otherwise be an open relay)",
+    default: DefaultValue::Text(""),
+};
+const MAX_MESSAGE_SIZE: Variable = Variable {
+    name: "HELOGUARD_MAX_MESSAGE_SIZE",
+    meaning: "largest message in bytes, advertised as SIZE",
+    default: DefaultValue::Text("26214400"),
+};
+const MAX_RECIPIENTS: Variable = Variable {
+    name: "HELOGUARD_MAX_RECIPIENTS",
+    meaning: "recipients per transaction (RFC 5321 4.5.3.1.8 asks at least 100)",
+    default: DefaultValue::Text("100"),
+};
+const MAX_CONNECTIONS: Variable = Variable {
+    name: "HELOGUARD_MAX_CONNECTIONS",
+    meaning: "total concurrent sessions",
+    default: DefaultValue::Text("10000"),
+};
+const MAX_CONNECTIONS_PER_IP: Variable = Variable {
+    name: "HELOGUARD_MAX_CONNECTIONS_PER_IP",
+    meaning: "concurrent sessions per client: one IPv4 address, or one IPv6 /64",
+    default: DefaultValue::Text("50"),
+};
+const TIMEOUT_SECS: Variable = Variable {
+    name: "HELOGUARD_TIMEOUT_SECS",
+    meaning: "idle seconds before 421 4.4.2 and close (RFC 5321 4.5.3.2)",
+    default: DefaultValue::Text("300"),
+};
+const MIN_DATA_RATE: Variable = Variable {
+    name: "HELOGUARD_MIN_DATA_RATE",
+    meaning: "bytes/s a DATA or BDAT transfer must keep up on average after its first 30 s, \
+              else 421 4.4.2",
+    default: DefaultValue::Text("500"),
+};
+const MAX_ERRORS: Variable = Variable {
+    name: "HELOGUARD_MAX_ERRORS",
+    meaning: "protocol errors (5xx replies to commands) before 421 4.7.0 and close",
+    default: DefaultValue::Text("20"),
+};
+const MAX_JUNK: Variable = Variable {
+    name: "HELOGUARD_MAX_JUNK",
+    meaning: "NOOP/RSET/VRFY/HELP commands allowed per session; the next gets 421 4.7.0",
+    default: DefaultValue::Text("100"),
+};
+const GREET_DELAY_MS: Variable = Variable {
+    name: "HELOGUARD_GREET_DELAY_MS",
+    meaning: "milliseconds to wait before the banner; a client that talks first fails the \
+              pregreet test (0 = off)",
+    default: DefaultValue::Text("0"),
+};
+const TLS_CERT: Variable = Variable {
+    name: "HELOGUARD_TLS_CERT",
+    meaning: "PEM certificate chain; STARTTLS is advertised only when this and \
+              HELOGUARD_TLS_KEY are both set",
+    default: DefaultValue::Unset,
+};
+const TLS_KEY: Variable = Variable {
+    name: "HELOGUARD_TLS_KEY",
+    meaning: "PEM private key for HELOGUARD_TLS_CERT",
+    default: DefaultValue::Unset,
+};
+const HELO_POLICY: Variable = Variable {
+    name: "HELOGUARD_HELO_POLICY",
+    meaning: "per-check actions off|log|tag|defer|reject, e.g. \
+              default=tag,localhost=reject,literal_match=reject",
+    default: DefaultValue::Text("default=tag,syntax=reject"),
+};
+const HELO_ALLOW: Variable = Variable {
+    name: "HELOGUARD_HELO_ALLOW",
+    meaning: "clients that skip every HELO check: IPs or CIDRs, and ptr:DOMAIN (a \
+              forward-confirmed PTR name equal to DOMAIN or below it)",
+    default: DefaultValue::Text(""),
+};
+const REJECT_AT: Variable = Variable {
+    name: "HELOGUARD_REJECT_AT",
+    meaning: "where HELO refusals are answered: rcpt (like Postfix smtpd_delay_reject) or helo",
+    default: DefaultValue::Text("rcpt"),
+};
+const BARE_NEWLINE: Variable = Variable {
+    name: "HELOGUARD_BARE_NEWLINE",
+    meaning: "a bare LF in DATA/BDAT: normalize (ends a line, as CRLF) or reject (550 5.5.2 \
+              after the message's real end)",
+    default: DefaultValue::Text("normalize"),
+};
+const METRICS: Variable = Variable {
+    name: "HELOGUARD_METRICS",
+    meaning: "address of the Prometheus HTTP endpoint (GET /metrics); unset = off",
+    default: DefaultValue::Unset,
+};
+const SHUTDOWN_GRACE_SECS: Variable = Variable {
+    name: "HELOGUARD_SHUTDOWN_GRACE_SECS",
+    meaning: "seconds open transactions get to finish on SIGTERM",
+    default: DefaultValue::Text("30"),
+};
+/// Read by env_logger, not by this module; listed so that `--help` names it.
+const RUST_LOG: Variable = Variable {
+    name: "RUST_LOG",
+    meaning: "log filter (env_logger syntax)",
+    default: DefaultValue::Text("info"),
+};
+
+/// Every variable, in the order of SPEC's table and of `--help`.
+const VARIABLES: &[&Variable] = &[
+    &LISTEN,
+    &PROXY_LISTEN,
+    &PROXY_TRUSTED,
+    &HOSTNAME,
+    &WORKERS,
+    &SPOOL_WRITERS,
+    &DNS,
+    &DNS_TIMEOUT_MS,
+    &DELIVER,
+    &SPOOL,
+    &MIN_FREE_MB,
+    &DOMAINS,
+    &MAX_MESSAGE_SIZE,
+    &MAX_RECIPIENTS,
+    &MAX_CONNECTIONS,
+    &MAX_CONNECTIONS_PER_IP,
+    &TIMEOUT_SECS,
+    &MIN_DATA_RATE,
+    &MAX_ERRORS,
+    &MAX_JUNK,
+    &GREET_DELAY_MS,
+    &TLS_CERT,
+    &TLS_KEY,
+    &HELO_POLICY,
+    &HELO_ALLOW,
+    &REJECT_AT,
+    &BARE_NEWLINE,
+    &METRICS,
+    &SHUTDOWN_GRACE_SECS,
+    &RUST_LOG,
+];
+
+/// Largest worker or writer pool accepted; more is a typo, not a plan.
+const MAX_THREADS: u64 = 1024;
+
+/// The facts defaults are taken from; a trait so tests can stand in for the machine.
+trait Machine {
+    fn host_name(&self) -> Option<String>;
+    fn cores(&self) -> usize;
+    fn resolv_conf(&self) -> io::Result<String>;
+}
+
+struct ThisMachine;
+
+impl Machine for ThisMachine {
+    fn host_name(&self) -> Option<String> {
+        system_host_name()
+    }
+
+    fn cores(&self) -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    fn resolv_conf(&self) -> io::Result<String> {
+        std::fs::read_to_string("/etc/resolv.conf")
+    }
+}
+
+/// gethostname(2); None when it fails or the name is not UTF-8.
+fn system_host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the pointer and length describe `buf`, which outlives the call; gethostname
+    // writes at most `len` bytes into it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    // POSIX leaves truncated names without a NUL; then the whole buffer is the name.
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..end].to_vec()).ok()
+}
+
+/// The variables as the operator set them.
+struct Env<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Env<'_> {
+    /// The trimmed value as set, None when unset or empty.
+    fn set_value(&self, variable: &Variable) -> Option<String> {
+        (self.lookup)(variable.name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The value as set, else the table's default text; None for unset and machine defaults.
+    fn value(&self, variable: &Variable) -> Option<String> {
+        self.set_value(variable).or_else(|| match variable.default {
+            DefaultValue::Text(text) => Some(text.to_string()),
+            DefaultValue::Unset | DefaultValue::Machine(_) => None,
+        })
+    }
+
+    /// Whether the variable is present at all, even if empty.
+    fn is_present(&self, variable: &Variable) -> bool {
+        (self.lookup)(variable.name).is_some()
+    }
+}
+
+fn build(env: &Env<'_>, machine: &dyn Machine) -> Result<(Config, Vec<String>), ConfigError> {
+    let mut warnings = Vec::new();
+
+    let listeners = listeners(env)?;
+    let hostname = hostname(env, machine, &mut warnings)?;
+    let deliver = deliver(env)?;
+    let domains = domains(env, &deliver, &mut warnings)?;
+    let max_recipients = count(env, &MAX_RECIPIENTS)?;
+    if (1..100).contains(&max_recipients) {
+        warnings.push(format!(
+            "{}={max_recipients} is below the 100 recipients RFC 5321 4.5.3.1.8 asks servers \
+             to accept",
+            MAX_RECIPIENTS.name
+        ));
+    }
+    let (tls_cert, tls_key) = tls_files(env)?;
+
+    let config = Config {
+        listen: listeners.smtp,
+        proxy_listen: listeners.proxy,
+        proxy_trusted: cidr_list(env, &PROXY_TRUSTED)?,
+        hostname,
+        workers: thread_count(env, &WORKERS, machine.cores())?,
+        spool_writers: thread_count(env, &SPOOL_WRITERS, 8)?,
+        dns_servers: dns_servers(env, machine)?,
+        dns_timeout: Duration::from_millis(positive(env, &DNS_TIMEOUT_MS)?),
+        deliver,
+        spool: spool(env)?,
+        min_free_mb: whole(env, &MIN_FREE_MB)?,
+        domains,
+        max_message_size: whole(env, &MAX_MESSAGE_SIZE)?,
+        max_recipients,
+        max_connections: count(env, &MAX_CONNECTIONS)?,
+        max_connections_per_ip: count(env, &MAX_CONNECTIONS_PER_IP)?,
+        timeout: Duration::from_secs(whole(env, &TIMEOUT_SECS)?),
+        min_data_rate: whole(env, &MIN_DATA_RATE)?,
+        max_errors: small_count(env, &MAX_ERRORS)?,
+        max_junk: small_count(env, &MAX_JUNK)?,
+        greet_delay: Duration::from_millis(whole(env, &GREET_DELAY_MS)?),
+        tls_cert,
+        tls_key,
+        helo_policy: helo_policy(env)?,
+        helo_allow: helo_allow(env)?,
+        reject_at: reject_at(env)?,
+        bare_newline: bare_newline(env)?,
+        metrics: listeners.metrics,
+        shutdown_grace: Duration::from_secs(whole(env, &SHUTDOWN_GRACE_SECS)?),
+    };
+    Ok((config, warnings))
+}
+
+/// A warning per HELOGUARD_* name that is not one of ours: most likely a typo that would
+/// otherwise leave a default in force unnoticed.
+fn unknown_variable_warnings(names: impl Iterator<Item = String>) -> Vec<String> {
+    names
+        .filter(|name| name.starts_with("HELOGUARD_"))
+        .filter(|name| !VARIABLES.iter().any(|v| v.name == name))
+        .map(|name| format!("{name} is not a heloguard variable and is ignored"))
+        .collect()
+}
+
+// ---- numbers ----
+
+/// A whole number: ASCII digits only (no sign, no blanks inside).
+fn parse_whole(variable: &'static str, raw: &str) -> Result<u64, ConfigError> {
+    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ConfigError::bad_value(
+            variable,
+            raw,
+            "is not a whole number",
+        ));
+    }
+    raw.parse::<u64>()
+        .map_err(|_| ConfigError::bad_value(variable, raw, "is too large"))
+}
+
+/// A whole number variable that has a default text.
+fn whole(env: &Env<'_>, variable: &Variable) -> Result<u64, ConfigError> {
+    let raw = env.value(variable).unwrap_or_default();
+    parse_whole(variable.name, &raw)
+}
+
+fn count(env: &Env<'_>, variable: &Variable) -> Result<usize, ConfigError> {
+    let raw = env.value(variable).unwrap_or_default();
+    let n = parse_whole(variable.name, &raw)?;
+    usize::try_from(n).map_err(|_| ConfigError::bad_value(variable.name, &raw, "is too large"))
+}
+
+fn small_count(env: &Env<'_>, variable: &Variable) -> Result<u32, ConfigError> {
+    let raw = env.value(variable).unwrap_or_default();
+    let n = parse_whole(variable.name, &raw)?;
+    u32::try_from(n).map_err(|_| ConfigError::bad_value(variable.name, &raw, "is too large"))
+}
+
+fn positive(env: &Env<'_>, variable: &Variable) -> Result<u64, ConfigError> {
+    let raw = env.value(variable).unwrap_or_default();
+    match parse_whole(variable.name, &raw)? {
+        0 => Err(ConfigError::bad_value(
+            variable.name,
+            &raw,
+            "must be more than 0",
+        )),
+        n => Ok(n),
+    }
+}
+
+fn thread_count(env: &Env<'_>, variable: &Variable, default: usize) -> Result<usize, ConfigError> {
+    let Some(raw) = env.set_value(variable) else {
+        return Ok(default.max(1));
+    };
+    match parse_whole(variable.name, &raw)? {
+        0 => Err(ConfigError::bad_value(
+            variable.name,
+            &raw,
+            "must be at least 1",
+        )),
+        n if n > MAX_THREADS => Err(ConfigError::bad_value(
+            variable.name,
+            &raw,
+            format!("is more than {MAX_THREADS} threads"),
+        )),
+        // Bounded by MAX_THREADS just above, so it fits any usize.
+        n => Ok(n as usize),
+    }
+}
+
+// ---- lists and addresses ----
+
+/// Splits a comma list into trimmed items; an empty item (`a,,b`) is an error.
+fn list_items<'a>(variable: &'static str, raw: &'a str) -> Result<Vec<&'a str>, ConfigError> {
+    let items: Vec<&str> = raw.split(',').map(str::trim).collect();
+    if items.iter().any(|item| item.is_empty()) {
+        return Err(ConfigError::bad_value(
+            variable,
+            raw,
+            "has an empty list item",
+        ));
+    }
+    Ok(items)
+}
+
+fn socket_addr(variable: &'static str, item: &str) -> Result<SocketAddr, ConfigError> {
+    item.parse::<SocketAddr>().map_err(|_| {
+        ConfigError::bad_value(
+            variable,
+            item,
+            "is not an address:port (IPv6 as [addr]:port)",
+        )
+    })
+}
+
+fn socket_addr_list(variable: &'static str, raw: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    list_items(variable, raw)?
+        .into_iter()
+        .map(|item| socket_addr(variable, item))
+        .collect()
+}
+
+/// The three kinds of listen address, checked against each other.
+struct Listeners {
+    smtp: Vec<SocketAddr>,
+    proxy: Vec<SocketAddr>,
+    metrics: Option<SocketAddr>,
+}
+
+/// HELOGUARD_LISTEN, HELOGUARD_PROXY_LISTEN and HELOGUARD_METRICS.
+fn listeners(env: &Env<'_>) -> Result<Listeners, ConfigError> {
+    let proxy_listen = match env.set_value(&PROXY_LISTEN) {
+        Some(raw) => socket_addr_list(PROXY_LISTEN.name, &raw)?,
+        None => Vec::new(),
+    };
+    let listen = match env.set_value(&LISTEN) {
+        Some(raw) => socket_addr_list(LISTEN.name, &raw)?,
+        // Set but empty: the operator asked for no plain listener.
+        None if env.is_present(&LISTEN) => Vec::new(),
+        None => socket_addr_list(LISTEN.name, LISTEN.default.describe())?,
+    };
+    if listen.is_empty() && proxy_listen.is_empty() {
+        return Err(ConfigError::other(
+            LISTEN.name,
+            "is empty and HELOGUARD_PROXY_LISTEN is unset: nothing would listen",
+        ));
+    }
+    refuse_overlaps(LISTEN.name, &listen, &[])?;
+    refuse_overlaps(PROXY_LISTEN.name, &proxy_listen, &listen)?;
+    let metrics = match env.set_value(&METRICS) {
+        Some(raw) => Some(socket_addr(METRICS.name, &raw)?),
+        None => None,
+    };
+    if let Some(addr) = metrics {
+        let smtp: Vec<SocketAddr> = listen.iter().chain(&proxy_listen).copied().collect();
+        refuse_overlaps(METRICS.name, &[addr], &smtp)?;
+    }
+    Ok(Listeners {
+        smtp: listen,
+        proxy: proxy_listen,
+        metrics,
+    })
+}
+
+/// Refuses an address of `new` that overlaps another of `new` or one of `earlier`.
+fn refuse_overlaps(
+    variable: &'static str,
+    new: &[SocketAddr],
+    earlier: &[SocketAddr],
+) -> Result<(), ConfigError> {
+    for (i, addr) in new.iter().enumerate() {
+        let clash = earlier.iter().chain(&new[..i]).find(|o| overlap(addr, o));
+        if let Some(other) = clash {
+            return Err(ConfigError::bad_value(
+                variable,
+                &addr.to_string(),
+                format!("overlaps the listen address {other} given before"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Two listen addresses that could not both be bound: the same port and family, and the
+/// same address or a wildcard. Port 0 asks the kernel for a fresh port, so it never clashes.
+/// IPv6 listeners are V6ONLY, so the families never overlap.
+fn overlap(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn cidr_list(env: &Env<'_>, variable: &Variable) -> Result<Vec<Cidr>, ConfigError> {
+    let raw = env.value(variable).unwrap_or_default();
+    list_items(variable.name, &raw)?
+        .into_iter()
+        .map(|item| {
+            item.parse::<Cidr>().map_err(|e| {
+                ConfigError::bad_value(variable.name, item, format!("is not a CIDR: {e}"))
+            })
+        })
+        .collect()
+}
+
+// ---- names ----
+
+/// Letter/digit/hyphen labels of 1-63 octets, no hyphen at either end, at most 253 octets,
+/// last label not all digits (that would be an IP address). `None` when valid, else why not.
+fn domain_name_problem(name: &str) -> Option<&'static str> {
+    if name.len() > 253 {
+        return Some("is longer than 253 octets");
+    }
+    if !name.is_ascii() {
+        return Some("is not ASCII (write internationalized names as xn-- A-labels)");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Some("has a label that is empty or longer than 63 octets");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Some("has a character other than a letter, digit, hyphen or dot");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Some("has a label that starts or ends with a hyphen");
+        }
+    }
+    let last = name.rsplit('.').next().unwrap_or(name);
+    if last.bytes().all(|b| b.is_ascii_digit()) {
+        return Some("is an IP address or ends in a numeric label, not a domain name");
+    }
+    None
+}
+
+fn hostname(
+    env: &Env<'_>,
+    machine: &dyn Machine,
+    warnings: &mut Vec<String>,
+) -> Result<String, ConfigError> {
+    let (raw, from_machine) = match env.set_value(&HOSTNAME) {
+        Some(raw) => (raw, false),
+        None => match machine.host_name() {
+            Some(name) => (name, true),
+            None => {
+                return Err(ConfigError::other(
+                    HOSTNAME.name,
+                    "is unset and the system host name could not be read; set it",
+                ));
+            }
+        },
+    };
+    let name = raw.strip_suffix('.').unwrap_or(&raw).to_string();
+    if let Some(problem) = domain_name_problem(&name) {
+        let reason = if from_machine {
+            format!("is unset and the system host name {problem}; set it")
+        } else {
+            problem.to_string()
+        };
+        return Err(ConfigError::bad_value(HOSTNAME.name, &raw, reason));
+    }
+    if !name.contains('.') {
+        warnings.push(format!(
+            "{} {name:?} is not fully qualified; set a name with a dot for the banner and \
+             Received fields",
+            HOSTNAME.name
+        ));
+    }
+    Ok(name)
+}
+
+fn domains(
+    env: &Env<'_>,
+    deliver: &DeliverTarget,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<String>, ConfigError> {
+    let mut domains: Vec<String> = Vec::new();
+    if let Some(raw) = env.set_value(&DOMAINS) {
+        for item in list_items(DOMAINS.name, &raw)? {
+            let name = item.strip_suffix('.').unwrap_or(item).to_ascii_lowercase();
+            if let Some(problem) = domain_name_problem(&name) {
+                return Err(ConfigError::bad_value(DOMAINS.name, item, problem));
+            }
+            if !domains.contains(&name) {
+                domains.push(name);
+            }
+        }
+    }
+    if domains.is_empty() {
+        if *deliver != DeliverTarget::Maildir {
+            return Err(ConfigError::other(
+                DOMAINS.name,
+                "is empty, which in a relay mode would make an open relay; list the domains",
+            ));
+        }
+        warnings.push(format!(
+            "{} is empty: mail for every domain is accepted",
+            DOMAINS.name
+        ));
+    }
+    Ok(domains)
+}
+
+// ---- DNS ----
+
+fn dns_servers(env: &Env<'_>, machine: &dyn Machine) -> Result<Vec<SocketAddr>, ConfigError> {
+    if let Some(raw) = env.set_value(&DNS) {
+        return list_items(DNS.name, &raw)?
+            .into_iter()
+            .map(nameserver)
+            .collect();
+    }
+    let text = machine.resolv_conf().map_err(|e| {
+        ConfigError::other(
+            DNS.name,
+            format!("is unset and /etc/resolv.conf cannot be read ({e}); set it"),
+        )
+    })?;
+    let servers = resolv_conf_nameservers(&text);
+    if servers.is_empty() {
+        return Err(ConfigError::other(
+            DNS.name,
+            "is unset and /etc/resolv.conf has no usable nameserver line; set it",
+        ));
+    }
+    Ok(servers)
+}
+
+/// `ip:port`, `[v6]:port`, or a bare address (port 53).
+fn nameserver(item: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = item.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bare = item
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(item);
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => Ok(SocketAddr::new(ip, 53)),
+        Err(_) => Err(ConfigError::bad_value(
+            DNS.name,
+            item,
+            "is not a nameserver ip:port (IPv6 as [addr]:port)",
+        )),
+    }
+}
+
+/// The `nameserver ADDR` lines of a resolv.conf, port 53, zone ids (`%eth0`) dropped; lines
+/// that do not parse are skipped as the libc resolver skips them.
+fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            if words.next()? != "nameserver" {
+                return None;
+            }
+            let addr = words.next()?;
+            let addr = addr.split('%').next().unwrap_or(addr);
+            addr.parse::<IpAddr>().ok()
+        })
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+// ---- delivery and files ----
+
+fn deliver(env: &Env<'_>) -> Result<DeliverTarget, ConfigError> {
+    let raw = env.value(&DELIVER).unwrap_or_default();
+    parse_deliver(&raw).map_err(|reason| ConfigError::bad_value(DELIVER.name, &raw, reason))
+}
+
+fn parse_deliver(raw: &str) -> Result<DeliverTarget, &'static str> {
+    if raw.eq_ignore_ascii_case("maildir") {
+        return Ok(DeliverTarget::Maildir);
+    }
+    if let Some(path) = raw.strip_prefix("lmtp:unix:") {
+        if !path.starts_with('/') || path.len() < 2 {
+            return Err("needs an absolute socket path: lmtp:unix:/PATH");
+        }
+        return Ok(DeliverTarget::LmtpUnix {
+            path: PathBuf::from(path),
+        });
+    }
+    if let Some(rest) = raw.strip_prefix("smtp://") {
+        let (host, port) = host_port(rest)?;
+        return Ok(DeliverTarget::Smtp { host, port });
+    }
+    if let Some(rest) = raw.strip_prefix("lmtp://") {
+        let (host, port) = host_port(rest)?;
+        return Ok(DeliverTarget::Lmtp { host, port });
+    }
+    Err("is not maildir, smtp://HOST:PORT, lmtp://HOST:PORT or lmtp:unix:/PATH")
+}
+
+/// `HOST:PORT` with HOST a name, an IPv4 address or a bracketed IPv6 address; the host comes
+/// back without brackets, ready for `(host, port)` socket address resolution.
+fn host_port(text: &str) -> Result<(String, u16), &'static str> {
+    const NEEDS: &str = "needs HOST:PORT with a port from 1 to 65535 (IPv6 as [addr]:PORT)";
+    let (host, port) = text.rsplit_once(':').ok_or(NEEDS)?;
+    let port = match port.parse::<u16>() {
+        Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => p,
+        _ => return Err(NEEDS),
+    };
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return match v6.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => Ok((v6.to_string(), port)),
+            Err(_) => Err(NEEDS),
+        };
+    }
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Ok((host.to_string(), port));
+    }
+    match domain_name_problem(host.strip_suffix('.').unwrap_or(host)) {
+        None => Ok((host.to_string(), port)),
+        Some(_) => Err("has a HOST that is neither a host name nor an IP address"),
+    }
+}
+
+fn spool(env: &Env<'_>) -> Result<PathBuf, ConfigError> {
+    // Never empty: an empty value counts as unset and takes the default.
+    Ok(PathBuf::from(env.value(&SPOOL).unwrap_or_default()))
+}
+
+/// Both or neither; each must be a readable file. Parsing the PEM is the TLS module's job.
+fn tls_files(env: &Env<'_>) -> Result<(Option<PathBuf>, Option<PathBuf>), ConfigError> {
+    match (env.set_value(&TLS_CERT), env.set_value(&TLS_KEY)) {
+        (None, None) => Ok((None, None)),
+        (Some(_), None) => Err(ConfigError::other(
+            TLS_KEY.name,
+            "is unset but HELOGUARD_TLS_CERT is set; set both or neither",
+        )),
+        (None, Some(_)) => Err(ConfigError::other(
+            TLS_CERT.name,
+            "is unset but HELOGUARD_TLS_KEY is set; set both or neither",
+        )),
+        (Some(cert), Some(key)) => Ok((
+            Some(readable_file(&TLS_CERT, &cert)?),
+            Some(readable_file(&TLS_KEY, &key)?),
+        )),
+    }
+}
+
+fn readable_file(variable: &Variable, path: &str) -> Result<PathBuf, ConfigError> {
+    let file = File::open(path)
+        .map_err(|e| ConfigError::bad_value(variable.name, path, format!("cannot be read: {e}")))?;
+    match file.metadata() {
+        Ok(meta) if meta.is_file() => Ok(PathBuf::from(path)),
+        _ => Err(ConfigError::bad_value(
+            variable.name,
+            path,
+            "is not a regular file",
+        )),
+    }
+}
+
+// ---- policy and modes ----
+
+fn helo_policy(env: &Env<'_>) -> Result<HeloPolicy, ConfigError> {
+    // Unset takes `HeloPolicy::default()`, which is the table's default text parsed (a test
+    // holds the two together).
+    match env.set_value(&HELO_POLICY) {
+        None => Ok(HeloPolicy::default()),
+        Some(raw) => HeloPolicy::parse(&raw)
+            .map_err(|e| ConfigError::bad_value(HELO_POLICY.name, &raw, e.to_string())),
+    }
+}
+
+fn helo_allow(env: &Env<'_>) -> Result<Vec<AllowEntry>, ConfigError> {
+    match env.set_value(&HELO_ALLOW) {
+        None => Ok(Vec::new()),
+        Some(raw) => parse_allow_list(&raw)
+            .map_err(|e| ConfigError::bad_value(HELO_ALLOW.name, &raw, e.to_string())),
+    }
+}
+
+fn reject_at(env: &Env<'_>) -> Result<RejectAt, ConfigError> {
+    let raw = env.value(&REJECT_AT).unwrap_or_default();
+    match raw.to_ascii_lowercase().as_str() {
+        "rcpt" => Ok(RejectAt::Rcpt),
+        "helo" => Ok(RejectAt::Helo),
+        _ => Err(ConfigError::bad_value(
+            REJECT_AT.name,
+            &raw,
+            "is not rcpt or helo",
+        )),
+    }
+}
+
+fn bare_newline(env: &Env<'_>) -> Result<BareNewline, ConfigError> {
+    let raw = env.value(&BARE_NEWLINE).unwrap_or_default();
+    match raw.to_ascii_lowercase().as_str() {
+        "normalize" => Ok(BareNewline::Normalize),
+        "reject" => Ok(BareNewline::Reject),
+        _ => Err(ConfigError::bad_value(
+            BARE_NEWLINE.name,
+            &raw,
+            "is not normalize or reject",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// A machine with a fixed host name, core count and resolv.conf.
+    struct FakeMachine {
+        host_name: Option<&'static str>,
+        resolv_conf: Option<&'static str>,
+    }
+
+    const MACHINE: FakeMachine = FakeMachine {
+        host_name: Some("mx.example.org"),
+        resolv_conf: Some("nameserver 192.0.2.53\n"),
+    };
+
+    impl Machine for FakeMachine {
+        fn host_name(&self) -> Option<String> {
+            self.host_name.map(str::to_string)
+        }
+
+        fn cores(&self) -> usize {
+            3
+        }
+
+        fn resolv_conf(&self) -> io::Result<String> {
+            self.resolv_conf
+                .map(str::to_string)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "gone"))
+        }
+    }
+
+    fn parse_on(
+        machine: &FakeMachine,
+        vars: &[(&str, &str)],
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = move |name: &str| map.get(name).cloned();
+        build(&Env { lookup: &lookup }, machine)
+    }
+
+    fn config(vars: &[(&str, &str)]) -> Config {
+        match parse_on(&MACHINE, vars) {
+            Ok((config, _)) => config,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+
+    fn warnings(vars: &[(&str, &str)]) -> Vec<String> {
+        match parse_on(&MACHINE, vars) {
+            Ok((_, warnings)) => warnings,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+
+    fn error(vars: &[(&str, &str)]) -> String {
+        match parse_on(&MACHINE, vars) {
+            Ok(_) => panic!("{vars:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn every_default_matches_spec() {
+        let c = config(&[]);
+        assert_eq!(c.listen, vec![addr("127.0.0.1:2525")]);
+        assert!(c.proxy_listen.is_empty());
+        assert_eq!(
+            c.proxy_trusted,
+            vec![
+                "127.0.0.0/8".parse::<Cidr>().unwrap(),
+                "::1/128".parse::<Cidr>().unwrap()
+            ]
+        );
+        assert_eq!(c.hostname, "mx.example.org");
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.spool_writers, 8);
+        assert_eq!(c.dns_servers, vec![addr("192.0.2.53:53")]);
+        assert_eq!(c.dns_timeout, Duration::from_millis(2000));
+        assert_eq!(c.deliver, DeliverTarget::Maildir);
+        assert_eq!(c.spool, PathBuf::from("./spool"));
+        assert_eq!(c.min_free_mb, 100);
+        assert!(c.domains.is_empty());
+        assert_eq!(c.max_message_size, 26_214_400);
+        assert_eq!(c.max_recipients, 100);
+        assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.max_connections_per_ip, 50);
+        assert_eq!(c.timeout, Duration::from_secs(300));
+        assert_eq!(c.min_data_rate, 500);
+        assert_eq!(c.max_errors, 20);
+        assert_eq!(c.max_junk, 100);
+        assert_eq!(c.greet_delay, Duration::ZERO);
+        assert_eq!((c.tls_cert, c.tls_key), (None, None));
+        assert_eq!(c.helo_policy, HeloPolicy::default());
+        assert!(c.helo_allow.is_empty());
+        assert_eq!(c.reject_at, RejectAt::Rcpt);
+        assert_eq!(c.bare_newline, BareNewline::Normalize);
+        assert_eq!(c.metrics, None);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(
+            warnings(&[]),
+            vec!["HELOGUARD_DOMAINS is empty: mail for every domain is accepted"]
+        );
+    }
+
+    #[test]
+    fn the_parser_reads_exactly_the_variables_of_the_table() {
+        let asked = RefCell::new(Vec::<String>::new());
+        let lookup = |name: &str| {
+            asked.borrow_mut().push(name.to_string());
+            None
+        };
+        assert!(build(&Env { lookup: &lookup }, &MACHINE).is_ok());
+        let mut asked = asked.into_inner();
+        asked.sort();
+        asked.dedup();
+        let mut table: Vec<String> = VARIABLES
+            .iter()
+            .filter(|v| v.name != RUST_LOG.name)
+            .map(|v| v.name.to_string())
+            .collect();
+        table.sort();
+        assert_eq!(asked, table);
+    }
+
+    #[test]
+    fn help_names_every_subcommand_and_variable_with_its_default() {
+        let help = help_text();
+        for needle in ["serve", "check --ip IP --helo NAME", "--help"] {
+            assert!(help.contains(needle), "{needle} missing");
+        }
+        for variable in VARIABLES {
+            assert!(help.contains(&format!("\n  {}\n", variable.name)));
+        }
+        assert!(help.contains("default: 127.0.0.1:2525"));
+        assert!(help.contains("default: 26214400"));
+        assert!(help.contains("default: default=tag,syntax=reject"));
+        assert!(help.contains("default: the system host name"));
+    }
+
+    #[test]
+    fn unknown_heloguard_names_are_warned_about() {
+        let names = ["HELOGUARD_MAX_RCPT", "HELOGUARD_LISTEN", "PATH"].map(String::from);
+        assert_eq!(
+            unknown_variable_warnings(names.into_iter()),
+            vec!["HELOGUARD_MAX_RCPT is not a heloguard variable and is ignored"]
+        );
+    }
+
+    #[test]
+    fn listen() {
+        let c = config(&[("HELOGUARD_LISTEN", " 0.0.0.0:25 , [::]:25 ")]);
+        assert_eq!(c.listen, vec![addr("0.0.0.0:25"), addr("[::]:25")]);
+        assert_eq!(
+            error(&[("HELOGUARD_LISTEN", "localhost:25")]),
+            r#"HELOGUARD_LISTEN: "localhost:25" is not an address:port (IPv6 as [addr]:port)"#
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_LISTEN", "127.0.0.1:25,,[::1]:25")]),
+            r#"HELOGUARD_LISTEN: "127.0.0.1:25,,[::1]:25" has an empty list item"#
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_LISTEN", "0.0.0.0:25,192.0.2.1:25")]),
+            "HELOGUARD_LISTEN: \"192.0.2.1:25\" overlaps the listen address 0.0.0.0:25 given \
+             before"
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_LISTEN", "")]),
+            "HELOGUARD_LISTEN: is empty and HELOGUARD_PROXY_LISTEN is unset: nothing would listen"
+        );
+        // Port 0 asks for a fresh port each time, and V6ONLY keeps families apart.
+        let c = config(&[(
+            "HELOGUARD_LISTEN",
+            "127.0.0.1:0,127.0.0.1:0,0.0.0.0:25,[::]:25",
+        )]);
+        assert_eq!(c.listen.len(), 4);
+    }
+
+    #[test]
+    fn proxy_listen() {
+        let c = config(&[("HELOGUARD_PROXY_LISTEN", "127.0.0.1:2526")]);
+        assert_eq!(c.proxy_listen, vec![addr("127.0.0.1:2526")]);
+        let c = config(&[
+            ("HELOGUARD_LISTEN", ""),
+            ("HELOGUARD_PROXY_LISTEN", "[::1]:2526"),
+        ]);
+        assert!(c.listen.is_empty());
+        assert_eq!(
+            error(&[("HELOGUARD_PROXY_LISTEN", "127.0.0.1:2525")]),
+            "HELOGUARD_PROXY_LISTEN: \"127.0.0.1:2525\" overlaps the listen address \
+             127.0.0.1:2525 given before"
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_PROXY_LISTEN", "2526")]),
+            r#"HELOGUARD_PROXY_LISTEN: "2526" is not an address:port (IPv6 as [addr]:port)"#
+        );
+    }
+
+    #[test]
+    fn proxy_trusted() {
+        let c = config(&[("HELOGUARD_PROXY_TRUSTED", "10.0.0.0/8, 2001:db8::/32")]);
+        assert_eq!(c.proxy_trusted.len(), 2);
+        assert!(c.proxy_trusted[1].contains("2001:db8::7".parse().unwrap()));
+        assert_eq!(
+            error(&[("HELOGUARD_PROXY_TRUSTED", "10.0.0.0/33")]),
+            r#"HELOGUARD_PROXY_TRUSTED: "10.0.0.0/33" is not a CIDR: `33` is not a valid prefix length"#
+        );
+    }
+
+    #[test]
+    fn hostname() {
+        assert_eq!(
+            config(&[("HELOGUARD_HOSTNAME", "MX1.Example.NET.")]).hostname,
+            "MX1.Example.NET"
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_HOSTNAME", "mx_1.example.net")]),
+            "HELOGUARD_HOSTNAME: \"mx_1.example.net\" has a character other than a letter, \
+             digit, hyphen or dot"
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_HOSTNAME", "192.0.2.1")]),
+            "HELOGUARD_HOSTNAME: \"192.0.2.1\" is an IP address or ends in a numeric label, \
+             not a domain name"
+        );
+        assert!(warnings(&[("HELOGUARD_HOSTNAME", "mailbox")])[0].contains("not fully qualified"));
+        let broken = FakeMachine {
+            host_name: Some("bad host"),
+            ..MACHINE
+        };
+        let err = parse_on(&broken, &[]).unwrap_err();
+        assert_eq!(err.variable, "HELOGUARD_HOSTNAME");
+        assert!(err.to_string().contains("the system host name"));
+    }
+
+    #[test]
+    fn the_real_system_host_name_is_read() {
+        assert!(system_host_name().is_some_and(|name| !name.is_empty()));
+    }
+
+    #[test]
+    fn workers_and_spool_writers() {
+        assert_eq!(config(&[("HELOGUARD_WORKERS", "16")]).workers, 16);
+        assert_eq!(config(&[("HELOGUARD_SPOOL_WRITERS", "2")]).spool_writers, 2);
+        assert_eq!(
+            error(&[("HELOGUARD_WORKERS", "0")]),
+            r#"HELOGUARD_WORKERS: "0" must be at least 1"#
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_SPOOL_WRITERS", "-1")]),
+            r#"HELOGUARD_SPOOL_WRITERS: "-1" is not a whole number"#
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_WORKERS", "5000")]),
+            r#"HELOGUARD_WORKERS: "5000" is more than 1024 threads"#
+        );
+    }
+
+    #[test]
+    fn dns() {
+        let c = config(&[(
+            "HELOGUARD_DNS",
+            "192.0.2.1, 192.0.2.2:5353, [2001:db8::1]:53, 2001:db8::2, [2001:db8::3]",
+        )]);
+        assert_eq!(
+            c.dns_servers,
+            vec![
+                addr("192.0.2.1:53"),
+                addr("192.0.2.2:5353"),
+                addr("[2001:db8::1]:53"),
+                addr("[2001:db8::2]:53"),
+                addr("[2001:db8::3]:53"),
+            ]
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_DNS", "dns.example:53")]),
+            r#"HELOGUARD_DNS: "dns.example:53" is not a nameserver ip:port (IPv6 as [addr]:port)"#
+        );
+    }
+
+    #[test]
+    fn resolv_conf_lines_give_the_default_nameservers() {
+        let text = "# comment\nsearch example.org\nnameserver 10.0.0.1\n  nameserver\t\
+                    fe80::1%eth0\nnameserver 2001:db8::53 # trailing\nnameserver bogus\n\
+                    ;nameserver 10.9.9.9\noptions edns0\n";
+        assert_eq!(
+            resolv_conf_nameservers(text),
+            vec![
+                addr("10.0.0.1:53"),
+                addr("[fe80::1]:53"),
+                addr("[2001:db8::53]:53")
+            ]
+        );
+        let empty = FakeMachine {
+            resolv_conf: Some("search example.org\n"),
+            ..MACHINE
+        };
+        assert_eq!(
+            parse_on(&empty, &[]).unwrap_err().to_string(),
+            "HELOGUARD_DNS: is unset and /etc/resolv.conf has no usable nameserver line; set it"
+        );
+        let missing = FakeMachine {
+            resolv_conf: None,
+            ..MACHINE
+        };
+        let err = parse_on(&missing, &[]).unwrap_err();
+        assert_eq!(err.variable, "HELOGUARD_DNS");
+        // HELOGUARD_DNS set: resolv.conf is not needed at all.
+        assert!(parse_on(&missing, &[("HELOGUARD_DNS", "192.0.2.1")]).is_ok());
+    }
+
+    #[test]
+    fn dns_timeout() {
+        assert_eq!(
+            config(&[("HELOGUARD_DNS_TIMEOUT_MS", "500")]).dns_timeout,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_DNS_TIMEOUT_MS", "0")]),
+            r#"HELOGUARD_DNS_TIMEOUT_MS: "0" must be more than 0"#
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_DNS_TIMEOUT_MS", "2s")]),
+            r#"HELOGUARD_DNS_TIMEOUT_MS: "2s" is not a whole number"#
+        );
+    }
+
+    #[test]
+    fn deliver() {
+        let relay = |target: &str| {
+            config(&[
+                ("HELOGUARD_DELIVER", target),
+                ("HELOGUARD_DOMAINS", "example.org"),
+            ])
+            .deliver
+        };
+        assert_eq!(relay("MAILDIR"), DeliverTarget::Maildir);
+        assert_eq!(
+            relay("smtp://mx.internal:10025"),
+            DeliverTarget::Smtp {
+                host: "mx.internal".into(),
+                port: 10025
+            }
+        );
+        assert_eq!(
+            relay("lmtp://[::1]:24"),
+            DeliverTarget::Lmtp {
+                host: "::1".into(),
+                port: 24
+            }
+        );
+        assert_eq!(
+            relay("lmtp://127.0.0.1:24"),
+            DeliverTarget::Lmtp {
+                host: "127.0.0.1".into(),
+                port: 24
+            }
+        );
+        assert_eq!(
+            relay("lmtp:unix:/run/dovecot/lmtp"),
+            DeliverTarget::LmtpUnix {
+                path: "/run/dovecot/lmtp".into()
+            }
+        );
+        let bad = |target: &str| {
+            error(&[
+                ("HELOGUARD_DELIVER", target),
+                ("HELOGUARD_DOMAINS", "example.org"),
+            ])
+        };
+        assert_eq!(
+            bad("mbox"),
+            "HELOGUARD_DELIVER: \"mbox\" is not maildir, smtp://HOST:PORT, lmtp://HOST:PORT \
+             or lmtp:unix:/PATH"
+        );
+        assert_eq!(
+            bad("smtp://mx.internal"),
+            "HELOGUARD_DELIVER: \"smtp://mx.internal\" needs HOST:PORT with a port from 1 to \
+             65535 (IPv6 as [addr]:PORT)"
+        );
+        for target in [
+            "smtp://mx:0",
+            "smtp://mx:+25",
+            "smtp://::1:25",
+            "smtp://mx:25/",
+            "smtp://:25",
+            "lmtp:unix:run/lmtp",
+        ] {
+            assert!(bad(target).starts_with("HELOGUARD_DELIVER: "), "{target}");
+        }
+    }
+
+    #[test]
+    fn spool_and_min_free() {
+        let c = config(&[
+            ("HELOGUARD_SPOOL", "/var/spool/heloguard"),
+            ("HELOGUARD_MIN_FREE_MB", "0"),
+        ]);
+        assert_eq!(c.spool, PathBuf::from("/var/spool/heloguard"));
+        assert_eq!(c.min_free_mb, 0);
+        assert_eq!(
+            error(&[("HELOGUARD_MIN_FREE_MB", "1.5")]),
+            r#"HELOGUARD_MIN_FREE_MB: "1.5" is not a whole number"#
+        );
+    }
+
+    #[test]
+    fn domains() {
+        let c = config(&[(
+            "HELOGUARD_DOMAINS",
+            " Example.ORG. ,mail.example.net,example.org",
+        )]);
+        assert_eq!(c.domains, vec!["example.org", "mail.example.net"]);
+        assert!(warnings(&[("HELOGUARD_DOMAINS", "example.org")]).is_empty());
+        assert_eq!(
+            error(&[("HELOGUARD_DOMAINS", "example.org,exa mple.net")]),
+            "HELOGUARD_DOMAINS: \"exa mple.net\" has a character other than a letter, digit, \
+             hyphen or dot"
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_DELIVER", "smtp://127.0.0.1:10025")]),
+            "HELOGUARD_DOMAINS: is empty, which in a relay mode would make an open relay; list \
+             the domains"
+        );
+    }
+
+    #[test]
+    fn numeric_limits() {
+        let cases = [
+            ("HELOGUARD_MAX_MESSAGE_SIZE", "1048576"),
+            ("HELOGUARD_MAX_RECIPIENTS", "1000"),
+            ("HELOGUARD_MAX_CONNECTIONS", "0"),
+            ("HELOGUARD_MAX_CONNECTIONS_PER_IP", "5"),
+            ("HELOGUARD_TIMEOUT_SECS", "60"),
+            ("HELOGUARD_MIN_DATA_RATE", "0"),
+            ("HELOGUARD_MAX_ERRORS", "3"),
+            ("HELOGUARD_MAX_JUNK", "7"),
+            ("HELOGUARD_SHUTDOWN_GRACE_SECS", "5"),
+        ];
+        for (name, value) in cases {
+            assert_eq!(
+                limit(name, &config(&[(name, value)])),
+                value.parse::<u64>().unwrap()
+            );
+            assert_eq!(
+                error(&[(name, "abc")]),
+                format!("{name}: \"abc\" is not a whole number")
+            );
+            assert_eq!(
+                error(&[(name, "+5")]),
+                format!("{name}: \"+5\" is not a whole number")
+            );
+            assert_eq!(
+                error(&[(name, "99999999999999999999")]),
+                format!("{name}: \"99999999999999999999\" is too large")
+            );
+        }
+        assert_eq!(
+            error(&[("HELOGUARD_MAX_ERRORS", "4294967296")]),
+            r#"HELOGUARD_MAX_ERRORS: "4294967296" is too large"#
+        );
+        assert!(warnings(&[("HELOGUARD_MAX_RECIPIENTS", "10")])[1].contains("RFC 5321"));
+    }
+
+    /// The Config field a numeric limit variable sets, as u64.
+    fn limit(name: &str, c: &Config) -> u64 {
+        match name {
+            "HELOGUARD_MAX_MESSAGE_SIZE" => c.max_message_size,
+            "HELOGUARD_MAX_RECIPIENTS" => c.max_recipients as u64,
+            "HELOGUARD_MAX_CONNECTIONS" => c.max_connections as u64,
+            "HELOGUARD_MAX_CONNECTIONS_PER_IP" => c.max_connections_per_ip as u64,
+            "HELOGUARD_TIMEOUT_SECS" => c.timeout.as_secs(),
+            "HELOGUARD_MIN_DATA_RATE" => c.min_data_rate,
+            "HELOGUARD_MAX_ERRORS" => u64::from(c.max_errors),
+            "HELOGUARD_MAX_JUNK" => u64::from(c.max_junk),
+            "HELOGUARD_SHUTDOWN_GRACE_SECS" => c.shutdown_grace.as_secs(),
+            other => panic!("{other} is not a numeric limit"),
+        }
+    }
+
+    #[test]
+    fn greet_delay() {
+        assert_eq!(
+            config(&[("HELOGUARD_GREET_DELAY_MS", "3000")]).greet_delay,
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_GREET_DELAY_MS", "3 s")]),
+            r#"HELOGUARD_GREET_DELAY_MS: "3 s" is not a whole number"#
+        );
+    }
+
+    #[test]
+    fn tls_files() {
+        let dir = std::env::temp_dir().join(format!("heloguard-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        std::fs::write(&cert, "cert").unwrap();
+        std::fs::write(&key, "key").unwrap();
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        let c = config(&[("HELOGUARD_TLS_CERT", cert), ("HELOGUARD_TLS_KEY", key)]);
+        assert_eq!(c.tls_cert.as_deref(), Some(std::path::Path::new(cert)));
+        assert_eq!(c.tls_key.as_deref(), Some(std::path::Path::new(key)));
+        assert_eq!(
+            error(&[("HELOGUARD_TLS_CERT", cert)]),
+            "HELOGUARD_TLS_KEY: is unset but HELOGUARD_TLS_CERT is set; set both or neither"
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_TLS_KEY", key)]),
+            "HELOGUARD_TLS_CERT: is unset but HELOGUARD_TLS_KEY is set; set both or neither"
+        );
+        let missing = dir.join("missing.pem");
+        let err = error(&[
+            ("HELOGUARD_TLS_CERT", cert),
+            ("HELOGUARD_TLS_KEY", missing.to_str().unwrap()),
+        ]);
+        assert!(err.starts_with("HELOGUARD_TLS_KEY: \""), "{err}");
+        assert!(err.contains("cannot be read"), "{err}");
+        let err = error(&[
+            ("HELOGUARD_TLS_CERT", dir.to_str().unwrap()),
+            ("HELOGUARD_TLS_KEY", key),
+        ]);
+        assert!(err.ends_with("is not a regular file"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn helo_policy_default_text_is_the_default_policy() {
+        assert_eq!(
+            HeloPolicy::parse("default=tag,syntax=reject").unwrap(),
+            HeloPolicy::default()
+        );
+        let c = config(&[("HELOGUARD_HELO_POLICY", "default=tag,localhost=reject")]);
+        assert_eq!(
+            c.helo_policy.action(crate::helo::Check::Localhost),
+            crate::helo::Action::Reject
+        );
+        let err = error(&[("HELOGUARD_HELO_POLICY", "bogus=reject")]);
+        assert!(
+            err.starts_with(r#"HELOGUARD_HELO_POLICY: "bogus=reject" "#),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn helo_allow() {
+        let c = config(&[("HELOGUARD_HELO_ALLOW", "192.0.2.0/24, ptr:example.org")]);
+        assert_eq!(c.helo_allow.len(), 2);
+        let err = error(&[("HELOGUARD_HELO_ALLOW", "not-an-entry")]);
+        assert!(
+            err.starts_with(r#"HELOGUARD_HELO_ALLOW: "not-an-entry" "#),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn reject_at_and_bare_newline() {
+        let c = config(&[
+            ("HELOGUARD_REJECT_AT", "helo"),
+            ("HELOGUARD_BARE_NEWLINE", "reject"),
+        ]);
+        assert_eq!(c.reject_at, RejectAt::Helo);
+        assert_eq!(c.bare_newline, BareNewline::Reject);
+        assert_eq!(
+            error(&[("HELOGUARD_REJECT_AT", "data")]),
+            r#"HELOGUARD_REJECT_AT: "data" is not rcpt or helo"#
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_BARE_NEWLINE", "keep")]),
+            r#"HELOGUARD_BARE_NEWLINE: "keep" is not normalize or reject"#
+        );
+    }
+
+    #[test]
+    fn metrics() {
+        assert_eq!(
+            config(&[("HELOGUARD_METRICS", "127.0.0.1:9425")]).metrics,
+            Some(addr("127.0.0.1:9425"))
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_METRICS", ":9425")]),
+            r#"HELOGUARD_METRICS: ":9425" is not an address:port (IPv6 as [addr]:port)"#
+        );
+        assert_eq!(
+            error(&[("HELOGUARD_METRICS", "0.0.0.0:2525")]),
+            "HELOGUARD_METRICS: \"0.0.0.0:2525\" overlaps the listen address 127.0.0.1:2525 \
+             given before"
+        );
+    }
+
+    #[test]
+    fn error_lines_escape_control_characters() {
+        let line = error(&[("HELOGUARD_MAX_JUNK", "1\n2")]);
+        assert_eq!(line, r#"HELOGUARD_MAX_JUNK: "1\n2" is not a whole number"#);
+    }
 }

@@ -22,7 +22,14 @@ fn a_whole_dialogue_stores_the_message_with_envelope_and_trace_fields() {
     let (s, _dns) = server();
     let mut c = s.connect();
     let ehlo = c.cmd("EHLO client.example.org", 250);
-    for kw in ["PIPELINING", "SIZE 26214400", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"] {
+    for kw in [
+        "PIPELINING",
+        "SIZE 26214400",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+        "CHUNKING",
+    ] {
         assert!(ehlo.contains(kw), "EHLO lacks {kw}: {ehlo}");
     }
     assert!(!ehlo.contains("STARTTLS"), "no TLS configured: {ehlo}");
@@ -39,11 +46,23 @@ fn a_whole_dialogue_stores_the_message_with_envelope_and_trace_fields() {
     assert_eq!(files.len(), 1);
     let msg = String::from_utf8(read(&files[0])).unwrap();
     assert!(msg.starts_with("Return-Path: <alice@example.org>\r\nX-Envelope-To: <bob@example.net>\r\nReceived: from client.example.org ("), "{msg}");
-    assert!(msg.contains("by mx.heloguard.test (heloguard) with ESMTP id "), "{msg}");
+    assert!(
+        msg.contains("by mx.heloguard.test (heloguard) with ESMTP id "),
+        "{msg}"
+    );
     assert!(msg.contains("for <bob@example.net>; "), "{msg}");
-    assert!(msg.contains("\r\nAuthentication-Results: mx.heloguard.test; iprev="), "{msg}");
-    assert!(msg.contains("\r\nX-HELO-Check: mx.heloguard.test; "), "{msg}");
-    assert!(msg.ends_with("Subject: hi\r\n\r\nHello\r\n.leading dot\r\n"), "{msg}");
+    assert!(
+        msg.contains("\r\nAuthentication-Results: mx.heloguard.test; iprev="),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("\r\nX-HELO-Check: mx.heloguard.test; "),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with("Subject: hi\r\n\r\nHello\r\n.leading dot\r\n"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -102,7 +121,9 @@ fn smuggling_variants_never_end_data_or_inject_a_command() {
         c.cmd("DATA", 354);
         let mut body = b"Subject: x\r\n\r\nfirst".to_vec();
         body.extend_from_slice(variant);
-        body.extend_from_slice(b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n");
+        body.extend_from_slice(
+            b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n",
+        );
         c.send(&body);
         c.send(b"\r\n.\r\n");
         let (code, text) = c.reply();
@@ -114,7 +135,10 @@ fn smuggling_variants_never_end_data_or_inject_a_command() {
     assert_eq!(files.len(), 4);
     for f in files {
         let msg = read(&f);
-        assert!(msg.windows(12).any(|w| w == b"MAIL FROM:<e"), "injected text stays in the body");
+        assert!(
+            msg.windows(12).any(|w| w == b"MAIL FROM:<e"),
+            "injected text stays in the body"
+        );
     }
 }
 
@@ -201,7 +225,12 @@ fn proxy_v1_and_v2_headers_set_the_client_ip() {
     let (s, _dns) = server();
     let mut c = s.connect_as("192.0.2.10".parse().unwrap());
     assert_eq!(c.reply().0, 220);
-    c.deliver("v1.example.org", "a@example.org", "b@example.net", "Subject: v1\r\n\r\nx");
+    c.deliver(
+        "v1.example.org",
+        "a@example.org",
+        "b@example.net",
+        "Subject: v1\r\n\r\nx",
+    );
     c.cmd("QUIT", 221);
 
     // v2: signature, PROXY command, TCP over IPv6, addresses and ports.
@@ -215,13 +244,29 @@ fn proxy_v1_and_v2_headers_set_the_client_ip() {
     let mut c = Client::connect_raw(s.proxy_addr.unwrap());
     c.send(&v2);
     assert_eq!(c.reply().0, 220);
-    c.deliver("v2.example.org", "a@example.org", "b@example.net", "Subject: v2\r\n\r\nx");
+    c.deliver(
+        "v2.example.org",
+        "a@example.org",
+        "b@example.net",
+        "Subject: v2\r\n\r\nx",
+    );
     c.cmd("QUIT", 221);
 
     let files = s.wait_messages(2);
-    let all: Vec<String> = files.iter().map(|f| String::from_utf8(read(f)).unwrap()).collect();
-    assert!(all.iter().any(|m| m.contains("[192.0.2.10]") && m.contains("ip=192.0.2.10 ")), "{all:?}");
-    assert!(all.iter().any(|m| m.contains("[IPv6:2001:db8::7]") && m.contains("ip=2001:db8::7 ")), "{all:?}");
+    let all: Vec<String> = files
+        .iter()
+        .map(|f| String::from_utf8(read(f)).unwrap())
+        .collect();
+    assert!(
+        all.iter()
+            .any(|m| m.contains("[192.0.2.10]") && m.contains("ip=192.0.2.10 ")),
+        "{all:?}"
+    );
+    assert!(
+        all.iter()
+            .any(|m| m.contains("[IPv6:2001:db8::7]") && m.contains("ip=2001:db8::7 ")),
+        "{all:?}"
+    );
 }
 
 #[test]
@@ -280,19 +325,19 @@ fn a_thousand_concurrent_sessions_each_deliver_one_message() {
 
 #[test]
 fn lettre_delivers_through_the_server() {
-    use lettre::transport::smtp::client::Tls;
     use lettre::{Message, SmtpTransport, Transport};
     let (s, _dns) = server();
     let mailer = SmtpTransport::builder_dangerous("127.0.0.1")
         .port(s.addr.port())
-        .tls(Tls::None)
         .timeout(Some(Duration::from_secs(10)))
         .build();
     let email = Message::builder()
         .from("Alice <alice@example.org>".parse().unwrap())
         .to("Bob <bob@example.net>".parse().unwrap())
         .subject("from lettre")
-        .body(String::from("Hello from a real client.\n.leading dot line\n"))
+        .body(String::from(
+            "Hello from a real client.\n.leading dot line\n",
+        ))
         .unwrap();
     mailer.send(&email).expect("lettre send");
     let files = s.wait_messages(1);

@@ -15,7 +15,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,9 +37,7 @@ use crate::server::conn::{Conn, Phase};
 use crate::server::listener::{BoundListener, ListenerKind};
 use crate::server::tls::TlsAcceptor;
 use crate::server::worker::{Done, Job, OwnedEvent, WorkerPool};
-use crate::session::{
-    DeliveryOutcome, Observation, Session, SessionAction, SessionParams,
-};
+use crate::session::{DeliveryOutcome, Observation, Session, SessionAction, SessionParams};
 use crate::spool::maildir::{self, Maildir};
 use crate::spool::writer::{self, SpoolDone, SpoolJob, SpoolWriters};
 
@@ -161,9 +159,8 @@ impl Server {
         options: ServerOptions,
     ) -> Result<Self, StartError> {
         let poll = Poll::new().map_err(|e| StartError::Io("poll", e))?;
-        let waker = Arc::new(
-            Waker::new(poll.registry(), WAKER).map_err(|e| StartError::Io("waker", e))?,
-        );
+        let waker =
+            Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| StartError::Io("waker", e))?);
 
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(Arc::new(
@@ -195,9 +192,7 @@ impl Server {
             },
             dns_tx,
             Some(waker.clone()),
-            Arc::new(move |qtype, outcome, took| {
-                observer_metrics.dns_query(qtype, outcome, took)
-            }),
+            Arc::new(move |qtype, outcome, took| observer_metrics.dns_query(qtype, outcome, took)),
         )
         .map_err(|e| StartError::Io("HELOGUARD_DNS", e))?;
 
@@ -381,7 +376,11 @@ impl Server {
             let _ = self.poll.registry().deregister(&mut l);
         }
         let now = Instant::now();
-        self.push_timer(now + self.config.shutdown_grace, u64::MAX, TimerKind::GraceExpired);
+        self.push_timer(
+            now + self.config.shutdown_grace,
+            u64::MAX,
+            TimerKind::GraceExpired,
+        );
         let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for slot in slots {
             let Some(conn) = self.conns.get_mut(slot) else {
@@ -426,7 +425,11 @@ impl Server {
         });
         let peer_ip = canonical_ip(peer.ip());
         if kind == ListenerKind::Proxy
-            && !self.config.proxy_trusted.iter().any(|c| c.contains(peer_ip))
+            && !self
+                .config
+                .proxy_trusted
+                .iter()
+                .any(|c| c.contains(peer_ip))
         {
             debug!("PROXY listener: {peer_ip} is not in HELOGUARD_PROXY_TRUSTED");
             self.metrics.refused(RefuseReason::ProxyUntrusted);
@@ -435,7 +438,10 @@ impl Server {
         let max = self.config.max_connections;
         if max > 0 && self.conns.len() >= max {
             self.metrics.refused(RefuseReason::MaxConnections);
-            refuse_at_once(&mut socket, "421 4.3.2 Too many connections, try again later\r\n");
+            refuse_at_once(
+                &mut socket,
+                "421 4.3.2 Too many connections, try again later\r\n",
+            );
             self.metrics.reply(421);
             return;
         }
@@ -765,9 +771,13 @@ impl Server {
                     id: conn.id,
                     envelope,
                 }),
-                None => conn.pending.push(OwnedEvent::Delivered(DeliveryOutcome::Failed(
-                    Reply::new(421, "4.3.2", "Service shutting down"),
-                ))),
+                None => conn
+                    .pending
+                    .push(OwnedEvent::Delivered(DeliveryOutcome::Failed(Reply::new(
+                        421,
+                        "4.3.2",
+                        "Service shutting down",
+                    )))),
             },
             SessionAction::StartTls => {
                 // RFC 3207 4.2 (and CVE-2011-0411): nothing the client sent before the
@@ -923,7 +933,8 @@ impl Server {
                 }
             }
             TimerKind::Verdict(generation) => {
-                conn.pending.push(OwnedEvent::VerdictDeadline { generation });
+                conn.pending
+                    .push(OwnedEvent::VerdictDeadline { generation });
                 self.pump(slot);
             }
             TimerKind::PregreetClose => self.close(slot, "pregreet"),
@@ -974,12 +985,12 @@ impl Server {
         }
         let mut conn = self.conns.remove(slot);
         let _ = self.poll.registry().deregister(&mut conn.socket);
-        if let Some(key) = conn.counted_as {
-            if let Some(n) = self.per_client.get_mut(&key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.per_client.remove(&key);
-                }
+        if let Some(key) = conn.counted_as
+            && let Some(n) = self.per_client.get_mut(&key)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_client.remove(&key);
             }
         }
         self.metrics.session_closed();
@@ -1013,7 +1024,11 @@ fn log_verdict(conn: &Conn, verdict: &crate::helo::policy::HeloVerdict) {
         verdict.ptr.as_deref().unwrap_or("none"),
         verdict.kind,
         verdict.action.name(),
-        if failed.is_empty() { "-".to_string() } else { failed.join(",") },
+        if failed.is_empty() {
+            "-".to_string()
+        } else {
+            failed.join(",")
+        },
         dns_ms,
     );
 }
@@ -1038,4 +1053,3 @@ fn log_session_end(conn: &Conn, why: &str) {
         ),
     }
 }
-

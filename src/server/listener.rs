@@ -27,7 +27,11 @@ pub struct BindError {
 
 impl fmt::Display for BindError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: cannot listen on {}: {}", self.variable, self.addr, self.source)
+        write!(
+            f,
+            "{}: cannot listen on {}: {}",
+            self.variable, self.addr, self.source
+        )
     }
 }
 
@@ -63,7 +67,9 @@ pub fn bind_all(
     plain: &[SocketAddr],
     proxy: &[SocketAddr],
 ) -> Result<Vec<BoundListener>, BindError> {
-    let plain = plain.iter().map(|a| ("HELOGUARD_LISTEN", a, ListenerKind::Plain));
+    let plain = plain
+        .iter()
+        .map(|a| ("HELOGUARD_LISTEN", a, ListenerKind::Plain));
     let proxy = proxy
         .iter()
         .map(|a| ("HELOGUARD_PROXY_LISTEN", a, ListenerKind::Proxy));

@@ -17,9 +17,7 @@ use mio::Waker;
 
 use crate::dns::{Lookup, ReverseFacts};
 use crate::metrics::Metrics;
-use crate::session::{
-    DeliveryOutcome, Event, Now, Observation, Output, Session, TlsInfo,
-};
+use crate::session::{DeliveryOutcome, Event, Now, Observation, Output, Session, TlsInfo};
 
 /// An event for a session that owns no borrowed bytes, so it can wait in a queue.
 #[derive(Debug)]

@@ -17,6 +17,14 @@ use crate::helo::policy::HeloVerdict;
 use crate::protocol::reply::Reply;
 use crate::spool::Envelope;
 
+mod limits;
+mod machine;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use machine::Session;
+
 /// The negotiated TLS parameters, for the Received field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsInfo {

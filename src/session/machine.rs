@@ -1,0 +1,907 @@
+//! `Session`: the SMTP dialogue of RFC 5321 as a state machine over `Event`s.
+//!
+//! One call to `handle` runs as far as it can: `Event::Input` answers every complete command
+//! in the buffer in order (RFC 2920 pipelining: replies go out in one batch), and stops where
+//! the answer needs something from outside: a HELO verdict, a delivery, a TLS handshake. The
+//! event that brings it (`Reverse`, `Forward`, `VerdictDeadline`, `Delivered`,
+//! `TlsEstablished`) writes the held reply; the loop then offers the unread input again.
+//!
+//! Order of checks for one command line (after Postfix `smtpd_proto`): pregreet mode, junk
+//! limit, "HELO first", syntax, the command, then the error limit on its reply.
+//!
+//! Decisions worth knowing:
+//! - The error limit (HELOGUARD_MAX_ERRORS) counts every 5xx reply to a command or message;
+//!   the reply that takes the count past the limit is followed by 421 4.7.0 and close.
+//! - A RCPT (or, with REJECT_AT=helo, an EHLO) waits for the verdict only when the policy can
+//!   refuse at all (some check set to defer or reject, `syntax=reject` aside, which acts at the
+//!   EHLO itself). Otherwise the verdict is needed only for the trace fields at the end of the
+//!   message, and DNS latency stays hidden behind the dialogue.
+//! - 354 carries `2.0.0` like every other reply but the banner and EHLO/HELO (SPEC).
+
+use std::time::SystemTime;
+
+use crate::config::BareNewline;
+use crate::helo::checks::{CheckInput, HeloArg};
+use crate::helo::policy::{Decision, RejectAt};
+use crate::helo::{Action, Check};
+use crate::protocol::command::{Command, MailParams, Path, Verb};
+use crate::protocol::data::{BareLineFeed, DataDecoder, DataLimits, DataRefusal, Framing};
+use crate::protocol::line::{LineRead, LineReader};
+use crate::protocol::reply::Reply;
+use crate::session::limits::{Counters, DataRate};
+use crate::session::state::{HeloJudge, Identity, Park, Phase, Transaction};
+use crate::session::{
+    DeliveryOutcome, Ending, Event, Now, Observation, Output, SessionAction, SessionParams, Stage,
+    Summary, TlsInfo,
+};
+use crate::spool::{Envelope, Protocol, TraceInfo};
+
+/// Refused identities remembered per session (REJECT_AT=helo), so a repeat gets the same answer.
+const REMEMBERED_REFUSALS: usize = 16;
+
+/// Whether the banner went out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Greeting {
+    Waiting,
+    Greeted,
+    /// The client talked first: 503 to everything but QUIT.
+    Pregreeted,
+}
+
+/// One SMTP session, sans I/O.
+pub struct Session {
+    params: SessionParams,
+    judge: HeloJudge,
+    /// Some check other than the syntax gate can defer or reject: the verdict gates replies.
+    policy_can_refuse: bool,
+    greeting: Greeting,
+    /// Command lines and the overlong-line skip mode.
+    lines: LineReader,
+    phase: Phase,
+    park: Option<Park>,
+    closed: bool,
+    ending: Ending,
+    /// The identity of the latest accepted EHLO/HELO.
+    current: Option<Identity>,
+    /// REJECT_AT=helo: an identity whose EHLO/HELO waits for its verdict.
+    candidate: Option<Identity>,
+    /// Identities refused at EHLO/HELO, with their reply (RFC 5321 4.1.4: the session stays).
+    refused: Vec<(String, Reply)>,
+    /// PTR facts of the client, once per session.
+    reverse: Option<crate::dns::ReverseFacts>,
+    /// Generation of the latest identity that passed the syntax gate.
+    generation: u32,
+    tx: Option<Transaction>,
+    tls: Option<TlsInfo>,
+    counters: Counters,
+    /// The DATA/BDAT transfer in progress, for HELOGUARD_MIN_DATA_RATE.
+    rate: Option<DataRate>,
+    /// SIGTERM came during a transaction: close after it.
+    draining: bool,
+    /// Messages accepted.
+    messages: u32,
+    /// Messages handed off (queue ID numbering).
+    handed_off: u32,
+    /// DATA/BDAT octets read.
+    bytes: u64,
+}
+
+impl Session {
+    pub fn new(params: SessionParams) -> Self {
+        Self::with_judge(params, HeloJudge::STANDARD)
+    }
+
+    pub(crate) fn with_judge(params: SessionParams, judge: HeloJudge) -> Self {
+        let policy = &params.config.helo_policy;
+        let policy_can_refuse = Check::ALL.into_iter().any(|check| {
+            let action = policy.action(check);
+            action >= Action::Defer && !(check == Check::Syntax && action == Action::Reject)
+        });
+        Self {
+            params,
+            judge,
+            policy_can_refuse,
+            greeting: Greeting::Waiting,
+            lines: LineReader::new(),
+            phase: Phase::Command,
+            park: Some(Park::Greeting),
+            closed: false,
+            ending: Ending::Open,
+            current: None,
+            candidate: None,
+            refused: Vec::new(),
+            reverse: None,
+            generation: 0,
+            tx: None,
+            tls: None,
+            counters: Counters::default(),
+            rate: None,
+            draining: false,
+            messages: 0,
+            handed_off: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Processes one event, appending replies, actions and observations to `out`.
+    pub fn handle(&mut self, event: Event<'_>, now: Now, out: &mut Output) {
+        if let Event::Input(_) = event {
+            out.consumed = 0;
+        }
+        if self.closed {
+            return;
+        }
+        match event {
+            Event::Greet => self.on_greeting(Greeting::Greeted, out),
+            Event::Pregreeted => self.on_greeting(Greeting::Pregreeted, out),
+            Event::Input(input) => out.consumed = self.on_input(input, now, out),
+            Event::Reverse(facts) => {
+                if self.reverse.is_none() {
+                    self.reverse = Some(facts);
+                }
+                self.evaluate(out);
+            }
+            Event::Forward { name, addrs } => {
+                for identity in [self.candidate.as_mut(), self.current.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
+                    let wanted = identity
+                        .lookup_name()
+                        .is_some_and(|n| n.eq_ignore_ascii_case(&name));
+                    if wanted && identity.forward.is_none() {
+                        identity.forward = Some(addrs.clone());
+                    }
+                }
+                self.evaluate(out);
+            }
+            Event::VerdictDeadline { generation } => {
+                for identity in [self.candidate.as_mut(), self.current.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
+                    if identity.generation == generation {
+                        identity.deadline_passed = true;
+                    }
+                }
+                self.evaluate(out);
+            }
+            Event::Delivered(outcome) => self.on_delivered(outcome, out),
+            Event::TlsEstablished(info) => self.on_tls(info),
+            Event::IdleTimeout => self.close(
+                out,
+                421,
+                "4.4.2",
+                "Timeout exceeded, closing connection",
+                Ending::Timeout,
+            ),
+            Event::Shutdown => {
+                if self.in_transaction() {
+                    // Let the transaction finish; `check_draining` closes after its last reply.
+                    self.draining = true;
+                } else {
+                    self.close_for_shutdown(out);
+                }
+            }
+            Event::GraceExpired => self.close_for_shutdown(out),
+        }
+        self.check_draining(out);
+    }
+
+    /// False while parked (waiting for a verdict, a delivery, TLS, the greeting) or closed.
+    pub fn wants_input(&self) -> bool {
+        !self.closed && self.park.is_none()
+    }
+
+    /// Between MAIL and the final reply of its message.
+    pub fn in_transaction(&self) -> bool {
+        self.tx.is_some()
+            || matches!(
+                self.park,
+                Some(Park::DataVerdict { .. } | Park::Delivery { .. })
+            )
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    pub fn summary(&self) -> Summary {
+        let current = self.current.as_ref();
+        Summary {
+            helo: current.map(|id| id.arg.clone()),
+            verdict: current.and_then(|id| id.verdict.as_ref()).map(|v| v.kind),
+            messages: self.messages,
+            bytes: self.bytes,
+            ending: self.ending,
+        }
+    }
+
+    fn on_greeting(&mut self, greeting: Greeting, out: &mut Output) {
+        if self.greeting != Greeting::Waiting {
+            return;
+        }
+        self.greeting = greeting;
+        self.park = None;
+        if greeting == Greeting::Greeted {
+            let banner = format!("{} ESMTP heloguard", self.params.config.hostname);
+            self.send(out, &Reply::plain(220, &banner));
+        } else {
+            self.send_line(
+                out,
+                554,
+                "5.5.1",
+                "Protocol error: client talked before the greeting",
+            );
+        }
+    }
+
+    /// Runs everything complete in `input`; returns how much was used.
+    fn on_input(&mut self, input: &[u8], now: Now, out: &mut Output) -> usize {
+        let mut pos = 0;
+        while !self.closed && self.park.is_none() {
+            let rest = &input[pos..];
+            let used = match &mut self.phase {
+                Phase::Command => match self.lines.read(rest) {
+                    LineRead::Line { line, consumed } => {
+                        self.on_line(line, now, out);
+                        consumed
+                    }
+                    LineRead::TooLong { consumed } => {
+                        self.reply(out, Reply::new(500, "5.5.6", "Line too long"));
+                        consumed
+                    }
+                    LineRead::Partial { consumed } => {
+                        pos += consumed;
+                        break;
+                    }
+                },
+                Phase::Data(decoder) => {
+                    if rest.is_empty() {
+                        break;
+                    }
+                    let feed = decoder.feed(rest);
+                    if feed.complete {
+                        let Phase::Data(decoder) =
+                            std::mem::replace(&mut self.phase, Phase::Command)
+                        else {
+                            unreachable!("matched Phase::Data above")
+                        };
+                        self.count_data(feed.consumed);
+                        self.end_of_message(decoder.finish(), now, out);
+                        pos += feed.consumed;
+                        continue;
+                    }
+                    self.count_data(feed.consumed);
+                    feed.consumed
+                }
+                Phase::Chunk { remaining, .. } | Phase::SkipChunk { remaining } => {
+                    if *remaining == 0 {
+                        self.chunk_done(now, out);
+                        continue;
+                    }
+                    if rest.is_empty() {
+                        break;
+                    }
+                    let n = rest
+                        .len()
+                        .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                    *remaining -= n as u64;
+                    if let (Phase::Chunk { .. }, Some(tx)) = (&self.phase, self.tx.as_mut())
+                        && let Some(decoder) = tx.chunks.as_mut()
+                    {
+                        decoder.feed(&rest[..n]);
+                    }
+                    self.count_data(n);
+                    n
+                }
+            };
+            pos += used;
+            if pos >= input.len() && matches!(self.phase, Phase::Command) {
+                break;
+            }
+        }
+        if let Some(rate) = self.rate
+            && !self.closed
+            && rate.too_slow(now.mono, self.params.config.min_data_rate)
+        {
+            self.close(
+                out,
+                421,
+                "4.4.2",
+                "Data rate too low, closing connection",
+                Ending::Timeout,
+            );
+        }
+        pos
+    }
+
+    fn count_data(&mut self, octets: usize) {
+        self.bytes = self.bytes.saturating_add(octets as u64);
+        if let Some(rate) = self.rate.as_mut() {
+            rate.add(octets);
+        }
+    }
+
+    fn on_line(&mut self, line: &[u8], now: Now, out: &mut Output) {
+        let parsed = Command::parse(line);
+        if self.greeting == Greeting::Pregreeted {
+            match parsed {
+                Ok(Command::Quit) => self.close(out, 221, "2.0.0", "Bye", Ending::Pregreet),
+                _ => self.send_line(
+                    out,
+                    503,
+                    "5.5.1",
+                    "Protocol error: client talked before the greeting",
+                ),
+            }
+            return;
+        }
+        let verb = match &parsed {
+            Ok(command) => Some(command.verb()),
+            Err(error) => error.verb(),
+        };
+        if let Some(verb) = verb {
+            if verb.counts_as_junk() && self.counters.junk_over(self.params.config.max_junk) {
+                self.close(
+                    out,
+                    421,
+                    "4.7.0",
+                    "Too many junk commands, closing connection",
+                    Ending::TooManyJunk,
+                );
+                return;
+            }
+            // RFC 5321 4.1.4: a session starts with EHLO or HELO.
+            if !verb.allowed_before_helo() && self.current.is_none() {
+                self.reply(out, Reply::new(503, "5.5.1", "Send EHLO or HELO first"));
+                return;
+            }
+        }
+        match parsed {
+            Err(error) => self.reply(out, error.reply()),
+            Ok(command) => self.run(command, now, out),
+        }
+    }
+
+    fn run(&mut self, command: Command<'_>, now: Now, out: &mut Output) {
+        match command {
+            Command::Helo(arg) => self.on_helo(Verb::Helo, arg, out),
+            Command::Ehlo(arg) => self.on_helo(Verb::Ehlo, arg, out),
+            Command::Mail { from, params } => self.on_mail(from, params, out),
+            Command::Rcpt { to } => self.on_rcpt(to, out),
+            Command::Data => self.on_data(now, out),
+            Command::Bdat { size, last } => self.on_bdat(size, last, now, out),
+            Command::Rset => {
+                self.tx = None;
+                self.reply(out, Reply::new(250, "2.0.0", "Ok"));
+            }
+            Command::Noop => self.reply(out, Reply::new(250, "2.0.0", "Ok")),
+            // RFC 5321 3.5.3: 252 when the server will not verify but will accept.
+            Command::Vrfy => self.reply(
+                out,
+                Reply::new(
+                    252,
+                    "2.5.0",
+                    "Cannot VRFY user, but will accept message and attempt delivery",
+                ),
+            ),
+            Command::Help => self.reply(
+                out,
+                Reply::new(
+                    214,
+                    "2.0.0",
+                    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT STARTTLS",
+                ),
+            ),
+            Command::Quit => self.close(out, 221, "2.0.0", "Bye", Ending::Quit),
+            Command::StartTls => self.on_starttls(out),
+        }
+    }
+
+    fn on_helo(&mut self, verb: Verb, arg: &[u8], out: &mut Output) {
+        let arg = String::from_utf8_lossy(arg).into_owned();
+        // SPEC: a refused identity stays refused when repeated, or sent with the other verb.
+        if let Some((_, reply)) = self
+            .refused
+            .iter()
+            .find(|(a, _)| a.eq_ignore_ascii_case(&arg))
+        {
+            let reply = reply.clone();
+            out.observations
+                .push(Observation::MessageRejected(Stage::Helo));
+            self.reply(out, reply);
+            return;
+        }
+        let parsed = (self.judge.parse)(&arg);
+        let config = &self.params.config;
+        if parsed == HeloArg::Invalid && config.helo_policy.action(Check::Syntax) == Action::Reject
+        {
+            // RFC 5321 4.1.4: a refused EHLO leaves the session as it was.
+            self.reply(
+                out,
+                Reply::new(501, "5.5.2", "Invalid HELO/EHLO argument: use a domain name or an address literal (RFC 5321 4.1.1.1)"),
+            );
+            return;
+        }
+        self.generation = self.generation.wrapping_add(1);
+        let identity = Identity::new(verb, arg, parsed, self.generation);
+        out.actions.push(SessionAction::HeloAccepted {
+            generation: self.generation,
+            lookup: identity.lookup_name().map(str::to_string),
+        });
+        if config.reject_at == RejectAt::Helo && self.policy_can_refuse {
+            self.candidate = Some(identity);
+            self.park = Some(Park::HeloVerdict);
+        } else {
+            self.adopt(identity, out);
+        }
+        self.evaluate(out);
+    }
+
+    /// The identity is accepted: it replaces the old one and resets the transaction.
+    fn adopt(&mut self, identity: Identity, out: &mut Output) {
+        let config = &self.params.config;
+        let reply = if identity.verb == Verb::Ehlo {
+            let mut lines = vec![
+                config.hostname.clone(),
+                "PIPELINING".to_string(),
+                format!("SIZE {}", config.max_message_size),
+                "8BITMIME".to_string(),
+                "ENHANCEDSTATUSCODES".to_string(),
+                "SMTPUTF8".to_string(),
+                "CHUNKING".to_string(),
+            ];
+            if self.params.tls_available && self.tls.is_none() {
+                lines.push("STARTTLS".to_string());
+            }
+            Reply { code: 250, lines }
+        } else {
+            Reply::plain(250, &config.hostname)
+        };
+        self.current = Some(identity);
+        self.tx = None;
+        self.reply(out, reply);
+    }
+
+    /// Judges every identity whose facts are in, then resumes what waited for a verdict.
+    fn evaluate(&mut self, out: &mut Output) {
+        let reverse = self.reverse.as_ref();
+        let config = &self.params.config;
+        for identity in [self.candidate.as_mut(), self.current.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if identity.verdict.is_some() || !identity.ready_to_judge(reverse.is_some()) {
+                continue;
+            }
+            let input = CheckInput {
+                client_ip: self.params.client_ip,
+                helo: &identity.arg,
+                hostname: &config.hostname,
+                domains: &config.domains,
+            };
+            let verdict = (self.judge.decide)(
+                &input,
+                identity.forward.as_ref(),
+                reverse,
+                &config.helo_policy,
+                &config.helo_allow,
+            );
+            out.observations
+                .push(Observation::Verdict(Box::new(verdict.clone())));
+            identity.verdict = Some(verdict);
+        }
+        self.resume(out);
+    }
+
+    /// Answers what was parked on a verdict, if the verdict is there.
+    fn resume(&mut self, out: &mut Output) {
+        match self.park.take() {
+            Some(Park::HeloVerdict) => {
+                let decision = self
+                    .candidate
+                    .as_ref()
+                    .and_then(|id| id.verdict.as_ref())
+                    .map(|v| v.decision.clone());
+                match (decision, self.candidate.take()) {
+                    (Some(Decision::Accept), Some(identity)) => self.adopt(identity, out),
+                    (Some(Decision::Refuse(reply)), Some(identity)) => {
+                        if self.refused.len() == REMEMBERED_REFUSALS {
+                            self.refused.remove(0);
+                        }
+                        self.refused.push((identity.arg, reply.clone()));
+                        out.observations
+                            .push(Observation::MessageRejected(Stage::Helo));
+                        self.reply(out, reply);
+                    }
+                    (_, candidate) => {
+                        self.candidate = candidate;
+                        self.park = Some(Park::HeloVerdict);
+                    }
+                }
+            }
+            Some(Park::RcptVerdict { recipient }) => match self.current_decision() {
+                Some(decision) => self.answer_rcpt(recipient, decision, out),
+                None => self.park = Some(Park::RcptVerdict { recipient }),
+            },
+            Some(Park::DataVerdict {
+                content,
+                received_at,
+            }) => {
+                if self.current_decision().is_some() {
+                    self.deliver(content, received_at, out);
+                } else {
+                    self.park = Some(Park::DataVerdict {
+                        content,
+                        received_at,
+                    });
+                }
+            }
+            other => self.park = other,
+        }
+    }
+
+    fn current_decision(&self) -> Option<Decision> {
+        let verdict = self.current.as_ref()?.verdict.as_ref()?;
+        Some(verdict.decision.clone())
+    }
+
+    fn on_mail(&mut self, from: Path<'_>, params: MailParams, out: &mut Output) {
+        let config = &self.params.config;
+        if self.draining {
+            self.close_for_shutdown(out);
+            return;
+        }
+        if self.tx.is_some() {
+            self.reply(out, Reply::new(503, "5.5.1", "Nested MAIL command"));
+            return;
+        }
+        if self
+            .params
+            .spool_space_low
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            out.observations
+                .push(Observation::MessageRejected(Stage::Mail));
+            self.reply(out, Reply::new(452, "4.3.1", "Insufficient system storage"));
+            return;
+        }
+        // RFC 6531 3.4: UTF-8 addresses only in an SMTPUTF8 transaction.
+        if !params.smtputf8 && !from.mailbox.is_ascii() {
+            self.reply(
+                out,
+                Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"),
+            );
+            return;
+        }
+        let max = config.max_message_size;
+        if max != 0 && params.size.is_some_and(|size| size > max) {
+            out.observations
+                .push(Observation::MessageRejected(Stage::Mail));
+            self.reply(
+                out,
+                Reply::new(
+                    552,
+                    "5.3.4",
+                    "Message size exceeds fixed maximum message size",
+                ),
+            );
+            return;
+        }
+        self.tx = Some(Transaction::new(from.mailbox, params.smtputf8));
+        self.reply(out, Reply::new(250, "2.1.0", "Ok"));
+    }
+
+    fn on_rcpt(&mut self, to: Path<'_>, out: &mut Output) {
+        let config = &self.params.config;
+        let Some(tx) = self.tx.as_ref() else {
+            self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"));
+            return;
+        };
+        if tx.chunks.is_some() {
+            self.reply(out, Reply::new(503, "5.5.1", "RCPT after BDAT"));
+            return;
+        }
+        if !tx.smtputf8 && !to.mailbox.is_ascii() {
+            self.reply(
+                out,
+                Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"),
+            );
+            return;
+        }
+        let max = config.max_recipients;
+        if max != 0 && tx.recipients.len() >= max {
+            self.reply(out, Reply::new(452, "4.5.3", "Too many recipients"));
+            return;
+        }
+        // RFC 5321 4.5.1: <postmaster> is accepted whatever the domain list says.
+        if !to.is_bare_postmaster() && !config.domains.is_empty() {
+            let domain = to.domain.unwrap_or_default().trim_end_matches('.');
+            if !config
+                .domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(domain))
+            {
+                out.observations
+                    .push(Observation::MessageRejected(Stage::Rcpt));
+                self.reply(
+                    out,
+                    Reply::new(
+                        550,
+                        "5.7.1",
+                        "Recipient domain not accepted here: relay access denied",
+                    ),
+                );
+                return;
+            }
+        }
+        let recipient = to.mailbox.to_string();
+        if config.reject_at == RejectAt::Rcpt && self.policy_can_refuse {
+            match self.current_decision() {
+                Some(decision) => self.answer_rcpt(recipient, decision, out),
+                None => self.park = Some(Park::RcptVerdict { recipient }),
+            }
+            return;
+        }
+        self.answer_rcpt(recipient, Decision::Accept, out);
+    }
+
+    fn answer_rcpt(&mut self, recipient: String, decision: Decision, out: &mut Output) {
+        match (decision, self.tx.as_mut()) {
+            (Decision::Accept, Some(tx)) => {
+                tx.recipients.push(recipient);
+                self.reply(out, Reply::new(250, "2.1.5", "Ok"));
+            }
+            (Decision::Accept, None) => {
+                self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"))
+            }
+            (Decision::Refuse(reply), _) => {
+                out.observations
+                    .push(Observation::MessageRejected(Stage::Rcpt));
+                self.reply(out, reply);
+            }
+        }
+    }
+
+    /// 503 unless MAIL and at least one RCPT succeeded (RFC 5321 3.3).
+    fn ready_for_content(&mut self, out: &mut Output) -> bool {
+        let refusal = match self.tx.as_ref() {
+            None => "Need MAIL command",
+            Some(tx) if tx.recipients.is_empty() => "Need RCPT command",
+            Some(_) => return true,
+        };
+        self.reply(out, Reply::new(503, "5.5.1", refusal));
+        false
+    }
+
+    fn data_limits(&self) -> DataLimits {
+        let config = &self.params.config;
+        DataLimits {
+            max_message_size: config.max_message_size,
+            bare_line_feed: match config.bare_newline {
+                BareNewline::Normalize => BareLineFeed::Normalize,
+                BareNewline::Reject => BareLineFeed::Reject,
+            },
+        }
+    }
+
+    fn on_data(&mut self, now: Now, out: &mut Output) {
+        if !self.ready_for_content(out) {
+            return;
+        }
+        // RFC 3030 3: DATA and BDAT cannot be mixed in one transaction.
+        if self.tx.as_ref().is_some_and(|tx| tx.chunks.is_some()) {
+            self.reply(out, Reply::new(503, "5.5.1", "DATA not allowed after BDAT"));
+            return;
+        }
+        self.reply(
+            out,
+            Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"),
+        );
+        self.phase = Phase::Data(DataDecoder::new(Framing::Dot, self.data_limits()));
+        self.rate = Some(DataRate::start(now.mono));
+    }
+
+    fn on_bdat(&mut self, size: u64, last: bool, now: Now, out: &mut Output) {
+        // RFC 3030 3: the chunk's octets follow whatever the answer; read them to stay in sync.
+        if !self.ready_for_content(out) {
+            self.phase = Phase::SkipChunk { remaining: size };
+            return;
+        }
+        let limits = self.data_limits();
+        if let Some(tx) = self.tx.as_mut()
+            && tx.chunks.is_none()
+        {
+            tx.chunks = Some(DataDecoder::new(Framing::Chunked, limits));
+            self.rate = Some(DataRate::start(now.mono));
+        }
+        self.phase = Phase::Chunk {
+            size,
+            remaining: size,
+            last,
+        };
+    }
+
+    /// Every octet of the current chunk is in.
+    fn chunk_done(&mut self, now: Now, out: &mut Output) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Command);
+        let Phase::Chunk { size, last, .. } = phase else {
+            return;
+        };
+        if !last {
+            self.reply(
+                out,
+                Reply::new(250, "2.0.0", &format!("{size} octets received")),
+            );
+            return;
+        }
+        let decoder = self.tx.as_mut().and_then(|tx| tx.chunks.take());
+        if let Some(decoder) = decoder {
+            self.end_of_message(decoder.finish(), now, out);
+        }
+    }
+
+    fn end_of_message(&mut self, result: Result<Vec<u8>, DataRefusal>, now: Now, out: &mut Output) {
+        self.rate = None;
+        match result {
+            Err(refusal) => {
+                self.tx = None;
+                out.observations
+                    .push(Observation::MessageRejected(Stage::Data));
+                self.reply(out, refusal.reply());
+            }
+            Ok(content) => {
+                self.park = Some(Park::DataVerdict {
+                    content,
+                    received_at: now.wall,
+                });
+                self.resume(out);
+            }
+        }
+    }
+
+    /// Hands the message off and waits for `Event::Delivered`.
+    fn deliver(&mut self, content: Vec<u8>, received_at: SystemTime, out: &mut Output) {
+        let (Some(tx), Some(identity)) = (self.tx.take(), self.current.as_ref()) else {
+            self.reply(out, Reply::new(451, "4.3.0", "Local error in processing"));
+            return;
+        };
+        let Some(verdict) = identity.verdict.clone() else {
+            self.reply(out, Reply::new(451, "4.3.0", "Local error in processing"));
+            return;
+        };
+        self.handed_off += 1;
+        // Unique per process: the session ID, a separator that is no hex digit, the counter.
+        let queue_id = format!("{:X}Z{:X}", self.params.session_id, self.handed_off);
+        let tls = self.tls.is_some();
+        let protocol = match (tx.smtputf8, tls, identity.verb) {
+            (true, true, _) => Protocol::Utf8Smtps,
+            (true, false, _) => Protocol::Utf8Smtp,
+            (false, true, _) => Protocol::Esmtps,
+            (false, false, Verb::Ehlo) => Protocol::Esmtp,
+            (false, false, _) => Protocol::Smtp,
+        };
+        let envelope = Envelope {
+            reverse_path: tx.reverse_path,
+            recipients: tx.recipients,
+            trace: TraceInfo {
+                hostname: self.params.config.hostname.clone(),
+                helo: identity.arg.clone(),
+                client_ip: self.params.client_ip,
+                verdict,
+                tls: self.tls.clone(),
+                protocol,
+                queue_id: queue_id.clone(),
+                received_at,
+            },
+            content,
+        };
+        out.actions.push(SessionAction::Deliver(Box::new(envelope)));
+        self.park = Some(Park::Delivery { queue_id });
+    }
+
+    fn on_delivered(&mut self, outcome: DeliveryOutcome, out: &mut Output) {
+        let Some(Park::Delivery { queue_id }) = self.park.take() else {
+            return;
+        };
+        match outcome {
+            DeliveryOutcome::Accepted => {
+                self.messages += 1;
+                out.observations.push(Observation::MessageAccepted);
+                self.reply(
+                    out,
+                    Reply::new(250, "2.0.0", &format!("Ok: queued as {queue_id}")),
+                );
+            }
+            DeliveryOutcome::Failed(reply) => {
+                out.observations
+                    .push(Observation::MessageRejected(Stage::Data));
+                self.reply(out, reply);
+            }
+        }
+    }
+
+    fn on_starttls(&mut self, out: &mut Output) {
+        if !self.params.tls_available {
+            self.reply(out, Reply::new(502, "5.5.1", "STARTTLS not available"));
+        } else if self.tls.is_some() {
+            self.reply(out, Reply::new(503, "5.5.1", "Already in TLS"));
+        } else if self.tx.is_some() {
+            self.reply(
+                out,
+                Reply::new(
+                    503,
+                    "5.5.1",
+                    "STARTTLS not allowed during a mail transaction",
+                ),
+            );
+        } else {
+            self.reply(out, Reply::new(220, "2.0.0", "Ready to start TLS"));
+            out.actions.push(SessionAction::StartTls);
+            self.park = Some(Park::Tls);
+        }
+    }
+
+    /// RFC 3207 4.2: after the handshake the client starts over with EHLO.
+    fn on_tls(&mut self, info: TlsInfo) {
+        if !matches!(self.park, Some(Park::Tls)) {
+            return;
+        }
+        self.park = None;
+        self.tls = Some(info);
+        self.current = None;
+        self.candidate = None;
+        self.tx = None;
+        self.phase = Phase::Command;
+        self.lines.reset();
+    }
+
+    /// SIGTERM during a transaction: its final reply has gone out, now close.
+    fn check_draining(&mut self, out: &mut Output) {
+        if self.draining && !self.closed && !self.in_transaction() {
+            self.close_for_shutdown(out);
+        }
+    }
+
+    fn close_for_shutdown(&mut self, out: &mut Output) {
+        self.close(
+            out,
+            421,
+            "4.3.2",
+            "Service shutting down, closing connection",
+            Ending::Shutdown,
+        );
+    }
+
+    fn close(&mut self, out: &mut Output, code: u16, enhanced: &str, text: &str, ending: Ending) {
+        self.send_line(out, code, enhanced, text);
+        out.actions.push(SessionAction::Close);
+        self.closed = true;
+        self.ending = ending;
+        self.park = None;
+    }
+
+    /// A reply to a command or a message: 5xx counts toward HELOGUARD_MAX_ERRORS.
+    fn reply(&mut self, out: &mut Output, reply: Reply) {
+        self.send(out, &reply);
+        if reply.code >= 500 && self.counters.error_over(self.params.config.max_errors) {
+            self.close(
+                out,
+                421,
+                "4.7.0",
+                "Too many errors, closing connection",
+                Ending::TooManyErrors,
+            );
+        }
+    }
+
+    fn send(&mut self, out: &mut Output, reply: &Reply) {
+        reply.write_to(&mut out.bytes);
+        out.observations.push(Observation::Reply(reply.code));
+    }
+
+    fn send_line(&mut self, out: &mut Output, code: u16, enhanced: &str, text: &str) {
+        self.send(out, &Reply::new(code, enhanced, text));
+    }
+}

@@ -1,0 +1,141 @@
+//! What a session remembers between events: the HELO identities, the mail transaction, the
+//! input phase and what it is parked on.
+//!
+//! Stages are types, not strings (unlike Postfix's `state->where`): a transaction is a struct
+//! that RSET, EHLO and STARTTLS drop whole; the phase says how the next input bytes are read.
+
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use crate::dns::{Lookup, ReverseFacts};
+use crate::helo::checks::{CheckInput, HeloArg};
+use crate::helo::policy::{AllowEntry, HeloPolicy, HeloVerdict};
+use crate::protocol::command::Verb;
+use crate::protocol::data::DataDecoder;
+
+/// The HELO functions the session calls; a value so tests can judge without DNS rules.
+#[derive(Clone, Copy)]
+pub(crate) struct HeloJudge {
+    pub parse: fn(&str) -> HeloArg,
+    pub decide: fn(
+        &CheckInput<'_>,
+        Option<&Lookup<Vec<IpAddr>>>,
+        Option<&ReverseFacts>,
+        &HeloPolicy,
+        &[AllowEntry],
+    ) -> HeloVerdict,
+}
+
+impl HeloJudge {
+    /// The checks and policy of `crate::helo`.
+    pub const STANDARD: Self = Self {
+        parse: crate::helo::checks::parse_helo,
+        decide: crate::helo::policy::decide,
+    };
+}
+
+/// One EHLO/HELO identity that passed the syntax gate, and what is known about it.
+#[derive(Clone, Debug)]
+pub(crate) struct Identity {
+    /// `Verb::Ehlo` or `Verb::Helo`: decides the reply and the Received protocol.
+    pub verb: Verb,
+    /// The argument as sent (invalid UTF-8 replaced), for the checks and trace fields.
+    pub arg: String,
+    pub parsed: HeloArg,
+    /// Numbers `HeloAccepted`, `VerdictDeadline` and the verdict of this identity.
+    pub generation: u32,
+    /// A/AAAA of the name, once the loop has answered `HeloAccepted { lookup }`.
+    pub forward: Option<Lookup<Vec<IpAddr>>>,
+    /// The verdict deadline passed: evaluate with what is known.
+    pub deadline_passed: bool,
+    pub verdict: Option<HeloVerdict>,
+}
+
+impl Identity {
+    pub fn new(verb: Verb, arg: String, parsed: HeloArg, generation: u32) -> Self {
+        Self {
+            verb,
+            arg,
+            parsed,
+            generation,
+            forward: None,
+            deadline_passed: false,
+            verdict: None,
+        }
+    }
+
+    /// The name whose A/AAAA records the checks need, if any.
+    pub fn lookup_name(&self) -> Option<&str> {
+        match &self.parsed {
+            HeloArg::Domain(name) => Some(name),
+            _ => None,
+        }
+    }
+
+    /// Every fact the checks need is in (or the deadline made the missing ones temperror).
+    pub fn ready_to_judge(&self, reverse_known: bool) -> bool {
+        self.deadline_passed
+            || (reverse_known && (self.lookup_name().is_none() || self.forward.is_some()))
+    }
+}
+
+/// One mail transaction (RFC 5321 3.3), from MAIL to the final reply.
+#[derive(Debug)]
+pub(crate) struct Transaction {
+    /// Without angle brackets; empty for `<>`.
+    pub reverse_path: String,
+    /// MAIL ... SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// Forward-paths without angle brackets, in RCPT order.
+    pub recipients: Vec<String>,
+    /// The message so far once a BDAT was accepted (RFC 3030); DATA is then refused.
+    pub chunks: Option<DataDecoder>,
+}
+
+impl Transaction {
+    pub fn new(reverse_path: &str, smtputf8: bool) -> Self {
+        Self {
+            reverse_path: reverse_path.to_string(),
+            smtputf8,
+            recipients: Vec::new(),
+            chunks: None,
+        }
+    }
+}
+
+/// How the next input bytes are read.
+#[derive(Debug)]
+pub(crate) enum Phase {
+    /// Command lines.
+    Command,
+    /// DATA content up to CRLF.CRLF.
+    Data(DataDecoder),
+    /// The octets of an accepted BDAT chunk, into the transaction's decoder.
+    Chunk {
+        size: u64,
+        remaining: u64,
+        last: bool,
+    },
+    /// The octets of a refused BDAT chunk, read and dropped to stay in sync (RFC 3030 3).
+    SkipChunk { remaining: u64 },
+}
+
+/// What the session waits for; no input is consumed meanwhile.
+#[derive(Debug)]
+pub(crate) enum Park {
+    /// `Event::Greet` or `Event::Pregreeted`.
+    Greeting,
+    /// REJECT_AT=helo: the verdict on the candidate identity, to answer its EHLO/HELO.
+    HeloVerdict,
+    /// REJECT_AT=rcpt: the verdict, to answer this RCPT.
+    RcptVerdict { recipient: String },
+    /// The message is complete; its trace fields need the verdict.
+    DataVerdict {
+        content: Vec<u8>,
+        received_at: SystemTime,
+    },
+    /// `Event::Delivered` for this queue ID.
+    Delivery { queue_id: String },
+    /// `Event::TlsEstablished` after our 220 to STARTTLS.
+    Tls,
+}
