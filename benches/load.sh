@@ -191,8 +191,10 @@ if [ "$PERF" = 1 ] && [ -n "$SMTP_SOURCE" ]; then
   PERF_PID=$!; PIDS+=("$PERF_PID"); sleep 0.5
   run_load "heloguard-perf/a/smtp-source/r1" "$HG_PID" "$HG_PORT" "$MSGS_A" -s 50 -l 1000
   kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true
-  perf report -i "$OUT/perf.data" --stdio --no-children -g none --percent-limit 0.3 2>/dev/null |
+  perf report -i "$OUT/perf.data" --stdio --no-children -g none --sort sym --percent-limit 0.3 2>/dev/null |
     grep -v '^#' | grep -v '^$' | head -n 10 > "$OUT/perf-top10.txt"
+  perf report -i "$OUT/perf.data" --stdio --no-children -g none --sort comm --percent-limit 0.5 2>/dev/null |
+    grep -v '^#' | grep -v '^$' > "$OUT/perf-threads.txt"
   perf report -i "$OUT/perf.data" --stdio --no-children -g caller,0.5,callee --percent-limit 2 \
     2>/dev/null > "$OUT/perf-callers.txt" || true
   stop_pid "$HG_PID"
@@ -213,6 +215,8 @@ if [ "$CALLGRIND" = 1 ] && [ -n "$SMTP_SOURCE" ]; then
       sleep 1
       stop_pid "$HG_PID"
       ir=$(sed -n 's/^\(summary\|totals\): *//p' "$OUT/callgrind.w$w.n$n.out" | head -n 1)
+      callgrind_annotate "$OUT/callgrind.w$w.n$n.out" 2>/dev/null | sed -n '/file:function/,$p' | head -n 25 \
+        > "$OUT/callgrind.w$w.n$n.top.txt" || true
       echo "{\"tool\":\"callgrind\",\"workers\":$w,\"messages\":$n,\"ir\":${ir:-0}}" | tee -a "$RES" >&2
     done
   done
@@ -302,5 +306,8 @@ p = os.path.join(out, "perf-top10.txt")
 if os.path.exists(p):
     print("\n### perf top 10 (load a, cpu-clock, self time)\n")
     print("```\n" + open(p).read().rstrip() + "\n```")
+    t = os.path.join(out, "perf-threads.txt")
+    if os.path.exists(t):
+        print("\nby thread:\n```\n" + open(t).read().rstrip() + "\n```")
 print("\nraw results: " + res)
 EOF

@@ -461,6 +461,21 @@ struct Identity {
     helo: String,
 }
 
+/// The address of the other family that every name with records also gets, so that no
+/// positive name answers NODATA: the test responder sends no SOA with a negative answer, and
+/// a resolver cannot cache a negative answer without one.
+fn other_family(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => "2001:db8:ffff::fe".parse().unwrap(),
+        IpAddr::V6(_) => "203.0.113.254".parse().unwrap(),
+    }
+}
+
+/// `name` resolves to `ip` and to an address of the other family.
+fn dual(z: TestZone, name: &str, ip: IpAddr) -> TestZone {
+    z.addr(name, ip).addr(name, other_family(ip))
+}
+
 /// Identity `i` and the records it needs. Kinds, by i % 8: 0-2 aligned (PTR, A, HELO name
 /// agree), 3 forward mismatch (PTR confirms, HELO's A points elsewhere), 4 HELO name
 /// NXDOMAIN with a dynamic-looking PTR, 5 no PTR, 6 HELO without a dot, 7 address literal.
@@ -474,17 +489,18 @@ fn identity(i: usize, mut z: TestZone) -> (Identity, TestZone) {
     let helo = match i % 8 {
         0..=2 => {
             let name = format!("mail{i}.{dom}");
-            z = z.addr(&name, ip).ptr(ip, &name);
+            z = dual(z, &name, ip).ptr(ip, &name);
             name
         }
         3 => {
             let name = format!("out{i}.{dom}");
             let ptr = format!("host-{i}.isp{}.test", i % 13);
-            let other: IpAddr = match ip {
-                IpAddr::V4(_) => "203.0.113.254".parse().unwrap(),
-                IpAddr::V6(_) => "2001:db8:ffff::fe".parse().unwrap(),
+            let elsewhere: IpAddr = match ip {
+                IpAddr::V4(_) => "203.0.113.253".parse().unwrap(),
+                IpAddr::V6(_) => "2001:db8:ffff::fd".parse().unwrap(),
             };
-            z = z.addr(&name, other).addr(&ptr, ip).ptr(ip, &ptr);
+            z = dual(z, &name, elsewhere);
+            z = dual(z, &ptr, ip).ptr(ip, &ptr);
             name
         }
         4 => {
@@ -495,22 +511,22 @@ fn identity(i: usize, mut z: TestZone) -> (Identity, TestZone) {
                 }
                 IpAddr::V6(_) => format!("dhcp{i}.pool.isp{}.test", i % 13),
             };
-            z = z.addr(&ptr, ip).ptr(ip, &ptr);
+            z = dual(z, &ptr, ip).ptr(ip, &ptr);
             format!("nx{i}.{dom}")
         }
         5 => {
             let name = format!("relay{i}.{dom}");
-            z = z.addr(&name, ip);
+            z = dual(z, &name, ip);
             name
         }
         6 => {
-            let name = format!("workstation{i}");
-            z = z.ptr(ip, &format!("ws{i}.{dom}")).addr(&format!("ws{i}.{dom}"), ip);
-            name
+            let ptr = format!("ws{i}.{dom}");
+            z = dual(z, &ptr, ip).ptr(ip, &ptr);
+            format!("workstation{i}")
         }
         _ => {
             let ptr = format!("lit{i}.{dom}");
-            z = z.addr(&ptr, ip).ptr(ip, &ptr);
+            z = dual(z, &ptr, ip).ptr(ip, &ptr);
             match ip {
                 IpAddr::V4(v4) => format!("[{v4}]"),
                 IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
