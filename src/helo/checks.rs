@@ -88,8 +88,9 @@ fn parse_address_literal(inner: &str) -> HeloArg {
 }
 
 /// Lower-cases a domain and drops one trailing dot, or returns `None` when it is not a domain
-/// by SPEC's rule: letter/digit/hyphen labels of 1-63 octets, underscore tolerated (it is
-/// common in real host names), at most 255 octets.
+/// by SPEC's rule: letter/digit/hyphen labels of 1-63 octets (no hyphen at either end, as
+/// RFC 5321 4.1.2), underscore tolerated (it is common in real host names), at most 255
+/// octets.
 pub fn normalize_domain(name: &str) -> Option<String> {
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.is_empty() || name.len() > MAX_DOMAIN_LEN {
@@ -100,11 +101,16 @@ pub fn normalize_domain(name: &str) -> Option<String> {
         .then(|| name.to_ascii_lowercase())
 }
 
+/// RFC 5321 4.1.2 `sub-domain = Let-dig [Ldh-str]`, where an Ldh-str ends in a Let-dig: a
+/// hyphen may not start or end a label. Underscore is tolerated anywhere.
 fn is_label(label: &str) -> bool {
-    (1..=MAX_LABEL_LEN).contains(&label.len())
-        && label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    let bytes = label.as_bytes();
+    (1..=MAX_LABEL_LEN).contains(&bytes.len())
+        && bytes.first() != Some(&b'-')
+        && bytes.last() != Some(&b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
 }
 
 /// Lower case without a trailing dot, for comparing names that did not come through

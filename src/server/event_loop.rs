@@ -925,7 +925,13 @@ impl Server {
                     self.push_timer(due, id, TimerKind::Idle);
                     return;
                 }
-                if conn.phase == Phase::Active && (conn.session.is_some() || conn.at_worker) {
+                if conn.tls.is_some() && !conn.tls_up {
+                    // A handshake that never completes is a failed handshake.
+                    self.metrics.tls_handshake(false);
+                    info!("{}: TLS handshake timed out", conn.client_ip);
+                    self.close(slot, "TLS handshake timeout");
+                } else if conn.phase == Phase::Active && (conn.session.is_some() || conn.at_worker)
+                {
                     conn.pending.push(OwnedEvent::IdleTimeout);
                     self.pump(slot);
                 } else {
@@ -1011,6 +1017,23 @@ fn log_verdict(conn: &Conn, verdict: &crate::helo::policy::HeloVerdict) {
         .and_then(|s| s.summary().helo)
         .unwrap_or_default();
     let failed: Vec<&str> = verdict.failed.iter().map(|c| c.name()).collect();
+    // SPEC: a `log` check is run, logged and counted, but left out of the verdict. It is the
+    // one that failed by measure while the header shows `none` (an `off` check measures none).
+    let log_failed: Vec<&str> = crate::helo::Check::ALL
+        .into_iter()
+        .filter(|c| {
+            verdict.measured[c.index()] == crate::helo::CheckResult::Fail
+                && verdict.shown[c.index()] == crate::helo::CheckResult::None
+        })
+        .map(|c| c.name())
+        .collect();
+    let list = |names: &[&str]| {
+        if names.is_empty() {
+            "-".to_string()
+        } else {
+            names.join(",")
+        }
+    };
     let dns_ms = conn
         .dns
         .reverse_took
@@ -1018,17 +1041,14 @@ fn log_verdict(conn: &Conn, verdict: &crate::helo::policy::HeloVerdict) {
         .map(|d| d.as_millis())
         .unwrap_or(0);
     info!(
-        "helo verdict ip={} helo={:?} ptr={} verdict={} action={} failed={} dns_ms={}",
+        "helo verdict ip={} helo={:?} ptr={} verdict={} action={} failed={} log_failed={} dns_ms={}",
         conn.client_ip,
         helo,
         verdict.ptr.as_deref().unwrap_or("none"),
         verdict.kind,
         verdict.action.name(),
-        if failed.is_empty() {
-            "-".to_string()
-        } else {
-            failed.join(",")
-        },
+        list(&failed),
+        list(&log_failed),
         dns_ms,
     );
 }

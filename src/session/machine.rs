@@ -39,6 +39,17 @@ use crate::spool::{Envelope, Protocol, TraceInfo};
 /// Refused identities remembered per session (REJECT_AT=helo), so a repeat gets the same answer.
 const REMEMBERED_REFUSALS: usize = 16;
 
+/// The EHLO/HELO argument as text: valid UTF-8 is kept, and each octet of an invalid sequence
+/// becomes one `?`, so headers show one `?` per octet (SPEC) and never a 3-octet U+FFFD.
+fn helo_text(arg: &[u8]) -> String {
+    let mut text = String::with_capacity(arg.len());
+    for chunk in arg.utf8_chunks() {
+        text.push_str(chunk.valid());
+        text.extend(std::iter::repeat_n('?', chunk.invalid().len()));
+    }
+    text
+}
+
 /// Whether the banner went out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Greeting {
@@ -121,6 +132,19 @@ impl Session {
             handed_off: 0,
             bytes: 0,
         }
+    }
+
+    /// Tests: make the verdict gate RCPT/EHLO whatever the policy says (the policy parser
+    /// lives in `helo`).
+    #[cfg(test)]
+    pub(crate) fn set_policy_can_refuse(&mut self, can_refuse: bool) {
+        self.policy_can_refuse = can_refuse;
+    }
+
+    /// Tests: the flag the loop sets when the spool runs low.
+    #[cfg(test)]
+    pub(crate) fn spool_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        std::sync::Arc::clone(&self.params.spool_space_low)
     }
 
     /// Processes one event, appending replies, actions and observations to `out`.
@@ -400,7 +424,7 @@ impl Session {
     }
 
     fn on_helo(&mut self, verb: Verb, arg: &[u8], out: &mut Output) {
-        let arg = String::from_utf8_lossy(arg).into_owned();
+        let arg = helo_text(arg);
         // SPEC: a refused identity stays refused when repeated, or sent with the other verb.
         if let Some((_, reply)) = self
             .refused
@@ -425,7 +449,10 @@ impl Session {
             return;
         }
         self.generation = self.generation.wrapping_add(1);
-        let identity = Identity::new(verb, arg, parsed, self.generation);
+        let needs_forward = [Check::Localhost, Check::Forward, Check::ForwardMatch]
+            .into_iter()
+            .any(|check| config.helo_policy.action(check) != Action::Off);
+        let identity = Identity::new(verb, arg, parsed, self.generation, needs_forward);
         out.actions.push(SessionAction::HeloAccepted {
             generation: self.generation,
             lookup: identity.lookup_name().map(str::to_string),
@@ -507,10 +534,15 @@ impl Session {
                 match (decision, self.candidate.take()) {
                     (Some(Decision::Accept), Some(identity)) => self.adopt(identity, out),
                     (Some(Decision::Refuse(reply)), Some(identity)) => {
-                        if self.refused.len() == REMEMBERED_REFUSALS {
-                            self.refused.remove(0);
+                        // A policy refusal sticks to the identity (sending it again, or with
+                        // the other verb, must not get through). A 451 for undecided DNS is
+                        // not a judgement: the next try runs the checks again.
+                        if reply.code != 451 {
+                            if self.refused.len() == REMEMBERED_REFUSALS {
+                                self.refused.remove(0);
+                            }
+                            self.refused.push((identity.arg, reply.clone()));
                         }
-                        self.refused.push((identity.arg, reply.clone()));
                         out.observations
                             .push(Observation::MessageRejected(Stage::Helo));
                         self.reply(out, reply);

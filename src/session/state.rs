@@ -13,17 +13,20 @@ use crate::helo::policy::{AllowEntry, HeloPolicy, HeloVerdict};
 use crate::protocol::command::Verb;
 use crate::protocol::data::DataDecoder;
 
+/// Runs the checks and the policy on what is known of one identity.
+pub(crate) type DecideFn = fn(
+    &CheckInput<'_>,
+    Option<&Lookup<Vec<IpAddr>>>,
+    Option<&ReverseFacts>,
+    &HeloPolicy,
+    &[AllowEntry],
+) -> HeloVerdict;
+
 /// The HELO functions the session calls; a value so tests can judge without DNS rules.
 #[derive(Clone, Copy)]
 pub(crate) struct HeloJudge {
     pub parse: fn(&str) -> HeloArg,
-    pub decide: fn(
-        &CheckInput<'_>,
-        Option<&Lookup<Vec<IpAddr>>>,
-        Option<&ReverseFacts>,
-        &HeloPolicy,
-        &[AllowEntry],
-    ) -> HeloVerdict,
+    pub decide: DecideFn,
 }
 
 impl HeloJudge {
@@ -49,10 +52,19 @@ pub(crate) struct Identity {
     /// The verdict deadline passed: evaluate with what is known.
     pub deadline_passed: bool,
     pub verdict: Option<HeloVerdict>,
+    /// Some enabled check reads the name's A/AAAA records (localhost, forward,
+    /// forward_match); with all three off the lookup is not made and not waited for.
+    pub needs_forward: bool,
 }
 
 impl Identity {
-    pub fn new(verb: Verb, arg: String, parsed: HeloArg, generation: u32) -> Self {
+    pub fn new(
+        verb: Verb,
+        arg: String,
+        parsed: HeloArg,
+        generation: u32,
+        needs_forward: bool,
+    ) -> Self {
         Self {
             verb,
             arg,
@@ -61,13 +73,14 @@ impl Identity {
             forward: None,
             deadline_passed: false,
             verdict: None,
+            needs_forward,
         }
     }
 
     /// The name whose A/AAAA records the checks need, if any.
     pub fn lookup_name(&self) -> Option<&str> {
         match &self.parsed {
-            HeloArg::Domain(name) => Some(name),
+            HeloArg::Domain(name) if self.needs_forward => Some(name),
             _ => None,
         }
     }

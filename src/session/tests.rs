@@ -1,1 +1,907 @@
+//! Session tests through the public API only: a small harness plays the event loop (re-offers
+//! unread input, answers DNS, deliveries and TLS), and `cmd(line, "250 2.1.0")`-style tables
+//! check the reply to each line, code first.
 
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant, SystemTime};
+
+use proptest::prelude::*;
+
+use crate::config::{BareNewline, Config, DeliverTarget};
+use crate::dns::{Lookup, ReverseFacts};
+use crate::helo::checks::{CheckInput, HeloArg};
+use crate::helo::policy::{AllowEntry, Decision, HeloPolicy, HeloVerdict, IprevResult, RejectAt};
+use crate::helo::{Action, CheckResult, VerdictKind};
+use crate::protocol::reply::Reply;
+use crate::session::state::HeloJudge;
+use crate::session::{
+    DeliveryOutcome, Ending, Event, Now, Observation, Output, Session, SessionAction,
+    SessionParams, Stage, TlsInfo,
+};
+use crate::spool::{Envelope, Protocol};
+
+fn config() -> Config {
+    Config {
+        listen: Vec::new(),
+        proxy_listen: Vec::new(),
+        proxy_trusted: Vec::new(),
+        hostname: "mx.test".into(),
+        workers: 1,
+        spool_writers: 1,
+        dns_servers: Vec::new(),
+        dns_timeout: Duration::from_secs(2),
+        deliver: DeliverTarget::Maildir,
+        spool: "spool".into(),
+        min_free_mb: 0,
+        domains: Vec::new(),
+        max_message_size: 10_000_000,
+        max_recipients: 100,
+        max_connections: 0,
+        max_connections_per_ip: 0,
+        timeout: Duration::from_secs(300),
+        min_data_rate: 500,
+        max_errors: 20,
+        max_junk: 100,
+        greet_delay: Duration::ZERO,
+        tls_cert: None,
+        tls_key: None,
+        helo_policy: HeloPolicy::default(),
+        helo_allow: Vec::new(),
+        reject_at: RejectAt::Rcpt,
+        bare_newline: BareNewline::Normalize,
+        metrics: None,
+        shutdown_grace: Duration::from_secs(30),
+    }
+}
+
+/// Stands in for `helo::checks::parse_helo`: enough shape for the session's decisions.
+fn fake_parse(arg: &str) -> HeloArg {
+    if let Some(inner) = arg.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+        return inner
+            .parse()
+            .map_or(HeloArg::Invalid, HeloArg::AddressLiteral);
+    }
+    if let Ok(ip) = arg.parse() {
+        return HeloArg::BareIp(ip);
+    }
+    let ok = arg.contains('.')
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    if ok {
+        HeloArg::Domain(arg.to_ascii_lowercase())
+    } else {
+        HeloArg::Invalid
+    }
+}
+
+/// Stands in for `helo::policy::decide`: names starting `refuse` get 550, `defer` 450,
+/// `tempfail` 451.
+fn fake_decide(
+    input: &CheckInput<'_>,
+    _forward: Option<&Lookup<Vec<IpAddr>>>,
+    _reverse: Option<&ReverseFacts>,
+    _policy: &HeloPolicy,
+    _allow: &[AllowEntry],
+) -> HeloVerdict {
+    let decision = if input.helo.starts_with("refuse") {
+        Decision::Refuse(Reply::new(550, "5.7.1", "HELO refused"))
+    } else if input.helo.starts_with("defer") {
+        Decision::Refuse(Reply::new(450, "4.7.1", "HELO deferred"))
+    } else if input.helo.starts_with("tempfail") {
+        Decision::Refuse(Reply::new(451, "4.4.3", "HELO not verified"))
+    } else {
+        Decision::Accept
+    };
+    HeloVerdict {
+        kind: if decision == Decision::Accept {
+            VerdictKind::Pass
+        } else {
+            VerdictKind::Fail
+        },
+        shown: [CheckResult::None; 11],
+        measured: [CheckResult::None; 11],
+        action: Action::Off,
+        failed: Vec::new(),
+        allowed_by: None,
+        ptr: None,
+        iprev: IprevResult::PermError,
+        decision,
+    }
+}
+
+const FAKE: HeloJudge = HeloJudge {
+    parse: fake_parse,
+    decide: fake_decide,
+};
+
+fn tls_info() -> TlsInfo {
+    TlsInfo {
+        version: "TLSv1.3".into(),
+        cipher: "TLS_AES_256_GCM_SHA384".into(),
+        bits: 256,
+    }
+}
+
+/// Plays the event loop around one session.
+struct Harness {
+    session: Session,
+    now: Now,
+    /// Input not yet consumed, offered again with what comes next.
+    pending: Vec<u8>,
+    replies: Vec<u8>,
+    observations: Vec<Observation>,
+    envelopes: Vec<Envelope>,
+    lookups: Vec<(u32, Option<String>)>,
+    /// Answer Reverse at greeting and every Forward at once (NXDOMAIN).
+    auto_dns: bool,
+    /// Answer every Deliver with this.
+    auto_deliver: Option<DeliveryOutcome>,
+    close_seen: bool,
+}
+
+impl Harness {
+    fn new(config: Config) -> Self {
+        Self::build(config, false, true)
+    }
+
+    fn build(config: Config, tls_available: bool, auto_dns: bool) -> Self {
+        let params = SessionParams {
+            config: Arc::new(config),
+            client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
+            session_id: 0xABC,
+            tls_available,
+            spool_space_low: Arc::new(AtomicBool::new(false)),
+        };
+        let mut h = Self {
+            session: Session::with_judge(params, FAKE),
+            now: Now {
+                mono: Instant::now(),
+                wall: SystemTime::UNIX_EPOCH,
+            },
+            pending: Vec::new(),
+            replies: Vec::new(),
+            observations: Vec::new(),
+            envelopes: Vec::new(),
+            lookups: Vec::new(),
+            auto_dns,
+            auto_deliver: Some(DeliveryOutcome::Accepted),
+            close_seen: false,
+        };
+        h.event(Event::Greet);
+        if auto_dns {
+            h.event(Event::Reverse(ReverseFacts {
+                ptr: Lookup::NxDomain,
+            }));
+        }
+        h
+    }
+
+    fn event(&mut self, event: Event<'_>) {
+        let mut out = Output::default();
+        self.session.handle(event, self.now, &mut out);
+        self.absorb(out);
+        self.pump();
+    }
+
+    fn input(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+        self.pump();
+    }
+
+    /// Offers the unread input while the session wants it and makes progress.
+    fn pump(&mut self) {
+        while self.session.wants_input() && !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            let mut out = Output::default();
+            self.session
+                .handle(Event::Input(&pending), self.now, &mut out);
+            self.pending = pending[out.consumed..].to_vec();
+            let progressed = out.consumed > 0;
+            self.absorb(out);
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn absorb(&mut self, out: Output) {
+        self.replies.extend_from_slice(&out.bytes);
+        self.observations.extend(out.observations);
+        for action in out.actions {
+            match action {
+                SessionAction::HeloAccepted { generation, lookup } => {
+                    self.lookups.push((generation, lookup.clone()));
+                    if let (true, Some(name)) = (self.auto_dns, lookup) {
+                        self.event(Event::Forward {
+                            name,
+                            addrs: Lookup::NxDomain,
+                        });
+                    }
+                }
+                SessionAction::Deliver(envelope) => {
+                    self.envelopes.push(*envelope);
+                    if let Some(outcome) = self.auto_deliver.clone() {
+                        self.event(Event::Delivered(outcome));
+                    }
+                }
+                SessionAction::StartTls => {
+                    // RFC 3207 4.2: the loop discards every unread plaintext byte.
+                    self.pending.clear();
+                    self.event(Event::TlsEstablished(tls_info()));
+                }
+                SessionAction::Close => self.close_seen = true,
+            }
+        }
+    }
+
+    fn take(&mut self) -> String {
+        String::from_utf8_lossy(&std::mem::take(&mut self.replies)).into_owned()
+    }
+
+    /// Sends one line and checks that its reply (all of it) starts with `want`.
+    fn cmd(&mut self, line: &str, want: &str) -> String {
+        self.input(format!("{line}\r\n").as_bytes());
+        let got = self.take();
+        assert!(
+            got.starts_with(want),
+            "{line:?}: want {want:?}, got {got:?}"
+        );
+        got
+    }
+
+    fn script(&mut self, steps: &[(&str, &str)]) {
+        for (line, want) in steps {
+            self.cmd(line, want);
+        }
+    }
+
+    fn rejected(&self, stage: Stage) -> usize {
+        self.observations
+            .iter()
+            .filter(|o| matches!(o, Observation::MessageRejected(s) if *s == stage))
+            .count()
+    }
+}
+
+fn greeted() -> Harness {
+    let mut h = Harness::new(config());
+    assert_eq!(h.take(), "220 mx.test ESMTP heloguard\r\n");
+    h
+}
+
+fn with(change: impl FnOnce(&mut Config)) -> Harness {
+    let mut c = config();
+    change(&mut c);
+    let mut h = Harness::new(c);
+    h.take();
+    h
+}
+
+const TRANSACTION: &[(&str, &str)] = &[
+    ("EHLO client.example", "250-mx.test"),
+    ("MAIL FROM:<a@b.example>", "250 2.1.0"),
+    ("RCPT TO:<c@d.example>", "250 2.1.5"),
+    ("DATA", "354 2.0.0"),
+];
+
+#[test]
+fn ehlo_and_helo_replies() {
+    let mut h = greeted();
+    assert_eq!(
+        h.cmd("EHLO client.example", "250"),
+        "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 10000000\r\n250-8BITMIME\r\n\
+         250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n"
+    );
+    assert_eq!(h.cmd("HELO client.example", "250"), "250 mx.test\r\n");
+    let mut h = Harness::build(config(), true, true);
+    h.take();
+    assert!(
+        h.cmd("EHLO client.example", "250")
+            .ends_with("250 STARTTLS\r\n")
+    );
+}
+
+#[test]
+fn dialogue_table() {
+    let mut h = with(|c| c.max_errors = 0);
+    h.script(&[
+        ("NOOP", "250 2.0.0"),
+        ("RSET", "250 2.0.0"),
+        ("VRFY postmaster", "252 2.5.0"),
+        ("HELP", "214 2.0.0"),
+        ("MAIL FROM:<a@b.example>", "503 5.5.1"),
+        ("RCPT TO:<a@b.example>", "503 5.5.1"),
+        ("DATA", "503 5.5.1"),
+        ("BDAT 0 LAST", "503 5.5.1"),
+        ("STARTTLS", "503 5.5.1"),
+        ("EHLO", "501 5.5.4"),
+        ("HELO", "501 5.5.4"),
+        ("EHLO bad!name", "501 5.5.2"),
+        ("MAIL FROM:<a@b.example>", "503 5.5.1"),
+        ("EXPN list", "500 5.5.2"),
+        ("PROXY TCP4 1.2.3.4 5.6.7.8 1 2", "500 5.5.2"),
+        ("EHLO client.example", "250-mx.test"),
+        ("EHLO bad!name", "501 5.5.2"),
+        ("RCPT TO:<a@b.example>", "503 5.5.1"),
+        ("DATA", "503 5.5.1"),
+        ("MAIL FROM:<a@b.example> FOO=1", "555 5.5.4"),
+        ("MAIL FROM:a@b.example", "501 5.5.4"),
+        ("MAIL FROM:<>", "250 2.1.0"),
+        ("MAIL FROM:<a@b.example>", "503 5.5.1"),
+        ("DATA", "503 5.5.1"),
+        ("RCPT TO:<c@d.example> NOTIFY=NEVER", "555 5.5.4"),
+        ("RCPT TO:<c@d.example>", "250 2.1.5"),
+        ("STARTTLS", "502 5.5.1"),
+        ("EHLO other.example", "250-mx.test"),
+        ("RCPT TO:<c@d.example>", "503 5.5.1"),
+        ("NOOP", "250"),
+        ("MAIL FROM:<ü@b.example>", "553 5.6.7"),
+        ("MAIL FROM:<ü@b.example> SMTPUTF8", "250 2.1.0"),
+        ("RSET", "250 2.0.0"),
+        ("QUIT", "221 2.0.0"),
+    ]);
+    assert!(h.close_seen && h.session.is_closed());
+    assert_eq!(h.session.summary().ending, Ending::Quit);
+    assert_eq!(h.session.summary().helo.as_deref(), Some("other.example"));
+}
+
+#[test]
+fn every_reply_is_observed() {
+    let mut h = greeted();
+    h.script(&[("NOOP", "250"), ("BOGUS", "500"), ("QUIT", "221")]);
+    let codes: Vec<u16> = h
+        .observations
+        .iter()
+        .filter_map(|o| match o {
+            Observation::Reply(c) => Some(*c),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(codes, [220, 250, 500, 221]);
+}
+
+#[test]
+fn a_transaction_delivers_an_envelope() {
+    let mut h = greeted();
+    h.script(TRANSACTION);
+    h.input(b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n");
+    assert_eq!(h.take(), "250 2.0.0 Ok: queued as ABCZ1\r\n");
+    let e = &h.envelopes[0];
+    assert_eq!(e.reverse_path, "a@b.example");
+    assert_eq!(e.recipients, ["c@d.example"]);
+    assert_eq!(e.content, b"Subject: hi\r\n\r\n.dot\r\nbody\r\n");
+    assert_eq!(e.trace.helo, "client.example");
+    assert_eq!(e.trace.protocol, Protocol::Esmtp);
+    assert_eq!(e.trace.queue_id, "ABCZ1");
+    assert!(
+        h.observations
+            .iter()
+            .any(|o| matches!(o, Observation::MessageAccepted))
+    );
+    assert_eq!(h.session.summary().messages, 1);
+    // The second message gets the next queue ID; HELO gives SMTP, SMTPUTF8 gives UTF8SMTP.
+    h.script(&[
+        ("HELO client.example", "250 mx.test"),
+        ("MAIL FROM:<a@b.example> SMTPUTF8", "250"),
+        ("RCPT TO:<c@d.example>", "250"),
+        ("DATA", "354"),
+    ]);
+    h.cmd(".", "250 2.0.0 Ok: queued as ABCZ2");
+    assert_eq!(h.envelopes[1].trace.protocol, Protocol::Utf8Smtp);
+    assert_eq!(h.envelopes[1].content, b"");
+}
+
+#[test]
+fn delivery_failure_gives_its_reply() {
+    let mut h = greeted();
+    h.auto_deliver = Some(DeliveryOutcome::Failed(Reply::new(
+        451,
+        "4.3.0",
+        "Spool error",
+    )));
+    h.script(TRANSACTION);
+    h.cmd("x\r\n.", "451 4.3.0 Spool error");
+    assert_eq!(h.rejected(Stage::Data), 1);
+    h.cmd("MAIL FROM:<a@b.example>", "250");
+}
+
+#[test]
+fn pipelined_transaction_answers_in_order() {
+    let mut h = greeted();
+    h.input(
+        b"EHLO client.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n\
+          RCPT TO:<e@d.example>\r\nDATA\r\nhello\r\n.\r\nQUIT\r\n",
+    );
+    let replies = h.take();
+    let codes: Vec<&str> = replies
+        .lines()
+        .filter(|l| !l.starts_with("250-"))
+        .map(|l| &l[..3])
+        .collect();
+    assert_eq!(codes, ["250", "250", "250", "250", "354", "250", "221"]);
+    assert_eq!(h.envelopes[0].content, b"hello\r\n");
+    assert_eq!(h.envelopes[0].recipients.len(), 2);
+}
+
+#[test]
+fn smuggling_variants_never_end_data() {
+    for variant in ["\n.\n", "\r.\r", "\n.\r\n", "\r\n.\n"] {
+        let mut h = greeted();
+        h.script(TRANSACTION);
+        let smuggled = format!(
+            "a{variant}MAIL FROM:<evil@x.example>\r\nRCPT TO:<v@d.example>\r\nDATA\r\nevil\r\n.\r\n"
+        );
+        h.input(smuggled.as_bytes());
+        assert_eq!(h.take(), "250 2.0.0 Ok: queued as ABCZ1\r\n", "{variant:?}");
+        assert_eq!(h.envelopes.len(), 1);
+        let content = String::from_utf8_lossy(&h.envelopes[0].content).into_owned();
+        assert!(
+            content.contains("MAIL FROM:<evil@x.example>"),
+            "{variant:?}"
+        );
+    }
+}
+
+#[test]
+fn bare_line_feed_both_modes() {
+    let mut h = greeted();
+    h.script(TRANSACTION);
+    h.input(b"a\nb\r\n.\r\n");
+    assert_eq!(h.take(), "250 2.0.0 Ok: queued as ABCZ1\r\n");
+    assert_eq!(h.envelopes[0].content, b"a\r\nb\r\n");
+    let mut h = with(|c| c.bare_newline = BareNewline::Reject);
+    h.script(TRANSACTION);
+    h.input(b"a\nb\r\n.\r\n");
+    assert!(h.take().starts_with("550 5.5.2"));
+    assert!(h.envelopes.is_empty());
+    assert_eq!(h.rejected(Stage::Data), 1);
+    h.script(&[("NOOP", "250"), ("MAIL FROM:<a@b.example>", "250")]);
+}
+
+#[test]
+fn message_refusals_at_end_of_data() {
+    let long = "x".repeat(999);
+    let mut h = greeted();
+    h.script(TRANSACTION);
+    h.cmd(&format!("{long}\r\n."), "550 5.6.0");
+    let mut h = with(|c| c.max_message_size = 100);
+    h.script(TRANSACTION);
+    h.cmd(&format!("{}\r\n.", "y".repeat(200)), "552 5.3.4");
+    h.cmd("MAIL FROM:<a@b.example> SIZE=101", "552 5.3.4");
+    h.cmd("MAIL FROM:<a@b.example> SIZE=100", "250");
+    assert_eq!(h.rejected(Stage::Mail), 1);
+    let mut h = greeted();
+    h.script(TRANSACTION);
+    h.cmd(
+        &format!("{}\r\nbody\r\n.", "Received: x\r\n".repeat(101)),
+        "554 5.4.6",
+    );
+    assert_eq!(h.rejected(Stage::Data), 1);
+}
+
+#[test]
+fn recipients_limits_domains_and_postmaster() {
+    let mut h = with(|c| {
+        c.max_recipients = 2;
+        c.domains = vec!["d.example".into()];
+    });
+    h.script(&[
+        ("EHLO client.example", "250"),
+        ("MAIL FROM:<a@b.example>", "250"),
+        ("RCPT TO:<x@other.example>", "550 5.7.1"),
+        ("RCPT TO:<x@D.example.>", "250 2.1.5"),
+        ("RCPT TO:<PostMaster>", "250 2.1.5"),
+        ("RCPT TO:<y@d.example>", "452 4.5.3"),
+        ("RCPT TO:<postmaster>", "452 4.5.3"),
+    ]);
+    assert_eq!(h.rejected(Stage::Rcpt), 1);
+}
+
+#[test]
+fn spool_space_low_defers_mail() {
+    let mut h = greeted();
+    h.cmd("EHLO client.example", "250");
+    // The loop owns the flag; the session only reads it.
+    let params_flag = h.session_flag();
+    params_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    h.cmd("MAIL FROM:<a@b.example>", "452 4.3.1");
+    params_flag.store(false, std::sync::atomic::Ordering::Relaxed);
+    h.cmd("MAIL FROM:<a@b.example>", "250");
+}
+
+impl Harness {
+    fn session_flag(&self) -> Arc<AtomicBool> {
+        self.session.spool_flag()
+    }
+}
+
+#[test]
+fn bdat_chunks() {
+    let mut h = greeted();
+    h.script(&TRANSACTION[..3]);
+    h.input(b"BDAT 6\r\nhello\nBDAT 8 LAST\r\n world\r\n");
+    assert_eq!(
+        h.take(),
+        "250 2.0.0 6 octets received\r\n250 2.0.0 Ok: queued as ABCZ1\r\n"
+    );
+    assert_eq!(h.envelopes[0].content, b"hello\r\n world\r\n");
+    // Refused BDAT: its octets are read and dropped; the session stays in sync.
+    h.input(b"BDAT 10\r\nMAIL FROM:NOOP\r\n");
+    assert!(h.take().starts_with("503 5.5.1"));
+    h.cmd("NOOP", "250");
+    h.script(&TRANSACTION[1..3]);
+    h.input(b"BDAT 3\r\nabc");
+    h.take();
+    h.script(&[
+        ("DATA", "503 5.5.1"),
+        ("RCPT TO:<x@d.example>", "503 5.5.1"),
+    ]);
+    h.input(b"BDAT 0 LAST\r\n");
+    assert_eq!(h.take(), "250 2.0.0 Ok: queued as ABCZ2\r\n");
+    assert_eq!(h.envelopes[1].content, b"abc\r\n");
+    // The decoder's rules apply to chunks too.
+    let mut h = with(|c| c.bare_newline = BareNewline::Reject);
+    h.script(&TRANSACTION[..3]);
+    h.input(b"BDAT 3 LAST\r\na\nb");
+    let got = h.take();
+    assert!(got.starts_with("550 5.5.2"), "{got:?}");
+}
+
+#[test]
+fn overlong_command_lines() {
+    let mut h = greeted();
+    h.cmd(&"A".repeat(600), "500 5.5.6 Line too long");
+    h.cmd("NOOP", "250");
+    let block = vec![b'a'; 64 * 1024];
+    for _ in 0..16 {
+        h.input(&block);
+        assert!(h.pending.len() < 512, "input must not pile up");
+    }
+    assert!(h.take().is_empty());
+    h.input(b"\r\nNOOP\r\n");
+    assert_eq!(h.take(), "500 5.5.6 Line too long\r\n250 2.0.0 Ok\r\n");
+}
+
+#[test]
+fn starttls() {
+    let mut h = Harness::build(config(), true, true);
+    h.take();
+    h.cmd("EHLO client.example", "250");
+    h.cmd("MAIL FROM:<a@b.example>", "250");
+    h.cmd("STARTTLS", "503 5.5.1");
+    h.cmd("RSET", "250");
+    // Pipelined plaintext after STARTTLS is discarded (RFC 3207 4.2).
+    h.input(b"STARTTLS\r\nMAIL FROM:<injected@x.example>\r\n");
+    assert_eq!(h.take(), "220 2.0.0 Ready to start TLS\r\n");
+    h.cmd("MAIL FROM:<a@b.example>", "503 5.5.1");
+    let ehlo = h.cmd("EHLO client.example", "250");
+    assert!(!ehlo.contains("STARTTLS"));
+    h.cmd("STARTTLS", "503 5.5.1");
+    h.script(&TRANSACTION[1..]);
+    h.cmd(".", "250 2.0.0");
+    assert_eq!(h.envelopes[0].trace.protocol, Protocol::Esmtps);
+    assert_eq!(h.envelopes[0].trace.tls, Some(tls_info()));
+}
+
+#[test]
+fn pregreet() {
+    let mut h = Harness::build(config(), false, true);
+    h.take();
+    let mut h2 = {
+        let params = SessionParams {
+            config: Arc::new(config()),
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            session_id: 1,
+            tls_available: false,
+            spool_space_low: Arc::new(AtomicBool::new(false)),
+        };
+        let mut session = Session::with_judge(params, FAKE);
+        let mut out = Output::default();
+        session.handle(Event::Pregreeted, h.now, &mut out);
+        assert!(out.bytes.starts_with(b"554 5.5.1"));
+        h.session = session;
+        h
+    };
+    h2.script(&[
+        ("EHLO client.example", "503 5.5.1"),
+        ("NOOP", "503 5.5.1"),
+        ("QUIT", "221 2.0.0"),
+    ]);
+    assert!(h2.close_seen);
+    assert_eq!(h2.session.summary().ending, Ending::Pregreet);
+}
+
+#[test]
+fn shutdown() {
+    let mut h = greeted();
+    h.cmd("EHLO client.example", "250");
+    h.event(Event::Shutdown);
+    assert_eq!(
+        h.take(),
+        "421 4.3.2 Service shutting down, closing connection\r\n"
+    );
+    assert!(h.close_seen);
+
+    // Inside a transaction: it finishes, then 421.
+    let mut h = greeted();
+    h.script(&TRANSACTION[..2]);
+    h.event(Event::Shutdown);
+    assert!(h.take().is_empty() && !h.close_seen);
+    h.script(&TRANSACTION[2..]);
+    h.input(b"body\r\n.\r\n");
+    assert_eq!(
+        h.take(),
+        "250 2.0.0 Ok: queued as ABCZ1\r\n421 4.3.2 Service shutting down, closing connection\r\n"
+    );
+    assert!(h.close_seen);
+
+    // A new MAIL during the grace time gets 421 (here via RSET ending the transaction).
+    let mut h = greeted();
+    h.script(&TRANSACTION[..2]);
+    h.event(Event::Shutdown);
+    h.cmd("RSET", "250 2.0.0 Ok\r\n421 4.3.2");
+
+    let mut h = greeted();
+    h.script(&TRANSACTION[..2]);
+    h.event(Event::Shutdown);
+    h.event(Event::GraceExpired);
+    assert!(h.take().starts_with("421 4.3.2"));
+    assert_eq!(h.session.summary().ending, Ending::Shutdown);
+}
+
+#[test]
+fn idle_timeout_and_data_rate() {
+    let mut h = greeted();
+    h.event(Event::IdleTimeout);
+    assert!(h.take().starts_with("421 4.4.2"));
+    assert_eq!(h.session.summary().ending, Ending::Timeout);
+
+    let mut h = greeted();
+    h.script(TRANSACTION);
+    h.now.mono += Duration::from_secs(10);
+    h.input(b"slow\r\n");
+    assert!(h.take().is_empty());
+    h.now.mono += Duration::from_secs(25);
+    h.input(b"slow\r\n");
+    assert!(h.take().starts_with("421 4.4.2"));
+    assert!(h.close_seen);
+}
+
+#[test]
+fn error_and_junk_limits() {
+    let mut h = with(|c| c.max_errors = 2);
+    h.cmd("BOGUS", "500");
+    h.cmd("BOGUS", "500");
+    h.cmd("BOGUS", "500 5.5.2 Command unrecognized\r\n421 4.7.0");
+    assert!(h.close_seen);
+    assert_eq!(h.session.summary().ending, Ending::TooManyErrors);
+
+    let mut h = with(|c| c.max_junk = 2);
+    h.script(&[("NOOP", "250"), ("RSET", "250"), ("VRFY x", "421 4.7.0")]);
+    assert_eq!(h.session.summary().ending, Ending::TooManyJunk);
+}
+
+/// Harness without automatic DNS, for the verdict gates.
+fn gated(reject_at: RejectAt) -> Harness {
+    let mut c = config();
+    c.reject_at = reject_at;
+    let mut h = Harness::build(c, false, false);
+    h.session.set_policy_can_refuse(true);
+    h.take();
+    h
+}
+
+fn verdicts(h: &Harness) -> usize {
+    h.observations
+        .iter()
+        .filter(|o| matches!(o, Observation::Verdict(_)))
+        .count()
+}
+
+#[test]
+fn rcpt_waits_for_the_verdict() {
+    let mut h = gated(RejectAt::Rcpt);
+    h.script(&[
+        ("EHLO refuse.example", "250"),
+        ("MAIL FROM:<a@b.example>", "250"),
+    ]);
+    assert_eq!(h.lookups, [(1, Some("refuse.example".to_string()))]);
+    h.input(b"RCPT TO:<c@d.example>\r\nRCPT TO:<postmaster>\r\n");
+    assert!(h.take().is_empty() && !h.session.wants_input());
+    h.event(Event::Reverse(ReverseFacts {
+        ptr: Lookup::NxDomain,
+    }));
+    assert!(h.take().is_empty());
+    // An answer for another name is ignored.
+    h.event(Event::Forward {
+        name: "other.example".into(),
+        addrs: Lookup::NxDomain,
+    });
+    assert!(h.take().is_empty());
+    h.event(Event::Forward {
+        name: "REFUSE.example".into(),
+        addrs: Lookup::NxDomain,
+    });
+    assert_eq!(
+        h.take(),
+        "550 5.7.1 HELO refused\r\n550 5.7.1 HELO refused\r\n"
+    );
+    assert_eq!(h.rejected(Stage::Rcpt), 2);
+    assert_eq!(verdicts(&h), 1);
+    // A second EHLO starts over; the deadline decides without the forward answer.
+    h.cmd("EHLO good.example", "250");
+    h.input(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n");
+    assert_eq!(h.take(), "250 2.1.0 Ok\r\n");
+    h.event(Event::VerdictDeadline { generation: 1 });
+    assert!(h.take().is_empty());
+    h.event(Event::VerdictDeadline { generation: 2 });
+    assert_eq!(h.take(), "250 2.1.5 Ok\r\n");
+    assert_eq!(verdicts(&h), 2);
+}
+
+#[test]
+fn helo_waits_for_the_verdict_with_reject_at_helo() {
+    let mut h = gated(RejectAt::Helo);
+    h.event(Event::Reverse(ReverseFacts {
+        ptr: Lookup::NxDomain,
+    }));
+    h.cmd("EHLO good.example", "");
+    assert!(!h.session.wants_input());
+    h.event(Event::Forward {
+        name: "good.example".into(),
+        addrs: Lookup::NxDomain,
+    });
+    assert!(h.take().starts_with("250-mx.test"));
+    h.cmd("MAIL FROM:<a@b.example>", "250");
+    // A refused identity leaves the session as it was: the transaction goes on.
+    h.input(b"HELO refuse.example\r\n");
+    h.event(Event::VerdictDeadline { generation: 2 });
+    assert_eq!(h.take(), "550 5.7.1 HELO refused\r\n");
+    h.cmd("RCPT TO:<c@d.example>", "250 2.1.5");
+    // Repeated, or with the other verb: the same refusal at once.
+    h.cmd("EHLO Refuse.Example", "550 5.7.1 HELO refused");
+    assert_eq!(h.rejected(Stage::Helo), 2);
+    assert_eq!(h.lookups.len(), 2);
+    // A literal needs no forward lookup: judged as soon as the PTR facts are in.
+    h.cmd("EHLO [192.0.2.7]", "250-mx.test");
+    assert_eq!(h.session.summary().helo.as_deref(), Some("[192.0.2.7]"));
+}
+
+#[test]
+fn a_temporary_failure_is_judged_again_when_repeated() {
+    let mut h = gated(RejectAt::Helo);
+    h.event(Event::Reverse(ReverseFacts {
+        ptr: Lookup::NxDomain,
+    }));
+    h.input(b"EHLO tempfail.example\r\n");
+    h.event(Event::VerdictDeadline { generation: 1 });
+    assert_eq!(h.take(), "451 4.4.3 HELO not verified\r\n");
+    // Not remembered as refused: the repeat starts new checks (a new lookup, a new wait).
+    h.input(b"EHLO tempfail.example\r\n");
+    assert!(h.take().is_empty() && !h.session.wants_input());
+    assert_eq!(h.lookups.len(), 2);
+}
+
+#[test]
+fn end_of_data_waits_for_the_verdict() {
+    let mut c = config();
+    c.reject_at = RejectAt::Rcpt;
+    let mut h = Harness::build(c, false, false);
+    h.take();
+    h.script(TRANSACTION);
+    h.input(b"x\r\n.\r\nNOOP\r\n");
+    assert!(h.take().is_empty() && h.envelopes.is_empty());
+    assert!(h.session.in_transaction());
+    h.event(Event::VerdictDeadline { generation: 1 });
+    assert_eq!(
+        h.take(),
+        "250 2.0.0 Ok: queued as ABCZ1\r\n250 2.0.0 Ok\r\n"
+    );
+    assert_eq!(h.envelopes[0].trace.verdict.kind, VerdictKind::Pass);
+}
+
+/// A whole session's bytes, for the split test.
+const SCRIPT: &[u8] = b"EHLO client.example\r\nNOOP\r\nMAIL FROM:<a@b.example> SIZE=100\r\n\
+RCPT TO:<c@d.example>\r\nDATA\r\nSubject: x\r\n\r\n..a\nb\r\r\n.\nx\r\n.\r\n\
+MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nBDAT 5\r\nab\r\ncBDAT 2 LAST\r\nd\n\
+RSET\r\nBOGUS\r\nQUIT\r\n";
+
+fn run_split(cuts: &[usize]) -> (String, Vec<Vec<u8>>) {
+    let mut h = greeted();
+    let mut from = 0;
+    for &cut in cuts.iter().chain(std::iter::once(&SCRIPT.len())) {
+        h.input(&SCRIPT[from..cut]);
+        from = cut;
+    }
+    let contents = h.envelopes.iter().map(|e| e.content.clone()).collect();
+    (h.take(), contents)
+}
+
+proptest! {
+    #[test]
+    fn any_split_gives_the_same_replies_and_content(
+        cuts in proptest::collection::vec(0..SCRIPT.len(), 0..12)
+    ) {
+        let mut cuts = cuts;
+        cuts.sort_unstable();
+        let whole = run_split(&[]);
+        prop_assert_eq!(whole.1.len(), 2);
+        prop_assert!(whole.0.ends_with("221 2.0.0 Bye\r\n"));
+        prop_assert_eq!(run_split(&cuts), whole);
+    }
+}
+
+/// The same dialogue through the real `helo` module (default policy: only syntax refuses).
+#[test]
+fn real_helo_module_default_policy() {
+    let params = SessionParams {
+        config: Arc::new(config()),
+        client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
+        session_id: 7,
+        tls_available: false,
+        spool_space_low: Arc::new(AtomicBool::new(false)),
+    };
+    let now = Now {
+        mono: Instant::now(),
+        wall: SystemTime::now(),
+    };
+    let mut s = Session::new(params);
+    let mut out = Output::default();
+    s.handle(Event::Greet, now, &mut out);
+    s.handle(Event::Input(b"EHLO -bad-\r\n"), now, &mut out);
+    assert!(String::from_utf8_lossy(&out.bytes).contains("501 5.5.2"));
+    let mut out = Output::default();
+    s.handle(Event::Input(b"EHLO mail.example.org\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\nx\r\n.\r\n"), now, &mut out);
+    s.handle(
+        Event::Reverse(ReverseFacts {
+            ptr: Lookup::NxDomain,
+        }),
+        now,
+        &mut out,
+    );
+    s.handle(
+        Event::Forward {
+            name: "mail.example.org".into(),
+            addrs: Lookup::NxDomain,
+        },
+        now,
+        &mut out,
+    );
+    assert!(
+        out.actions
+            .iter()
+            .any(|a| matches!(a, SessionAction::Deliver(_)))
+    );
+    assert!(
+        out.observations
+            .iter()
+            .any(|o| matches!(o, Observation::Verdict(_)))
+    );
+}
+
+/// With localhost, forward and forward_match off, nothing reads the name's A/AAAA records:
+/// the session neither asks for them nor waits for them before the verdict.
+#[test]
+fn no_forward_lookup_when_no_enabled_check_reads_it() {
+    let mut c = config();
+    c.helo_policy =
+        HeloPolicy::parse("default=tag,localhost=off,forward=off,forward_match=off").unwrap();
+    let mut h = Harness::build(c, false, false);
+    h.take();
+    h.event(Event::Reverse(ReverseFacts {
+        ptr: Lookup::NxDomain,
+    }));
+    h.script(TRANSACTION);
+    h.input(b"x\r\n.\r\n");
+    assert_eq!(h.lookups, vec![(1, None)]);
+    assert_eq!(h.envelopes.len(), 1, "delivered without waiting for A/AAAA");
+    assert!(h.take().starts_with("250 2.0.0"));
+
+    let mut h = Harness::build(config(), false, false);
+    h.take();
+    h.cmd("EHLO client.example", "250-mx.test");
+    assert_eq!(h.lookups, vec![(1, Some("client.example".to_string()))]);
+}
