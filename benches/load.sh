@@ -1,0 +1,313 @@
+#!/usr/bin/env bash
+# heloguard load benchmarks: throughput (smtp-source), HELO checks with real DNS work,
+# EHLO latency, idle connections, and optionally Postfix side by side, a callgrind
+# instruction count and a perf profile. See docs/benchmarks.md.
+#
+#   benches/load.sh [--vs-postfix] [--messages N] [--messages-b N] [--messages-c N]
+#                   [--helo-sessions N] [--latency-sessions N] [--idle K]
+#                   [--callgrind] [--callgrind-messages N] [--perf] [--reps R]
+#                   [--only a,b,c,helo,latency,idle] [--out DIR]
+#
+# Every server gets a fresh temp spool; everything it started is stopped and removed on exit.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MSGS_A=10000 MSGS_B=2000 MSGS_C=2000 HELO_N=5000 LAT_N=5000 IDLE_K=10000
+CG_MSGS=500 REPS=1 VS_POSTFIX=0 CALLGRIND=0 PERF=0 ONLY="a,b,c,helo,latency,idle" OUT=""
+PF_PORT=2625
+
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --vs-postfix) VS_POSTFIX=1 ;;
+    --messages) MSGS_A=$2; shift ;;
+    --messages-b) MSGS_B=$2; shift ;;
+    --messages-c) MSGS_C=$2; shift ;;
+    --helo-sessions) HELO_N=$2; shift ;;
+    --latency-sessions) LAT_N=$2; shift ;;
+    --idle) IDLE_K=$2; shift ;;
+    --callgrind) CALLGRIND=1 ;;
+    --callgrind-messages) CG_MSGS=$2; shift ;;
+    --perf) PERF=1 ;;
+    --reps) REPS=$2; shift ;;
+    --only) ONLY=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    -h|--help) usage 0 ;;
+    *) echo "load.sh: unknown option $1" >&2; usage 2 ;;
+  esac
+  shift
+done
+want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+# The shared bench tools (bench-run.py, fsync-ceiling.py) live beside the repository.
+SHARED=""
+for d in "${HELOGUARD_BENCH_SHARED:-}" "$REPO/../shared/bench" "$REPO/../../shared/bench"; do
+  if [ -n "$d" ] && [ -f "$d/bench-run.py" ]; then SHARED=$(cd "$d" && pwd); break; fi
+done
+[ -n "$SHARED" ] || { echo "load.sh: bench tools not found; set HELOGUARD_BENCH_SHARED to the dir with bench-run.py" >&2; exit 2; }
+
+SMTP_SOURCE=$(command -v smtp-source || { [ -x /usr/sbin/smtp-source ] && echo /usr/sbin/smtp-source; } || true)
+if [ -z "$SMTP_SOURCE" ]; then
+  echo "SKIP: smtp-source not found (it comes with Postfix: apt-get install postfix); skipping loads a, b, c and --vs-postfix" >&2
+  ONLY=$(echo ",$ONLY," | sed 's/,a,/,/; s/,b,/,/; s/,c,/,/'); VS_POSTFIX=0
+fi
+
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+[ "$(ulimit -n)" -ge $((IDLE_K * 2 + 200)) ] || echo "load.sh: warning: ulimit -n $(ulimit -n) is low for --idle $IDLE_K" >&2
+
+cd "$REPO"
+echo "== build" >&2
+cargo build --release 2>&1 | tail -n 2 >&2
+BIN=$REPO/target/release/heloguard
+LOADGEN=$(cargo bench --bench loadgen --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="loadgen" and m.get("executable"): print(m["executable"])' | tail -n 1)
+[ -x "$BIN" ] && [ -x "$LOADGEN" ] || { echo "load.sh: build failed" >&2; exit 1; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/heloguard-bench.XXXXXX")
+[ -n "$OUT" ] || OUT=$REPO/target/bench-results/$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$OUT"
+RES=$OUT/results.jsonl
+: > "$RES"
+PIDS=() PF_STARTED=0
+cleanup() {
+  for p in "${PIDS[@]:-}"; do
+    [ -n "$p" ] && kill "$p" 2>/dev/null || true
+  done
+  for p in "${PIDS[@]:-}"; do
+    [ -n "$p" ] && wait "$p" 2>/dev/null || true
+  done
+  [ "$PF_STARTED" = 1 ] && postfix stop >/dev/null 2>&1 || true
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { # PORT PID SECONDS
+  local i
+  for ((i = 0; i < $3 * 10; i++)); do
+    kill -0 "$2" 2>/dev/null || { echo "load.sh: server $2 exited at startup:" >&2; tail -n 5 "$TMP"/*.log >&2; return 1; }
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "load.sh: nothing listens on port $1" >&2; return 1
+}
+stop_pid() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+# A local DNS server for the plain loads: client.example.org A 127.0.0.1, so that no run
+# depends on the machine's resolver.
+"$LOADGEN" dns > "$TMP/dns.out" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 50); do grep -q '^dns=' "$TMP/dns.out" && break; sleep 0.1; done
+DNS=$(sed -n 's/^dns=//p' "$TMP/dns.out")
+[ -n "$DNS" ] || { echo "load.sh: test DNS server did not start" >&2; exit 1; }
+
+HG_PORT="" HG_PID=""
+start_heloguard() { # [prefix command...]; extra env may be exported by the caller
+  HG_PORT=$(free_port)
+  local spool; spool=$(mktemp -d "$TMP/spool.XXXX")
+  env HELOGUARD_LISTEN="127.0.0.1:$HG_PORT" HELOGUARD_SPOOL="$spool" HELOGUARD_DNS="$DNS" \
+    HELOGUARD_MIN_FREE_MB=0 HELOGUARD_MAX_CONNECTIONS_PER_IP=0 HELOGUARD_MAX_CONNECTIONS=0 \
+    HELOGUARD_HOSTNAME=mx.bench.test RUST_LOG=warn "$@" "$BIN" > "$TMP/heloguard.$HG_PORT.log" 2>&1 &
+  HG_PID=$!
+  PIDS+=("$HG_PID")
+  wait_port "$HG_PORT" "$HG_PID" 60
+}
+
+PF_PID=""
+start_postfix() {
+  if ! postfix status >/dev/null 2>&1; then postfix start >/dev/null 2>&1; PF_STARTED=1; sleep 1; fi
+  PF_PID=$(tr -d ' ' < /var/spool/postfix/pid/master.pid)
+  wait_port "$PF_PORT" "$PF_PID" 10
+}
+
+# load LABEL PID PORT N smtp-source-args...
+run_load() {
+  local label=$1 pid=$2 port=$3 n=$4; shift 4
+  echo "== $label ($n messages)" >&2
+  python3 "$SHARED/bench-run.py" --pid "$pid" --label "$label" --messages "$n" -- \
+    "$SMTP_SOURCE" "$@" -m "$n" -f load@client.example.org -t rcpt@bench.test \
+    -M client.example.org "127.0.0.1:$port" | tee -a "$RES" | cut -c1-200 >&2
+}
+
+loads() { # NAME PID PORT REP
+  local who=$1 pid=$2 port=$3 r=$4
+  if want a; then run_load "$who/a/smtp-source/r$r" "$pid" "$port" "$MSGS_A" -s 50 -l 1000; fi
+  if want b; then run_load "$who/b/smtp-source/r$r" "$pid" "$port" "$MSGS_B" -d -s 20 -l 1000; fi
+  if want c; then run_load "$who/c/smtp-source/r$r" "$pid" "$port" "$MSGS_C" -s 50 -l 102400; fi
+}
+
+start_heloguard
+if [ "$VS_POSTFIX" = 1 ]; then start_postfix; fi
+if want a || want b || want c; then
+  for r in $(seq "$REPS"); do
+    loads heloguard "$HG_PID" "$HG_PORT" "$r"
+    if [ "$VS_POSTFIX" = 1 ]; then loads postfix "$PF_PID" "$PF_PORT" "$r"; fi
+  done
+  if [ "$VS_POSTFIX" = 1 ]; then
+    echo "== fsync ceiling on $TMP" >&2
+    python3 "$SHARED/fsync-ceiling.py" "$TMP" 2000 | tee "$OUT/fsync.txt" >&2
+  fi
+fi
+
+if want latency; then
+  for c in 1 20; do
+    echo "== EHLO latency, $c concurrent" >&2
+    "$LOADGEN" latency --addr "127.0.0.1:$HG_PORT" -c "$c" -n "$LAT_N" --label "heloguard/c$c" | tee -a "$RES" >&2
+    if [ "$VS_POSTFIX" = 1 ]; then
+      "$LOADGEN" latency --addr "127.0.0.1:$PF_PORT" -c "$c" -n "$LAT_N" --label "postfix/c$c" | tee -a "$RES" >&2
+    fi
+  done
+fi
+stop_pid "$HG_PID"
+
+if want helo; then
+  # loadgen starts its own heloguard (PROXY listener, HELOGUARD_DNS = its test DNS server).
+  for mode in cold warm; do
+    for pol in "on:default=tag" "off:default=off,syntax=off"; do
+      echo "== HELO checks ${pol%%:*}, $mode cache" >&2
+      HELOGUARD_HELO_POLICY=${pol#*:} HELOGUARD_MAX_CONNECTIONS=0 HELOGUARD_HOSTNAME=mx.bench.test \
+        "$LOADGEN" helo --server "$BIN" --mode "$mode" -c 20 -n "$HELO_N" --workdir "$TMP" \
+        --label "helo/${pol%%:*}/$mode" | tee -a "$RES" >&2
+    done
+  done
+fi
+
+if want idle; then
+  echo "== $IDLE_K idle connections" >&2
+  start_heloguard
+  "$LOADGEN" idle --addr "127.0.0.1:$HG_PORT" -k "$IDLE_K" --pid "$HG_PID" --hold 5 \
+    --label "heloguard/idle" | tee -a "$RES" >&2
+  stop_pid "$HG_PID"
+fi
+
+if [ "$PERF" = 1 ] && [ -n "$SMTP_SOURCE" ]; then
+  echo "== perf record, load a" >&2
+  start_heloguard
+  perf record -q -e cpu-clock -g -p "$HG_PID" -o "$OUT/perf.data" 2>"$TMP/perf.err" &
+  PERF_PID=$!; PIDS+=("$PERF_PID"); sleep 0.5
+  run_load "heloguard-perf/a/smtp-source/r1" "$HG_PID" "$HG_PORT" "$MSGS_A" -s 50 -l 1000
+  kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true
+  perf report -i "$OUT/perf.data" --stdio --no-children -g none --sort sym --percent-limit 0.3 2>/dev/null |
+    grep -v '^#' | grep -v '^$' | head -n 10 > "$OUT/perf-top10.txt"
+  perf report -i "$OUT/perf.data" --stdio --no-children -g none --sort comm --percent-limit 0.5 2>/dev/null |
+    grep -v '^#' | grep -v '^$' > "$OUT/perf-threads.txt"
+  perf report -i "$OUT/perf.data" --stdio --no-children -g caller,0.5,callee --percent-limit 2 \
+    2>/dev/null > "$OUT/perf-callers.txt" || true
+  stop_pid "$HG_PID"
+fi
+
+if [ "$CALLGRIND" = 1 ] && [ -n "$SMTP_SOURCE" ]; then
+  # Ir(N messages) - Ir(no load), over N: start-up and shutdown cancel out.
+  for w in 1 2; do
+    for n in 0 "$CG_MSGS"; do
+      echo "== callgrind, workers=$w, $n messages" >&2
+      start_heloguard HELOGUARD_WORKERS=$w valgrind --tool=callgrind --trace-children=no \
+        --callgrind-out-file="$OUT/callgrind.w$w.n$n.out"
+      sleep 1
+      if [ "$n" -gt 0 ]; then
+        "$SMTP_SOURCE" -s 5 -m "$n" -l 1000 -f load@client.example.org -t rcpt@bench.test \
+          -M client.example.org "127.0.0.1:$HG_PORT"
+      fi
+      sleep 1
+      stop_pid "$HG_PID"
+      ir=$(sed -n 's/^\(summary\|totals\): *//p' "$OUT/callgrind.w$w.n$n.out" | head -n 1)
+      callgrind_annotate "$OUT/callgrind.w$w.n$n.out" 2>/dev/null | sed -n '/file:function/,$p' | head -n 25 \
+        > "$OUT/callgrind.w$w.n$n.top.txt" || true
+      echo "{\"tool\":\"callgrind\",\"workers\":$w,\"messages\":$n,\"ir\":${ir:-0}}" | tee -a "$RES" >&2
+    done
+  done
+fi
+
+# ---- report ---------------------------------------------------------------------------------
+python3 - "$RES" "$OUT" <<'EOF'
+import json, os, re, statistics, sys
+res, out = sys.argv[1], sys.argv[2]
+rows = [json.loads(l) for l in open(res) if l.startswith("{")]
+med = lambda xs: statistics.median(xs) if xs else None
+def f(x, nd=0):
+    return "-" if x is None else ("%.*f" % (nd, x))
+bench = {}
+for r in rows:
+    if "server_cpu_s" in r and r.get("label", "").count("/") == 3:
+        who, load, _, _ = r["label"].split("/")
+        bench.setdefault((load, who), []).append(r)
+print("\n### Throughput (smtp-source through bench-run.py; median of reps)\n")
+print("| load | server | msgs/s | server CPU ms/msg | peak RSS MB (sum) | peak PSS MB | procs | contaminated |")
+print("|---|---|---|---|---|---|---|---|")
+summary = {}
+for (load, who), rs in sorted(bench.items()):
+    rate = med([r["msgs_per_s"] for r in rs])
+    cpu = med([1000.0 * r["server_cpu_s"] / (r["msgs_per_s"] * r["wall_s"]) for r in rs])
+    rss = med([r["mem_peak"]["rss_kb"] / 1024 for r in rs])
+    pss = med([r["mem_peak"]["pss_kb"] / 1024 for r in rs])
+    summary[(load, who)] = (rate, cpu)
+    print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (load, who, f(rate), f(cpu, 3), f(rss, 1), f(pss, 1),
+          max(r["mem_peak"]["procs"] for r in rs), sum(bool(r["contaminated"]) for r in rs)))
+ceil = {}
+fp = os.path.join(out, "fsync.txt")
+if os.path.exists(fp):
+    for line in open(fp):
+        m = re.match(r"writers=(\d+) files/s=(\d+)", line)
+        if m:
+            ceil[int(m.group(1))] = int(m.group(2))
+    print("\nfsync ceiling (same disk, same run): " + ", ".join("%d writers %d files/s" % kv for kv in sorted(ceil.items())))
+loads = sorted({l for l, _ in summary})
+if any((l, "postfix") in summary for l in loads):
+    print("\n| load | heloguard/Postfix msgs/s | heloguard/Postfix CPU per msg | heloguard vs 8-writer fsync ceiling |")
+    print("|---|---|---|---|")
+    for l in loads:
+        h, p = summary.get((l, "heloguard")), summary.get((l, "postfix"))
+        if h and p:
+            c8 = ("%.0f%%" % (100.0 * h[0] / ceil[8])) if 8 in ceil else "-"
+            print("| %s | %.2fx | %.3f | %s |" % (l, h[0] / p[0], h[1] / p[1], c8))
+lat = [r for r in rows if r.get("mode") == "latency"]
+if lat:
+    print("\n### EHLO latency (loadgen latency: banner, EHLO, 1 message, QUIT per session)\n")
+    print("| server/concurrency | sessions/s | EHLO p50 us | p90 us | p99 us | max us | session p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in lat:
+        e = r["ehlo_us"]
+        print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (r["label"], f(r["sessions_per_s"]), f(e["p50"]), f(e["p90"]),
+              f(e["p99"]), f(e["max"]), f(r["session_ms"]["p99"], 1), sum(r["errors"].values())))
+helo = [r for r in rows if r.get("mode") == "helo"]
+if helo:
+    print("\n### HELO checks (loadgen helo, PROXY v1, 20 concurrent, 1 message/session)\n")
+    print("| checks | cache | sessions/s | server CPU ms/session | DNS queries/session | EHLO p99 us | peak RSS MB | errors |")
+    print("|---|---|---|---|---|---|---|---|")
+    by = {}
+    for r in helo:
+        _, pol, mode = r["label"].split("/")
+        by[(pol, mode)] = r
+        print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (pol, mode, f(r["sessions_per_s"]), f(r["server_cpu_ms_per_session"], 3),
+              f(r["dns_queries_per_session"], 2), f(r["ehlo_us"]["p99"]), f(r["server_peak_rss_kb"] / 1024, 1), sum(r["errors"].values())))
+    for mode in ("cold", "warm"):
+        on, off = by.get(("on", mode)), by.get(("off", mode))
+        if on and off and off["server_cpu_ms_per_session"] > 0:
+            print("\nchecks on/off CPU per session, %s: %.2fx" % (mode, on["server_cpu_ms_per_session"] / off["server_cpu_ms_per_session"]))
+for r in rows:
+    if r.get("mode") == "idle":
+        print("\n### Idle connections\n")
+        print("%d asked, %d got a banner, %d still open after %ss; server RSS %.1f MB -> %.1f MB with them (%.1f kB/conn); "
+              "a new client's banner in %s ms, EHLO in %s ms; errors %s" % (r["k"], r["banner_220"], r["still_open_after_hold"], r["hold_s"],
+              r["rss_before_kb"] / 1024, r["rss_with_idle_kb"] / 1024, r["per_conn_rss_kb"], r["probe_banner_ms"], r["probe_ehlo_ms"], r["errors"]))
+cg = {(r["workers"], r["messages"]): r["ir"] for r in rows if r.get("tool") == "callgrind"}
+if cg:
+    print("\n### callgrind (instructions per message, 1 KiB, 5 concurrent)\n")
+    for w in (1, 2):
+        ns = sorted(n for (ww, n) in cg if ww == w and n > 0)
+        if ns and (w, 0) in cg:
+            n = ns[-1]
+            print("workers=%d: %d messages, Ir %d (idle run %d): %.0f instructions/message" % (w, n, cg[(w, n)], cg[(w, 0)], (cg[(w, n)] - cg[(w, 0)]) / n))
+p = os.path.join(out, "perf-top10.txt")
+if os.path.exists(p):
+    print("\n### perf top 10 (load a, cpu-clock, self time)\n")
+    print("```\n" + open(p).read().rstrip() + "\n```")
+    t = os.path.join(out, "perf-threads.txt")
+    if os.path.exists(t):
+        print("\nby thread:\n```\n" + open(t).read().rstrip() + "\n```")
+print("\nraw results: " + res)
+EOF

@@ -1,0 +1,882 @@
+//! heloguard load generator: std threads and blocking sockets, one JSON line per run.
+//!
+//! ```text
+//! cargo bench --bench loadgen -- latency --addr 127.0.0.1:2525 -c 20 -n 5000
+//! cargo bench --bench loadgen -- helo --server target/release/heloguard --mode cold -n 5000
+//! cargo bench --bench loadgen -- idle --addr 127.0.0.1:2525 -k 10000 --pid PID
+//! cargo bench --bench loadgen -- dns            # serves the small zone of the plain loads
+//! ```
+//!
+//! Subcommands:
+//! * `latency`: C concurrent clients run N sessions (banner, EHLO, M messages, QUIT, no
+//!   pipelining); EHLO reply latency p50/p90/p99 and the whole-session rate.
+//! * `helo`: starts a test DNS server in this process, serving a zone of documentation-range
+//!   clients (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32) and varied HELO
+//!   names (aligned, forward mismatch, NXDOMAIN, no PTR, dynamic-looking PTR, no dot, address
+//!   literal), starts the server binary given with `--server` as a child with HELOGUARD_DNS
+//!   pointing at that DNS server and a PROXY listener, and drives the PROXY listener with v1
+//!   headers. `--mode cold`: every session a new client IP and name; `--mode warm`: a small set
+//!   repeated. Reports DNS queries per session (counted by the test server) and the server's
+//!   CPU per session. The rest of the child's configuration comes from this process's
+//!   environment (HELOGUARD_HELO_POLICY, HELOGUARD_WORKERS, ...).
+//! * `idle`: holds K idle connections (each from its own 127.0.0.x source address, or with
+//!   `--proxy` each behind its own PROXY client address), then measures how long a new client
+//!   waits for its banner, and the server's RSS from /proc/PID/status.
+//! * `dns`: serves `client.example.org A 127.0.0.1` (and the other names the plain loads use)
+//!   until killed; prints `dns=IP:PORT` on its first line.
+
+#[path = "../tests/common/dns_server.rs"]
+mod dns_server;
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dns_server::{TestDns, TestZone};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Argument handling
+
+struct Args {
+    rest: Vec<String>,
+}
+
+impl Args {
+    fn new(rest: Vec<String>) -> Self {
+        Args { rest }
+    }
+
+    fn take(&mut self, names: &[&str]) -> Option<String> {
+        let i = self.rest.iter().position(|a| names.contains(&a.as_str()))?;
+        if i + 1 >= self.rest.len() {
+            die(&format!("{} needs a value", self.rest[i]));
+        }
+        let v = self.rest.remove(i + 1);
+        self.rest.remove(i);
+        Some(v)
+    }
+
+    fn flag(&mut self, name: &str) -> bool {
+        match self.rest.iter().position(|a| a == name) {
+            Some(i) => {
+                self.rest.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn num<T: std::str::FromStr>(&mut self, names: &[&str], default: T) -> T {
+        match self.take(names) {
+            Some(v) => v
+                .parse()
+                .unwrap_or_else(|_| die(&format!("{}: not a number: {v}", names[0]))),
+            None => default,
+        }
+    }
+
+    fn done(self) {
+        if let Some(a) = self.rest.first() {
+            die(&format!("unknown argument {a}"));
+        }
+    }
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("loadgen: {msg}");
+    std::process::exit(2);
+}
+
+const USAGE: &str = "usage: loadgen latency|helo|idle|dns [options]
+  latency --addr A [-c 20] [-n 5000] [--msgs 1] [--size 1000] [--helo NAME] [--proxy]
+  helo    --server PATH [--mode cold|warm] [-c 20] [-n 5000] [--msgs 1] [--size 1000]
+          [--warm-set 16] [--workdir DIR] [--label L]
+  idle    --addr A [-k 10000] [--pid PID] [--proxy] [--hold 5] [--threads 8]
+  dns     [--ttl 3600]";
+
+fn main() {
+    // `cargo bench` passes `--bench` to harness = false targets; ignore it.
+    let mut argv: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if argv.is_empty() {
+        // `cargo bench` with no arguments: nothing to do without a server.
+        eprintln!("{USAGE}");
+        return;
+    }
+    raise_nofile();
+    let cmd = argv.remove(0);
+    let args = Args::new(argv);
+    match cmd.as_str() {
+        "latency" => latency(args),
+        "helo" => helo(args),
+        "idle" => idle(args),
+        "dns" => dns(args),
+        "-h" | "--help" | "help" => println!("{USAGE}"),
+        other => die(&format!("unknown subcommand {other}\n{USAGE}")),
+    }
+}
+
+fn raise_nofile() {
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+fn own_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the struct.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SMTP client
+
+struct Smtp {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Smtp {
+    fn connect(addr: SocketAddr) -> io::Result<Smtp> {
+        let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        Self::wrap(s)
+    }
+
+    fn wrap(s: TcpStream) -> io::Result<Smtp> {
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(Smtp {
+            s,
+            buf: Vec::with_capacity(1024),
+        })
+    }
+
+    /// Reads one (possibly multi-line) reply; returns its code, 0 for garbage.
+    fn reply(&mut self) -> io::Result<u16> {
+        loop {
+            while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=nl).collect();
+                if line.len() >= 4 && line[3] == b'-' {
+                    continue;
+                }
+                let code = std::str::from_utf8(line.get(..3).unwrap_or(b""))
+                    .ok()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+                return Ok(code);
+            }
+            let mut tmp = [0u8; 4096];
+            let n = self.s.read(&mut tmp)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    fn cmd(&mut self, line: &[u8]) -> io::Result<u16> {
+        self.s.write_all(line)?;
+        self.reply()
+    }
+}
+
+/// A message of about `size` octets, dot-terminated.
+fn build_body(size: usize) -> Vec<u8> {
+    let mut b = b"From: <load@client.example.org>\r\nTo: <rcpt@bench.test>\r\n\
+Subject: loadgen\r\nMessage-ID: <loadgen@client.example.org>\r\n\r\n"
+        .to_vec();
+    let line = [b"x".repeat(76), b"\r\n".to_vec()].concat();
+    while b.len() + line.len() <= size {
+        b.extend_from_slice(&line);
+    }
+    if size > b.len() + 2 {
+        let rest = size - b.len() - 2;
+        b.extend(std::iter::repeat_n(b'y', rest));
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(b".\r\n");
+    b
+}
+
+#[derive(Default)]
+struct Timing {
+    banner: Duration,
+    ehlo: Duration,
+    session: Duration,
+    msgs_ok: usize,
+}
+
+struct SessionSpec<'a> {
+    addr: SocketAddr,
+    proxy: Option<String>,
+    helo: &'a str,
+    msgs: usize,
+    body: &'a [u8],
+}
+
+/// One session; errors come back as "stage:code" or "stage:io-kind".
+fn run_session(sp: &SessionSpec) -> Result<Timing, String> {
+    let t0 = Instant::now();
+    let io = |stage: &str| {
+        let stage = stage.to_string();
+        move |e: io::Error| format!("{stage}:{:?}", e.kind())
+    };
+    let mut c = Smtp::connect(sp.addr).map_err(io("connect"))?;
+    if let Some(h) = &sp.proxy {
+        c.s.write_all(h.as_bytes()).map_err(io("proxy"))?;
+    }
+    let code = c.reply().map_err(io("banner"))?;
+    if code != 220 {
+        return Err(format!("banner:{code}"));
+    }
+    let banner = t0.elapsed();
+    let t1 = Instant::now();
+    let code = c
+        .cmd(format!("EHLO {}\r\n", sp.helo).as_bytes())
+        .map_err(io("ehlo"))?;
+    let ehlo = t1.elapsed();
+    if code != 250 {
+        return Err(format!("ehlo:{code}"));
+    }
+    let mut ok = 0;
+    for _ in 0..sp.msgs {
+        let code = c
+            .cmd(b"MAIL FROM:<load@client.example.org>\r\n")
+            .map_err(io("mail"))?;
+        if code != 250 {
+            return Err(format!("mail:{code}"));
+        }
+        let code = c.cmd(b"RCPT TO:<rcpt@bench.test>\r\n").map_err(io("rcpt"))?;
+        if code != 250 {
+            return Err(format!("rcpt:{code}"));
+        }
+        let code = c.cmd(b"DATA\r\n").map_err(io("data"))?;
+        if code != 354 {
+            return Err(format!("data:{code}"));
+        }
+        let code = c.cmd(sp.body).map_err(io("dot"))?;
+        if code != 250 {
+            return Err(format!("dot:{code}"));
+        }
+        ok += 1;
+    }
+    let code = c.cmd(b"QUIT\r\n").map_err(io("quit"))?;
+    if code != 221 {
+        return Err(format!("quit:{code}"));
+    }
+    Ok(Timing {
+        banner,
+        ehlo,
+        session: t0.elapsed(),
+        msgs_ok: ok,
+    })
+}
+
+#[derive(Default)]
+struct Results {
+    banner: Vec<Duration>,
+    ehlo: Vec<Duration>,
+    session: Vec<Duration>,
+    msgs_ok: usize,
+    errors: BTreeMap<String, usize>,
+}
+
+impl Results {
+    fn merge(&mut self, o: Results) {
+        self.banner.extend(o.banner);
+        self.ehlo.extend(o.ehlo);
+        self.session.extend(o.session);
+        self.msgs_ok += o.msgs_ok;
+        for (k, v) in o.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+    }
+}
+
+/// Runs `n` sessions over `c` threads; `spec(i)` describes session i.
+fn drive<F>(c: usize, n: usize, spec: F) -> (Results, Duration)
+where
+    F: Fn(usize, &mut dyn FnMut(&SessionSpec)) + Sync,
+{
+    let next = AtomicUsize::new(0);
+    let all = Mutex::new(Results::default());
+    let t0 = Instant::now();
+    std::thread::scope(|sc| {
+        for _ in 0..c.max(1) {
+            sc.spawn(|| {
+                let mut r = Results::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    spec(i, &mut |sp| match run_session(sp) {
+                        Ok(t) => {
+                            r.banner.push(t.banner);
+                            r.ehlo.push(t.ehlo);
+                            r.session.push(t.session);
+                            r.msgs_ok += t.msgs_ok;
+                        }
+                        Err(e) => *r.errors.entry(e).or_default() += 1,
+                    });
+                }
+                all.lock().unwrap().merge(r);
+            });
+        }
+    });
+    let wall = t0.elapsed();
+    (all.into_inner().unwrap(), wall)
+}
+
+fn pct_json(v: &mut [Duration], unit_us: bool) -> String {
+    v.sort_unstable();
+    let f = |d: Duration| {
+        if unit_us {
+            d.as_secs_f64() * 1e6
+        } else {
+            d.as_secs_f64() * 1e3
+        }
+    };
+    let p = |q: f64| -> f64 {
+        if v.is_empty() {
+            return 0.0;
+        }
+        let k = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+        f(v[k])
+    };
+    format!(
+        "{{\"p50\":{:.1},\"p90\":{:.1},\"p99\":{:.1},\"max\":{:.1}}}",
+        p(0.50),
+        p(0.90),
+        p(0.99),
+        v.last().map(|d| f(*d)).unwrap_or(0.0)
+    )
+}
+
+fn errors_json(e: &BTreeMap<String, usize>) -> String {
+    let parts: Vec<String> = e.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+    format!("{{{}}}", parts.join(","))
+}
+
+fn parse_addr(s: &str) -> SocketAddr {
+    s.parse()
+        .unwrap_or_else(|_| die(&format!("not an ip:port address: {s}")))
+}
+
+fn proxy_v1(src: IpAddr, sport: u16, dst: SocketAddr) -> String {
+    match src {
+        IpAddr::V4(_) => format!("PROXY TCP4 {src} 127.0.0.1 {sport} {}\r\n", dst.port()),
+        IpAddr::V6(_) => format!("PROXY TCP6 {src} ::1 {sport} {}\r\n", dst.port()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// latency
+
+fn latency(mut a: Args) {
+    let addr = parse_addr(&a.take(&["--addr"]).unwrap_or_else(|| die("--addr needed")));
+    let c: usize = a.num(&["-c", "--concurrency"], 20);
+    let n: usize = a.num(&["-n", "--sessions"], 5000);
+    let msgs: usize = a.num(&["--msgs"], 1);
+    let size: usize = a.num(&["--size"], 1000);
+    let helo = a
+        .take(&["--helo"])
+        .unwrap_or_else(|| "client.example.org".into());
+    let label = a.take(&["--label"]).unwrap_or_default();
+    let proxy = a.flag("--proxy");
+    a.done();
+    let body = build_body(size);
+    let cpu0 = own_cpu_s();
+    let (mut r, wall) = drive(c, n, |i, run| {
+        let hdr = proxy.then(|| proxy_v1(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 40000 + (i % 20000) as u16, addr));
+        run(&SessionSpec {
+            addr,
+            proxy: hdr,
+            helo: &helo,
+            msgs,
+            body: &body,
+        })
+    });
+    let ws = wall.as_secs_f64();
+    println!(
+        "{{\"tool\":\"loadgen\",\"mode\":\"latency\",\"label\":\"{label}\",\"addr\":\"{addr}\",\"concurrency\":{c},\"sessions\":{n},\"msgs_per_session\":{msgs},\"size\":{size},\"wall_s\":{ws:.3},\"sessions_ok\":{},\"sessions_per_s\":{:.1},\"messages_ok\":{},\"msgs_per_s\":{:.1},\"ehlo_us\":{},\"banner_us\":{},\"session_ms\":{},\"errors\":{},\"client_cpu_s\":{:.2}}}",
+        r.session.len(),
+        r.session.len() as f64 / ws,
+        r.msgs_ok,
+        r.msgs_ok as f64 / ws,
+        pct_json(&mut r.ehlo, true),
+        pct_json(&mut r.banner, true),
+        pct_json(&mut r.session, false),
+        errors_json(&r.errors),
+        own_cpu_s() - cpu0
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// helo: identities, zone, child server
+
+/// 762 IPv4 documentation addresses: .1 to .254 of the three TEST-NETs.
+fn doc_v4(k: usize) -> Ipv4Addr {
+    let nets = [[192, 0, 2], [198, 51, 100], [203, 0, 113]];
+    let n = nets[(k / 254) % 3];
+    Ipv4Addr::new(n[0], n[1], n[2], (k % 254) as u8 + 1)
+}
+
+fn doc_v6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        (k >> 16) as u16,
+        k as u16,
+        0,
+        0,
+        0,
+        (k % 250) as u16 + 1,
+    )
+}
+
+struct Identity {
+    ip: IpAddr,
+    helo: String,
+}
+
+/// The address of the other family that every name with records also gets, so that no
+/// positive name answers NODATA: the test responder sends no SOA with a negative answer, and
+/// a resolver cannot cache a negative answer without one.
+fn other_family(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => "2001:db8:ffff::fe".parse().unwrap(),
+        IpAddr::V6(_) => "203.0.113.254".parse().unwrap(),
+    }
+}
+
+/// `name` resolves to `ip` and to an address of the other family.
+fn dual(z: TestZone, name: &str, ip: IpAddr) -> TestZone {
+    z.addr(name, ip).addr(name, other_family(ip))
+}
+
+/// Identity `i` and the records it needs. Kinds, by i % 8: 0-2 aligned (PTR, A, HELO name
+/// agree), 3 forward mismatch (PTR confirms, HELO's A points elsewhere), 4 HELO name
+/// NXDOMAIN with a dynamic-looking PTR, 5 no PTR, 6 HELO without a dot, 7 address literal.
+fn identity(i: usize, mut z: TestZone) -> (Identity, TestZone) {
+    let ip = if i % 2 == 0 && i / 2 < 762 {
+        IpAddr::V4(doc_v4(i / 2))
+    } else {
+        IpAddr::V6(doc_v6(i))
+    };
+    let dom = format!("d{}.test", i % 997);
+    let helo = match i % 8 {
+        0..=2 => {
+            let name = format!("mail{i}.{dom}");
+            z = dual(z, &name, ip).ptr(ip, &name);
+            name
+        }
+        3 => {
+            let name = format!("out{i}.{dom}");
+            let ptr = format!("host-{i}.isp{}.test", i % 13);
+            let elsewhere: IpAddr = match ip {
+                IpAddr::V4(_) => "203.0.113.253".parse().unwrap(),
+                IpAddr::V6(_) => "2001:db8:ffff::fd".parse().unwrap(),
+            };
+            z = dual(z, &name, elsewhere);
+            z = dual(z, &ptr, ip).ptr(ip, &ptr);
+            name
+        }
+        4 => {
+            let ptr = match ip {
+                IpAddr::V4(v4) => {
+                    let o = v4.octets();
+                    format!("dyn-{}-{}-{}-{}.pool.isp{}.test", o[0], o[1], o[2], o[3], i % 13)
+                }
+                IpAddr::V6(_) => format!("dhcp{i}.pool.isp{}.test", i % 13),
+            };
+            z = dual(z, &ptr, ip).ptr(ip, &ptr);
+            format!("nx{i}.{dom}")
+        }
+        5 => {
+            let name = format!("relay{i}.{dom}");
+            z = dual(z, &name, ip);
+            name
+        }
+        6 => {
+            let ptr = format!("ws{i}.{dom}");
+            z = dual(z, &ptr, ip).ptr(ip, &ptr);
+            format!("workstation{i}")
+        }
+        _ => {
+            let ptr = format!("lit{i}.{dom}");
+            z = dual(z, &ptr, ip).ptr(ip, &ptr);
+            match ip {
+                IpAddr::V4(v4) => format!("[{v4}]"),
+                IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
+            }
+        }
+    };
+    (Identity { ip, helo }, z)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| die(&format!("no free port: {e}")))
+}
+
+/// (utime+stime seconds, VmHWM kB, VmRSS kB) of a process.
+fn proc_usage(pid: u32) -> (f64, u64, u64) {
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let t: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(t / hz)
+        })
+        .unwrap_or(0.0);
+    let (hwm, rss) = status_mem(pid);
+    (cpu, hwm, rss)
+}
+
+fn status_mem(pid: u32) -> (u64, u64) {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        st.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+struct ChildServer {
+    child: Child,
+    dir: Option<std::path::PathBuf>,
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+fn wait_port(addr: SocketAddr, child: &mut Child) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        if let Ok(Some(st)) = child.try_wait() {
+            die(&format!("server exited at startup: {st}"));
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    die(&format!("server did not listen on {addr} within 20 s"));
+}
+
+fn helo(mut a: Args) {
+    let server = a.take(&["--server"]).unwrap_or_else(|| die("--server PATH needed"));
+    let mode = a.take(&["--mode"]).unwrap_or_else(|| "cold".into());
+    let c: usize = a.num(&["-c", "--concurrency"], 20);
+    let n: usize = a.num(&["-n", "--sessions"], 5000);
+    let msgs: usize = a.num(&["--msgs"], 1);
+    let size: usize = a.num(&["--size"], 1000);
+    let warm_set: usize = a.num(&["--warm-set"], 16);
+    let label = a.take(&["--label"]).unwrap_or_default();
+    let workdir = a.take(&["--workdir"]);
+    a.done();
+    let distinct = match mode.as_str() {
+        "cold" => n,
+        "warm" => warm_set.max(1),
+        m => die(&format!("--mode cold|warm, not {m}")),
+    };
+    let mut zone = TestZone::new().ttl(if mode == "warm" { 3600 } else { 60 });
+    let mut ids = Vec::with_capacity(distinct);
+    for i in 0..distinct {
+        let (id, z) = identity(i, zone);
+        zone = z;
+        ids.push(id);
+    }
+    let dns = TestDns::start(zone);
+
+    let proxy_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let plain_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let base = workdir
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("loadgen-helo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| die(&format!("{}: {e}", dir.display())));
+    let mut cmd = Command::new(&server);
+    cmd.env("HELOGUARD_LISTEN", plain_addr.to_string())
+        .env("HELOGUARD_PROXY_LISTEN", proxy_addr.to_string())
+        .env("HELOGUARD_DNS", dns.env_value())
+        .env("HELOGUARD_SPOOL", dir.join("spool"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    for (k, v) in [
+        ("HELOGUARD_MIN_FREE_MB", "0"),
+        ("HELOGUARD_MAX_CONNECTIONS_PER_IP", "0"),
+        ("RUST_LOG", "warn"),
+    ] {
+        if std::env::var_os(k).is_none() {
+            cmd.env(k, v);
+        }
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| die(&format!("cannot start {server}: {e}")));
+    let mut srv = ChildServer {
+        child,
+        dir: Some(dir),
+    };
+    wait_port(proxy_addr, &mut srv.child);
+    let pid = srv.child.id();
+    eprintln!("loadgen helo: server pid {pid}, proxy {proxy_addr}, dns {}", dns.addr());
+
+    let body = build_body(size);
+    let q0 = dns.queries().len();
+    let (cpu0, _, _) = proc_usage(pid);
+    let gcpu0 = own_cpu_s();
+    let (mut r, wall) = drive(c, n, |i, run| {
+        let id = &ids[i % distinct];
+        run(&SessionSpec {
+            addr: proxy_addr,
+            proxy: Some(proxy_v1(id.ip, 10000 + (i % 50000) as u16, proxy_addr)),
+            helo: &id.helo,
+            msgs,
+            body: &body,
+        })
+    });
+    // answers still in flight for the last sessions
+    std::thread::sleep(Duration::from_millis(200));
+    let (cpu1, hwm, rss) = proc_usage(pid);
+    let gcpu = own_cpu_s() - gcpu0;
+    let qs = dns.queries();
+    let mut by_type: BTreeMap<String, usize> = BTreeMap::new();
+    for q in &qs[q0..] {
+        *by_type.entry(q.qtype.to_string()).or_default() += 1;
+    }
+    let nq = qs.len() - q0;
+    let ok = r.session.len();
+    let ws = wall.as_secs_f64();
+    drop(srv);
+    println!(
+        "{{\"tool\":\"loadgen\",\"mode\":\"helo\",\"cache\":\"{mode}\",\"label\":\"{label}\",\"policy\":\"{}\",\"workers\":\"{}\",\"concurrency\":{c},\"sessions\":{n},\"distinct_identities\":{distinct},\"msgs_per_session\":{msgs},\"wall_s\":{ws:.3},\"sessions_ok\":{ok},\"sessions_per_s\":{:.1},\"messages_ok\":{},\"msgs_per_s\":{:.1},\"server_cpu_s\":{:.2},\"server_cpu_ms_per_session\":{:.3},\"server_peak_rss_kb\":{hwm},\"server_rss_kb\":{rss},\"dns_queries\":{nq},\"dns_queries_per_session\":{:.2},\"dns_by_type\":{},\"ehlo_us\":{},\"session_ms\":{},\"errors\":{},\"loadgen_cpu_s\":{gcpu:.2}}}",
+        std::env::var("HELOGUARD_HELO_POLICY").unwrap_or_default(),
+        std::env::var("HELOGUARD_WORKERS").unwrap_or_default(),
+        ok as f64 / ws,
+        r.msgs_ok,
+        r.msgs_ok as f64 / ws,
+        cpu1 - cpu0,
+        1000.0 * (cpu1 - cpu0) / ok.max(1) as f64,
+        nq as f64 / n.max(1) as f64,
+        errors_json(&by_type),
+        pct_json(&mut r.ehlo, true),
+        pct_json(&mut r.session, false),
+        errors_json(&r.errors),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// idle
+
+fn connect_from(src: Option<IpAddr>, addr: SocketAddr) -> io::Result<TcpStream> {
+    let Some(src) = src else {
+        return TcpStream::connect_timeout(&addr, IO_TIMEOUT);
+    };
+    let dom = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(dom, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.bind(&SocketAddr::new(src, 0).into())?;
+    s.connect_timeout(&addr.into(), IO_TIMEOUT)?;
+    Ok(s.into())
+}
+
+fn idle(mut a: Args) {
+    let addr = parse_addr(&a.take(&["--addr"]).unwrap_or_else(|| die("--addr needed")));
+    let k: usize = a.num(&["-k"], 10000);
+    let pid: u32 = a.num(&["--pid"], 0);
+    let hold: f64 = a.num(&["--hold"], 5.0);
+    let threads: usize = a.num(&["--threads"], 8);
+    let label = a.take(&["--label"]).unwrap_or_default();
+    let proxy = a.flag("--proxy");
+    a.done();
+
+    let mem0 = if pid > 0 { status_mem(pid).1 } else { 0 };
+    let next = AtomicUsize::new(0);
+    let held: Mutex<Vec<TcpStream>> = Mutex::new(Vec::with_capacity(k));
+    let errors: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
+    let t0 = Instant::now();
+    std::thread::scope(|sc| {
+        for _ in 0..threads.max(1) {
+            sc.spawn(|| {
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= k {
+                        break;
+                    }
+                    let res = (|| -> Result<TcpStream, String> {
+                        let (src, hdr) = if proxy {
+                            let ip = if i % 2 == 0 && i / 2 < 762 {
+                                IpAddr::V4(doc_v4(i / 2))
+                            } else {
+                                IpAddr::V6(doc_v6(i))
+                            };
+                            (None, Some(proxy_v1(ip, 10000 + (i % 50000) as u16, addr)))
+                        } else {
+                            let ip = IpAddr::V4(Ipv4Addr::new(127, 0, (i / 250 % 250) as u8, (i % 250) as u8 + 2));
+                            (Some(ip), None)
+                        };
+                        let s = connect_from(src, addr).map_err(|e| format!("connect:{:?}", e.kind()))?;
+                        let mut c = Smtp::wrap(s).map_err(|e| format!("setup:{:?}", e.kind()))?;
+                        c.s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                        if let Some(h) = hdr {
+                            c.s.write_all(h.as_bytes()).map_err(|e| format!("proxy:{:?}", e.kind()))?;
+                        }
+                        match c.reply() {
+                            Ok(220) => Ok(c.s),
+                            Ok(code) => Err(format!("banner:{code}")),
+                            Err(e) => Err(format!("banner:{:?}", e.kind())),
+                        }
+                    })();
+                    match res {
+                        Ok(s) => mine.push(s),
+                        Err(e) => *errors.lock().unwrap().entry(e).or_default() += 1,
+                    }
+                }
+                held.lock().unwrap().extend(mine);
+            });
+        }
+    });
+    let setup = t0.elapsed();
+    let held = held.into_inner().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mem1 = if pid > 0 { status_mem(pid) } else { (0, 0) };
+
+    // A new client while K sessions sit idle: banner and EHLO times (5 probes, median kept).
+    let probe = || -> Result<(Duration, Duration), String> {
+        let t = Instant::now();
+        let mut c = Smtp::connect(addr).map_err(|e| format!("probe-connect:{:?}", e.kind()))?;
+        if proxy {
+            c.s.write_all(proxy_v1(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 200)), 9999, addr).as_bytes())
+                .map_err(|e| format!("probe:{:?}", e.kind()))?;
+        }
+        match c.reply() {
+            Ok(220) => {}
+            Ok(code) => return Err(format!("probe-banner:{code}")),
+            Err(e) => return Err(format!("probe-banner:{:?}", e.kind())),
+        }
+        let banner = t.elapsed();
+        let t2 = Instant::now();
+        let code = c.cmd(b"EHLO probe.example.org\r\n").map_err(|e| format!("probe-ehlo:{:?}", e.kind()))?;
+        let ehlo = t2.elapsed();
+        let _ = c.cmd(b"QUIT\r\n");
+        if code != 250 {
+            return Err(format!("probe-ehlo:{code}"));
+        }
+        Ok((banner, ehlo))
+    };
+    let mut probes = Vec::new();
+    let mut probe_err = None;
+    for _ in 0..5 {
+        match probe() {
+            Ok(p) => probes.push(p),
+            Err(e) => probe_err = Some(e),
+        }
+    }
+    probes.sort();
+    let mid = probes.get(probes.len() / 2).copied();
+
+    std::thread::sleep(Duration::from_secs_f64(hold));
+    // Still open? A non-blocking read gives WouldBlock on a live idle socket.
+    let mut open = 0;
+    for s in &held {
+        let _ = s.set_nonblocking(true);
+        let mut b = [0u8; 64];
+        match (&*s).read(&mut b) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => open += 1,
+            _ => {}
+        }
+    }
+    let mem2 = if pid > 0 { status_mem(pid) } else { (0, 0) };
+    let got = held.len();
+    for s in &held {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    drop(held);
+    let per_conn = if got > 0 && pid > 0 {
+        (mem1.1 as f64 - mem0 as f64) / got as f64
+    } else {
+        0.0
+    };
+    let errs = errors.into_inner().unwrap();
+    println!(
+        "{{\"tool\":\"loadgen\",\"mode\":\"idle\",\"label\":\"{label}\",\"addr\":\"{addr}\",\"proxy\":{proxy},\"k\":{k},\"banner_220\":{got},\"setup_s\":{:.2},\"still_open_after_hold\":{open},\"hold_s\":{hold},\"probe_banner_ms\":{},\"probe_ehlo_ms\":{},\"probe_error\":{},\"pid\":{pid},\"rss_before_kb\":{mem0},\"rss_with_idle_kb\":{},\"rss_end_kb\":{},\"peak_rss_kb\":{},\"per_conn_rss_kb\":{per_conn:.1},\"errors\":{}}}",
+        setup.as_secs_f64(),
+        mid.map(|m| format!("{:.3}", m.0.as_secs_f64() * 1e3)).unwrap_or("null".into()),
+        mid.map(|m| format!("{:.3}", m.1.as_secs_f64() * 1e3)).unwrap_or("null".into()),
+        probe_err.map(|e| format!("\"{e}\"")).unwrap_or("null".into()),
+        mem1.1,
+        mem2.1,
+        mem2.0.max(mem1.0),
+        errors_json(&errs),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// dns
+
+fn dns(mut a: Args) {
+    let ttl: u32 = a.num(&["--ttl"], 3600);
+    a.done();
+    let zone = TestZone::new()
+        .ttl(ttl)
+        .a("client.example.org", "127.0.0.1")
+        .a("probe.example.org", "127.0.0.1")
+        .a("localhost", "127.0.0.1")
+        .ptr("127.0.0.1", "localhost");
+    let d = Arc::new(TestDns::start(zone));
+    println!("dns={}", d.env_value());
+    let _ = io::stdout().flush();
+    // Serves until killed.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
