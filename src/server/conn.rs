@@ -27,7 +27,8 @@ pub const OUTBUF_CAP: usize = 256 * 1024;
 /// A PROXY v2 header is at most 16 + 65535 octets; v1 at most 107.
 pub const PROXY_HEADER_CAP: usize = 16 + 65_535;
 
-const READ_CHUNK: usize = 16 * 1024;
+/// Size of the loop's read scratch buffer: one read takes at most this much.
+pub const READ_CHUNK: usize = 16 * 1024;
 
 /// Where in its life a connection is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,15 +152,17 @@ impl Conn {
     /// Reads until the socket would block, the input cap is reached, or EOF. mio readiness
     /// is edge-triggered: stopping early is only allowed with `read_paused` set, so the loop
     /// knows to come back (mio `Poll` docs, "Draining readiness").
-    pub fn read_available(&mut self) -> io::Result<ReadOutcome> {
+    ///
+    /// `chunk` is the loop's scratch buffer: one for all connections, so no read pays for
+    /// zeroing a fresh one.
+    pub fn read_available(&mut self, chunk: &mut [u8]) -> io::Result<ReadOutcome> {
         let mut outcome = ReadOutcome::default();
-        let mut chunk = [0u8; READ_CHUNK];
         loop {
             if self.inbuf.len() >= self.inbuf_cap() {
                 self.read_paused = true;
                 return Ok(outcome);
             }
-            let n = match self.socket.read(&mut chunk) {
+            let n = match self.socket.read(chunk) {
                 Ok(0) => {
                     outcome.eof = true;
                     self.eof = true;

@@ -167,6 +167,8 @@ pub struct Server {
     spool_space_low: Arc<AtomicBool>,
     relays: Slab<RelayLink>,
     relay_check_armed: bool,
+    /// Scratch for socket reads, shared by every connection.
+    read_buf: Box<[u8]>,
 }
 
 /// Options that differ between the binary and an embedded (test) server.
@@ -291,6 +293,7 @@ impl Server {
             spool_space_low: Arc::new(AtomicBool::new(false)),
             relays: Slab::new(),
             relay_check_armed: false,
+            read_buf: vec![0u8; crate::server::conn::READ_CHUNK].into_boxed_slice(),
         };
         server.check_spool_space(Instant::now());
         Ok(server)
@@ -583,7 +586,7 @@ impl Server {
             return;
         }
         let was_handshaking = conn.tls.is_some() && !conn.tls_up;
-        let outcome = match conn.read_available() {
+        let outcome = match conn.read_available(&mut self.read_buf) {
             Ok(o) => o,
             Err(e) => {
                 if was_handshaking {
