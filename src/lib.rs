@@ -7,6 +7,7 @@
 //! - `dns`: DNS message types, and `dns::resolver`, the resolver thread
 //! - `spool`: the envelope, trace fields and the Maildir writer threads
 //! - `server`: listeners, the mio event loop, connections, the worker pool, TLS
+//! - `relay`: the sans-I/O next-hop SMTP/LMTP client of the relay modes
 //! - `check_cli`: the `heloguard check` command (one HELO verdict, printed)
 //! - `config`, `net`, `proxy_protocol`, `metrics`: configuration, addresses, PROXY headers,
 //!   Prometheus counters
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod proxy_protocol;
+pub mod relay;
 pub mod server;
 pub mod session;
 pub mod spool;
