@@ -267,7 +267,9 @@ fn run_session(sp: &SessionSpec) -> Result<Timing, String> {
         if code != 250 {
             return Err(format!("mail:{code}"));
         }
-        let code = c.cmd(b"RCPT TO:<rcpt@bench.test>\r\n").map_err(io("rcpt"))?;
+        let code = c
+            .cmd(b"RCPT TO:<rcpt@bench.test>\r\n")
+            .map_err(io("rcpt"))?;
         if code != 250 {
             return Err(format!("rcpt:{code}"));
         }
@@ -409,7 +411,13 @@ fn latency(mut a: Args) {
     let body = build_body(size);
     let cpu0 = own_cpu_s();
     let (mut r, wall) = drive(c, n, |i, run| {
-        let hdr = proxy.then(|| proxy_v1(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 40000 + (i % 20000) as u16, addr));
+        let hdr = proxy.then(|| {
+            proxy_v1(
+                IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
+                40000 + (i % 20000) as u16,
+                addr,
+            )
+        });
         run(&SessionSpec {
             addr,
             proxy: hdr,
@@ -480,7 +488,7 @@ fn dual(z: TestZone, name: &str, ip: IpAddr) -> TestZone {
 /// agree), 3 forward mismatch (PTR confirms, HELO's A points elsewhere), 4 HELO name
 /// NXDOMAIN with a dynamic-looking PTR, 5 no PTR, 6 HELO without a dot, 7 address literal.
 fn identity(i: usize, mut z: TestZone) -> (Identity, TestZone) {
-    let ip = if i % 2 == 0 && i / 2 < 762 {
+    let ip = if i.is_multiple_of(2) && i / 2 < 762 {
         IpAddr::V4(doc_v4(i / 2))
     } else {
         IpAddr::V6(doc_v6(i))
@@ -507,7 +515,14 @@ fn identity(i: usize, mut z: TestZone) -> (Identity, TestZone) {
             let ptr = match ip {
                 IpAddr::V4(v4) => {
                     let o = v4.octets();
-                    format!("dyn-{}-{}-{}-{}.pool.isp{}.test", o[0], o[1], o[2], o[3], i % 13)
+                    format!(
+                        "dyn-{}-{}-{}-{}.pool.isp{}.test",
+                        o[0],
+                        o[1],
+                        o[2],
+                        o[3],
+                        i % 13
+                    )
                 }
                 IpAddr::V6(_) => format!("dhcp{i}.pool.isp{}.test", i % 13),
             };
@@ -612,7 +627,9 @@ fn wait_port(addr: SocketAddr, child: &mut Child) {
 }
 
 fn helo(mut a: Args) {
-    let server = a.take(&["--server"]).unwrap_or_else(|| die("--server PATH needed"));
+    let server = a
+        .take(&["--server"])
+        .unwrap_or_else(|| die("--server PATH needed"));
     let mode = a.take(&["--mode"]).unwrap_or_else(|| "cold".into());
     let c: usize = a.num(&["-c", "--concurrency"], 20);
     let n: usize = a.num(&["-n", "--sessions"], 5000);
@@ -668,7 +685,10 @@ fn helo(mut a: Args) {
     };
     wait_port(proxy_addr, &mut srv.child);
     let pid = srv.child.id();
-    eprintln!("loadgen helo: server pid {pid}, proxy {proxy_addr}, dns {}", dns.addr());
+    eprintln!(
+        "loadgen helo: server pid {pid}, proxy {proxy_addr}, dns {}",
+        dns.addr()
+    );
 
     let body = build_body(size);
     let q0 = dns.queries().len();
@@ -754,21 +774,28 @@ fn idle(mut a: Args) {
                     }
                     let res = (|| -> Result<TcpStream, String> {
                         let (src, hdr) = if proxy {
-                            let ip = if i % 2 == 0 && i / 2 < 762 {
+                            let ip = if i.is_multiple_of(2) && i / 2 < 762 {
                                 IpAddr::V4(doc_v4(i / 2))
                             } else {
                                 IpAddr::V6(doc_v6(i))
                             };
                             (None, Some(proxy_v1(ip, 10000 + (i % 50000) as u16, addr)))
                         } else {
-                            let ip = IpAddr::V4(Ipv4Addr::new(127, 0, (i / 250 % 250) as u8, (i % 250) as u8 + 2));
+                            let ip = IpAddr::V4(Ipv4Addr::new(
+                                127,
+                                0,
+                                (i / 250 % 250) as u8,
+                                (i % 250) as u8 + 2,
+                            ));
                             (Some(ip), None)
                         };
-                        let s = connect_from(src, addr).map_err(|e| format!("connect:{:?}", e.kind()))?;
+                        let s = connect_from(src, addr)
+                            .map_err(|e| format!("connect:{:?}", e.kind()))?;
                         let mut c = Smtp::wrap(s).map_err(|e| format!("setup:{:?}", e.kind()))?;
                         c.s.set_read_timeout(Some(Duration::from_secs(10))).ok();
                         if let Some(h) = hdr {
-                            c.s.write_all(h.as_bytes()).map_err(|e| format!("proxy:{:?}", e.kind()))?;
+                            c.s.write_all(h.as_bytes())
+                                .map_err(|e| format!("proxy:{:?}", e.kind()))?;
                         }
                         match c.reply() {
                             Ok(220) => Ok(c.s),
@@ -795,8 +822,10 @@ fn idle(mut a: Args) {
         let t = Instant::now();
         let mut c = Smtp::connect(addr).map_err(|e| format!("probe-connect:{:?}", e.kind()))?;
         if proxy {
-            c.s.write_all(proxy_v1(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 200)), 9999, addr).as_bytes())
-                .map_err(|e| format!("probe:{:?}", e.kind()))?;
+            c.s.write_all(
+                proxy_v1(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 200)), 9999, addr).as_bytes(),
+            )
+            .map_err(|e| format!("probe:{:?}", e.kind()))?;
         }
         match c.reply() {
             Ok(220) => {}
@@ -805,7 +834,9 @@ fn idle(mut a: Args) {
         }
         let banner = t.elapsed();
         let t2 = Instant::now();
-        let code = c.cmd(b"EHLO probe.example.org\r\n").map_err(|e| format!("probe-ehlo:{:?}", e.kind()))?;
+        let code = c
+            .cmd(b"EHLO probe.example.org\r\n")
+            .map_err(|e| format!("probe-ehlo:{:?}", e.kind()))?;
         let ehlo = t2.elapsed();
         let _ = c.cmd(b"QUIT\r\n");
         if code != 250 {
@@ -850,9 +881,13 @@ fn idle(mut a: Args) {
     println!(
         "{{\"tool\":\"loadgen\",\"mode\":\"idle\",\"label\":\"{label}\",\"addr\":\"{addr}\",\"proxy\":{proxy},\"k\":{k},\"banner_220\":{got},\"setup_s\":{:.2},\"still_open_after_hold\":{open},\"hold_s\":{hold},\"probe_banner_ms\":{},\"probe_ehlo_ms\":{},\"probe_error\":{},\"pid\":{pid},\"rss_before_kb\":{mem0},\"rss_with_idle_kb\":{},\"rss_end_kb\":{},\"peak_rss_kb\":{},\"per_conn_rss_kb\":{per_conn:.1},\"errors\":{}}}",
         setup.as_secs_f64(),
-        mid.map(|m| format!("{:.3}", m.0.as_secs_f64() * 1e3)).unwrap_or("null".into()),
-        mid.map(|m| format!("{:.3}", m.1.as_secs_f64() * 1e3)).unwrap_or("null".into()),
-        probe_err.map(|e| format!("\"{e}\"")).unwrap_or("null".into()),
+        mid.map(|m| format!("{:.3}", m.0.as_secs_f64() * 1e3))
+            .unwrap_or("null".into()),
+        mid.map(|m| format!("{:.3}", m.1.as_secs_f64() * 1e3))
+            .unwrap_or("null".into()),
+        probe_err
+            .map(|e| format!("\"{e}\""))
+            .unwrap_or("null".into()),
         mem1.1,
         mem2.1,
         mem2.0.max(mem1.0),

@@ -56,12 +56,19 @@ fn relayed_messages_arrive_byte_exact_with_our_trace_fields_once() {
     let our_received = msg.find("by mx.heloguard.test (heloguard)").unwrap();
     assert!(hop_received < our_received, "{msg}");
     assert_eq!(msg.matches("by mx.heloguard.test (heloguard)").count(), 1);
-    assert_eq!(msg.matches("Authentication-Results: mx.heloguard.test;").count(), 1);
+    assert_eq!(
+        msg.matches("Authentication-Results: mx.heloguard.test;")
+            .count(),
+        1
+    );
     assert_eq!(msg.matches("X-HELO-Check: mx.heloguard.test;").count(), 1);
     assert!(!msg.contains("pass forged"), "{msg}");
     // Return-Path and X-Envelope-To are the next hop's (Maildir-only fields), not ours.
     assert_eq!(msg.matches("Return-Path:").count(), 1);
-    assert!(msg.ends_with("Subject: relayed\r\n\r\n8-bit \u{e9}t\u{e9}\r\n.leading dot\r\nend\r\n"), "{msg}");
+    assert!(
+        msg.ends_with("Subject: relayed\r\n\r\n8-bit \u{e9}t\u{e9}\r\n.leading dot\r\nend\r\n"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -96,7 +103,10 @@ fn the_next_hops_refusals_reach_the_client() {
 fn a_next_hop_that_is_down_or_dies_mid_data_gives_4xx_and_never_250() {
     let dns = TestDns::start(TestZone::new());
     // Nothing listens on this port.
-    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let relay = relay_to(&dns, &format!("smtp://{closed}"));
     let mut c = relay.connect();
     c.cmd("EHLO client.example.org", 250);
@@ -165,7 +175,9 @@ fn serve_lmtp(stream: TcpStream, per_recipient: &[&str], seen: &Mutex<Vec<String
                 body.push_str(&l);
             }
             seen.lock().unwrap().push(format!("BODY {}", body.len()));
-            (0..rcpts).map(|i| format!("{}\r\n", per_recipient[i % per_recipient.len()])).collect()
+            (0..rcpts)
+                .map(|i| format!("{}\r\n", per_recipient[i % per_recipient.len()]))
+                .collect()
         } else if upper == "QUIT" {
             let _ = out.write_all(b"221 bye\r\n");
             return;
@@ -193,8 +205,15 @@ fn lmtp_takes_one_recipient_per_transaction_and_its_reply_is_the_answer() {
     assert_eq!(c.reply().0, 250);
     c.cmd("QUIT", 221);
     let seen = seen.lock().unwrap().clone();
-    assert!(seen.iter().any(|l| l.starts_with("LHLO mx.heloguard.test")), "{seen:?}");
-    assert_eq!(seen.iter().filter(|l| l.starts_with("RCPT")).count(), 1, "{seen:?}");
+    assert!(
+        seen.iter().any(|l| l.starts_with("LHLO mx.heloguard.test")),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.iter().filter(|l| l.starts_with("RCPT")).count(),
+        1,
+        "{seen:?}"
+    );
 
     // A per-recipient temporary failure after the data is the client's answer.
     let (addr, _seen) = lmtp_responder(&["452 4.2.2 mailbox full"]);
@@ -220,4 +239,3 @@ fn relay_modes_refuse_to_start_without_domains() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("HELOGUARD_DOMAINS"), "{err}");
 }
-

@@ -33,8 +33,8 @@ use crate::metrics::{Listener as MetricListener, Metrics, RefuseReason, RelayFai
 use crate::net::{ClientKey, canonical_ip};
 use crate::protocol::reply::Reply;
 use crate::proxy_protocol::{self, ProxyParse};
+use crate::relay::{NextHopProtocol, RelayClientParams, XclientAttrs};
 use crate::server::conn::{Conn, Phase};
-use crate::relay::client::{NextHopProtocol, RelayClientParams, XclientAttrs};
 use crate::server::listener::{BoundListener, ListenerKind};
 use crate::server::relay_link::{LinkAnswer, LinkFailure, NextHopSocket, RelayLink};
 use crate::server::tls::TlsAcceptor;
@@ -808,13 +808,19 @@ impl Server {
                 }),
                 Some(Handoff::Relay(_)) => match conn.relay.and_then(|r| self.relays.get_mut(r)) {
                     Some(link) => link.deliver(envelope),
-                    None => conn.pending.push(OwnedEvent::Delivered(DeliveryOutcome::Failed(
-                        next_hop_unavailable(),
-                    ))),
+                    None => conn
+                        .pending
+                        .push(OwnedEvent::Delivered(DeliveryOutcome::Failed(
+                            next_hop_unavailable(),
+                        ))),
                 },
-                None => conn.pending.push(OwnedEvent::Delivered(DeliveryOutcome::Failed(
-                    Reply::new(421, "4.3.2", "Service shutting down"),
-                ))),
+                None => conn
+                    .pending
+                    .push(OwnedEvent::Delivered(DeliveryOutcome::Failed(Reply::new(
+                        421,
+                        "4.3.2",
+                        "Service shutting down",
+                    )))),
             },
             SessionAction::RelayMail {
                 reverse_path,

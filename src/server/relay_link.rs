@@ -21,7 +21,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
 
 use crate::protocol::reply::Reply;
-use crate::relay::client::{RelayClient, RelayClientParams, RelayEvent, RelayOutput};
+use crate::relay::client::RelayClient;
+use crate::relay::{RelayClientParams, RelayEvent, RelayOutput};
 use crate::spool::Envelope;
 
 /// How long the next hop gets to accept the connection.
@@ -238,9 +239,7 @@ impl RelayLink {
             .drain(..)
             .map(|a| match a {
                 Awaiting::Mail | Awaiting::Rcpt => LinkAnswer::Command(reply.clone()),
-                Awaiting::Data(_) | Awaiting::EndOfData => {
-                    LinkAnswer::Delivery(Err(reply.clone()))
-                }
+                Awaiting::Data(_) | Awaiting::EndOfData => LinkAnswer::Delivery(Err(reply.clone())),
             })
             .collect()
     }
@@ -356,7 +355,8 @@ impl RelayLink {
             Some(Awaiting::Rcpt) => progress.answers.push(LinkAnswer::Command(reply)),
             Some(Awaiting::Data(envelope)) if reply.code == 354 => {
                 let mut out = RelayOutput::default();
-                let trace = crate::spool::envelope::trace_fields(&envelope.trace, &envelope.recipients);
+                let trace =
+                    crate::spool::envelope::trace_fields(&envelope.trace, &envelope.recipients);
                 self.client.data_chunk(&trace, &mut out);
                 let content =
                     crate::spool::header::strip_own_fields(&envelope.content, &self.hostname);
@@ -377,15 +377,16 @@ impl RelayLink {
     }
 
     fn start_tls(&mut self, progress: &mut LinkProgress) {
-        let mut conn = match ClientConnection::new(opportunistic_tls_config(), self.tls_name.clone()) {
-            Ok(c) => c,
-            Err(_) => {
-                let mut out = RelayOutput::default();
-                self.client.tls_failed(&mut out);
-                progress.failed = Some(LinkFailure::Refused);
-                return;
-            }
-        };
+        let mut conn =
+            match ClientConnection::new(opportunistic_tls_config(), self.tls_name.clone()) {
+                Ok(c) => c,
+                Err(_) => {
+                    let mut out = RelayOutput::default();
+                    self.client.tls_failed(&mut out);
+                    progress.failed = Some(LinkFailure::Refused);
+                    return;
+                }
+            };
         // Anything after the 220 in plaintext is not trusted (RFC 3207 4.2).
         self.inbuf.clear();
         let _ = conn.write_tls(&mut self.outbuf);

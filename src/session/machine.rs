@@ -29,7 +29,7 @@ use crate::protocol::command::{Command, MailParams, Path, Verb};
 use crate::protocol::data::{BareLineFeed, DataDecoder, DataLimits, DataRefusal, Framing};
 use crate::protocol::line::{LineRead, LineReader};
 use crate::protocol::reply::Reply;
-use crate::relay::client::{XclientAttrs, XclientName};
+use crate::relay::{XclientAttrs, XclientName};
 use crate::session::limits::{Counters, DataRate};
 use crate::session::state::{HeloJudge, Identity, Park, Phase, Transaction};
 use crate::session::{
@@ -772,7 +772,11 @@ impl Session {
                 {
                     self.reply(
                         out,
-                        Reply::new(452, "4.5.3", "One recipient per transaction, send the rest later"),
+                        Reply::new(
+                            452,
+                            "4.5.3",
+                            "One recipient per transaction, send the rest later",
+                        ),
                     );
                 }
                 _ => {

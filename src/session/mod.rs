@@ -16,7 +16,7 @@ use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::policy::HeloVerdict;
 use crate::protocol::command::MailParams;
 use crate::protocol::reply::Reply;
-use crate::relay::client::XclientAttrs;
+use crate::relay::XclientAttrs;
 use crate::spool::Envelope;
 
 mod limits;

@@ -140,6 +140,8 @@ struct Harness {
     /// Answer every Deliver with this.
     auto_deliver: Option<DeliveryOutcome>,
     close_seen: bool,
+    /// Relay modes: the MAIL/RCPT replays asked for, in order.
+    relayed: Vec<String>,
 }
 
 impl Harness {
@@ -169,6 +171,7 @@ impl Harness {
             auto_dns,
             auto_deliver: Some(DeliveryOutcome::Accepted),
             close_seen: false,
+            relayed: Vec::new(),
         };
         h.event(Event::Greet);
         if auto_dns {
@@ -233,6 +236,12 @@ impl Harness {
                     self.event(Event::TlsEstablished(tls_info()));
                 }
                 SessionAction::Close => self.close_seen = true,
+                SessionAction::RelayMail { reverse_path, .. } => {
+                    self.relayed.push(format!("MAIL {reverse_path}"))
+                }
+                SessionAction::RelayRcpt { forward_path } => {
+                    self.relayed.push(format!("RCPT {forward_path}"))
+                }
             }
         }
     }
@@ -904,4 +913,60 @@ fn no_forward_lookup_when_no_enabled_check_reads_it() {
     h.take();
     h.cmd("EHLO client.example", "250-mx.test");
     assert_eq!(h.lookups, vec![(1, Some("client.example".to_string()))]);
+}
+
+/// Relay modes: MAIL and RCPT get the next hop's answer; its refusals pass through as they
+/// are; LMTP takes one recipient per transaction.
+#[test]
+fn relay_modes_answer_with_the_next_hops_replies() {
+    let mut c = config();
+    c.deliver = DeliverTarget::Smtp {
+        host: "127.0.0.1".into(),
+        port: 10025,
+    };
+    let mut h = Harness::new(c);
+    h.take();
+    h.cmd("EHLO client.example", "250");
+    h.input(b"MAIL FROM:<a@b.example>\r\n");
+    assert!(h.take().is_empty() && h.session.in_transaction());
+    assert_eq!(h.relayed, ["MAIL a@b.example"]);
+    h.event(Event::RelayReply(Reply::new(250, "2.1.0", "next hop ok")));
+    assert_eq!(h.take(), "250 2.1.0 Ok\r\n");
+    h.input(b"RCPT TO:<c@d.example>\r\n");
+    h.event(Event::RelayReply(Reply::new(550, "5.1.1", "No such user")));
+    assert_eq!(h.take(), "550 5.1.1 No such user\r\n");
+    assert_eq!(h.rejected(Stage::Rcpt), 1);
+    h.input(b"RCPT TO:<e@d.example>\r\n");
+    h.event(Event::RelayReply(Reply::new(250, "2.1.5", "ok")));
+    assert_eq!(h.take(), "250 2.1.5 Ok\r\n");
+    assert_eq!(
+        h.relayed,
+        ["MAIL a@b.example", "RCPT c@d.example", "RCPT e@d.example"]
+    );
+    // A refused MAIL leaves no transaction.
+    h.cmd("RSET", "250");
+    h.input(b"MAIL FROM:<x@b.example>\r\n");
+    h.event(Event::RelayReply(Reply::new(
+        451,
+        "4.4.1",
+        "Next hop not available",
+    )));
+    assert_eq!(h.take(), "451 4.4.1 Next hop not available\r\n");
+    assert!(!h.session.in_transaction());
+
+    let mut c = config();
+    c.deliver = DeliverTarget::Lmtp {
+        host: "127.0.0.1".into(),
+        port: 24,
+    };
+    let mut h = Harness::new(c);
+    h.take();
+    h.cmd("EHLO client.example", "250");
+    h.input(b"MAIL FROM:<a@b.example>\r\n");
+    h.event(Event::RelayReply(Reply::new(250, "2.1.0", "ok")));
+    h.input(b"RCPT TO:<c@d.example>\r\n");
+    h.event(Event::RelayReply(Reply::new(250, "2.1.5", "ok")));
+    h.take();
+    h.cmd("RCPT TO:<e@d.example>", "452 4.5.3");
+    assert_eq!(h.relayed.len(), 2, "the second recipient is not replayed");
 }
