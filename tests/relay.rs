@@ -5,6 +5,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::dns_server::{TestDns, TestZone};
 use common::server::TestServer;
@@ -167,12 +168,19 @@ fn serve_lmtp(stream: TcpStream, per_recipient: &[&str], seen: &Mutex<Vec<String
         } else if upper == "DATA" {
             let _ = out.write_all(b"354 go ahead\r\n");
             let mut body = String::new();
+            let mut reported_partial = false;
             loop {
                 let mut l = String::new();
                 if reader.read_line(&mut l).unwrap_or(0) == 0 || l == ".\r\n" {
                     break;
                 }
                 body.push_str(&l);
+                if body.len() > 10_000 && !reported_partial {
+                    reported_partial = true;
+                    seen.lock()
+                        .unwrap()
+                        .push("PARTIAL body lines arrived".into());
+                }
             }
             seen.lock().unwrap().push(format!("BODY {}", body.len()));
             (0..rcpts)
@@ -238,4 +246,99 @@ fn relay_modes_refuse_to_start_without_domains() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("HELOGUARD_DOMAINS"), "{err}");
+}
+
+#[test]
+fn large_and_chunked_messages_relay_byte_exact_and_late_refusals_store_nothing() {
+    let dns = TestDns::start(TestZone::new());
+    let hop = next_hop(&dns, &[]);
+    let relay = relay_to(&dns, &format!("smtp://{}", hop.addr));
+    let mut c = relay.connect();
+    c.cmd("EHLO client.example.org", 250);
+    // 4 MiB through DATA, in many writes.
+    c.cmd("MAIL FROM:<alice@example.org>", 250);
+    c.cmd("RCPT TO:<bob@example.net>", 250);
+    c.cmd("DATA", 354);
+    let line = format!("{}\r\n", "y".repeat(78));
+    let mut body = String::from("Subject: big\r\n\r\n");
+    while body.len() < 4 << 20 {
+        body.push_str(&line);
+    }
+    for piece in body.as_bytes().chunks(60_000) {
+        c.send(piece);
+    }
+    c.send(b".\r\n");
+    assert_eq!(c.reply().0, 250);
+    // BDAT in two chunks.
+    c.cmd("MAIL FROM:<alice@example.org>", 250);
+    c.cmd("RCPT TO:<bob@example.net>", 250);
+    let part1 = b"Subject: chunked\r\n\r\n.first\r\n";
+    let part2 = b"second\r\n";
+    c.send(format!("BDAT {}\r\n", part1.len()).as_bytes());
+    c.send(part1);
+    assert_eq!(c.reply().0, 250);
+    c.send(format!("BDAT {} LAST\r\n", part2.len()).as_bytes());
+    c.send(part2);
+    assert_eq!(c.reply().0, 250);
+    // An overlong line is refused at the end; the next hop never sees a final dot.
+    c.cmd("MAIL FROM:<alice@example.org>", 250);
+    c.cmd("RCPT TO:<bob@example.net>", 250);
+    c.cmd("DATA", 354);
+    c.send(format!("Subject: refused\r\n\r\n{}\r\n.\r\n", "z".repeat(2000)).as_bytes());
+    let (code, text) = c.reply();
+    assert_eq!(code, 550, "{text}");
+    c.cmd("QUIT", 221);
+
+    let files = hop.wait_messages(2);
+    assert_eq!(files.len(), 2);
+    let all: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    assert!(
+        all.iter().any(|m| m.ends_with(body.as_bytes())),
+        "4 MiB body byte-exact"
+    );
+    assert!(
+        all.iter()
+            .any(|m| m.ends_with(b"Subject: chunked\r\n\r\n.first\r\nsecond\r\n"))
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        hop.new_messages().len(),
+        2,
+        "the refused message was never completed"
+    );
+}
+
+#[test]
+fn the_message_reaches_the_next_hop_before_the_client_has_finished() {
+    let dns = TestDns::start(TestZone::new());
+    let (addr, seen) = lmtp_responder(&["250 2.0.0 delivered"]);
+    let relay = relay_to(&dns, &format!("lmtp://{addr}"));
+    let mut c = relay.connect();
+    c.cmd("EHLO client.example.org", 250);
+    c.cmd("MAIL FROM:<alice@example.org>", 250);
+    c.cmd("RCPT TO:<bob@example.net>", 250);
+    c.cmd("DATA", 354);
+    c.send(b"Subject: streamed\r\n\r\n");
+    c.send(format!("{}\r\n", "s".repeat(70)).repeat(1000).as_bytes());
+    // Before the final dot the next hop already has the header and body lines.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines = seen.lock().unwrap().clone();
+        if lines.iter().any(|l| l == "DATA") && partial_body(&lines) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing streamed: {lines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.send(b".\r\n");
+    assert_eq!(c.reply().0, 250);
+}
+
+/// The LMTP responder records `PARTIAL` once 10 kB of body lines arrived, `BODY n` at the
+/// dot: a `PARTIAL` before the client's dot shows the message streams.
+fn partial_body(lines: &[String]) -> bool {
+    lines.iter().any(|l| l.starts_with("PARTIAL"))
 }

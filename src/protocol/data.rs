@@ -138,6 +138,10 @@ pub struct DataDecoder {
     /// The first reason to refuse, if any; once set nothing more is stored.
     refusal: Option<DataRefusal>,
     content: Vec<u8>,
+    /// Octets of content decoded so far, taken or not: what SIZE is checked against.
+    stored: u64,
+    /// `take_content` was called: the caller streams the message and checks its header.
+    streamed: bool,
     /// Octets taken from the wire, for the data rate and the session summary.
     octets: u64,
 }
@@ -153,8 +157,17 @@ impl DataDecoder {
             line_len: 0,
             refusal: None,
             content: Vec::new(),
+            stored: 0,
+            streamed: false,
             octets: 0,
         }
+    }
+
+    /// Takes the content decoded so far, for a caller that passes the message on as it
+    /// arrives (relay modes) instead of holding it whole. Limits still apply to the total.
+    pub fn take_content(&mut self) -> Vec<u8> {
+        self.streamed = true;
+        std::mem::take(&mut self.content)
     }
 
     /// Decodes as much of `input` as belongs to the message.
@@ -242,7 +255,8 @@ impl DataDecoder {
         if let Some(refusal) = self.refusal {
             return Err(refusal);
         }
-        if count_received(&self.content) > MAX_RECEIVED_FIELDS {
+        // A streaming caller has already passed the header on and checks it itself.
+        if !self.streamed && count_received(&self.content) > MAX_RECEIVED_FIELDS {
             return Err(DataRefusal::Loop);
         }
         Ok(self.content)
@@ -297,10 +311,11 @@ impl DataDecoder {
             return;
         }
         let max = self.limits.max_message_size;
-        if max != 0 && (self.content.len() + bytes.len()) as u64 > max {
+        if max != 0 && self.stored + bytes.len() as u64 > max {
             self.refuse(DataRefusal::TooBig);
             return;
         }
+        self.stored += bytes.len() as u64;
         self.content.extend_from_slice(bytes);
     }
 

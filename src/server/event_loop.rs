@@ -40,6 +40,7 @@ use crate::server::relay_link::{LinkAnswer, LinkFailure, NextHopSocket, RelayLin
 use crate::server::tls::TlsAcceptor;
 use crate::server::worker::{Done, Job, OwnedEvent, WorkerPool};
 use crate::session::{DeliveryOutcome, Observation, Session, SessionAction, SessionParams};
+use crate::spool::envelope::trace_fields;
 use crate::spool::maildir::{self, Maildir};
 use crate::spool::writer::{self, SpoolDone, SpoolJob, SpoolWriters};
 
@@ -806,14 +807,13 @@ impl Server {
                     id: conn.id,
                     envelope,
                 }),
-                Some(Handoff::Relay(_)) => match conn.relay.and_then(|r| self.relays.get_mut(r)) {
-                    Some(link) => link.deliver(envelope),
-                    None => conn
-                        .pending
+                // Relay modes stream the message (RelayData/RelayChunk/RelayEndData).
+                Some(Handoff::Relay(_)) => {
+                    conn.pending
                         .push(OwnedEvent::Delivered(DeliveryOutcome::Failed(
                             next_hop_unavailable(),
-                        ))),
-                },
+                        )))
+                }
                 None => conn
                     .pending
                     .push(OwnedEvent::Delivered(DeliveryOutcome::Failed(Reply::new(
@@ -835,6 +835,35 @@ impl Server {
                     return;
                 };
                 link.mail(&reverse_path, &params);
+            }
+            SessionAction::RelayData { trace, recipients } => {
+                match conn.relay.and_then(|r| self.relays.get_mut(r)) {
+                    Some(link) => link.start_data(trace_fields(&trace, &recipients)),
+                    None => conn
+                        .pending
+                        .push(OwnedEvent::RelayReply(next_hop_unavailable())),
+                }
+            }
+            SessionAction::RelayChunk(bytes) => {
+                // Without a link the chunk has nowhere to go; the end of data answers 451.
+                if let Some(link) = conn.relay.and_then(|r| self.relays.get_mut(r)) {
+                    link.data_chunk(&bytes);
+                }
+            }
+            SessionAction::RelayEndData => match conn.relay.and_then(|r| self.relays.get_mut(r)) {
+                Some(link) => link.end_data(),
+                None => conn
+                    .pending
+                    .push(OwnedEvent::Delivered(DeliveryOutcome::Failed(
+                        next_hop_unavailable(),
+                    ))),
+            },
+            SessionAction::RelayAbort => {
+                // No final dot: closing the connection is the only way out of DATA.
+                if let Some(r) = conn.relay.take() {
+                    self.metrics.relay_failure(RelayFailure::Aborted);
+                    self.close_relay(r, false);
+                }
             }
             SessionAction::RelayRcpt { forward_path } => {
                 match conn.relay.and_then(|r| self.relays.get_mut(r)) {

@@ -23,7 +23,6 @@ use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureSch
 use crate::protocol::reply::Reply;
 use crate::relay::client::RelayClient;
 use crate::relay::{RelayClientParams, RelayEvent, RelayOutput};
-use crate::spool::Envelope;
 
 /// How long the next hop gets to accept the connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,8 +114,8 @@ impl Source for NextHopSocket {
 pub enum Awaiting {
     Mail,
     Rcpt,
-    /// DATA; on 354 the message follows.
-    Data(Box<Envelope>),
+    /// DATA; on 354 these trace fields go first, then the client's content as it arrives.
+    Data(Vec<u8>),
     /// The final dot.
     EndOfData,
 }
@@ -154,7 +153,6 @@ pub struct RelayLink {
     tls: Option<ClientConnection>,
     /// Server name for the next hop's TLS (SNI); the certificate is not verified.
     tls_name: ServerName<'static>,
-    hostname: String,
     connected: bool,
     /// `tls_established` was reported to the protocol after the handshake.
     tls_announced: bool,
@@ -174,7 +172,6 @@ impl RelayLink {
         tls_host: &str,
         now: Instant,
     ) -> Self {
-        let hostname = params.hostname.clone();
         let tls_name = ServerName::try_from(tls_host.to_string())
             .unwrap_or_else(|_| ServerName::try_from("localhost").expect("a valid DNS name"));
         Self {
@@ -183,7 +180,6 @@ impl RelayLink {
             client: RelayClient::new(params),
             tls: None,
             tls_name,
-            hostname,
             connected: false,
             tls_announced: false,
             outbuf: Vec::new(),
@@ -213,11 +209,27 @@ impl RelayLink {
         self.absorb_output(out);
     }
 
-    /// Sends DATA; the message follows once the next hop says 354.
-    pub fn deliver(&mut self, envelope: Box<Envelope>) {
+    /// Sends DATA; `trace` (our Received, Authentication-Results, X-HELO-Check) goes first
+    /// once the next hop says 354.
+    pub fn start_data(&mut self, trace: Vec<u8>) {
         let mut out = RelayOutput::default();
         self.client.data(&mut out);
-        self.awaiting.push_back(Awaiting::Data(envelope));
+        self.awaiting.push_back(Awaiting::Data(trace));
+        self.absorb_output(out);
+    }
+
+    /// Message content as the client sends it (the protocol dot-stuffs it).
+    pub fn data_chunk(&mut self, bytes: &[u8]) {
+        let mut out = RelayOutput::default();
+        self.client.data_chunk(bytes, &mut out);
+        self.absorb_output(out);
+    }
+
+    /// The final dot; its reply is the delivery's answer.
+    pub fn end_data(&mut self) {
+        let mut out = RelayOutput::default();
+        self.client.end_data(&mut out);
+        self.awaiting.push_back(Awaiting::EndOfData);
         self.absorb_output(out);
     }
 
@@ -238,8 +250,10 @@ impl RelayLink {
         self.awaiting
             .drain(..)
             .map(|a| match a {
-                Awaiting::Mail | Awaiting::Rcpt => LinkAnswer::Command(reply.clone()),
-                Awaiting::Data(_) | Awaiting::EndOfData => LinkAnswer::Delivery(Err(reply.clone())),
+                Awaiting::Mail | Awaiting::Rcpt | Awaiting::Data(_) => {
+                    LinkAnswer::Command(reply.clone())
+                }
+                Awaiting::EndOfData => LinkAnswer::Delivery(Err(reply.clone())),
             })
             .collect()
     }
@@ -353,19 +367,14 @@ impl RelayLink {
                 progress.answers.push(LinkAnswer::Command(reply));
             }
             Some(Awaiting::Rcpt) => progress.answers.push(LinkAnswer::Command(reply)),
-            Some(Awaiting::Data(envelope)) if reply.code == 354 => {
-                let mut out = RelayOutput::default();
-                let trace =
-                    crate::spool::envelope::trace_fields(&envelope.trace, &envelope.recipients);
-                self.client.data_chunk(&trace, &mut out);
-                let content =
-                    crate::spool::header::strip_own_fields(&envelope.content, &self.hostname);
-                self.client.data_chunk(&content, &mut out);
-                self.client.end_data(&mut out);
-                self.awaiting.push_front(Awaiting::EndOfData);
-                self.absorb_output(out);
+            Some(Awaiting::Data(trace)) => {
+                if reply.code == 354 {
+                    let mut out = RelayOutput::default();
+                    self.client.data_chunk(&trace, &mut out);
+                    self.absorb_output(out);
+                }
+                progress.answers.push(LinkAnswer::Command(reply));
             }
-            Some(Awaiting::Data(_)) => progress.answers.push(LinkAnswer::Delivery(Err(reply))),
             Some(Awaiting::EndOfData) => {
                 self.transaction_open = false;
                 let result = if accepted { Ok(()) } else { Err(reply) };

@@ -26,16 +26,22 @@ use crate::helo::checks::{CheckInput, HeloArg};
 use crate::helo::policy::{Decision, RejectAt};
 use crate::helo::{Action, Check};
 use crate::protocol::command::{Command, MailParams, Path, Verb};
-use crate::protocol::data::{BareLineFeed, DataDecoder, DataLimits, DataRefusal, Framing};
+use crate::protocol::data::{
+    BareLineFeed, DataDecoder, DataLimits, DataRefusal, Framing, MAX_RECEIVED_FIELDS,
+    count_received,
+};
 use crate::protocol::line::{LineRead, LineReader};
 use crate::protocol::reply::Reply;
 use crate::relay::{XclientAttrs, XclientName};
 use crate::session::limits::{Counters, DataRate};
-use crate::session::state::{HeloJudge, Identity, Park, Phase, Transaction};
+use crate::session::state::{
+    BdatChunk, HeloJudge, Identity, Park, Phase, RelayStream, Transaction,
+};
 use crate::session::{
     DeliveryOutcome, Ending, Event, Now, Observation, Output, SessionAction, SessionParams, Stage,
     Summary, TlsInfo,
 };
+use crate::spool::header::strip_own_fields;
 use crate::spool::{Envelope, Protocol, TraceInfo};
 
 /// Refused identities remembered per session (REJECT_AT=helo), so a repeat gets the same answer.
@@ -193,7 +199,7 @@ impl Session {
                 self.evaluate(out);
             }
             Event::Delivered(outcome) => self.on_delivered(outcome, out),
-            Event::RelayReply(reply) => self.on_relay_reply(reply, out),
+            Event::RelayReply(reply) => self.on_relay_reply(reply, now, out),
             Event::TlsEstablished(info) => self.on_tls(info),
             Event::IdleTimeout => self.close(
                 out,
@@ -230,6 +236,8 @@ impl Session {
                         | Park::Delivery { .. }
                         | Park::RelayMail { .. }
                         | Park::RelayRcpt { .. }
+                        | Park::RelayDataVerdict { .. }
+                        | Park::RelayDataStart { .. }
                 )
             )
     }
@@ -305,6 +313,7 @@ impl Session {
                         continue;
                     }
                     self.count_data(feed.consumed);
+                    self.relay_forward(out);
                     feed.consumed
                 }
                 Phase::Chunk { remaining, .. } | Phase::SkipChunk { remaining } => {
@@ -325,6 +334,7 @@ impl Session {
                         decoder.feed(&rest[..n]);
                     }
                     self.count_data(n);
+                    self.relay_forward(out);
                     n
                 }
             };
@@ -561,6 +571,13 @@ impl Session {
                     }
                 }
             }
+            Some(Park::RelayDataVerdict { chunk, received_at }) => {
+                if self.current_decision().is_some() {
+                    self.start_relay_data(chunk, received_at, out);
+                } else {
+                    self.park = Some(Park::RelayDataVerdict { chunk, received_at });
+                }
+            }
             Some(Park::RcptVerdict { recipient }) => match self.current_decision() {
                 Some(decision) => self.answer_rcpt(recipient, decision, out),
                 None => self.park = Some(Park::RcptVerdict { recipient }),
@@ -580,6 +597,102 @@ impl Session {
             }
             other => self.park = other,
         }
+    }
+
+    /// Relaying: DATA (or the first BDAT) has its verdict; ask the next hop for DATA.
+    fn start_relay_data(
+        &mut self,
+        chunk: Option<BdatChunk>,
+        received_at: SystemTime,
+        out: &mut Output,
+    ) {
+        let Some(tx) = self.tx.take() else {
+            self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"));
+            return;
+        };
+        let Some(trace) = self.trace_info(&tx, received_at) else {
+            self.reply(out, Reply::new(451, "4.3.0", "Local error in processing"));
+            return;
+        };
+        let queue_id = trace.queue_id.clone();
+        out.actions.push(SessionAction::RelayData {
+            trace: Box::new(trace),
+            recipients: tx.recipients.clone(),
+        });
+        self.tx = Some(tx);
+        self.park = Some(Park::RelayDataStart { chunk, queue_id });
+    }
+
+    /// The next hop answered DATA: on 354 the client's message streams through.
+    fn on_relay_data_start(
+        &mut self,
+        reply: Reply,
+        chunk: Option<BdatChunk>,
+        queue_id: String,
+        now: Now,
+        out: &mut Output,
+    ) {
+        let limits = self.data_limits();
+        if reply.code != 354 {
+            out.observations
+                .push(Observation::MessageRejected(Stage::Data));
+            self.tx = None;
+            if let Some(c) = chunk {
+                // RFC 3030 3: the chunk's octets follow whatever the answer.
+                self.phase = Phase::SkipChunk { remaining: c.size };
+            }
+            self.reply(out, reply);
+            return;
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return;
+        };
+        tx.relay = Some(RelayStream {
+            queue_id,
+            ..RelayStream::default()
+        });
+        self.rate = Some(DataRate::start(now.mono));
+        match chunk {
+            None => {
+                self.phase = Phase::Data(DataDecoder::new(Framing::Dot, limits));
+                self.reply(
+                    out,
+                    Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"),
+                );
+            }
+            Some(BdatChunk { size, last }) => {
+                tx.chunks = Some(DataDecoder::new(Framing::Chunked, limits));
+                self.phase = Phase::Chunk {
+                    size,
+                    remaining: size,
+                    last,
+                };
+            }
+        }
+    }
+
+    /// Relaying: passes on what the decoder has so far (the header once it is complete), or
+    /// drops the next hop's transaction as soon as the message is refused.
+    fn relay_forward(&mut self, out: &mut Output) {
+        let Some(tx) = self.tx.as_mut() else {
+            return;
+        };
+        let Some(stream) = tx.relay.as_mut() else {
+            return;
+        };
+        let decoder = match &mut self.phase {
+            Phase::Data(decoder) => Some(decoder),
+            _ => tx.chunks.as_mut(),
+        };
+        let Some(decoder) = decoder else {
+            return;
+        };
+        if decoder.is_refused() {
+            abort_relay(stream, out);
+            return;
+        }
+        let content = decoder.take_content();
+        push_relay_content(stream, content, false, &self.params.config.hostname, out);
     }
 
     fn current_decision(&self) -> Option<Decision> {
@@ -672,7 +785,7 @@ impl Session {
     }
 
     /// The next hop answered the replayed MAIL or RCPT.
-    fn on_relay_reply(&mut self, reply: Reply, out: &mut Output) {
+    fn on_relay_reply(&mut self, reply: Reply, now: Now, out: &mut Output) {
         let accepted = (200..300).contains(&reply.code);
         match self.park.take() {
             Some(Park::RelayMail {
@@ -699,6 +812,9 @@ impl Session {
                     self.reply(out, reply);
                 }
             },
+            Some(Park::RelayDataStart { chunk, queue_id }) => {
+                self.on_relay_data_start(reply, chunk, queue_id, now, out)
+            }
             other => self.park = other,
         }
     }
@@ -828,6 +944,16 @@ impl Session {
             self.reply(out, Reply::new(503, "5.5.1", "DATA not allowed after BDAT"));
             return;
         }
+        if self.params.config.deliver != DeliverTarget::Maildir {
+            // The 354 is the next hop's to give: ask it first (after the verdict, which the
+            // trace fields carry).
+            self.park = Some(Park::RelayDataVerdict {
+                chunk: None,
+                received_at: now.wall,
+            });
+            self.resume(out);
+            return;
+        }
         self.reply(
             out,
             Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"),
@@ -843,6 +969,15 @@ impl Session {
             return;
         }
         let limits = self.data_limits();
+        let first_chunk = self.tx.as_ref().is_some_and(|tx| tx.chunks.is_none());
+        if first_chunk && self.params.config.deliver != DeliverTarget::Maildir {
+            self.park = Some(Park::RelayDataVerdict {
+                chunk: Some(BdatChunk { size, last }),
+                received_at: now.wall,
+            });
+            self.resume(out);
+            return;
+        }
         if let Some(tx) = self.tx.as_mut()
             && tx.chunks.is_none()
         {
@@ -877,6 +1012,10 @@ impl Session {
 
     fn end_of_message(&mut self, result: Result<Vec<u8>, DataRefusal>, now: Now, out: &mut Output) {
         self.rate = None;
+        if let Some(mut stream) = self.tx.as_mut().and_then(|tx| tx.relay.take()) {
+            self.end_of_relayed_message(&mut stream, result, out);
+            return;
+        }
         match result {
             Err(refusal) => {
                 self.tx = None;
@@ -894,16 +1033,40 @@ impl Session {
         }
     }
 
-    /// Hands the message off and waits for `Event::Delivered`.
-    fn deliver(&mut self, content: Vec<u8>, received_at: SystemTime, out: &mut Output) {
-        let (Some(tx), Some(identity)) = (self.tx.take(), self.current.as_ref()) else {
-            self.reply(out, Reply::new(451, "4.3.0", "Local error in processing"));
-            return;
+    /// Relaying: the client's message is complete; the final dot goes to the next hop only
+    /// if nothing refused the message on the way.
+    fn end_of_relayed_message(
+        &mut self,
+        stream: &mut RelayStream,
+        result: Result<Vec<u8>, DataRefusal>,
+        out: &mut Output,
+    ) {
+        let refusal = match result {
+            Ok(rest) => {
+                push_relay_content(stream, rest, true, &self.params.config.hostname, out);
+                stream.looped.then_some(DataRefusal::Loop)
+            }
+            Err(refusal) => Some(refusal),
         };
-        let Some(verdict) = identity.verdict.clone() else {
-            self.reply(out, Reply::new(451, "4.3.0", "Local error in processing"));
+        self.tx = None;
+        if let Some(refusal) = refusal {
+            abort_relay(stream, out);
+            out.observations
+                .push(Observation::MessageRejected(Stage::Data));
+            self.reply(out, refusal.reply());
             return;
-        };
+        }
+        out.actions.push(SessionAction::RelayEndData);
+        self.park = Some(Park::Delivery {
+            queue_id: std::mem::take(&mut stream.queue_id),
+        });
+    }
+
+    /// The trace information of a message of `tx`, with a new queue ID; `None` without an
+    /// identity and verdict (which the callers wait for).
+    fn trace_info(&mut self, tx: &Transaction, received_at: SystemTime) -> Option<TraceInfo> {
+        let identity = self.current.as_ref()?;
+        let verdict = identity.verdict.clone()?;
         self.handed_off += 1;
         // Unique per process: the session ID, a separator that is no hex digit, the counter.
         let queue_id = format!("{:X}Z{:X}", self.params.session_id, self.handed_off);
@@ -915,19 +1078,33 @@ impl Session {
             (false, false, Verb::Ehlo) => Protocol::Esmtp,
             (false, false, _) => Protocol::Smtp,
         };
+        Some(TraceInfo {
+            hostname: self.params.config.hostname.clone(),
+            helo: identity.arg.clone(),
+            client_ip: self.params.client_ip,
+            verdict,
+            tls: self.tls.clone(),
+            protocol,
+            queue_id,
+            received_at,
+        })
+    }
+
+    /// Hands the message off and waits for `Event::Delivered`.
+    fn deliver(&mut self, content: Vec<u8>, received_at: SystemTime, out: &mut Output) {
+        let Some(tx) = self.tx.take() else {
+            self.reply(out, Reply::new(451, "4.3.0", "Local error in processing"));
+            return;
+        };
+        let Some(trace) = self.trace_info(&tx, received_at) else {
+            self.reply(out, Reply::new(451, "4.3.0", "Local error in processing"));
+            return;
+        };
+        let queue_id = trace.queue_id.clone();
         let envelope = Envelope {
             reverse_path: tx.reverse_path,
             recipients: tx.recipients,
-            trace: TraceInfo {
-                hostname: self.params.config.hostname.clone(),
-                helo: identity.arg.clone(),
-                client_ip: self.params.client_ip,
-                verdict,
-                tls: self.tls.clone(),
-                protocol,
-                queue_id: queue_id.clone(),
-                received_at,
-            },
+            trace,
             content,
         };
         out.actions.push(SessionAction::Deliver(Box::new(envelope)));
@@ -1036,5 +1213,52 @@ impl Session {
 
     fn send_line(&mut self, out: &mut Output, code: u16, enhanced: &str, text: &str) {
         self.send(out, &Reply::new(code, enhanced, text));
+    }
+}
+
+/// Relay modes: the largest header section held back before it is passed on anyway.
+const RELAY_HEAD_LIMIT: usize = 64 * 1024;
+
+/// Passes decoded content on to the next hop: the header section once it is complete
+/// (without the fields that claim our name; SPEC "What an accepted message carries"), then
+/// the rest as it comes. `last` flushes a message that has no body.
+fn push_relay_content(
+    stream: &mut RelayStream,
+    content: Vec<u8>,
+    last: bool,
+    hostname: &str,
+    out: &mut Output,
+) {
+    if stream.aborted {
+        return;
+    }
+    if stream.head_sent {
+        if !content.is_empty() {
+            out.actions.push(SessionAction::RelayChunk(content));
+        }
+        return;
+    }
+    stream.head.extend_from_slice(&content);
+    let head = &stream.head;
+    let complete = head.starts_with(b"\r\n") || memchr::memmem::find(head, b"\r\n\r\n").is_some();
+    if !(complete || last || head.len() > RELAY_HEAD_LIMIT) {
+        return;
+    }
+    if count_received(head) > MAX_RECEIVED_FIELDS {
+        stream.looped = true;
+        abort_relay(stream, out);
+        return;
+    }
+    let head = std::mem::take(&mut stream.head);
+    let stripped = strip_own_fields(&head, hostname).into_owned();
+    stream.head_sent = true;
+    out.actions.push(SessionAction::RelayChunk(stripped));
+}
+
+/// Drops the next hop's transaction without its final dot (once).
+fn abort_relay(stream: &mut RelayStream, out: &mut Output) {
+    if !stream.aborted {
+        stream.aborted = true;
+        out.actions.push(SessionAction::RelayAbort);
     }
 }

@@ -17,7 +17,7 @@ use crate::helo::policy::HeloVerdict;
 use crate::protocol::command::MailParams;
 use crate::protocol::reply::Reply;
 use crate::relay::XclientAttrs;
-use crate::spool::Envelope;
+use crate::spool::{Envelope, TraceInfo};
 
 mod limits;
 mod machine;
@@ -116,6 +116,20 @@ pub enum SessionAction {
     },
     /// Relay modes: replay RCPT at the next hop; answer with `Event::RelayReply`.
     RelayRcpt { forward_path: String },
+    /// Relay modes: send DATA to the next hop; answer its reply with `Event::RelayReply`.
+    /// On 354 the trace fields go first, then the `RelayChunk`s.
+    RelayData {
+        trace: Box<TraceInfo>,
+        recipients: Vec<String>,
+    },
+    /// Relay modes: message content (dot-unstuffed, CRLF lines) for the next hop.
+    RelayChunk(Vec<u8>),
+    /// Relay modes: the message is complete: send the final dot; answer with
+    /// `Event::Delivered`.
+    RelayEndData,
+    /// Relay modes: the message was refused on the way: drop the next hop's transaction
+    /// without its final dot.
+    RelayAbort,
 }
 
 /// Where a message was refused, for `heloguard_messages_rejected_total{stage}`.

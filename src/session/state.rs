@@ -103,6 +103,8 @@ pub(crate) struct Transaction {
     pub recipients: Vec<String>,
     /// The message so far once a BDAT was accepted (RFC 3030); DATA is then refused.
     pub chunks: Option<DataDecoder>,
+    /// Relay modes: the message being passed on to the next hop.
+    pub relay: Option<RelayStream>,
 }
 
 impl Transaction {
@@ -112,6 +114,7 @@ impl Transaction {
             smtputf8,
             recipients: Vec::new(),
             chunks: None,
+            relay: None,
         }
     }
 }
@@ -158,4 +161,37 @@ pub(crate) enum Park {
     },
     /// Relay modes: the next hop's answer to RCPT.
     RelayRcpt { recipient: String },
+    /// Relay modes: DATA (or the first BDAT) waits for the verdict, which the trace fields
+    /// carry, before the next hop is asked for its DATA.
+    RelayDataVerdict {
+        chunk: Option<BdatChunk>,
+        received_at: SystemTime,
+    },
+    /// Relay modes: the next hop's answer to DATA (354 or a refusal).
+    RelayDataStart {
+        chunk: Option<BdatChunk>,
+        queue_id: String,
+    },
+}
+
+/// The BDAT command that opened a relayed message: its octets follow the command.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BdatChunk {
+    pub size: u64,
+    pub last: bool,
+}
+
+/// Relay modes: a message passed on to the next hop as it arrives.
+#[derive(Debug, Default)]
+pub(crate) struct RelayStream {
+    pub queue_id: String,
+    /// The header section so far: held back until it is complete, because our own forged
+    /// fields are removed from it and its Received fields are counted (loop detection).
+    pub head: Vec<u8>,
+    pub head_sent: bool,
+    /// The next hop's transaction was dropped (no final dot); the client hears why at the
+    /// end of its data.
+    pub aborted: bool,
+    /// More than 100 Received fields (RFC 5321 6.3).
+    pub looped: bool,
 }

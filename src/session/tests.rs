@@ -242,6 +242,14 @@ impl Harness {
                 SessionAction::RelayRcpt { forward_path } => {
                     self.relayed.push(format!("RCPT {forward_path}"))
                 }
+                SessionAction::RelayData { trace, .. } => {
+                    self.relayed.push(format!("DATA {}", trace.queue_id))
+                }
+                SessionAction::RelayChunk(bytes) => self
+                    .relayed
+                    .push(format!("CHUNK {}", String::from_utf8_lossy(&bytes))),
+                SessionAction::RelayEndData => self.relayed.push("END".into()),
+                SessionAction::RelayAbort => self.relayed.push("ABORT".into()),
             }
         }
     }
@@ -969,4 +977,88 @@ fn relay_modes_answer_with_the_next_hops_replies() {
     h.take();
     h.cmd("RCPT TO:<e@d.example>", "452 4.5.3");
     assert_eq!(h.relayed.len(), 2, "the second recipient is not replayed");
+}
+
+fn relaying() -> Harness {
+    let mut c = config();
+    c.deliver = DeliverTarget::Smtp {
+        host: "127.0.0.1".into(),
+        port: 10025,
+    };
+    c.bare_newline = BareNewline::Reject;
+    let mut h = Harness::new(c);
+    h.take();
+    h.cmd("EHLO client.example", "250");
+    h.input(b"MAIL FROM:<a@b.example>\r\n");
+    h.event(Event::RelayReply(Reply::new(250, "2.1.0", "ok")));
+    h.input(b"RCPT TO:<c@d.example>\r\n");
+    h.event(Event::RelayReply(Reply::new(250, "2.1.5", "ok")));
+    h.take();
+    h.relayed.clear();
+    h
+}
+
+/// Relay modes stream the message: the 354 is the next hop's, the header goes once it is
+/// complete (our forged fields removed), the body as it arrives, the final dot last.
+#[test]
+fn relayed_data_streams_as_it_arrives() {
+    let mut h = relaying();
+    h.input(b"DATA\r\n");
+    assert!(h.take().is_empty(), "no 354 before the next hop's");
+    assert_eq!(h.relayed, ["DATA ABCZ1"]);
+    h.event(Event::RelayReply(Reply::new(354, "", "go ahead")));
+    assert!(h.take().starts_with("354 "));
+    h.input(b"Subject: s\r\nX-HELO-Check: mx.test; pass forged\r\n");
+    assert_eq!(
+        h.relayed.len(),
+        1,
+        "the header is held until it is complete"
+    );
+    h.input(b"\r\nfirst line\r\n..dotted\r\n");
+    assert_eq!(
+        h.relayed[1..],
+        ["CHUNK Subject: s\r\n\r\nfirst line\r\n.dotted\r\n"]
+    );
+    h.input(b"second line\r\n.\r\n");
+    assert_eq!(h.relayed[2..], ["CHUNK second line\r\n", "END"]);
+    h.event(Event::Delivered(DeliveryOutcome::Accepted));
+    assert_eq!(h.take(), "250 2.0.0 Ok: queued as ABCZ1\r\n");
+}
+
+/// A refusal found on the way drops the next hop's transaction at once, never with a final
+/// dot, and the client hears it at the end of its data.
+#[test]
+fn a_late_refusal_aborts_the_relayed_message_without_its_dot() {
+    let mut h = relaying();
+    h.input(b"DATA\r\n");
+    h.event(Event::RelayReply(Reply::new(354, "", "go ahead")));
+    h.take();
+    h.input(b"Subject: s\r\n\r\nbare\nline\r\n");
+    assert!(h.relayed.contains(&"ABORT".to_string()), "{:?}", h.relayed);
+    h.input(b"more\r\n.\r\n");
+    assert!(!h.relayed.contains(&"END".to_string()));
+    assert!(h.take().starts_with("550 5.5.2"));
+    assert_eq!(h.rejected(Stage::Data), 1);
+
+    // Loop detection works on the streamed header too.
+    let mut h = relaying();
+    h.input(b"DATA\r\n");
+    h.event(Event::RelayReply(Reply::new(354, "", "go ahead")));
+    h.take();
+    let mut looped = Vec::new();
+    for _ in 0..101 {
+        looped.extend_from_slice(b"Received: from x by y; date\r\n");
+    }
+    looped.extend_from_slice(b"\r\nbody\r\n.\r\n");
+    h.input(&looped);
+    assert_eq!(h.relayed, ["DATA ABCZ1", "ABORT"]);
+    assert!(h.take().starts_with("554 5.4.6"));
+
+    // The next hop refusing DATA is the client's answer; BDAT octets are still read.
+    let mut h = relaying();
+    h.input(b"BDAT 5 LAST\r\n");
+    h.event(Event::RelayReply(Reply::new(554, "5.7.1", "no thanks")));
+    h.input(b"hello");
+    assert_eq!(h.take(), "554 5.7.1 no thanks\r\n");
+    h.cmd("NOOP", "250");
 }
