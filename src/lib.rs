@@ -8,12 +8,14 @@
 //! - `spool`: the envelope, trace fields and the Maildir writer threads
 //! - `server`: listeners, the mio event loop, connections, the worker pool, TLS
 //! - `check_cli`: the `heloguard check` command (one HELO verdict, printed)
+//! - `fuzzing`: invariant-checking drivers shared by the fuzz targets and the corpus test
 //! - `config`, `net`, `proxy_protocol`, `metrics`: configuration, addresses, PROXY headers,
 //!   Prometheus counters
 
 pub mod check_cli;
 pub mod config;
 pub mod dns;
+pub mod fuzzing;
 pub mod helo;
 pub mod metrics;
 pub mod net;
