@@ -68,7 +68,10 @@ pub fn check_replies(bytes: &[u8]) -> Result<(), String> {
         if let Some(status) = enhanced_status(text)
             && status != class
         {
-            return Err(format!("enhanced status of another class: {:?}", show(line)));
+            return Err(format!(
+                "enhanced status of another class: {:?}",
+                show(line)
+            ));
         }
     }
     if open.is_some() {
@@ -83,9 +86,8 @@ fn enhanced_status(text: &[u8]) -> Option<u8> {
     let mut parts = word.split(|&b| b == b'.');
     let class = parts.next()?;
     let (subject, detail) = (parts.next()?, parts.next()?);
-    let numeric = |p: &[u8], max: usize| {
-        !p.is_empty() && p.len() <= max && p.iter().all(u8::is_ascii_digit)
-    };
+    let numeric =
+        |p: &[u8], max: usize| !p.is_empty() && p.len() <= max && p.iter().all(u8::is_ascii_digit);
     (parts.next().is_none()
         && class.len() == 1
         && numeric(class, 1)
@@ -162,7 +164,10 @@ pub fn line_input(data: &[u8]) {
             "line reader holds {} octets",
             buf.len()
         );
-        assert!(!reader.is_skipping() || buf.is_empty(), "skipping but holding");
+        assert!(
+            !reader.is_skipping() || buf.is_empty(),
+            "skipping but holding"
+        );
     }
 }
 
@@ -245,7 +250,14 @@ pub fn session_input(data: &[u8]) {
     } else {
         Event::Greet
     };
-    step(&mut session, greeting, now, &mut wire, &mut pending, &mut input);
+    step(
+        &mut session,
+        greeting,
+        now,
+        &mut wire,
+        &mut pending,
+        &mut input,
+    );
     pending.push(Event::Reverse(ReverseFacts {
         ptr: match seed % 3 {
             0 => Lookup::Found(vec![PtrName {
@@ -259,13 +271,27 @@ pub fn session_input(data: &[u8]) {
     for chunk in chunks {
         now.mono += Duration::from_secs(options.tick);
         input.extend_from_slice(chunk);
-        run(&mut session, now, &mut wire, &mut pending, &mut input, &options);
+        run(
+            &mut session,
+            now,
+            &mut wire,
+            &mut pending,
+            &mut input,
+            &options,
+        );
         if session.is_closed() {
             break;
         }
     }
     // The client stops sending: whatever the session waits for still arrives.
-    run(&mut session, now, &mut wire, &mut pending, &mut input, &options);
+    run(
+        &mut session,
+        now,
+        &mut wire,
+        &mut pending,
+        &mut input,
+        &options,
+    );
     if let Err(why) = check_replies(&wire) {
         panic!("{why}");
     }
@@ -287,13 +313,9 @@ fn run(
         if !pending.is_empty() {
             let event = pending.remove(0);
             let event = match event {
-                Event::Delivered(_) if options.fail_delivery => {
-                    Event::Delivered(DeliveryOutcome::Failed(Reply::new(
-                        451,
-                        "4.3.0",
-                        "Local error in processing",
-                    )))
-                }
+                Event::Delivered(_) if options.fail_delivery => Event::Delivered(
+                    DeliveryOutcome::Failed(Reply::new(451, "4.3.0", "Local error in processing")),
+                ),
                 other => other,
             };
             step(session, event, now, wire, pending, input);
@@ -369,7 +391,10 @@ fn after(
                     envelope.content.len() as u64 <= FUZZ_MAX_MESSAGE_SIZE,
                     "message over the size limit accepted"
                 );
-                assert!(!envelope.recipients.is_empty(), "message without recipients");
+                assert!(
+                    !envelope.recipients.is_empty(),
+                    "message without recipients"
+                );
                 pending.push(Event::Delivered(DeliveryOutcome::Accepted));
             }
             SessionAction::StartTls => {

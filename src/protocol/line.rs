@@ -120,7 +120,8 @@ mod tests {
         let long = vec![b'x'; 600];
         let exact: Vec<u8> = [vec![b'y'; 510], b"\r\n".to_vec()].concat();
         let over: Vec<u8> = [vec![b'z'; 511], b"\r\n".to_vec()].concat();
-        let cases: Vec<(&str, Vec<&[u8]>, Vec<Result<Vec<u8>, &str>>)> = vec![
+        type Case<'a> = (&'a str, Vec<&'a [u8]>, Vec<Result<Vec<u8>, &'a str>>);
+        let cases: Vec<Case> = vec![
             ("crlf", vec![b"NOOP\r\n"], vec![Ok(b"NOOP".to_vec())]),
             ("bare lf", vec![b"NOOP\n"], vec![Ok(b"NOOP".to_vec())]),
             (

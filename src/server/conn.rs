@@ -152,11 +152,14 @@ impl Conn {
         let mut outcome = ReadOutcome::default();
         let mut chunk = [0u8; READ_CHUNK];
         loop {
-            if self.inbuf.len() >= self.inbuf_cap() {
+            let room = self.inbuf_cap().saturating_sub(self.inbuf.len());
+            if room == 0 {
                 self.read_paused = true;
                 return Ok(outcome);
             }
-            let n = match self.socket.read(&mut chunk) {
+            // Never read past the cap: `inbuf` stays within it, not within it plus a chunk.
+            let want = room.min(READ_CHUNK);
+            let n = match self.socket.read(&mut chunk[..want]) {
                 Ok(0) => {
                     outcome.eof = true;
                     self.eof = true;

@@ -985,12 +985,12 @@ impl Server {
         }
         let mut conn = self.conns.remove(slot);
         let _ = self.poll.registry().deregister(&mut conn.socket);
-        if let Some(key) = conn.counted_as {
-            if let Some(n) = self.per_client.get_mut(&key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.per_client.remove(&key);
-                }
+        if let Some(key) = conn.counted_as
+            && let Some(n) = self.per_client.get_mut(&key)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_client.remove(&key);
             }
         }
         self.metrics.session_closed();

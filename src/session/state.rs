@@ -13,17 +13,20 @@ use crate::helo::policy::{AllowEntry, HeloPolicy, HeloVerdict};
 use crate::protocol::command::Verb;
 use crate::protocol::data::DataDecoder;
 
+/// `crate::helo::policy::decide`, or a stand-in in tests.
+pub(crate) type DecideFn = fn(
+    &CheckInput<'_>,
+    Option<&Lookup<Vec<IpAddr>>>,
+    Option<&ReverseFacts>,
+    &HeloPolicy,
+    &[AllowEntry],
+) -> HeloVerdict;
+
 /// The HELO functions the session calls; a value so tests can judge without DNS rules.
 #[derive(Clone, Copy)]
 pub(crate) struct HeloJudge {
     pub parse: fn(&str) -> HeloArg,
-    pub decide: fn(
-        &CheckInput<'_>,
-        Option<&Lookup<Vec<IpAddr>>>,
-        Option<&ReverseFacts>,
-        &HeloPolicy,
-        &[AllowEntry],
-    ) -> HeloVerdict,
+    pub decide: DecideFn,
 }
 
 impl HeloJudge {

@@ -102,10 +102,10 @@ impl ServerBuilder {
             while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     let mut parts = rest.split_whitespace();
-                    if let (Some(a), Some(k)) = (parts.next(), parts.next()) {
-                        if let Ok(addr) = a.parse::<SocketAddr>() {
-                            let _ = tx.send((addr, k.contains("proxy")));
-                        }
+                    if let (Some(a), Some(k)) = (parts.next(), parts.next())
+                        && let Ok(addr) = a.parse::<SocketAddr>()
+                    {
+                        let _ = tx.send((addr, k.contains("proxy")));
                     }
                 }
                 if line.contains("serving as") {
