@@ -9,12 +9,14 @@
 //! - `server`: listeners, the mio event loop, connections, the worker pool, TLS
 //! - `relay`: the sans-I/O next-hop SMTP/LMTP client of the relay modes
 //! - `check_cli`: the `heloguard check` command (one HELO verdict, printed)
+//! - `fuzzing`: invariant-checking drivers shared by the fuzz targets and the corpus test
 //! - `config`, `net`, `proxy_protocol`, `metrics`: configuration, addresses, PROXY headers,
 //!   Prometheus counters
 
 pub mod check_cli;
 pub mod config;
 pub mod dns;
+pub mod fuzzing;
 pub mod helo;
 pub mod metrics;
 pub mod net;

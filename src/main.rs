@@ -72,6 +72,12 @@ fn serve() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // A spool write past RLIMIT_FSIZE must fail with EFBIG (451 4.3.0 to that client), not
+    // kill the process with SIGXFSZ's default action.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let metrics = Arc::new(Metrics::new());
     if let Some(addr) = config.metrics {
         let started = std::net::TcpListener::bind(addr)

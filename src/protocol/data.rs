@@ -267,6 +267,11 @@ impl DataDecoder {
         self.octets
     }
 
+    /// Octets of content held in memory (never above the size limit when there is one).
+    pub fn buffered(&self) -> usize {
+        self.content.len()
+    }
+
     /// A reason to refuse was found; the rest is only read.
     pub fn is_refused(&self) -> bool {
         self.refusal.is_some()

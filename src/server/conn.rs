@@ -158,11 +158,14 @@ impl Conn {
     pub fn read_available(&mut self, chunk: &mut [u8]) -> io::Result<ReadOutcome> {
         let mut outcome = ReadOutcome::default();
         loop {
-            if self.inbuf.len() >= self.inbuf_cap() {
+            let room = self.inbuf_cap().saturating_sub(self.inbuf.len());
+            if room == 0 {
                 self.read_paused = true;
                 return Ok(outcome);
             }
-            let n = match self.socket.read(chunk) {
+            // Never read past the cap: `inbuf` stays within it, not within it plus a chunk.
+            let want = room.min(READ_CHUNK);
+            let n = match self.socket.read(&mut chunk[..want]) {
                 Ok(0) => {
                     outcome.eof = true;
                     self.eof = true;

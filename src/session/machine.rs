@@ -246,6 +246,26 @@ impl Session {
         self.closed
     }
 
+    /// Message octets this session holds in memory: the DATA or BDAT content received so far,
+    /// or a complete message waiting for its verdict. Never above HELOGUARD_MAX_MESSAGE_SIZE
+    /// when that is set; input bytes not yet consumed are the connection's, not counted here.
+    pub fn buffered_bytes(&self) -> usize {
+        let data = match &self.phase {
+            Phase::Data(decoder) => decoder.buffered(),
+            _ => 0,
+        };
+        let chunks = self
+            .tx
+            .as_ref()
+            .and_then(|tx| tx.chunks.as_ref())
+            .map_or(0, |decoder| decoder.buffered());
+        let parked = match &self.park {
+            Some(Park::DataVerdict { content, .. }) => content.len(),
+            _ => 0,
+        };
+        data + chunks + parked
+    }
+
     pub fn summary(&self) -> Summary {
         let current = self.current.as_ref();
         Summary {

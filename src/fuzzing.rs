@@ -1,0 +1,463 @@
+//! Invariant-checking drivers shared by the fuzz targets (`fuzz/fuzz_targets/`) and the
+//! corpus replay test (`tests/fuzz_corpus.rs`). Each driver takes arbitrary bytes and panics
+//! when an invariant breaks, so a fuzzer finding and a corpus file replay the same checks.
+//!
+//! Input layout: byte 0 selects options (configuration, greeting, delivery outcomes), byte 1
+//! seeds how the rest is split into reads, the rest is what the client sends.
+//!
+//! Invariants:
+//! - nothing panics;
+//! - every reply line is `DDD` then space or hyphen then text then CRLF, with no other CR or
+//!   LF, the code 2xx-5xx, only the last line of a reply with a space, and an enhanced status
+//!   code (when there is one) of the reply code's class (2 for a 3xx reply);
+//! - bounds: the line reader never leaves 512 octets or more unconsumed; a session that wants
+//!   input leaves at most a partial command line (< 512 octets) unconsumed; the message bytes a
+//!   session holds never exceed HELOGUARD_MAX_MESSAGE_SIZE.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::Config;
+use crate::dns::{Lookup, PtrName, ReverseFacts, TempFailure};
+use crate::protocol::MAX_COMMAND_LINE;
+use crate::protocol::command::Command;
+use crate::protocol::line::{LineRead, LineReader};
+use crate::protocol::reply::Reply;
+use crate::session::{
+    DeliveryOutcome, Event, Now, Output, Session, SessionAction, SessionParams, TlsInfo,
+};
+
+/// The size limit the session driver runs under (small, so fuzzing reaches it).
+pub const FUZZ_MAX_MESSAGE_SIZE: u64 = 4096;
+
+/// Checks that `bytes` is a sequence of whole, well-formed replies.
+pub fn check_replies(bytes: &[u8]) -> Result<(), String> {
+    let mut rest = bytes;
+    let mut open: Option<&[u8]> = None;
+    while !rest.is_empty() {
+        let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
+            return Err(format!("reply without LF: {:?}", show(rest)));
+        };
+        let line = &rest[..=lf];
+        rest = &rest[lf + 1..];
+        if line.len() < 6 || !line.ends_with(b"\r\n") {
+            return Err(format!("reply line not ended by CRLF: {:?}", show(line)));
+        }
+        let body = &line[..line.len() - 2];
+        if body.iter().any(|&b| b == b'\r' || b == b'\n') {
+            return Err(format!("CR or LF inside a reply line: {:?}", show(line)));
+        }
+        let code = &body[..3];
+        if !code.iter().all(u8::is_ascii_digit) || !(b'2'..=b'5').contains(&code[0]) {
+            return Err(format!("bad reply code: {:?}", show(line)));
+        }
+        if let Some(prev) = open
+            && prev != code
+        {
+            return Err(format!("code changed inside a reply: {:?}", show(line)));
+        }
+        match body[3] {
+            b'-' => open = Some(code),
+            b' ' => open = None,
+            _ => return Err(format!("no space or hyphen after code: {:?}", show(line))),
+        }
+        let text = &body[4..];
+        // RFC 3463 has classes 2, 4 and 5; an intermediate 3xx reply carries 2.
+        let class = if code[0] == b'3' { b'2' } else { code[0] };
+        if let Some(status) = enhanced_status(text)
+            && status != class
+        {
+            return Err(format!(
+                "enhanced status of another class: {:?}",
+                show(line)
+            ));
+        }
+    }
+    if open.is_some() {
+        return Err("multi-line reply without its last line".to_string());
+    }
+    Ok(())
+}
+
+/// The class digit of an enhanced status code (`c.s.d ` at the start of `text`).
+fn enhanced_status(text: &[u8]) -> Option<u8> {
+    let word = text.split(|&b| b == b' ').next()?;
+    let mut parts = word.split(|&b| b == b'.');
+    let class = parts.next()?;
+    let (subject, detail) = (parts.next()?, parts.next()?);
+    let numeric =
+        |p: &[u8], max: usize| !p.is_empty() && p.len() <= max && p.iter().all(u8::is_ascii_digit);
+    (parts.next().is_none()
+        && class.len() == 1
+        && numeric(class, 1)
+        && numeric(subject, 3)
+        && numeric(detail, 3))
+    .then_some(class[0])
+}
+
+fn show(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned()
+}
+
+/// Splits `data` into reads whose sizes come from a small generator seeded by `seed`.
+fn reads(data: &[u8], seed: u8) -> Vec<&[u8]> {
+    let mut state = u32::from(seed).wrapping_mul(2_654_435_761) | 1;
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        // Mostly small reads, sometimes large ones (a whole pipelined batch).
+        let size = match state % 8 {
+            0 => 1,
+            1..=4 => 1 + (state >> 8) as usize % 16,
+            5 | 6 => 1 + (state >> 8) as usize % 700,
+            _ => rest.len(),
+        };
+        let (now, later) = rest.split_at(size.min(rest.len()));
+        out.push(now);
+        rest = later;
+    }
+    out
+}
+
+/// The line reader, fed like the event loop feeds it: every line it yields parses without
+/// panicking, every parse error has a well-formed reply, nothing 512 octets long stays held.
+pub fn line_input(data: &[u8]) {
+    let (seed, body) = match data {
+        [s, rest @ ..] => (*s, rest),
+        [] => return,
+    };
+    let mut reader = LineReader::new();
+    let mut buf: Vec<u8> = Vec::new();
+    for chunk in reads(body, seed) {
+        buf.extend_from_slice(chunk);
+        loop {
+            let before = buf.len();
+            let (consumed, more) = match reader.read(&buf) {
+                LineRead::Line { line, consumed } => {
+                    assert!(line.len() < MAX_COMMAND_LINE, "line over 511 octets");
+                    assert!(!line.contains(&b'\n'), "LF inside a line");
+                    if let Err(error) = Command::parse(line) {
+                        let mut out = Vec::new();
+                        error.reply().write_to(&mut out);
+                        if let Err(why) = check_replies(&out) {
+                            panic!("parse error reply: {why}");
+                        }
+                    }
+                    (consumed, true)
+                }
+                LineRead::TooLong { consumed } => (consumed, true),
+                LineRead::Partial { consumed } => (consumed, false),
+            };
+            assert!(consumed <= before, "consumed more than offered");
+            buf.drain(..consumed);
+            if !more {
+                break;
+            }
+            assert!(consumed > 0, "a line or refusal that used no input");
+        }
+        assert!(
+            buf.len() < MAX_COMMAND_LINE,
+            "line reader holds {} octets",
+            buf.len()
+        );
+        assert!(
+            !reader.is_skipping() || buf.is_empty(),
+            "skipping but holding"
+        );
+    }
+}
+
+/// Sixteen configurations: the low bits of the option byte pick eight, the top bit picks
+/// relay mode (which needs a domain list).
+fn config(variant: u8) -> Arc<Config> {
+    static CONFIGS: OnceLock<Vec<Arc<Config>>> = OnceLock::new();
+    let all = CONFIGS.get_or_init(|| {
+        (0..16u8)
+            .map(|v| {
+                let lookup = move |name: &str| -> Option<String> {
+                    let value = match name {
+                        "HELOGUARD_HOSTNAME" => "mx.fuzz.test",
+                        "HELOGUARD_DNS" => "127.0.0.1:53",
+                        "HELOGUARD_WORKERS" => "1",
+                        "HELOGUARD_MAX_MESSAGE_SIZE" => "4096",
+                        "HELOGUARD_MAX_RECIPIENTS" => "3",
+                        "HELOGUARD_MAX_ERRORS" => "12",
+                        "HELOGUARD_MAX_JUNK" => "12",
+                        "HELOGUARD_DOMAINS" if v & 12 != 0 => "fuzz.test",
+                        "HELOGUARD_DELIVER" if v & 8 != 0 => "smtp://127.0.0.1:10025",
+                        "HELOGUARD_BARE_NEWLINE" if v & 1 != 0 => "reject",
+                        "HELOGUARD_HELO_POLICY" if v & 2 != 0 => {
+                            "default=reject,dynamic=defer,forward=defer"
+                        }
+                        "HELOGUARD_REJECT_AT" if v & 6 == 6 => "helo",
+                        _ => return None,
+                    };
+                    Some(value.to_string())
+                };
+                Arc::new(Config::from_lookup(lookup).expect("fuzz config").0)
+            })
+            .collect()
+    });
+    all[usize::from(variant & 15)].clone()
+}
+
+/// What the driver does between reads, decided by the option byte.
+struct Options {
+    variant: u8,
+    pregreet: bool,
+    tls: bool,
+    fail_delivery: bool,
+    /// Seconds the clock moves per read (0 or 7: the data rate check after 30 s).
+    tick: u64,
+}
+
+/// The session, driven like a worker drives it: greeting, arbitrary reads, and the answers
+/// of the resolver, the spool and the TLS layer as the session asks for them.
+pub fn session_input(data: &[u8]) {
+    let (opt, seed, body) = match data {
+        [o, s, rest @ ..] => (*o, *s, rest),
+        _ => return,
+    };
+    let options = Options {
+        variant: (opt & 7) | ((opt & 128) >> 4),
+        pregreet: opt & 8 != 0,
+        tls: opt & 16 != 0,
+        fail_delivery: opt & 32 != 0,
+        tick: if opt & 64 != 0 { 7 } else { 0 },
+    };
+    let config = config(options.variant);
+    let client_ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+    let mut session = Session::new(SessionParams {
+        config,
+        client_ip,
+        session_id: 1,
+        tls_available: options.tls,
+        spool_space_low: Arc::new(std::sync::atomic::AtomicBool::new(opt & 128 != 0)),
+    });
+    let start = Instant::now();
+    let mut now = Now {
+        mono: start,
+        wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+    };
+    let mut wire = Vec::new();
+    let mut pending: Vec<Event<'static>> = Vec::new();
+    let mut input: Vec<u8> = Vec::new();
+    let chunks = reads(body, seed);
+    let greeting = if options.pregreet && !body.is_empty() {
+        Event::Pregreeted
+    } else {
+        Event::Greet
+    };
+    step(
+        &mut session,
+        greeting,
+        now,
+        &mut wire,
+        &mut pending,
+        &mut input,
+    );
+    pending.push(Event::Reverse(ReverseFacts {
+        ptr: match seed % 3 {
+            0 => Lookup::Found(vec![PtrName {
+                name: "mail.fuzz.test".to_string(),
+                addrs: Lookup::Found(vec![client_ip]),
+            }]),
+            1 => Lookup::NxDomain,
+            _ => Lookup::TempError(TempFailure::Timeout),
+        },
+    }));
+    for chunk in chunks {
+        now.mono += Duration::from_secs(options.tick);
+        input.extend_from_slice(chunk);
+        run(
+            &mut session,
+            now,
+            &mut wire,
+            &mut pending,
+            &mut input,
+            &options,
+        );
+        if session.is_closed() {
+            break;
+        }
+    }
+    // The client stops sending: whatever the session waits for still arrives.
+    run(
+        &mut session,
+        now,
+        &mut wire,
+        &mut pending,
+        &mut input,
+        &options,
+    );
+    if let Err(why) = check_replies(&wire) {
+        panic!("{why}");
+    }
+}
+
+/// Offers pending events and input until the session can make no more progress.
+fn run(
+    session: &mut Session,
+    now: Now,
+    wire: &mut Vec<u8>,
+    pending: &mut Vec<Event<'static>>,
+    input: &mut Vec<u8>,
+    options: &Options,
+) {
+    for _ in 0..10_000 {
+        if session.is_closed() {
+            return;
+        }
+        if !pending.is_empty() {
+            let event = pending.remove(0);
+            let event = match event {
+                Event::Delivered(_) if options.fail_delivery => Event::Delivered(
+                    DeliveryOutcome::Failed(Reply::new(451, "4.3.0", "Local error in processing")),
+                ),
+                other => other,
+            };
+            step(session, event, now, wire, pending, input);
+            continue;
+        }
+        if !session.wants_input() || input.is_empty() {
+            return;
+        }
+        let before = input.len();
+        let mut out = Output::default();
+        session.handle(Event::Input(input), now, &mut out);
+        assert!(out.consumed <= before, "consumed more than offered");
+        input.drain(..out.consumed);
+        after(session, out, wire, pending, input);
+        if session.wants_input() && pending.is_empty() {
+            // Everything whole was used: what is left is part of one command line.
+            assert!(
+                input.len() < MAX_COMMAND_LINE,
+                "session left {} octets unconsumed",
+                input.len()
+            );
+            return;
+        }
+    }
+    panic!("session makes no progress");
+}
+
+fn step(
+    session: &mut Session,
+    event: Event<'_>,
+    now: Now,
+    wire: &mut Vec<u8>,
+    pending: &mut Vec<Event<'static>>,
+    input: &mut Vec<u8>,
+) {
+    let mut out = Output::default();
+    session.handle(event, now, &mut out);
+    after(session, out, wire, pending, input);
+}
+
+/// Checks one output and turns its actions into the events the event loop would send.
+fn after(
+    session: &Session,
+    out: Output,
+    wire: &mut Vec<u8>,
+    pending: &mut Vec<Event<'static>>,
+    input: &mut Vec<u8>,
+) {
+    if let Err(why) = check_replies(&out.bytes) {
+        panic!("{why}");
+    }
+    let held = session.buffered_bytes() as u64;
+    assert!(
+        held <= FUZZ_MAX_MESSAGE_SIZE,
+        "session holds {held} message octets"
+    );
+    wire.extend_from_slice(&out.bytes);
+    for action in out.actions {
+        match action {
+            SessionAction::HeloAccepted { generation, lookup } => {
+                if let Some(name) = lookup {
+                    let addrs = if name.len() % 2 == 0 {
+                        Lookup::Found(vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))])
+                    } else {
+                        Lookup::NxDomain
+                    };
+                    pending.push(Event::Forward { name, addrs });
+                }
+                pending.push(Event::VerdictDeadline { generation });
+            }
+            SessionAction::Deliver(envelope) => {
+                assert!(
+                    envelope.content.len() as u64 <= FUZZ_MAX_MESSAGE_SIZE,
+                    "message over the size limit accepted"
+                );
+                assert!(
+                    !envelope.recipients.is_empty(),
+                    "message without recipients"
+                );
+                pending.push(Event::Delivered(DeliveryOutcome::Accepted));
+            }
+            SessionAction::StartTls => {
+                // RFC 3207 4.2: the loop discards what was read before the handshake.
+                input.clear();
+                pending.push(Event::TlsEstablished(TlsInfo {
+                    version: "TLSv1.3".to_string(),
+                    cipher: "TLS_AES_256_GCM_SHA384".to_string(),
+                    bits: 256,
+                }));
+            }
+            SessionAction::Close => {
+                assert!(session.is_closed(), "Close action from an open session");
+            }
+            // Relay modes: the next hop takes everything; a failing delivery is mapped at
+            // `Event::Delivered` like the spool's.
+            SessionAction::RelayMail { .. } | SessionAction::RelayRcpt { .. } => {
+                pending.push(Event::RelayReply(Reply::new(250, "2.0.0", "next hop ok")));
+            }
+            SessionAction::RelayData { trace, recipients } => {
+                assert!(!recipients.is_empty(), "relayed message without recipients");
+                assert!(!trace.queue_id.is_empty());
+                pending.push(Event::RelayReply(Reply::new(354, "", "go ahead")));
+            }
+            SessionAction::RelayChunk(bytes) => {
+                assert!(
+                    bytes.len() as u64 <= FUZZ_MAX_MESSAGE_SIZE,
+                    "relayed chunk over the size limit"
+                );
+            }
+            SessionAction::RelayEndData => {
+                pending.push(Event::Delivered(DeliveryOutcome::Accepted));
+            }
+            SessionAction::RelayAbort => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_checker() {
+        assert!(check_replies(b"250-a\r\n250 b\r\n").is_ok());
+        assert!(check_replies(b"550 5.7.1 no\r\n").is_ok());
+        assert!(check_replies(b"550 4.7.1 no\r\n").is_err());
+        assert!(check_replies(b"250-a\r\n").is_err());
+        assert!(check_replies(b"250 a\n").is_err());
+        assert!(check_replies(b"250 a\rb\r\n").is_err());
+        assert!(check_replies(b"25 a\r\n").is_err());
+    }
+
+    #[test]
+    fn drivers_run_a_dialogue() {
+        let dialogue = b"EHLO mail.fuzz.test\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<x@fuzz.test>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n";
+        for opt in 0..=255u8 {
+            let mut data = vec![opt, 3];
+            data.extend_from_slice(dialogue);
+            session_input(&data);
+        }
+        line_input(dialogue);
+    }
+}
