@@ -295,6 +295,7 @@ fn xclient_carries_each_clients_identity_on_its_own_next_hop_connection() {
 /// A private Postfix instance (its own config, queue and log directories) whose smtpd on a
 /// loopback port trusts XCLIENT from loopback and discards mail for example.net.
 struct PrivatePostfix {
+    postfix: &'static str,
     config: PathBuf,
     addr: SocketAddr,
     log: PathBuf,
@@ -390,6 +391,7 @@ impl PrivatePostfix {
         std::fs::write(config.join("main.cf"), main_cf).map_err(|e| e.to_string())?;
         std::fs::write(config.join("master.cf"), master_cf).map_err(|e| e.to_string())?;
         let pf = PrivatePostfix {
+            postfix,
             config,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             log,
@@ -438,7 +440,7 @@ impl PrivatePostfix {
 
 impl Drop for PrivatePostfix {
     fn drop(&mut self) {
-        let _ = Command::new("postfix")
+        let _ = Command::new(self.postfix)
             .arg("-c")
             .arg(&self.config)
             .arg("stop")
