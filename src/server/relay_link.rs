@@ -24,7 +24,8 @@ use crate::protocol::reply::Reply;
 use crate::relay::client::RelayClient;
 use crate::relay::{RelayClientParams, RelayEvent, RelayOutput};
 
-/// How long the next hop gets to accept the connection.
+/// How long the next hop gets to accept the connection and finish the setup (greeting,
+/// EHLO, STARTTLS, XCLIENT).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the next hop gets for each reply (RFC 5321 4.5.3.2 suggests minutes for a
 /// queueing MTA; a before-queue proxy holds a client meanwhile, so we wait less).
@@ -198,14 +199,14 @@ impl RelayLink {
             self.transaction_open = false;
         }
         self.client.mail(reverse_path, params, &mut out);
-        self.awaiting.push_back(Awaiting::Mail);
+        self.expect(Awaiting::Mail);
         self.absorb_output(out);
     }
 
     pub fn rcpt(&mut self, forward_path: &str) {
         let mut out = RelayOutput::default();
         self.client.rcpt(forward_path, &mut out);
-        self.awaiting.push_back(Awaiting::Rcpt);
+        self.expect(Awaiting::Rcpt);
         self.absorb_output(out);
     }
 
@@ -214,7 +215,7 @@ impl RelayLink {
     pub fn start_data(&mut self, trace: Vec<u8>) {
         let mut out = RelayOutput::default();
         self.client.data(&mut out);
-        self.awaiting.push_back(Awaiting::Data(trace));
+        self.expect(Awaiting::Data(trace));
         self.absorb_output(out);
     }
 
@@ -229,7 +230,7 @@ impl RelayLink {
     pub fn end_data(&mut self) {
         let mut out = RelayOutput::default();
         self.client.end_data(&mut out);
-        self.awaiting.push_back(Awaiting::EndOfData);
+        self.expect(Awaiting::EndOfData);
         self.absorb_output(out);
     }
 
@@ -239,6 +240,16 @@ impl RelayLink {
         self.client.quit(&mut out);
         self.absorb_output(out);
         let _ = self.flush();
+    }
+
+    /// Queues what the next reply answers. The reply clock starts when a request is the
+    /// only one outstanding on a ready link: time spent idle between transactions is not
+    /// the next hop's.
+    fn expect(&mut self, awaiting: Awaiting) {
+        if self.awaiting.is_empty() && self.client.is_ready() {
+            self.deadline = Instant::now() + REPLY_TIMEOUT;
+        }
+        self.awaiting.push_back(awaiting);
     }
 
     pub fn is_waiting(&self) -> bool {
@@ -265,7 +276,9 @@ impl RelayLink {
             match self.socket.check_connected() {
                 Ok(true) => {
                     self.connected = true;
-                    self.deadline = now + REPLY_TIMEOUT;
+                    // The greeting and the rest of the setup count as connecting: a next hop
+                    // that accepts but never greets is as unavailable as one that refuses.
+                    self.deadline = now + CONNECT_TIMEOUT;
                 }
                 Ok(false) => return progress,
                 Err(_) => {

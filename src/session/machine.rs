@@ -234,6 +234,7 @@ impl Session {
                 Some(
                     Park::DataVerdict { .. }
                         | Park::Delivery { .. }
+                        | Park::RelayMailReverse { .. }
                         | Park::RelayMail { .. }
                         | Park::RelayRcpt { .. }
                         | Park::RelayDataVerdict { .. }
@@ -615,6 +616,19 @@ impl Session {
                     });
                 }
             }
+            Some(Park::RelayMailReverse {
+                reverse_path,
+                params,
+            }) => {
+                if self.reverse_settled() {
+                    self.relay_mail(reverse_path, params, out);
+                } else {
+                    self.park = Some(Park::RelayMailReverse {
+                        reverse_path,
+                        params,
+                    });
+                }
+            }
             other => self.park = other,
         }
     }
@@ -763,20 +777,41 @@ impl Session {
             return;
         }
         if config.deliver != DeliverTarget::Maildir {
-            // Before-queue relay: the client's MAIL gets the next hop's answer.
-            out.actions.push(SessionAction::RelayMail {
-                reverse_path: from.mailbox.to_string(),
-                params,
-                xclient: self.xclient_attrs(),
-            });
-            self.park = Some(Park::RelayMail {
-                reverse_path: from.mailbox.to_string(),
-                smtputf8: params.smtputf8,
-            });
+            let reverse_path = from.mailbox.to_string();
+            if self.reverse_settled() {
+                self.relay_mail(reverse_path, params, out);
+            } else {
+                // The first MAIL opens the next-hop link, whose XCLIENT NAME is the PTR name:
+                // an EHLO answered before the reverse lookup (policy `tag`) must not make it
+                // [TEMPUNAVAIL].
+                self.park = Some(Park::RelayMailReverse {
+                    reverse_path,
+                    params,
+                });
+            }
             return;
         }
         self.tx = Some(Transaction::new(from.mailbox, params.smtputf8));
         self.reply(out, Reply::new(250, "2.1.0", "Ok"));
+    }
+
+    /// Before-queue relay: the client's MAIL gets the next hop's answer.
+    fn relay_mail(&mut self, reverse_path: String, params: MailParams, out: &mut Output) {
+        out.actions.push(SessionAction::RelayMail {
+            reverse_path: reverse_path.clone(),
+            params,
+            xclient: self.xclient_attrs(),
+        });
+        self.park = Some(Park::RelayMail {
+            reverse_path,
+            smtputf8: params.smtputf8,
+        });
+    }
+
+    /// The reverse DNS facts are in, or the verdict deadline of the current identity passed
+    /// without them (XCLIENT then says [TEMPUNAVAIL]).
+    fn reverse_settled(&self) -> bool {
+        self.reverse.is_some() || self.current.as_ref().is_some_and(|id| id.deadline_passed)
     }
 
     /// What XCLIENT tells the next hop about the client (Postfix XCLIENT_README).

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::checks::{CheckInput, HeloArg};
 use crate::helo::policy::{AllowEntry, HeloPolicy, HeloVerdict};
-use crate::protocol::command::Verb;
+use crate::protocol::command::{MailParams, Verb};
 use crate::protocol::data::DataDecoder;
 
 /// Runs the checks and the policy on what is known of one identity.
@@ -154,6 +154,12 @@ pub(crate) enum Park {
     Delivery { queue_id: String },
     /// `Event::TlsEstablished` after our 220 to STARTTLS.
     Tls,
+    /// Relay modes: the reverse DNS facts (or the verdict deadline) before this MAIL is
+    /// replayed, because the next-hop link it opens carries them in XCLIENT NAME.
+    RelayMailReverse {
+        reverse_path: String,
+        params: MailParams,
+    },
     /// Relay modes: the next hop's answer to MAIL.
     RelayMail {
         reverse_path: String,

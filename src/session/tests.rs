@@ -10,11 +10,12 @@ use std::time::{Duration, Instant, SystemTime};
 use proptest::prelude::*;
 
 use crate::config::{BareNewline, Config, DeliverTarget};
-use crate::dns::{Lookup, ReverseFacts};
+use crate::dns::{Lookup, PtrName, ReverseFacts};
 use crate::helo::checks::{CheckInput, HeloArg};
 use crate::helo::policy::{AllowEntry, Decision, HeloPolicy, HeloVerdict, IprevResult, RejectAt};
 use crate::helo::{Action, CheckResult, VerdictKind};
 use crate::protocol::reply::Reply;
+use crate::relay::{XclientAttrs, XclientName};
 use crate::session::state::HeloJudge;
 use crate::session::{
     DeliveryOutcome, Ending, Event, Now, Observation, Output, Session, SessionAction,
@@ -142,6 +143,8 @@ struct Harness {
     close_seen: bool,
     /// Relay modes: the MAIL/RCPT replays asked for, in order.
     relayed: Vec<String>,
+    /// Relay modes: the XCLIENT attributes of each MAIL replay.
+    xclient: Vec<XclientAttrs>,
 }
 
 impl Harness {
@@ -172,6 +175,7 @@ impl Harness {
             auto_deliver: Some(DeliveryOutcome::Accepted),
             close_seen: false,
             relayed: Vec::new(),
+            xclient: Vec::new(),
         };
         h.event(Event::Greet);
         if auto_dns {
@@ -236,8 +240,13 @@ impl Harness {
                     self.event(Event::TlsEstablished(tls_info()));
                 }
                 SessionAction::Close => self.close_seen = true,
-                SessionAction::RelayMail { reverse_path, .. } => {
-                    self.relayed.push(format!("MAIL {reverse_path}"))
+                SessionAction::RelayMail {
+                    reverse_path,
+                    xclient,
+                    ..
+                } => {
+                    self.relayed.push(format!("MAIL {reverse_path}"));
+                    self.xclient.push(xclient);
                 }
                 SessionAction::RelayRcpt { forward_path } => {
                     self.relayed.push(format!("RCPT {forward_path}"))
@@ -921,6 +930,50 @@ fn no_forward_lookup_when_no_enabled_check_reads_it() {
     h.take();
     h.cmd("EHLO client.example", "250-mx.test");
     assert_eq!(h.lookups, vec![(1, Some("client.example".to_string()))]);
+}
+
+/// Relay modes: an EHLO answered before the reverse lookup (policy `tag`) must not send the
+/// first MAIL, which opens the next-hop link, with XCLIENT NAME=[TEMPUNAVAIL]: the MAIL waits
+/// for the PTR facts, or for the verdict deadline.
+#[test]
+fn relay_mail_waits_for_the_reverse_facts_its_xclient_name_needs() {
+    let mut c = config();
+    c.deliver = DeliverTarget::Smtp {
+        host: "127.0.0.1".into(),
+        port: 10025,
+    };
+    let mut h = Harness::build(c.clone(), false, false);
+    h.take();
+    h.cmd("EHLO client.example", "250");
+    h.input(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n");
+    assert!(h.relayed.is_empty() && h.take().is_empty());
+    assert!(h.session.in_transaction());
+    let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+    h.event(Event::Reverse(ReverseFacts {
+        ptr: Lookup::Found(vec![PtrName {
+            name: "client.example".into(),
+            addrs: Lookup::Found(vec![ip]),
+        }]),
+    }));
+    assert_eq!(h.relayed, ["MAIL a@b.example"]);
+    assert_eq!(
+        h.xclient[0].name,
+        XclientName::Name("client.example".into())
+    );
+    h.event(Event::RelayReply(Reply::new(250, "2.1.0", "ok")));
+    assert_eq!(h.take(), "250 2.1.0 Ok\r\n");
+    assert_eq!(h.relayed, ["MAIL a@b.example", "RCPT c@d.example"]);
+
+    // No reverse facts by the verdict deadline: the MAIL goes on, NAME=[TEMPUNAVAIL].
+    let mut h = Harness::build(c, false, false);
+    h.take();
+    h.cmd("EHLO client.example", "250");
+    h.input(b"MAIL FROM:<a@b.example>\r\n");
+    assert!(h.relayed.is_empty());
+    let generation = h.lookups.last().expect("a HELO lookup").0;
+    h.event(Event::VerdictDeadline { generation });
+    assert_eq!(h.relayed, ["MAIL a@b.example"]);
+    assert_eq!(h.xclient[0].name, XclientName::TempUnavailable);
 }
 
 /// Relay modes: MAIL and RCPT get the next hop's answer; its refusals pass through as they
