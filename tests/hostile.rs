@@ -596,3 +596,58 @@ fn below_min_free_space_mail_gets_452_4_3_1() {
     assert!(text.starts_with("452 4.3.1"), "{text}");
     c.cmd("QUIT", 221);
 }
+
+/// Out of file descriptors, accept fails and the queued connections raise no new readiness
+/// event: the loop must come back to them by itself once descriptors are free again.
+#[test]
+fn connections_queued_while_out_of_descriptors_are_served_once_some_free_up() {
+    let dns = TestDns::start(TestZone::new());
+    let s = TestServer::builder()
+        .dns(dns.addr())
+        .env("HELOGUARD_MAX_CONNECTIONS_PER_IP", "0")
+        .start();
+    let pid = s.child.id() as libc::pid_t;
+    // Count what the server has open, then allow only a few more.
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if open == 0 {
+        println!("skipped: cannot read /proc/{pid}/fd");
+        return;
+    }
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on our own child, reading its limit into a valid rlimit.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    if rc != 0 {
+        println!("skipped: prlimit(RLIMIT_NOFILE) cannot be read");
+        return;
+    }
+    // The hard limit stays (above it RLIMIT_NOFILE cannot go); only the soft one drops.
+    let lim = libc::rlimit {
+        rlim_cur: (open + 4) as libc::rlim_t,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: prlimit on our own child with a valid new limit and no old-limit output.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
+    if rc != 0 {
+        println!("skipped: prlimit(RLIMIT_NOFILE) failed");
+        return;
+    }
+    let mut served: Vec<Client> = (0..4).map(|_| Client::connect(s.addr)).collect();
+    // These wait in the listen backlog: the server cannot accept them now.
+    let mut waiting: Vec<Client> = (0..3).map(|_| Client::connect_raw(s.addr)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for c in served.iter_mut() {
+        c.cmd("QUIT", 221);
+    }
+    drop(served);
+    // No new connection arrives; the queued ones are greeted all the same.
+    for c in waiting.iter_mut() {
+        let (code, text) = c.reply();
+        assert_eq!(code, 220, "{text}");
+    }
+    waiting[0].cmd("QUIT", 221);
+}

@@ -51,6 +51,8 @@ const FIRST_LISTENER: usize = 2;
 const FIRST_CONN: usize = 1024;
 /// Next-hop link tokens start here (relay modes); client connections sit below.
 const FIRST_RELAY: usize = 1 << 30;
+/// How soon a listener is tried again after accept failed (e.g. out of file descriptors).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How often links to the next hop are checked against their deadlines.
 const RELAY_CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -111,6 +113,8 @@ enum TimerKind {
     GraceExpired,
     FinalExit,
     RelayCheck,
+    /// `conn_id` holds the listener index.
+    AcceptRetry,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -445,8 +449,11 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: log and let the next readiness event retry.
-                    warn!("accept failed: {e}");
+                    // EMFILE and friends. Readiness is edge-triggered: the connections
+                    // already queued raise no new event, so come back on a timer.
+                    warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+                    let at = Instant::now() + ACCEPT_RETRY;
+                    self.push_timer(at, index as u64, TimerKind::AcceptRetry);
                     return;
                 }
             };
@@ -976,6 +983,11 @@ impl Server {
                 TimerKind::GraceExpired => self.grace_expired(now),
                 TimerKind::FinalExit => self.exit_now = true,
                 TimerKind::RelayCheck => self.check_relays(now),
+                TimerKind::AcceptRetry => {
+                    if !self.shutting_down {
+                        self.accept(t.conn_id as usize);
+                    }
+                }
                 _ => self.fire_conn_timer(t, now),
             }
         }
@@ -1042,7 +1054,8 @@ impl Server {
             TimerKind::SpaceCheck
             | TimerKind::GraceExpired
             | TimerKind::FinalExit
-            | TimerKind::RelayCheck => {}
+            | TimerKind::RelayCheck
+            | TimerKind::AcceptRetry => {}
         }
     }
 
