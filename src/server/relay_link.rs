@@ -399,16 +399,17 @@ impl RelayLink {
     }
 
     fn start_tls(&mut self, progress: &mut LinkProgress) {
-        let mut conn =
-            match ClientConnection::new(opportunistic_tls_config(), self.tls_name.clone()) {
-                Ok(c) => c,
-                Err(_) => {
-                    let mut out = RelayOutput::default();
-                    self.client.tls_failed(&mut out);
-                    progress.failed = Some(LinkFailure::Refused);
-                    return;
-                }
-            };
+        let started = opportunistic_tls_config()
+            .and_then(|config| ClientConnection::new(config, self.tls_name.clone()));
+        let mut conn = match started {
+            Ok(c) => c,
+            Err(_) => {
+                let mut out = RelayOutput::default();
+                self.client.tls_failed(&mut out);
+                progress.failed = Some(LinkFailure::Refused);
+                return;
+            }
+        };
         // Anything after the 220 in plaintext is not trusted (RFC 3207 4.2).
         self.inbuf.clear();
         let _ = conn.write_tls(&mut self.outbuf);
@@ -462,21 +463,15 @@ impl RelayLink {
 /// protects against passive listeners on the way; the next hop is usually local and its
 /// certificate often self-signed, so the certificate is not verified (the handshake
 /// signature still is).
-fn opportunistic_tls_config() -> Arc<ClientConfig> {
+fn opportunistic_tls_config() -> Result<Arc<ClientConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(AnyCertificate(provider.clone()));
     let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.dangerous()
-                .with_custom_certificate_verifier(verifier)
-                .with_no_client_auth()
-        });
-    match config {
-        Ok(c) => Arc::new(c),
-        // The ring provider supports the default versions; this cannot fail.
-        Err(e) => panic!("TLS client configuration: {e}"),
-    }
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 #[derive(Debug)]
