@@ -2,8 +2,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::BufReader;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -131,8 +131,8 @@ fn a_next_hop_that_is_down_or_dies_mid_data_gives_4xx_and_never_250() {
     assert!(hop.new_messages().is_empty());
 }
 
-/// A minimal LMTP server (RFC 2033): one reply per recipient after the data.
-fn lmtp_responder(per_recipient: &'static [&'static str]) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+/// An LMTP next hop that gives every recipient `reply` after the data.
+fn lmtp_responder(reply: &'static str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -140,66 +140,19 @@ fn lmtp_responder(per_recipient: &'static [&'static str]) -> (SocketAddr, Arc<Mu
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let seen = seen2.clone();
-            std::thread::spawn(move || serve_lmtp(stream, per_recipient, &seen));
+            std::thread::spawn(move || {
+                let out = stream.try_clone().unwrap();
+                common::lmtp::serve(BufReader::new(stream), out, &seen, &|_| reply.to_string());
+            });
         }
     });
     (addr, seen)
 }
 
-fn serve_lmtp(stream: TcpStream, per_recipient: &[&str], seen: &Mutex<Vec<String>>) {
-    let mut out = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
-    let _ = out.write_all(b"220 lmtp.test LMTP ready\r\n");
-    let mut rcpts = 0;
-    let mut line = String::new();
-    while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-        let cmd = line.trim_end().to_string();
-        line.clear();
-        seen.lock().unwrap().push(cmd.clone());
-        let upper = cmd.to_ascii_uppercase();
-        let reply: String = if upper.starts_with("LHLO") {
-            "250-lmtp.test\r\n250 8BITMIME\r\n".into()
-        } else if upper.starts_with("MAIL") || upper.starts_with("RSET") {
-            rcpts = 0;
-            "250 2.1.0 ok\r\n".into()
-        } else if upper.starts_with("RCPT") {
-            rcpts += 1;
-            "250 2.1.5 ok\r\n".into()
-        } else if upper == "DATA" {
-            let _ = out.write_all(b"354 go ahead\r\n");
-            let mut body = String::new();
-            let mut reported_partial = false;
-            loop {
-                let mut l = String::new();
-                if reader.read_line(&mut l).unwrap_or(0) == 0 || l == ".\r\n" {
-                    break;
-                }
-                body.push_str(&l);
-                if body.len() > 10_000 && !reported_partial {
-                    reported_partial = true;
-                    seen.lock()
-                        .unwrap()
-                        .push("PARTIAL body lines arrived".into());
-                }
-            }
-            seen.lock().unwrap().push(format!("BODY {}", body.len()));
-            (0..rcpts)
-                .map(|i| format!("{}\r\n", per_recipient[i % per_recipient.len()]))
-                .collect()
-        } else if upper == "QUIT" {
-            let _ = out.write_all(b"221 bye\r\n");
-            return;
-        } else {
-            "500 5.5.2 what\r\n".into()
-        };
-        let _ = out.write_all(reply.as_bytes());
-    }
-}
-
 #[test]
 fn lmtp_takes_one_recipient_per_transaction_and_its_reply_is_the_answer() {
     let dns = TestDns::start(TestZone::new());
-    let (addr, seen) = lmtp_responder(&["250 2.0.0 delivered"]);
+    let (addr, seen) = lmtp_responder("250 2.0.0 delivered");
     let relay = relay_to(&dns, &format!("lmtp://{addr}"));
     let mut c = relay.connect();
     c.cmd("EHLO client.example.org", 250);
@@ -224,7 +177,7 @@ fn lmtp_takes_one_recipient_per_transaction_and_its_reply_is_the_answer() {
     );
 
     // A per-recipient temporary failure after the data is the client's answer.
-    let (addr, _seen) = lmtp_responder(&["452 4.2.2 mailbox full"]);
+    let (addr, _seen) = lmtp_responder("452 4.2.2 mailbox full");
     let relay = relay_to(&dns, &format!("lmtp://{addr}"));
     let mut c = relay.connect();
     c.cmd("EHLO client.example.org", 250);
@@ -311,7 +264,7 @@ fn large_and_chunked_messages_relay_byte_exact_and_late_refusals_store_nothing()
 #[test]
 fn the_message_reaches_the_next_hop_before_the_client_has_finished() {
     let dns = TestDns::start(TestZone::new());
-    let (addr, seen) = lmtp_responder(&["250 2.0.0 delivered"]);
+    let (addr, seen) = lmtp_responder("250 2.0.0 delivered");
     let relay = relay_to(&dns, &format!("lmtp://{addr}"));
     let mut c = relay.connect();
     c.cmd("EHLO client.example.org", 250);

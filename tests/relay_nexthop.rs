@@ -573,7 +573,7 @@ fn lmtp_over_a_unix_socket_delivers_and_its_reply_is_the_answer() {
             let seen = seen2.clone();
             std::thread::spawn(move || {
                 let out = stream.try_clone().unwrap();
-                serve_lmtp(BufReader::new(stream), out, &seen);
+                common::lmtp::serve(BufReader::new(stream), out, &seen, &bob_only);
             });
         }
     });
@@ -624,52 +624,12 @@ fn lmtp_over_a_unix_socket_delivers_and_its_reply_is_the_answer() {
     );
 }
 
-/// A minimal LMTP server (RFC 2033): 250 for bob, 550 5.1.1 for anyone else, after the data.
-fn serve_lmtp(mut reader: impl BufRead, mut out: impl Write, seen: &Mutex<Vec<String>>) {
-    let _ = out.write_all(b"220 lmtp.test LMTP ready\r\n");
-    let mut rcpts: Vec<String> = Vec::new();
-    let mut line = String::new();
-    while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-        let cmd = line.trim_end().to_string();
-        line.clear();
-        seen.lock().unwrap().push(cmd.clone());
-        let upper = cmd.to_ascii_uppercase();
-        let reply: String = if upper.starts_with("LHLO") {
-            "250-lmtp.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n".into()
-        } else if upper.starts_with("MAIL") || upper.starts_with("RSET") {
-            rcpts.clear();
-            "250 2.1.0 ok\r\n".into()
-        } else if upper.starts_with("RCPT") {
-            rcpts.push(cmd.clone());
-            "250 2.1.5 ok\r\n".into()
-        } else if upper == "DATA" {
-            let _ = out.write_all(b"354 go ahead\r\n");
-            let mut body = String::new();
-            loop {
-                let mut l = String::new();
-                if reader.read_line(&mut l).unwrap_or(0) == 0 || l == ".\r\n" {
-                    break;
-                }
-                body.push_str(&l);
-            }
-            seen.lock().unwrap().push(format!("BODY {body}"));
-            rcpts
-                .drain(..)
-                .map(|r| {
-                    if r.contains("<bob@") {
-                        "250 2.0.0 delivered\r\n"
-                    } else {
-                        "550 5.1.1 no such user\r\n"
-                    }
-                })
-                .collect()
-        } else if upper == "QUIT" {
-            let _ = out.write_all(b"221 bye\r\n");
-            return;
-        } else {
-            "500 5.5.2 what\r\n".into()
-        };
-        let _ = out.write_all(reply.as_bytes());
+/// After the data: 250 for bob, 550 5.1.1 for anyone else.
+fn bob_only(rcpt: &str) -> String {
+    if rcpt.contains("<bob@") {
+        "250 2.0.0 delivered".to_string()
+    } else {
+        "550 5.1.1 no such user".to_string()
     }
 }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -95,21 +95,7 @@ impl TlsClient {
     }
 
     fn try_reply(&mut self) -> Option<(u16, String)> {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-            all.push_str(line.trim_end_matches(['\r', '\n']));
-            let code = line.get(..3)?.parse::<u16>().ok()?;
-            if line.as_bytes().get(3) == Some(&b'-') {
-                all.push('\n');
-                continue;
-            }
-            return Some((code, all));
-        }
+        common::server::read_reply(&mut self.reader)
     }
 
     fn reply(&mut self) -> (u16, String) {

@@ -42,24 +42,20 @@ pub enum OwnedEvent {
 }
 
 impl OwnedEvent {
-    fn as_event(&self) -> Event<'_> {
+    /// The session event; queued events are handed over, not copied.
+    fn into_event(self) -> Event<'static> {
         match self {
             OwnedEvent::Greet => Event::Greet,
             OwnedEvent::Pregreeted => Event::Pregreeted,
-            OwnedEvent::Reverse(facts) => Event::Reverse(facts.clone()),
-            OwnedEvent::Forward { name, addrs } => Event::Forward {
-                name: name.clone(),
-                addrs: addrs.clone(),
-            },
-            OwnedEvent::VerdictDeadline { generation } => Event::VerdictDeadline {
-                generation: *generation,
-            },
-            OwnedEvent::Delivered(outcome) => Event::Delivered(outcome.clone()),
-            OwnedEvent::TlsEstablished(info) => Event::TlsEstablished(info.clone()),
+            OwnedEvent::Reverse(facts) => Event::Reverse(facts),
+            OwnedEvent::Forward { name, addrs } => Event::Forward { name, addrs },
+            OwnedEvent::VerdictDeadline { generation } => Event::VerdictDeadline { generation },
+            OwnedEvent::Delivered(outcome) => Event::Delivered(outcome),
+            OwnedEvent::TlsEstablished(info) => Event::TlsEstablished(info),
             OwnedEvent::IdleTimeout => Event::IdleTimeout,
             OwnedEvent::Shutdown => Event::Shutdown,
             OwnedEvent::GraceExpired => Event::GraceExpired,
-            OwnedEvent::RelayReply(reply) => Event::RelayReply(reply.clone()),
+            OwnedEvent::RelayReply(reply) => Event::RelayReply(reply),
         }
     }
 }
@@ -155,8 +151,8 @@ pub fn process(job: Job, metrics: &Metrics) -> Done {
         wall: SystemTime::now(),
     };
     let mut output = Output::default();
-    for event in &events {
-        session.handle(event.as_event(), now, &mut output);
+    for event in events {
+        session.handle(event.into_event(), now, &mut output);
     }
     // A session that stops mid-buffer (parked, or waiting for the rest of a line) keeps the
     // remainder; the loop offers it again, with later bytes appended.

@@ -418,40 +418,7 @@ mod tests {
     }
 
     fn envelope(content: &[u8]) -> Envelope {
-        use crate::helo::Action;
-        use crate::helo::CheckResult;
-        use crate::helo::VerdictKind;
-        use crate::helo::policy::Decision;
-        use crate::helo::policy::HeloVerdict;
-        use crate::helo::policy::IprevResult;
-        use crate::spool::Protocol;
-        use crate::spool::TraceInfo;
-
-        Envelope {
-            reverse_path: "a@example.org".to_owned(),
-            recipients: vec!["b@example.net".to_owned()],
-            trace: TraceInfo {
-                hostname: "mx.example.net".to_owned(),
-                helo: "mail.example.org".to_owned(),
-                client_ip: std::net::IpAddr::from([192, 0, 2, 7]),
-                verdict: HeloVerdict {
-                    kind: VerdictKind::Pass,
-                    shown: [CheckResult::Pass; 11],
-                    measured: [CheckResult::Pass; 11],
-                    action: Action::Off,
-                    failed: Vec::new(),
-                    allowed_by: None,
-                    ptr: None,
-                    iprev: IprevResult::PermError,
-                    decision: Decision::Accept,
-                },
-                tls: None,
-                protocol: Protocol::Esmtp,
-                queue_id: "Q1".to_owned(),
-                received_at: UNIX_EPOCH,
-            },
-            content: content.to_vec(),
-        }
+        crate::spool::test_envelope("Q1", content)
     }
 
     const FORGED: &[u8] = b"X-HELO-Check: mx.example.net; pass\r\n\

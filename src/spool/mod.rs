@@ -68,3 +68,36 @@ pub struct Envelope {
     /// X-HELO-Check and Authentication-Results fields that claim our name when it prepends.
     pub content: Vec<u8>,
 }
+
+/// A plain accepted message for the spool's unit tests: one recipient, a passing verdict.
+#[cfg(test)]
+pub(crate) fn test_envelope(queue_id: &str, content: &[u8]) -> Envelope {
+    use crate::helo::policy::{Decision, IprevResult};
+    use crate::helo::{Action, CheckResult, VerdictKind};
+
+    Envelope {
+        reverse_path: "a@example.org".to_owned(),
+        recipients: vec!["b@example.net".to_owned()],
+        trace: TraceInfo {
+            hostname: "mx.example.net".to_owned(),
+            helo: "mail.example.org".to_owned(),
+            client_ip: IpAddr::from([192, 0, 2, 7]),
+            verdict: HeloVerdict {
+                kind: VerdictKind::Pass,
+                shown: [CheckResult::Pass; 11],
+                measured: [CheckResult::Pass; 11],
+                action: Action::Off,
+                failed: Vec::new(),
+                allowed_by: None,
+                ptr: None,
+                iprev: IprevResult::PermError,
+                decision: Decision::Accept,
+            },
+            tls: None,
+            protocol: Protocol::Esmtp,
+            queue_id: queue_id.to_owned(),
+            received_at: std::time::UNIX_EPOCH,
+        },
+        content: content.to_vec(),
+    }
+}

@@ -161,45 +161,16 @@ mod tests {
     use std::collections::HashSet;
     use std::fs;
     use std::time::Duration;
-    use std::time::UNIX_EPOCH;
 
     use super::*;
-    use crate::helo::Action;
-    use crate::helo::CheckResult;
-    use crate::helo::VerdictKind;
-    use crate::helo::policy::Decision;
-    use crate::helo::policy::HeloVerdict;
-    use crate::helo::policy::IprevResult;
-    use crate::spool::Protocol;
-    use crate::spool::TraceInfo;
     use crate::spool::maildir::TestDir;
 
     fn envelope(n: u64) -> Box<Envelope> {
-        Box::new(Envelope {
-            reverse_path: "a@example.org".to_owned(),
-            recipients: vec!["b@example.net".to_owned()],
-            trace: TraceInfo {
-                hostname: "mx.example.net".to_owned(),
-                helo: "mail.example.org".to_owned(),
-                client_ip: std::net::IpAddr::from([192, 0, 2, 7]),
-                verdict: HeloVerdict {
-                    kind: VerdictKind::Pass,
-                    shown: [CheckResult::Pass; 11],
-                    measured: [CheckResult::Pass; 11],
-                    action: Action::Off,
-                    failed: Vec::new(),
-                    allowed_by: None,
-                    ptr: None,
-                    iprev: IprevResult::PermError,
-                    decision: Decision::Accept,
-                },
-                tls: None,
-                protocol: Protocol::Esmtp,
-                queue_id: format!("Q{n}"),
-                received_at: UNIX_EPOCH,
-            },
-            content: format!("Subject: {n}\r\n\r\nbody {n}\r\n").into_bytes(),
-        })
+        let content = format!("Subject: {n}\r\n\r\nbody {n}\r\n");
+        Box::new(crate::spool::test_envelope(
+            &format!("Q{n}"),
+            content.as_bytes(),
+        ))
     }
 
     /// The pool over `Maildir::store` of the bare content: no trace fields needed.

@@ -3,4 +3,5 @@
 
 pub mod certs;
 pub mod dns_server;
+pub mod lmtp;
 pub mod server;

@@ -226,6 +226,26 @@ pub fn proxy_v1(ip: IpAddr) -> String {
     }
 }
 
+/// Reads one (possibly multi-line) SMTP reply from any buffered stream: its code and its
+/// lines joined by '\n'; `None` at EOF, on an error or on a line that is no reply.
+pub fn read_reply(reader: &mut impl BufRead) -> Option<(u16, String)> {
+    let mut all = String::new();
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+        all.push_str(line.trim_end_matches(['\r', '\n']));
+        let code = line.get(..3)?.parse::<u16>().ok()?;
+        if line.as_bytes().get(3) == Some(&b'-') {
+            all.push('\n');
+            continue;
+        }
+        return Some((code, all));
+    }
+}
+
 /// A minimal blocking SMTP client for tests.
 pub struct Client {
     pub stream: TcpStream,
@@ -260,21 +280,7 @@ impl Client {
     }
 
     pub fn try_reply(&mut self) -> Option<(u16, String)> {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-            all.push_str(line.trim_end_matches(['\r', '\n']));
-            let code = line.get(..3)?.parse::<u16>().ok()?;
-            if line.as_bytes().get(3) == Some(&b'-') {
-                all.push('\n');
-                continue;
-            }
-            return Some((code, all));
-        }
+        read_reply(&mut self.reader)
     }
 
     /// Sends one command line and asserts the reply code.
