@@ -277,6 +277,93 @@ fn answers_are_cached() {
 }
 
 #[test]
+fn answers_become_known_to_other_threads_and_hits_are_observed_as_queries() {
+    let client = ip("192.0.2.40");
+    let dns = TestDns::start(
+        TestZone::new()
+            .a("known.example.test", "192.0.2.41")
+            .ptr(client, "host.example.test")
+            .a("host.example.test", client),
+    );
+    let mut h = Harness::on(&dns);
+    let known = h.handle.known_answers().clone();
+    let now = Instant::now();
+    assert_eq!(
+        known.forward("known.example.test", now),
+        None,
+        "not asked yet"
+    );
+
+    let addrs = h.forward("known.example.test");
+    let facts = h.reverse(client);
+    let now = Instant::now();
+    assert_eq!(known.forward("KNOWN.example.test.", now), Some(addrs));
+    assert_eq!(known.reverse(client, now), Some(facts.clone()));
+    // The PTR name's own lookup is kept as a forward answer: clients often HELO with it.
+    match known.forward("host.example.test", now) {
+        Some(Lookup::Found(v)) => assert_eq!(v, vec![client]),
+        other => panic!("PTR name not known: {other:?}"),
+    }
+    // Forward A+AAAA, then PTR and the PTR name's A+AAAA; the hits above replay theirs.
+    let asked = 2 + 3;
+    let replayed = 2 + 3 + 2;
+    assert_eq!(h.outcomes().len(), asked + replayed);
+}
+
+#[test]
+fn negative_answers_are_known_for_their_soa_ttl_and_ttl_zero_is_never_kept() {
+    let dns = TestDns::start(TestZone::new().nodata("empty.example.test"));
+    let mut h = Harness::on(&dns);
+    assert_eq!(h.forward("gone.example.test"), Lookup::NxDomain);
+    assert_eq!(h.forward("empty.example.test"), Lookup::NoData);
+    let known = h.handle.known_answers().clone();
+    let now = Instant::now();
+    assert_eq!(
+        known.forward("gone.example.test", now),
+        Some(Lookup::NxDomain)
+    );
+    assert_eq!(
+        known.forward("empty.example.test", now),
+        Some(Lookup::NoData)
+    );
+    assert_eq!(
+        known.forward("gone.example.test", now + Duration::from_secs(61)),
+        None,
+        "the zone's negative TTL is 60 s"
+    );
+
+    let uncached = TestDns::start(TestZone::new().a("brief.example.test", "192.0.2.42").ttl(0));
+    let mut h = Harness::on(&uncached);
+    found(h.forward("brief.example.test"));
+    assert_eq!(h.forward("gone.example.test"), Lookup::NxDomain);
+    let known = h.handle.known_answers().clone();
+    assert_eq!(known.forward("brief.example.test", Instant::now()), None);
+    assert_eq!(known.forward("gone.example.test", Instant::now()), None);
+}
+
+#[test]
+fn undecided_answers_are_never_known() {
+    let dns = TestDns::start(
+        TestZone::new()
+            .servfail("broken.example.test")
+            .blackhole("silent.example.test"),
+    );
+    let mut h = Harness::new(vec![dns.addr()], Duration::from_millis(300), 64);
+    assert!(matches!(
+        h.forward("broken.example.test"),
+        Lookup::TempError(_)
+    ));
+    assert!(matches!(
+        h.forward("silent.example.test"),
+        Lookup::TempError(_)
+    ));
+    let known = h.handle.known_answers().clone();
+    for name in ["broken.example.test", "silent.example.test"] {
+        assert_eq!(known.forward(name, Instant::now()), None, "{name}");
+    }
+}
+
+#[test]
 fn reverse_confirmed_ipv4() {
     let client = ip("192.0.2.10");
     let dns = TestDns::start(

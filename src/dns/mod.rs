@@ -3,8 +3,10 @@
 //! Outcomes are a closed set (as Postfix's `dns.h`): records, NXDOMAIN, NODATA, or a
 //! temporary failure. NXDOMAIN and NODATA are answers and lead checks to `fail`; a temporary
 //! failure (timeout, SERVFAIL, REFUSED, network error) leads to `temperror`, never `fail`.
-//! This module holds types only; `resolver` owns the thread and hickory.
+//! This module holds types only; `resolver` owns the thread and hickory, and
+//! `answer_cache` holds the answers other threads may use without asking it.
 
+pub mod answer_cache;
 pub mod resolver;
 
 use std::net::IpAddr;

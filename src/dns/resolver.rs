@@ -36,6 +36,7 @@ use hickory_resolver::proto::rr::{Name, RData};
 use hickory_resolver::{Resolver, TokioResolver};
 use tokio::sync::{Semaphore, mpsc};
 
+use super::answer_cache::{AnswerCache, Keepable, Queries};
 use super::{
     DnsAnswer, DnsRequest, Lookup, PtrName, QueryOutcome, QueryType, ReverseFacts, TempFailure,
 };
@@ -47,6 +48,9 @@ pub const MAX_PTR_NAMES: usize = 10;
 /// Entries in hickory's answer cache. HELO names and client PTRs repeat a lot across
 /// connections from the same senders, so a modest cache saves most round trips.
 const CACHE_SIZE: u64 = 4096;
+
+/// Answers in the `AnswerCache` that other threads read before asking this one.
+const KNOWN_ANSWERS: usize = 4096;
 
 /// How the resolver thread talks to DNS.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,6 +133,7 @@ impl From<SpawnError> for io::Error {
 /// dropped the thread cancels what is still in flight and exits.
 pub struct ResolverHandle {
     requests: mpsc::UnboundedSender<DnsRequest>,
+    known: Arc<AnswerCache>,
     /// Only the handle returned by `spawn` owns the thread, so exactly one can join it.
     thread: Option<JoinHandle<()>>,
 }
@@ -137,6 +142,7 @@ impl Clone for ResolverHandle {
     fn clone(&self) -> Self {
         Self {
             requests: self.requests.clone(),
+            known: self.known.clone(),
             thread: None,
         }
     }
@@ -161,11 +167,18 @@ impl ResolverHandle {
         }
     }
 
+    /// The answers this thread has and may still use: look there before `submit`.
+    pub fn known_answers(&self) -> &Arc<AnswerCache> {
+        &self.known
+    }
+
     /// Drops this handle and, if it is the one `spawn` returned, waits for the thread to exit
     /// (which happens once every clone has been dropped too). Returns false if the thread
     /// panicked.
     pub fn join(self) -> bool {
-        let Self { requests, thread } = self;
+        let Self {
+            requests, thread, ..
+        } = self;
         drop(requests);
         match thread {
             Some(t) => t.join().is_ok(),
@@ -202,12 +215,14 @@ pub fn try_spawn(
         .build()
         .map_err(SpawnError::Io)?;
     let (tx, rx) = mpsc::unbounded_channel();
+    let known = Arc::new(AnswerCache::new(KNOWN_ANSWERS, observer.clone()));
     let ctx = Arc::new(Context {
         resolver,
         timeout: settings.timeout,
         answers,
         waker,
         observer,
+        known: known.clone(),
     });
     let max_in_flight = settings.max_in_flight.max(1);
     let thread = std::thread::Builder::new()
@@ -216,6 +231,7 @@ pub fn try_spawn(
         .map_err(SpawnError::Io)?;
     Ok(ResolverHandle {
         requests: tx,
+        known,
         thread: Some(thread),
     })
 }
@@ -272,6 +288,7 @@ struct Context {
     answers: crossbeam_channel::Sender<DnsAnswer>,
     waker: Option<Arc<mio::Waker>>,
     observer: QueryObserver,
+    known: Arc<AnswerCache>,
 }
 
 impl Context {
@@ -315,7 +332,11 @@ async fn resolve(ctx: &Arc<Context>, req: DnsRequest) -> DnsAnswer {
     match req {
         DnsRequest::Forward { id, name } => {
             let addrs = match fqdn(&name) {
-                Some(n) => forward(ctx, n).await,
+                Some(n) => {
+                    let (addrs, queries) = forward(ctx, n).await;
+                    ctx.known.keep_forward(&name, &addrs, queries);
+                    addrs.value
+                }
                 // parse_helo only lets through names that DNS can carry; anything else was
                 // never asked, so it is undecided rather than nonexistent.
                 None => Lookup::TempError(TempFailure::Other),
@@ -323,8 +344,13 @@ async fn resolve(ctx: &Arc<Context>, req: DnsRequest) -> DnsAnswer {
             DnsAnswer::Forward { id, name, addrs }
         }
         DnsRequest::Reverse { id, ip } => {
-            let facts = reverse(ctx, ip).await;
-            DnsAnswer::Reverse { id, ip, facts }
+            let (facts, queries) = reverse(ctx, ip).await;
+            ctx.known.keep_reverse(ip, &facts, queries);
+            DnsAnswer::Reverse {
+                id,
+                ip,
+                facts: facts.value,
+            }
         }
     }
 }
@@ -340,13 +366,17 @@ fn fqdn(name: &str) -> Option<Name> {
     Some(n)
 }
 
-/// A/AAAA of a name, asked concurrently.
-async fn forward(ctx: &Context, name: Name) -> Lookup<Vec<IpAddr>> {
-    let (a, aaaa) = tokio::join!(
+/// A/AAAA of a name, asked concurrently, and the two queries behind the answer.
+async fn forward(ctx: &Context, name: Name) -> (Keepable<Lookup<Vec<IpAddr>>>, Queries) {
+    let ((a, a_outcome), (aaaa, aaaa_outcome)) = tokio::join!(
         query(ctx, QueryType::A, ctx.resolver.ipv4_lookup(name.clone())),
         query(ctx, QueryType::Aaaa, ctx.resolver.ipv6_lookup(name)),
     );
-    merge_families(a, aaaa)
+    let addrs = Keepable {
+        until: Keepable::<()>::until_both(a.until, aaaa.until),
+        value: merge_families(a.value, aaaa.value),
+    };
+    (addrs, vec![a_outcome, aaaa_outcome])
 }
 
 /// One address family's records and the other's combine into one answer: any address
@@ -365,54 +395,67 @@ fn merge_families(a: Lookup<Vec<IpAddr>>, aaaa: Lookup<Vec<IpAddr>>) -> Lookup<V
     }
 }
 
-/// PTR of the client, then A/AAAA of each PTR name (at most `MAX_PTR_NAMES`, concurrently).
-async fn reverse(ctx: &Arc<Context>, ip: IpAddr) -> ReverseFacts {
+/// PTR of the client, then A/AAAA of each PTR name (at most `MAX_PTR_NAMES`, concurrently);
+/// with the queries behind the answer.
+async fn reverse(ctx: &Arc<Context>, ip: IpAddr) -> (Keepable<ReverseFacts>, Queries) {
     // `::ffff:a.b.c.d` has its PTR under in-addr.arpa, like every other view of that client.
     let ip = crate::net::canonical_ip(ip);
-    let ptr = query(ctx, QueryType::Ptr, ctx.resolver.reverse_lookup(ip)).await;
-    let names = match ptr {
+    let (ptr, ptr_outcome) = query(ctx, QueryType::Ptr, ctx.resolver.reverse_lookup(ip)).await;
+    let mut queries = vec![ptr_outcome];
+    let mut until = ptr.until;
+    let without_names = |lookup| Keepable {
+        value: ReverseFacts { ptr: lookup },
+        until,
+    };
+    let names = match ptr.value {
         Lookup::Found(names) => names,
-        Lookup::NxDomain => {
-            return ReverseFacts {
-                ptr: Lookup::NxDomain,
-            };
-        }
-        Lookup::NoData => {
-            return ReverseFacts {
-                ptr: Lookup::NoData,
-            };
-        }
-        Lookup::TempError(t) => {
-            return ReverseFacts {
-                ptr: Lookup::TempError(t),
-            };
-        }
+        Lookup::NxDomain => return (without_names(Lookup::NxDomain), queries),
+        Lookup::NoData => return (without_names(Lookup::NoData), queries),
+        Lookup::TempError(t) => return (without_names(Lookup::TempError(t)), queries),
     };
     // Spawned rather than joined in place so the confirmations run concurrently; the index
     // keeps the zone's order in the answer.
     let mut set = tokio::task::JoinSet::new();
-    for (i, (_, name)) in names.iter().enumerate() {
-        let (ctx, name) = (ctx.clone(), name.clone());
-        set.spawn(async move { (i, forward(&ctx, name).await) });
+    for (i, (shown, name)) in names.iter().enumerate() {
+        let (ctx, shown, name) = (ctx.clone(), shown.clone(), name.clone());
+        set.spawn(async move {
+            let (addrs, queries) = forward(&ctx, name).await;
+            // A client often says HELO with its PTR name: this answer is that lookup too.
+            ctx.known.keep_forward(&shown, &addrs, queries.clone());
+            (i, (addrs, queries))
+        });
     }
     let mut addrs: Vec<Lookup<Vec<IpAddr>>> =
         vec![Lookup::TempError(TempFailure::Other); names.len()];
+    let mut confirmed = 0;
     while let Some(joined) = set.join_next().await {
         match joined {
-            Ok((i, found)) => addrs[i] = found,
+            Ok((i, (found, name_queries))) => {
+                addrs[i] = found.value;
+                until = Keepable::<()>::until_both(until, found.until);
+                queries.extend(name_queries);
+                confirmed += 1;
+            }
             // A confirmation task cannot panic short of a bug in hickory; its name stays
             // undecided rather than taking the whole answer down.
             Err(e) => log::error!("PTR confirmation task failed: {e}"),
         }
+    }
+    if confirmed < names.len() {
+        until = None;
     }
     let ptr = names
         .into_iter()
         .zip(addrs)
         .map(|((name, _), addrs)| PtrName { name, addrs })
         .collect();
-    ReverseFacts {
-        ptr: Lookup::Found(ptr),
-    }
+    let facts = Keepable {
+        value: ReverseFacts {
+            ptr: Lookup::Found(ptr),
+        },
+        until,
+    };
+    (facts, queries)
 }
 
 /// Record data a query can yield, extracted from an answer.
@@ -450,11 +493,12 @@ impl FromRecords for (String, Name) {
 }
 
 /// Runs one query under the total timeout, classifies it and reports it to the observer.
+/// Returns the answer with how long DNS lets it be kept (see `answer_cache`), and the query.
 async fn query<T: FromRecords>(
     ctx: &Context,
     qtype: QueryType,
     lookup: impl Future<Output = Result<hickory_resolver::lookup::Lookup, NetError>>,
-) -> Lookup<Vec<T>> {
+) -> (Keepable<Lookup<Vec<T>>>, (QueryType, QueryOutcome)) {
     let started = Instant::now();
     let result = match tokio::time::timeout(ctx.timeout, lookup).await {
         Ok(Ok(answer)) => {
@@ -463,17 +507,34 @@ async fn query<T: FromRecords>(
                 T::extract(&record.data, &mut out);
             }
             // Only CNAMEs or other types in the answer: the name has no record of this type.
-            if out.is_empty() {
+            let value = if out.is_empty() {
                 Lookup::NoData
             } else {
                 Lookup::Found(out)
+            };
+            Keepable {
+                value,
+                until: Some(answer.valid_until()),
             }
         }
-        Ok(Err(e)) => classify(&e),
-        Err(_elapsed) => Lookup::TempError(TempFailure::Timeout),
+        Ok(Err(e)) => Keepable {
+            value: classify(&e),
+            until: negative_ttl(&e).map(|ttl| started + Duration::from_secs(u64::from(ttl))),
+        },
+        Err(_elapsed) => Keepable::fleeting(Lookup::TempError(TempFailure::Timeout)),
     };
-    (ctx.observer)(qtype, outcome_of(&result), started.elapsed());
-    result
+    let outcome = outcome_of(&result.value);
+    (ctx.observer)(qtype, outcome, started.elapsed());
+    (result, (qtype, outcome))
+}
+
+/// How long a negative answer may be kept: the SOA's negative TTL (RFC 2308); without an SOA,
+/// not at all.
+fn negative_ttl(e: &NetError) -> Option<u32> {
+    match e {
+        NetError::Dns(DnsError::NoRecordsFound(no_records)) => no_records.negative_ttl,
+        _ => None,
+    }
 }
 
 /// Maps hickory's error to the closed set of outcomes.

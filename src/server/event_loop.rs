@@ -211,10 +211,6 @@ impl Server {
             listeners.push((l, b.kind));
         }
 
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let workers = WorkerPool::start(config.workers, done_tx, waker.clone(), metrics.clone())
-            .map_err(|e| StartError::Io("HELOGUARD_WORKERS", e))?;
-
         let (dns_tx, dns_rx) = crossbeam_channel::unbounded();
         let observer_metrics = metrics.clone();
         let resolver = resolver::spawn(
@@ -228,6 +224,16 @@ impl Server {
             Arc::new(move |qtype, outcome, took| observer_metrics.dns_query(qtype, outcome, took)),
         )
         .map_err(|e| StartError::Io("HELOGUARD_DNS", e))?;
+
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let workers = WorkerPool::start(
+            config.workers,
+            done_tx,
+            waker.clone(),
+            metrics.clone(),
+            resolver.known_answers().clone(),
+        )
+        .map_err(|e| StartError::Io("HELOGUARD_WORKERS", e))?;
 
         let (spool_tx, spool_rx) = crossbeam_channel::unbounded();
         let handoff = match &config.deliver {
@@ -550,17 +556,28 @@ impl Server {
             spool_space_low: self.spool_space_low.clone(),
         })));
         conn.dns.reverse_started = Some(now);
+        let mut known_reverse = None;
         if let Some(r) = &self.resolver {
-            r.submit(DnsRequest::Reverse {
-                id: conn.id,
-                ip: conn.client_ip,
-            });
+            known_reverse = r.known_answers().reverse(conn.client_ip, now);
+            if known_reverse.is_some() {
+                conn.dns.reverse_took = Some(Duration::ZERO);
+            } else {
+                r.submit(DnsRequest::Reverse {
+                    id: conn.id,
+                    ip: conn.client_ip,
+                });
+            }
         }
         let id = conn.id;
         if self.config.greet_delay.is_zero() {
             conn.phase = Phase::Active;
             conn.pending.push(OwnedEvent::Greet);
-        } else {
+        }
+        // A known answer rides along with the first job instead of arriving later in a second.
+        if let Some(facts) = known_reverse {
+            conn.pending.push(OwnedEvent::Reverse(facts));
+        }
+        if !self.config.greet_delay.is_zero() {
             conn.phase = Phase::GreetDelay;
             // Anything already here (after a PROXY header) was sent before the banner.
             conn.pregreeted = !conn.inbuf.is_empty();
@@ -799,9 +816,11 @@ impl Server {
         match action {
             SessionAction::HeloAccepted { generation, lookup } => {
                 let id = conn.id;
+                // No lookup left: none was needed, or the worker answered it from the
+                // resolver's known answers (in no time).
+                conn.dns.forward_took = None;
                 if let Some(name) = lookup {
                     conn.dns.forward_started = Some(now);
-                    conn.dns.forward_took = None;
                     if let Some(r) = &self.resolver {
                         r.submit(DnsRequest::Forward { id, name });
                     }

@@ -6,6 +6,10 @@
 //! the loop drains the channel on every wake. The job queue is unbounded on purpose: each
 //! session has at most one job in flight, so its length is bounded by the number of sessions,
 //! and the loop must never block on a send.
+//!
+//! A session that asks for a HELO name's A/AAAA gets the answer right away when the resolver
+//! already knows it (`AnswerCache`): the worker hands it over and goes on with the session's
+//! input, so a repeat sender's EHLO costs no trip through the loop and the resolver thread.
 
 use std::io;
 use std::sync::Arc;
@@ -15,10 +19,13 @@ use std::time::{Instant, SystemTime};
 use crossbeam_channel::{Receiver, Sender};
 use mio::Waker;
 
+use crate::dns::answer_cache::AnswerCache;
 use crate::dns::{Lookup, ReverseFacts};
 use crate::metrics::Metrics;
 use crate::protocol::reply::Reply;
-use crate::session::{DeliveryOutcome, Event, Now, Observation, Output, Session, TlsInfo};
+use crate::session::{
+    DeliveryOutcome, Event, Now, Observation, Output, Session, SessionAction, TlsInfo,
+};
 
 /// An event for a session that owns no borrowed bytes, so it can wait in a queue.
 #[derive(Debug)]
@@ -86,12 +93,14 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Starts `count` workers that send finished jobs on `done` and then wake the loop.
+    /// Starts `count` workers that send finished jobs on `done` and then wake the loop, and
+    /// answer HELO lookups from `known` when they can.
     pub fn start(
         count: usize,
         done: Sender<Done>,
         waker: Arc<Waker>,
         metrics: Arc<Metrics>,
+        known: Arc<AnswerCache>,
     ) -> io::Result<Self> {
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
         let mut threads = Vec::with_capacity(count);
@@ -100,9 +109,10 @@ impl WorkerPool {
             let done = done.clone();
             let waker = waker.clone();
             let metrics = metrics.clone();
+            let known = known.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("worker-{n}"))
-                .spawn(move || run_worker(&jobs, &done, &waker, &metrics))?;
+                .spawn(move || run_worker(&jobs, &done, &waker, &metrics, &known))?;
             threads.push(handle);
         }
         Ok(Self {
@@ -128,9 +138,15 @@ impl WorkerPool {
     }
 }
 
-fn run_worker(jobs: &Receiver<Job>, done: &Sender<Done>, waker: &Waker, metrics: &Metrics) {
+fn run_worker(
+    jobs: &Receiver<Job>,
+    done: &Sender<Done>,
+    waker: &Waker,
+    metrics: &Metrics,
+    known: &AnswerCache,
+) {
     while let Ok(job) = jobs.recv() {
-        let finished = process(job, metrics);
+        let finished = process(job, metrics, Some(known));
         if done.send(finished).is_err() {
             return;
         }
@@ -138,8 +154,9 @@ fn run_worker(jobs: &Receiver<Job>, done: &Sender<Done>, waker: &Waker, metrics:
     }
 }
 
-/// Runs one job: every queued event in order, then as much input as the session takes.
-pub fn process(job: Job, metrics: &Metrics) -> Done {
+/// Runs one job: every queued event in order, then as much input as the session takes,
+/// answering from `known` the lookups it can.
+pub fn process(job: Job, metrics: &Metrics, known: Option<&AnswerCache>) -> Done {
     let Job {
         conn_id,
         mut session,
@@ -154,13 +171,20 @@ pub fn process(job: Job, metrics: &Metrics) -> Done {
     for event in events {
         session.handle(event.into_event(), now, &mut output);
     }
-    // A session that stops mid-buffer (parked, or waiting for the rest of a line) keeps the
-    // remainder; the loop offers it again, with later bytes appended.
-    if session.wants_input() && !input.is_empty() {
-        output.consumed = 0;
-        session.handle(Event::Input(&input), now, &mut output);
-        let used = output.consumed.min(input.len());
-        input.drain(..used);
+    loop {
+        // A session that stops mid-buffer (parked, or waiting for the rest of a line) keeps
+        // the remainder; the loop offers it again, with later bytes appended.
+        if session.wants_input() && !input.is_empty() {
+            output.consumed = 0;
+            session.handle(Event::Input(&input), now, &mut output);
+            let used = output.consumed.min(input.len());
+            input.drain(..used);
+        }
+        // An answered lookup may unpark the session, and then it takes more input.
+        match known.and_then(|k| answer_known_lookup(&mut output, k, now.mono)) {
+            Some(answer) => session.handle(answer, now, &mut output),
+            None => break,
+        }
     }
     record(&output.observations, metrics);
     Done {
@@ -169,6 +193,23 @@ pub fn process(job: Job, metrics: &Metrics) -> Done {
         input,
         output,
     }
+}
+
+/// The A/AAAA answer for a lookup the session has just asked for, when `known` has it. The
+/// request is taken out of the action, so the loop does not ask the resolver again.
+fn answer_known_lookup(
+    output: &mut Output,
+    known: &AnswerCache,
+    now: Instant,
+) -> Option<Event<'static>> {
+    output.actions.iter_mut().find_map(|action| match action {
+        SessionAction::HeloAccepted { lookup, .. } => {
+            let addrs = known.forward(lookup.as_deref()?, now)?;
+            let name = lookup.take()?;
+            Some(Event::Forward { name, addrs })
+        }
+        _ => None,
+    })
 }
 
 fn record(observations: &[Observation], metrics: &Metrics) {
@@ -180,5 +221,99 @@ fn record(observations: &[Observation], metrics: &Metrics) {
             // The loop logs the verdict: it knows the client and the DNS times.
             Observation::Verdict(verdict) => metrics.helo_verdict(verdict),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::dns::PtrName;
+    use crate::dns::answer_cache::Keepable;
+    use crate::dns::resolver::no_observer;
+    use crate::session::SessionParams;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+    const HELO: &str = "mail.example.org";
+
+    /// A session whose EHLO waits for its verdict (HELOGUARD_REJECT_AT=helo, with a check that
+    /// reads A/AAAA set to reject), greeted and with its PTR facts in, followed by EHLO and a
+    /// pipelined MAIL.
+    fn job() -> Job {
+        let (config, _) = Config::from_lookup(|name| match name {
+            "HELOGUARD_REJECT_AT" => Some("helo".into()),
+            "HELOGUARD_HELO_POLICY" => Some("default=tag,forward=reject".into()),
+            "HELOGUARD_DNS" => Some("127.0.0.1:53".into()),
+            "HELOGUARD_HOSTNAME" => Some("mx.test".into()),
+            _ => None,
+        })
+        .expect("config");
+        let session = Box::new(Session::new(SessionParams {
+            config: Arc::new(config),
+            client_ip: CLIENT,
+            session_id: 1,
+            tls_available: false,
+            spool_space_low: Arc::new(AtomicBool::new(false)),
+        }));
+        let facts = ReverseFacts {
+            ptr: Lookup::Found(vec![PtrName {
+                name: HELO.into(),
+                addrs: Lookup::Found(vec![CLIENT]),
+            }]),
+        };
+        Job {
+            conn_id: 1,
+            session,
+            events: vec![OwnedEvent::Greet, OwnedEvent::Reverse(facts)],
+            input: format!("EHLO {HELO}\r\nMAIL FROM:<a@example.org>\r\n").into_bytes(),
+        }
+    }
+
+    fn forward_lookups(done: &Done) -> Vec<Option<String>> {
+        done.output
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                SessionAction::HeloAccepted { lookup, .. } => Some(lookup.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_known_answer_finishes_the_ehlo_and_the_pipelined_command_in_one_job() {
+        let known = AnswerCache::new(16, no_observer());
+        let addrs = Keepable {
+            value: Lookup::Found(vec![CLIENT]),
+            until: Some(Instant::now() + Duration::from_secs(60)),
+        };
+        known.keep_forward(HELO, &addrs, Vec::new());
+        let done = process(job(), &Metrics::new(), Some(&known));
+        let text = String::from_utf8_lossy(&done.output.bytes);
+        assert!(text.starts_with("220 "), "{text}");
+        assert!(text.contains("250-mx.test"), "EHLO answered: {text}");
+        assert!(text.contains("250 2.1.0"), "MAIL answered: {text}");
+        assert!(done.input.is_empty());
+        // The lookup was answered here: nothing is left for the loop to ask.
+        assert_eq!(forward_lookups(&done), [None]);
+        assert!(
+            done.output
+                .observations
+                .iter()
+                .any(|o| matches!(o, Observation::Verdict(_)))
+        );
+    }
+
+    #[test]
+    fn an_unknown_name_is_left_for_the_resolver_and_the_session_waits() {
+        let known = AnswerCache::new(16, no_observer());
+        let done = process(job(), &Metrics::new(), Some(&known));
+        let text = String::from_utf8_lossy(&done.output.bytes);
+        assert_eq!(text.lines().count(), 1, "only the banner: {text:?}");
+        assert_eq!(forward_lookups(&done), [Some(HELO.to_string())]);
+        assert!(!done.input.is_empty(), "MAIL waits for the verdict");
     }
 }

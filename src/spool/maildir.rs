@@ -1,7 +1,8 @@
 //! The Maildir spool (SPEC "Spool"): durable delivery of one accepted message.
 //!
 //! Contract of `Maildir::deliver`: the message is written to `tmp/UNIQUE`, the file is fsync'd,
-//! renamed into `new/UNIQUE`, and `new/` itself is fsync'd so that the rename is on disk; only
+//! renamed into `new/UNIQUE`, and `new/` itself is fsync'd so that the rename is on disk (one
+//! fsync may cover the renames of several writers, `group_sync`); only
 //! then does it return `Ok`, and only then may the session answer 250. On any failure the file
 //! is removed (from `tmp/`, or from `new/` when the directory fsync failed: the client gets 451
 //! 4.3.0 and will send again, so a copy left behind would be a duplicate) and a `SpoolError`
@@ -31,6 +32,7 @@ use std::time::UNIX_EPOCH;
 
 use crate::spool::Envelope;
 use crate::spool::envelope::maildir_prefix;
+use crate::spool::group_sync::GroupSync;
 use crate::spool::header::kept_slices;
 use crate::spool::header::own_field_spans;
 
@@ -50,6 +52,8 @@ pub struct Maildir {
     new: PathBuf,
     /// Opened once: fsync on a directory handle makes the renames into it durable.
     new_handle: File,
+    /// One fsync of new/ covers every rename that finished before it started.
+    new_sync: GroupSync,
     /// The host name part of unique names, already escaped.
     name_host: String,
 }
@@ -103,6 +107,7 @@ impl Maildir {
             tmp,
             new,
             new_handle,
+            new_sync: GroupSync::default(),
             name_host: escape_host(hostname),
         };
         maildir.remove_stale_tmp(SystemTime::now(), TMP_MAX_AGE);
@@ -167,7 +172,7 @@ impl Maildir {
             path: new_path.clone(),
             source,
         })?;
-        if let Err(source) = self.new_handle.sync_all() {
+        if let Err(source) = self.new_sync.sync(|| self.new_handle.sync_all()) {
             remove_quietly(&new_path);
             return Err(SpoolError::SyncDirectory {
                 path: self.new.clone(),

@@ -2,9 +2,10 @@
 //!
 //! `Envelope` is built by the session at the end of DATA/BDAT; `envelope` formats the
 //! Return-Path, X-Envelope-To and Received fields and prepends the trace block; `maildir`
-//! writes it durably; `writer` runs those writes on the spool writer threads.
+//! writes it durably, sharing directory fsyncs through `group_sync`; `writer` runs those writes on the spool writer threads.
 
 pub mod envelope;
+pub mod group_sync;
 pub mod header;
 pub mod maildir;
 pub mod writer;

@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR};
+use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 /// How often the server threads look at the stop flag.
@@ -181,7 +181,8 @@ impl TestZone {
         self
     }
 
-    /// TTL of every record (default 60 s); 0 keeps resolver caches out of a test.
+    /// TTL of every record and of negative answers (default 60 s); 0 keeps resolver caches
+    /// out of a test.
     pub fn ttl(mut self, ttl: u32) -> Self {
         self.ttl = ttl;
         self
@@ -207,6 +208,7 @@ impl TestZone {
             resp.metadata.truncation = true;
         } else if !self.names.contains(&name) {
             resp.metadata.response_code = ResponseCode::NXDomain;
+            resp.add_authority(self.soa());
         } else if let Some(rdatas) = self.records.get(&(name, query.query_type)) {
             for rdata in rdatas {
                 resp.add_answer(Record::from_rdata(
@@ -215,8 +217,19 @@ impl TestZone {
                     rdata.clone(),
                 ));
             }
+        } else {
+            resp.add_authority(self.soa());
         }
         Some(resp)
+    }
+
+    /// The SOA an authoritative server puts in a negative answer (RFC 2308), so resolvers
+    /// keep NXDOMAIN and NODATA for the zone's TTL as they keep records.
+    fn soa(&self) -> Record {
+        let host = Name::from_ascii("ns.test.").expect("constant name");
+        let mailbox = Name::from_ascii("hostmaster.test.").expect("constant name");
+        let soa = SOA::new(host, mailbox, 1, 3600, 600, 86400, self.ttl);
+        Record::from_rdata(Name::root(), self.ttl, RData::SOA(soa))
     }
 }
 
