@@ -74,6 +74,14 @@ impl Outcome {
     }
 }
 
+/// An equal error for each of several callers (`io::Error` is not `Clone`).
+pub fn copy_error(err: &io::Error) -> io::Error {
+    match err.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(err.kind(), err.to_string()),
+    }
+}
+
 impl GroupSync {
     /// Returns once an fsync (`sync`, run by this thread or another one) that started after
     /// this call began has finished, with that fsync's result. Call it after the rename that

@@ -33,6 +33,7 @@ use std::time::UNIX_EPOCH;
 use crate::spool::Envelope;
 use crate::spool::envelope::maildir_prefix;
 use crate::spool::group_sync::GroupSync;
+use crate::spool::group_sync::copy_error;
 use crate::spool::header::kept_slices;
 use crate::spool::header::own_field_spans;
 
@@ -117,23 +118,61 @@ impl Maildir {
     /// Writes `env` durably into new/ (see the module docs); returns the file's name in new/.
     /// The file is `maildir_prefix` followed by the message without the forged trace fields.
     pub fn deliver(&self, env: &Envelope) -> Result<String, SpoolError> {
-        self.deliver_with_prefix(&maildir_prefix(env), env)
+        one(self.deliver_all(&[env]))
     }
 
-    /// `deliver` with the prefix already formatted.
-    fn deliver_with_prefix(&self, prefix: &[u8], env: &Envelope) -> Result<String, SpoolError> {
-        let removed = own_field_spans(&env.content, &env.trace.hostname);
-        let mut parts = Vec::with_capacity(removed.len() + 2);
-        parts.push(prefix);
-        parts.extend(kept_slices(&env.content, &removed));
-        self.store(&parts)
+    /// `deliver` for several messages at once: each is written, fsync'd and renamed on its
+    /// own, and one fsync of new/ then covers all the renames. A failure stays with its
+    /// message; the results are in the order of `envs`.
+    pub fn deliver_all(&self, envs: &[&Envelope]) -> Vec<Result<String, SpoolError>> {
+        let prefixes: Vec<Vec<u8>> = envs.iter().map(|env| maildir_prefix(env)).collect();
+        let messages: Vec<Vec<&[u8]>> = envs
+            .iter()
+            .zip(&prefixes)
+            .map(|(env, prefix)| without_own_fields(prefix, env))
+            .collect();
+        let refs: Vec<&[&[u8]]> = messages.iter().map(Vec::as_slice).collect();
+        self.store_all(&refs)
     }
 
     /// Writes the concatenation of `parts` durably into new/ under a fresh unique name.
     pub fn store(&self, parts: &[&[u8]]) -> Result<String, SpoolError> {
+        one(self.store_all(&[parts]))
+    }
+
+    /// `store` for several messages, sharing the fsync of new/ as `deliver_all` does.
+    pub fn store_all(&self, messages: &[&[&[u8]]]) -> Vec<Result<String, SpoolError>> {
+        let mut renamed: Vec<Result<(String, PathBuf), SpoolError>> = messages
+            .iter()
+            .map(|parts| self.write_and_rename(parts))
+            .collect();
+        if renamed.iter().any(Result::is_ok)
+            && let Err(source) = self.new_sync.sync(|| self.new_handle.sync_all())
+        {
+            // Not durable, so not delivered: the client gets 451 and sends again, and a copy
+            // left in new/ would be a duplicate.
+            for result in &mut renamed {
+                if let Ok((_, new_path)) = result {
+                    remove_quietly(new_path);
+                    *result = Err(SpoolError::SyncDirectory {
+                        path: self.new.clone(),
+                        source: copy_error(&source),
+                    });
+                }
+            }
+        }
+        renamed
+            .into_iter()
+            .map(|result| result.map(|(name, _)| name))
+            .collect()
+    }
+
+    /// Creates, writes and fsyncs tmp/UNIQUE and renames it into new/; returns the name and
+    /// the path in new/. On failure nothing is left behind in tmp/.
+    fn write_and_rename(&self, parts: &[&[u8]]) -> Result<(String, PathBuf), SpoolError> {
         let name = self.unique_name();
         let tmp_path = self.tmp.join(&name);
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(FILE_MODE)
@@ -142,44 +181,30 @@ impl Maildir {
                 path: tmp_path.clone(),
                 source,
             })?;
-        if let Err(err) = self.write_and_publish(file, &tmp_path, &name, parts) {
+        let written = write_all_parts(&mut file, parts)
+            .map_err(|source| SpoolError::Write {
+                path: tmp_path.clone(),
+                source,
+            })
+            .and_then(|()| {
+                file.sync_all().map_err(|source| SpoolError::SyncFile {
+                    path: tmp_path.clone(),
+                    source,
+                })
+            });
+        drop(file);
+        let new_path = self.new.join(&name);
+        let renamed = written.and_then(|()| {
+            fs::rename(&tmp_path, &new_path).map_err(|source| SpoolError::Rename {
+                path: new_path.clone(),
+                source,
+            })
+        });
+        if let Err(err) = renamed {
             remove_quietly(&tmp_path);
             return Err(err);
         }
-        Ok(name)
-    }
-
-    /// Writes, fsyncs, renames into new/ and fsyncs new/. The tmp file is the caller's to
-    /// remove on error; a file already renamed into new/ is removed here.
-    fn write_and_publish(
-        &self,
-        mut file: File,
-        tmp_path: &Path,
-        name: &str,
-        parts: &[&[u8]],
-    ) -> Result<(), SpoolError> {
-        write_all_parts(&mut file, parts).map_err(|source| SpoolError::Write {
-            path: tmp_path.to_path_buf(),
-            source,
-        })?;
-        file.sync_all().map_err(|source| SpoolError::SyncFile {
-            path: tmp_path.to_path_buf(),
-            source,
-        })?;
-        drop(file);
-        let new_path = self.new.join(name);
-        fs::rename(tmp_path, &new_path).map_err(|source| SpoolError::Rename {
-            path: new_path.clone(),
-            source,
-        })?;
-        if let Err(source) = self.new_sync.sync(|| self.new_handle.sync_all()) {
-            remove_quietly(&new_path);
-            return Err(SpoolError::SyncDirectory {
-                path: self.new.clone(),
-                source,
-            });
-        }
-        Ok(())
+        Ok((name, new_path))
     }
 
     /// Removes every file in tmp/ whose modification time is more than `max_age` before `now`.
@@ -228,6 +253,24 @@ impl Maildir {
             self.name_host
         )
     }
+}
+
+/// The message as stored: `prefix`, then `env`'s content without the trace fields that
+/// claim to be ours (forged).
+fn without_own_fields<'a>(prefix: &'a [u8], env: &'a Envelope) -> Vec<&'a [u8]> {
+    let removed = own_field_spans(&env.content, &env.trace.hostname);
+    let mut parts = Vec::with_capacity(removed.len() + 2);
+    parts.push(prefix);
+    parts.extend(kept_slices(&env.content, &removed));
+    parts
+}
+
+/// The single result of a one-message batch (which always has one).
+fn one(results: Vec<Result<String, SpoolError>>) -> Result<String, SpoolError> {
+    results
+        .into_iter()
+        .next()
+        .unwrap_or(Err(SpoolError::WritersGone))
 }
 
 /// Free space for an unprivileged user on the filesystem holding `dir`, in MiB
@@ -437,8 +480,12 @@ mod tests {
     fn delivery_prepends_the_prefix_and_strips_forged_fields() {
         let dir = TestDir::new("deliver-prefix");
         let maildir = Maildir::open(&dir.0, "mx.example.net").expect("open");
+        let env = envelope(FORGED);
         let name = maildir
-            .deliver_with_prefix(b"Return-Path: <a@example.org>\r\n", &envelope(FORGED))
+            .store(&without_own_fields(
+                b"Return-Path: <a@example.org>\r\n",
+                &env,
+            ))
             .expect("deliver");
         let stored = fs::read(dir.0.join("new").join(name)).expect("read");
         assert_eq!(
@@ -449,6 +496,43 @@ mod tests {
               \r\n\
               X-HELO-Check: mx.example.net; body line\r\n"
         );
+    }
+
+    #[test]
+    fn a_batch_is_delivered_whole_and_each_message_to_its_own_file() {
+        let dir = TestDir::new("deliver-batch");
+        let maildir = Maildir::open(&dir.0, "mx.example.net").expect("open");
+        let bodies: Vec<Vec<u8>> = (0..5)
+            .map(|n| format!("Subject: {n}\r\n\r\nbody {n}\r\n").into_bytes())
+            .collect();
+        let envs: Vec<Envelope> = bodies.iter().map(|b| envelope(b)).collect();
+        let refs: Vec<&Envelope> = envs.iter().collect();
+        let names = maildir.deliver_all(&refs);
+        assert_eq!(names.len(), 5);
+        for (name, body) in names.iter().zip(&bodies) {
+            let name = name.as_ref().expect("delivered");
+            let stored = fs::read(dir.0.join("new").join(name)).expect("read");
+            assert!(stored.ends_with(body), "{name}");
+            assert!(stored.starts_with(b"Return-Path: "));
+        }
+        assert!(names_in(&dir.0.join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn a_failure_in_a_batch_stays_with_its_message() {
+        let dir = TestDir::new("batch-failure");
+        let maildir = Maildir::open(&dir.0, "mx").expect("open");
+        // tmp/ replaced by a file: every create fails, and nothing reaches new/.
+        fs::remove_dir(dir.0.join("tmp")).expect("rmdir tmp");
+        File::create(dir.0.join("tmp")).expect("tmp as a file");
+        let parts: [&[u8]; 1] = [b"Subject: s\r\n\r\n"];
+        let results = maildir.store_all(&[&parts, &parts]);
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(SpoolError::Create { .. })))
+        );
+        assert!(names_in(&dir.0.join("new")).is_empty());
     }
 
     #[test]

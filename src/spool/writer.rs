@@ -9,6 +9,11 @@
 //! before a poll make one event, `mio/tests/waker.rs`), so the loop drains `done` until empty on
 //! every wake, and the message must be in the channel before the wake that announces it.
 //!
+//! A writer that finds more jobs queued behind the one it woke for takes them too, up to
+//! `MAX_BATCH`, and delivers them together: one fsync of new/ covers the batch's renames, and
+//! one wake-up serves several messages. Under light load a batch is one message, so nothing
+//! waits for company.
+//!
 //! Shutdown drops the job sender and joins every thread: each writer finishes the jobs already
 //! queued, so no message the loop handed over is abandoned half-way (SPEC "Signals": no
 //! half-written files in new/).
@@ -25,6 +30,9 @@ use crossbeam_channel::Sender;
 use crate::spool::Envelope;
 use crate::spool::maildir::Maildir;
 use crate::spool::maildir::SpoolError;
+
+/// Most messages one writer delivers together.
+pub const MAX_BATCH: usize = 8;
 
 /// One message to write; `id` is the caller's, returned unchanged in `SpoolDone`.
 pub struct SpoolJob {
@@ -56,7 +64,7 @@ pub fn spawn_writers(
     done: Sender<SpoolDone>,
     waker: Option<Arc<mio::Waker>>,
 ) -> io::Result<SpoolWriters> {
-    spawn_with(threads, done, waker, move |env| maildir.deliver(env))
+    spawn_with(threads, done, waker, move |envs| maildir.deliver_all(envs))
 }
 
 impl SpoolWriters {
@@ -83,7 +91,8 @@ impl SpoolWriters {
     }
 }
 
-/// `spawn_writers` over any delivery function (tests use one that needs no trace fields).
+/// `spawn_writers` over any batch delivery function, which returns one result per envelope in
+/// order (tests use one that needs no trace fields).
 fn spawn_with<F>(
     threads: usize,
     done: Sender<SpoolDone>,
@@ -91,7 +100,7 @@ fn spawn_with<F>(
     deliver: F,
 ) -> io::Result<SpoolWriters>
 where
-    F: Fn(&Envelope) -> Result<String, SpoolError> + Send + Sync + 'static,
+    F: Fn(&[&Envelope]) -> Vec<Result<String, SpoolError>> + Send + Sync + 'static,
 {
     let deliver = Arc::new(deliver);
     let (jobs, queue) = crossbeam_channel::unbounded::<SpoolJob>();
@@ -122,23 +131,37 @@ where
     Ok(writers)
 }
 
-/// One writer: takes jobs until the sender is dropped and the queue is empty.
+/// One writer: takes jobs, with whatever is queued behind them, until the sender is dropped
+/// and the queue is empty.
 fn run_writer<F>(
     queue: &Receiver<SpoolJob>,
     done: &Sender<SpoolDone>,
     waker: Option<&mio::Waker>,
     deliver: &F,
 ) where
-    F: Fn(&Envelope) -> Result<String, SpoolError>,
+    F: Fn(&[&Envelope]) -> Vec<Result<String, SpoolError>>,
 {
-    for job in queue.iter() {
-        // A panic must not take the answer with it: the session would wait for it forever.
-        let result = panic::catch_unwind(AssertUnwindSafe(|| deliver(&job.envelope)))
-            .unwrap_or(Err(SpoolError::WriterPanicked));
-        if let Err(err) = &result {
-            log::error!("spool: message {} not written: {err}", job.id);
+    let mut batch: Vec<SpoolJob> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = queue.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH
+            && let Ok(next) = queue.try_recv()
+        {
+            batch.push(next);
         }
-        report(done, waker, SpoolDone { id: job.id, result });
+        let envelopes: Vec<&Envelope> = batch.iter().map(|job| &*job.envelope).collect();
+        // A panic must not take the answers with it: the sessions would wait forever.
+        let mut results = panic::catch_unwind(AssertUnwindSafe(|| deliver(&envelopes)))
+            .unwrap_or_default()
+            .into_iter();
+        drop(envelopes);
+        for job in batch.drain(..) {
+            let result = results.next().unwrap_or(Err(SpoolError::WriterPanicked));
+            if let Err(err) = &result {
+                log::error!("spool: message {} not written: {err}", job.id);
+            }
+            report(done, waker, SpoolDone { id: job.id, result });
+        }
     }
 }
 
@@ -180,8 +203,10 @@ mod tests {
         done: Sender<SpoolDone>,
     ) -> SpoolWriters {
         let maildir = Arc::clone(maildir);
-        spawn_with(threads, done, None, move |env| {
-            maildir.store(&[&env.content])
+        spawn_with(threads, done, None, move |envs| {
+            let contents: Vec<[&[u8]; 1]> = envs.iter().map(|env| [&env.content[..]]).collect();
+            let messages: Vec<&[&[u8]]> = contents.iter().map(|c| &c[..]).collect();
+            maildir.store_all(&messages)
         })
         .expect("spawn writers")
     }
@@ -238,8 +263,10 @@ mod tests {
         let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(7)).expect("waker"));
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let store = Arc::clone(&maildir);
-        let writers = spawn_with(1, done_tx, Some(waker), move |env| {
-            store.store(&[&env.content])
+        let writers = spawn_with(1, done_tx, Some(waker), move |envs| {
+            envs.iter()
+                .map(|env| store.store(&[&env.content]))
+                .collect()
         })
         .expect("spawn");
         writers.submit(SpoolJob {
@@ -258,8 +285,10 @@ mod tests {
     #[test]
     fn failures_come_back_as_results() {
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let writers =
-            spawn_with(2, done_tx, None, |_| Err(SpoolError::WritersGone)).expect("spawn");
+        let writers = spawn_with(2, done_tx, None, |envs| {
+            envs.iter().map(|_| Err(SpoolError::WritersGone)).collect()
+        })
+        .expect("spawn");
         writers.submit(SpoolJob {
             id: 9,
             envelope: envelope(9),
@@ -273,9 +302,13 @@ mod tests {
     #[test]
     fn a_panicking_delivery_is_answered_and_the_writer_goes_on() {
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let writers = spawn_with(1, done_tx, None, |env| match env.trace.queue_id.as_str() {
-            "Q1" => panic!("test panic"),
-            _ => Ok(String::from("file")),
+        let writers = spawn_with(1, done_tx, None, |envs| {
+            envs.iter()
+                .map(|env| match env.trace.queue_id.as_str() {
+                    "Q1" => panic!("test panic"),
+                    _ => Ok(String::from("file")),
+                })
+                .collect()
         })
         .expect("spawn");
         for id in 1..=2 {
@@ -283,11 +316,59 @@ mod tests {
                 id,
                 envelope: envelope(id),
             });
+            // One at a time, so the second is not in the batch that panics.
+            let done = done_rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a result");
+            assert_eq!(done.id, id);
+            if id == 1 {
+                assert!(matches!(done.result, Err(SpoolError::WriterPanicked)));
+            } else {
+                assert_eq!(done.result.as_deref().ok(), Some("file"));
+            }
         }
         writers.shutdown();
+    }
+
+    #[test]
+    fn queued_jobs_are_delivered_in_batches_with_one_result_each() {
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&sizes);
+        let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(0);
+        let writers = spawn_with(1, done_tx, None, move |envs| {
+            let mut sizes = seen.lock().expect("sizes");
+            sizes.push(envs.len());
+            // The first batch waits until everything else is queued behind it.
+            if sizes.len() == 1 {
+                let _ = gate_rx.recv_timeout(Duration::from_secs(60));
+            }
+            envs.iter()
+                .map(|env| Ok(env.trace.queue_id.clone()))
+                .collect()
+        })
+        .expect("spawn");
+        for id in 0..20 {
+            writers.submit(SpoolJob {
+                id,
+                envelope: envelope(id),
+            });
+        }
+        let _ = gate_tx.send_timeout((), Duration::from_secs(60));
+        writers.shutdown();
         let results: Vec<SpoolDone> = done_rx.try_iter().collect();
-        assert!(matches!(results[0].result, Err(SpoolError::WriterPanicked)));
-        assert_eq!(results[1].result.as_deref().ok(), Some("file"));
+        let ids: Vec<u64> = results.iter().map(|d| d.id).collect();
+        assert_eq!(ids, (0..20).collect::<Vec<u64>>());
+        for done in &results {
+            assert_eq!(
+                done.result.as_deref().ok(),
+                Some(format!("Q{}", done.id).as_str())
+            );
+        }
+        let sizes = sizes.lock().expect("sizes").clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 20);
+        assert!(sizes.iter().all(|&n| n <= MAX_BATCH), "{sizes:?}");
+        assert!(sizes.len() < 20, "queued jobs were batched: {sizes:?}");
     }
 
     #[test]
