@@ -118,7 +118,10 @@ where
         let deliver = Arc::clone(&deliver);
         let spawned = std::thread::Builder::new()
             .name(format!("spool-writer-{n}"))
-            .spawn(move || run_writer(&queue, &done, waker.as_deref(), &*deliver));
+            .spawn(move || {
+                yield_cpu_to_protocol_work();
+                run_writer(&queue, &done, waker.as_deref(), &*deliver)
+            });
         match spawned {
             Ok(thread) => writers.threads.push(thread),
             Err(err) => {
@@ -162,6 +165,31 @@ fn run_writer<F>(
             }
             report(done, waker, SpoolDone { id: job.id, result });
         }
+    }
+}
+
+/// How much lower than the protocol threads a writer runs (nice levels).
+const WRITER_NICENESS: libc::c_int = 10;
+
+/// Lowers this thread's CPU priority. A writer spends most of its CPU in the kernel's fsync
+/// path, which can wait; when the cores are busy, the loop and the workers answering clients
+/// should run first (SPEC: fsync latency must never stall protocol work). Linux gives each
+/// thread its own nice value, and raising one needs no privilege.
+fn yield_cpu_to_protocol_work() {
+    // SAFETY: gettid has no preconditions; setpriority only reads its arguments.
+    let (tid, result) = unsafe {
+        let tid = libc::gettid();
+        let who = libc::id_t::try_from(tid).unwrap_or_default();
+        (
+            tid,
+            libc::setpriority(libc::PRIO_PROCESS, who, WRITER_NICENESS),
+        )
+    };
+    if result != 0 {
+        log::debug!(
+            "spool: writer thread {tid} keeps its priority: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 
@@ -327,6 +355,36 @@ mod tests {
                 assert_eq!(done.result.as_deref().ok(), Some("file"));
             }
         }
+        writers.shutdown();
+    }
+
+    #[test]
+    fn writers_run_below_the_protocol_threads() {
+        let (done_tx, _done_rx) = crossbeam_channel::unbounded();
+        let (started_tx, started_rx) = crossbeam_channel::unbounded();
+        let writers = spawn_with(1, done_tx, None, move |envs| {
+            // Reports this writer's thread id, then answers every job.
+            // SAFETY: gettid has no preconditions.
+            let _ = started_tx.send(unsafe { libc::gettid() });
+            envs.iter().map(|_| Ok(String::new())).collect()
+        })
+        .expect("spawn");
+        writers.submit(SpoolJob {
+            id: 1,
+            envelope: envelope(1),
+        });
+        let tid = started_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("writer ran");
+        let stat = fs::read_to_string(format!("/proc/self/task/{tid}/stat")).expect("stat");
+        // Fields after the parenthesised name; nice is field 19 of stat(5), the 17th here.
+        let after_name = stat.rsplit_once(')').expect("stat format").1;
+        let nice: i32 = after_name
+            .split_whitespace()
+            .nth(16)
+            .and_then(|f| f.parse().ok())
+            .expect("nice field");
+        assert!(nice >= WRITER_NICENESS, "writer nice {nice}");
         writers.shutdown();
     }
 
