@@ -36,6 +36,7 @@ use crate::proxy_protocol::{self, ProxyParse};
 use crate::relay::{NextHopProtocol, RelayClientParams, XclientAttrs};
 use crate::server::conn::{Conn, Phase};
 use crate::server::listener::{BoundListener, ListenerKind};
+use crate::server::loop_wake::LoopWake;
 use crate::server::relay_link::{LinkAnswer, LinkFailure, NextHopSocket, RelayLink};
 use crate::server::tls::TlsAcceptor;
 use crate::server::worker::{Done, Job, OwnedEvent, WorkerPool};
@@ -158,6 +159,8 @@ pub struct Server {
     waker: Arc<Waker>,
     workers: Option<WorkerPool>,
     done_rx: Receiver<Done>,
+    /// The workers' wake-ups, rearmed before every drain.
+    worker_wake: Arc<LoopWake>,
     resolver: Option<ResolverHandle>,
     dns_rx: Receiver<DnsAnswer>,
     handoff: Option<Handoff>,
@@ -226,10 +229,11 @@ impl Server {
         .map_err(|e| StartError::Io("HELOGUARD_DNS", e))?;
 
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let worker_wake = Arc::new(LoopWake::new(waker.clone()));
         let workers = WorkerPool::start(
             config.workers,
             done_tx,
-            waker.clone(),
+            worker_wake.clone(),
             metrics.clone(),
             resolver.known_answers().clone(),
         )
@@ -290,6 +294,7 @@ impl Server {
             waker,
             workers: Some(workers),
             done_rx,
+            worker_wake,
             resolver: Some(resolver),
             dns_rx,
             handoff: Some(handoff),
@@ -738,6 +743,7 @@ impl Server {
     // ----- answers from the threads ----------------------------------------------------
 
     fn drain_channels(&mut self) {
+        self.worker_wake.rearm();
         while let Ok(done) = self.done_rx.try_recv() {
             self.on_done(done);
         }

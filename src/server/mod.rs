@@ -3,6 +3,7 @@
 pub mod conn;
 pub mod event_loop;
 pub mod listener;
+pub mod loop_wake;
 pub mod relay_link;
 pub mod sd_notify;
 pub mod tls;

@@ -17,12 +17,12 @@ use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
-use mio::Waker;
 
 use crate::dns::answer_cache::AnswerCache;
 use crate::dns::{Lookup, ReverseFacts};
 use crate::metrics::Metrics;
 use crate::protocol::reply::Reply;
+use crate::server::loop_wake::LoopWake;
 use crate::session::{
     DeliveryOutcome, Event, Now, Observation, Output, Session, SessionAction, TlsInfo,
 };
@@ -98,7 +98,7 @@ impl WorkerPool {
     pub fn start(
         count: usize,
         done: Sender<Done>,
-        waker: Arc<Waker>,
+        waker: Arc<LoopWake>,
         metrics: Arc<Metrics>,
         known: Arc<AnswerCache>,
     ) -> io::Result<Self> {
@@ -141,7 +141,7 @@ impl WorkerPool {
 fn run_worker(
     jobs: &Receiver<Job>,
     done: &Sender<Done>,
-    waker: &Waker,
+    waker: &LoopWake,
     metrics: &Metrics,
     known: &AnswerCache,
 ) {
