@@ -923,10 +923,18 @@ fn helo(mut a: Args) {
 
     let proxy_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let plain_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // A --workdir belongs to the caller, who removes it when every run is over: deleting a
+    // spool of thousands of files just before the next run would make that run's inode
+    // allocation skip over them (ext4 without a journal avoids recently freed inodes).
+    let keep_dir = workdir.is_some();
     let base = workdir
         .map(std::path::PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("loadgen-helo-{}", std::process::id()));
+    let dir = base.join(format!(
+        "loadgen-helo-{}-{}",
+        std::process::id(),
+        label.replace('/', "-")
+    ));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| die(&format!("{}: {e}", dir.display())));
     let mut cmd = Command::new(&server);
     cmd.env("HELOGUARD_LISTEN", plain_addr.to_string())
@@ -949,7 +957,7 @@ fn helo(mut a: Args) {
         .unwrap_or_else(|e| die(&format!("cannot start {server}: {e}")));
     let mut srv = ChildServer {
         child,
-        dir: Some(dir),
+        dir: (!keep_dir).then_some(dir),
     };
     wait_port(proxy_addr, &mut srv.child);
     let pid = srv.child.id();
