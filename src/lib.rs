@@ -12,6 +12,8 @@
 //! - `fuzzing`: invariant-checking drivers shared by the fuzz targets and the corpus test
 //! - `config`, `net`, `proxy_protocol`, `metrics`: configuration, addresses, PROXY headers,
 //!   Prometheus counters
+//! - `sched`: scheduling hints for the threads (short slices for the loop and the workers,
+//!   nice 10 for the spool writers)
 
 pub mod check_cli;
 pub mod config;
@@ -23,6 +25,7 @@ pub mod net;
 pub mod protocol;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod sched;
 pub mod server;
 pub mod session;
 pub mod spool;

@@ -332,6 +332,7 @@ impl Server {
 
     /// Serves until shutdown completes.
     pub fn run(mut self) -> io::Result<()> {
+        crate::sched::prefer_short_slices();
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.next_timeout();

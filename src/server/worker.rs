@@ -112,7 +112,10 @@ impl WorkerPool {
             let known = known.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("worker-{n}"))
-                .spawn(move || run_worker(&jobs, &done, &waker, &metrics, &known))?;
+                .spawn(move || {
+                    crate::sched::prefer_short_slices();
+                    run_worker(&jobs, &done, &waker, &metrics, &known)
+                })?;
             threads.push(handle);
         }
         Ok(Self {

@@ -119,7 +119,7 @@ where
         let spawned = std::thread::Builder::new()
             .name(format!("spool-writer-{n}"))
             .spawn(move || {
-                yield_cpu_to_protocol_work();
+                crate::sched::yield_cpu_to_protocol_work();
                 run_writer(&queue, &done, waker.as_deref(), &*deliver)
             });
         match spawned {
@@ -165,31 +165,6 @@ fn run_writer<F>(
             }
             report(done, waker, SpoolDone { id: job.id, result });
         }
-    }
-}
-
-/// How much lower than the protocol threads a writer runs (nice levels).
-const WRITER_NICENESS: libc::c_int = 10;
-
-/// Lowers this thread's CPU priority. A writer spends most of its CPU in the kernel's fsync
-/// path, which can wait; when the cores are busy, the loop and the workers answering clients
-/// should run first (SPEC: fsync latency must never stall protocol work). Linux gives each
-/// thread its own nice value, and raising one needs no privilege.
-fn yield_cpu_to_protocol_work() {
-    // SAFETY: gettid has no preconditions; setpriority only reads its arguments.
-    let (tid, result) = unsafe {
-        let tid = libc::gettid();
-        let who = libc::id_t::try_from(tid).unwrap_or_default();
-        (
-            tid,
-            libc::setpriority(libc::PRIO_PROCESS, who, WRITER_NICENESS),
-        )
-    };
-    if result != 0 {
-        log::debug!(
-            "spool: writer thread {tid} keeps its priority: {}",
-            io::Error::last_os_error()
-        );
     }
 }
 
@@ -384,7 +359,7 @@ mod tests {
             .nth(16)
             .and_then(|f| f.parse().ok())
             .expect("nice field");
-        assert!(nice >= WRITER_NICENESS, "writer nice {nice}");
+        assert!(nice >= crate::sched::WRITER_NICENESS, "writer nice {nice}");
         writers.shutdown();
     }
 
