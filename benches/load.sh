@@ -12,7 +12,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-MSGS_A=10000 MSGS_B=2000 MSGS_C=2000 HELO_N=5000 LAT_N=5000 IDLE_K=10000
+MSGS_A=10000 MSGS_B=2000 MSGS_C=2000 HELO_N=5000 LAT_N=10000 IDLE_K=10000
 CG_MSGS=500 REPS=1 VS_POSTFIX=0 CALLGRIND=0 PERF=0 ONLY="a,b,c,helo,latency,idle" OUT=""
 PF_PORT=2625
 
@@ -199,12 +199,14 @@ fi
 if want latency; then
   # One client thread drives every connection (--events), so 50 client threads queueing for
   # the two cores are not counted as server latency.
-  for c in 1 50; do
-    echo "== EHLO latency, $c concurrent" >&2
-    "$LOADGEN" latency --events --addr "127.0.0.1:$HG_PORT" -c "$c" -n "$LAT_N" --label "heloguard/c$c" | tee -a "$RES" >&2
-    if [ "$VS_POSTFIX" = 1 ]; then
-      "$LOADGEN" latency --events --addr "127.0.0.1:$PF_PORT" -c "$c" -n "$LAT_N" --label "postfix/c$c" | tee -a "$RES" >&2
-    fi
+  for r in $(seq "$REPS"); do
+    for c in 1 50; do
+      echo "== EHLO latency, $c concurrent, rep $r" >&2
+      "$LOADGEN" latency --events --addr "127.0.0.1:$HG_PORT" -c "$c" -n "$LAT_N" --label "heloguard/c$c/r$r" | tee -a "$RES" >&2
+      if [ "$VS_POSTFIX" = 1 ]; then
+        "$LOADGEN" latency --events --addr "127.0.0.1:$PF_PORT" -c "$c" -n "$LAT_N" --label "postfix/c$c/r$r" | tee -a "$RES" >&2
+      fi
+    done
   done
 fi
 stop_pid "$HG_PID"
@@ -343,6 +345,12 @@ if lat:
         e = r["ehlo_us"]
         print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (r["label"], f(r["sessions_per_s"]), f(e["p50"]), f(e["p90"]),
               f(e["p99"]), f(e["max"]), f(r["session_ms"]["p99"], 1), sum(r["errors"].values())))
+    groups = {}
+    for r in lat:
+        groups.setdefault("/".join(r["label"].split("/")[:2]), []).append(r["ehlo_us"])
+    for g, es in sorted(groups.items()):
+        if len(es) > 1:
+            print("\n%s, median of %d runs: EHLO p50 %s us, p99 %s us" % (g, len(es), f(med([e["p50"] for e in es])), f(med([e["p99"] for e in es]))))
 helo = [r for r in rows if r.get("mode") == "helo"]
 if helo:
     print("\n### HELO checks (loadgen helo, PROXY v1, 20 concurrent, 1 message/session)\n")
