@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::dns::resolver::{self, ResolverSettings};
-use crate::dns::{DnsAnswer, DnsRequest, Lookup, ReverseFacts};
+use crate::dns::{DnsAnswer, DnsRequest, Family, Lookup, ReverseFacts};
 use crate::helo::VerdictKind;
 use crate::helo::checks::{CheckInput, HeloArg, parse_helo};
 use crate::helo::report;
@@ -197,6 +197,7 @@ pub fn gather(
         handle.submit(DnsRequest::Forward {
             id: FORWARD_ID,
             name,
+            family: Family::of(ip),
         });
     }
     let mut helo_addrs = None;

@@ -10,7 +10,8 @@ use common::dns_server::{TestDns, TestZone};
 use crossbeam_channel::Receiver;
 use heloguard::dns::resolver::{self, QueryObserver, ResolverHandle, ResolverSettings};
 use heloguard::dns::{
-    DnsAnswer, DnsRequest, Lookup, PtrName, QueryOutcome, QueryType, ReverseFacts, TempFailure,
+    DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryOutcome, QueryType, ReverseFacts,
+    TempFailure,
 };
 use hickory_proto::rr::RecordType;
 
@@ -61,11 +62,17 @@ impl Harness {
         self.next_id
     }
 
+    /// The addresses of `name` for an IPv4 client.
     fn forward(&mut self, name: &str) -> Lookup<Vec<IpAddr>> {
+        self.forward_for(name, Family::V4)
+    }
+
+    fn forward_for(&mut self, name: &str, family: Family) -> Lookup<Vec<IpAddr>> {
         let id = self.id();
         self.handle.submit(DnsRequest::Forward {
             id,
             name: name.to_string(),
+            family,
         });
         match self.answers.recv_timeout(PROMPT).expect("forward answer") {
             DnsAnswer::Forward {
@@ -118,7 +125,7 @@ fn found(l: Lookup<Vec<IpAddr>>) -> Vec<IpAddr> {
 }
 
 #[test]
-fn forward_finds_a_aaaa_and_both() {
+fn forward_asks_the_clients_family_first_and_the_other_only_without_records() {
     let dns = TestDns::start(
         TestZone::new()
             .a("v4.example.test", "192.0.2.1")
@@ -129,19 +136,67 @@ fn forward_finds_a_aaaa_and_both() {
     );
     let mut h = Harness::on(&dns);
     assert_eq!(
-        found(h.forward("v4.example.test")),
+        found(h.forward_for("v4.example.test", Family::V4)),
         vec![ip("192.0.2.1"), ip("192.0.2.2")]
     );
-    assert_eq!(found(h.forward("v6.example.test")), vec![ip("2001:db8::1")]);
+    // No A: the AAAA records still show that the name resolves.
     assert_eq!(
-        found(h.forward("dual.example.test")),
-        vec![ip("198.51.100.7"), ip("2001:db8::7")]
+        found(h.forward_for("v6.example.test", Family::V4)),
+        vec![ip("2001:db8::1")]
+    );
+    assert_eq!(
+        found(h.forward_for("v4.example.test", Family::V6)),
+        vec![ip("192.0.2.1"), ip("192.0.2.2")]
+    );
+    // Both families: only the client's own is asked, since only it can hold the client.
+    assert_eq!(
+        found(h.forward_for("dual.example.test", Family::V4)),
+        vec![ip("198.51.100.7")]
+    );
+    assert_eq!(
+        found(h.forward_for("dual.example.test", Family::V6)),
+        vec![ip("2001:db8::7")]
     );
     // Case and a trailing dot do not matter; the answer echoes the name as asked.
     assert_eq!(
-        found(h.forward("Dual.EXAMPLE.test.")),
-        vec![ip("198.51.100.7"), ip("2001:db8::7")]
+        found(h.forward_for("Dual.EXAMPLE.test.", Family::V6)),
+        vec![ip("2001:db8::7")]
     );
+    assert_eq!(dns.count("dual.example.test", RecordType::AAAA), 1);
+    assert_eq!(dns.count("dual.example.test", RecordType::A), 1);
+    assert_eq!(
+        h.outcomes(),
+        vec![
+            (QueryType::A, QueryOutcome::Ok),
+            (QueryType::A, QueryOutcome::Ok),
+            (QueryType::A, QueryOutcome::Ok),
+            (QueryType::A, QueryOutcome::NoData),
+            (QueryType::Aaaa, QueryOutcome::Ok),
+            (QueryType::Aaaa, QueryOutcome::Ok),
+            (QueryType::Aaaa, QueryOutcome::Ok),
+            (QueryType::Aaaa, QueryOutcome::NoData),
+        ]
+    );
+}
+
+#[test]
+fn loopback_only_addresses_ask_the_other_family_too() {
+    // localhost fails only when *all* the name's addresses are loopback (SPEC), so an A of
+    // 127.0.0.1 alone does not settle it.
+    let dns = TestDns::start(
+        TestZone::new()
+            .a("split.example.test", "127.0.0.1")
+            .aaaa("split.example.test", "2001:db8::5")
+            .a("lo.example.test", "127.0.0.1"),
+    );
+    let mut h = Harness::on(&dns);
+    assert_eq!(
+        found(h.forward("split.example.test")),
+        vec![ip("127.0.0.1"), ip("2001:db8::5")]
+    );
+    assert_eq!(found(h.forward("lo.example.test")), vec![ip("127.0.0.1")]);
+    assert_eq!(dns.count("split.example.test", RecordType::AAAA), 1);
+    assert_eq!(dns.count("lo.example.test", RecordType::AAAA), 1);
 }
 
 #[test]
@@ -152,11 +207,13 @@ fn forward_negative_answers() {
             .a("v4only.example.test", "192.0.2.1"),
     );
     let mut h = Harness::on(&dns);
+    // NXDOMAIN holds for every type: AAAA is not asked.
     assert_eq!(h.forward("missing.example.test"), Lookup::NxDomain);
+    // NODATA for A asks AAAA, which has none either.
     assert_eq!(h.forward("empty.example.test"), Lookup::NoData);
-    // NODATA for AAAA does not hide the A record.
+    // NODATA for AAAA (asked first for an IPv6 client) does not hide the A record.
     assert_eq!(
-        found(h.forward("v4only.example.test")),
+        found(h.forward_for("v4only.example.test", Family::V6)),
         vec![ip("192.0.2.1")]
     );
     assert_eq!(
@@ -165,7 +222,6 @@ fn forward_negative_answers() {
             (QueryType::A, QueryOutcome::Ok),
             (QueryType::A, QueryOutcome::NxDomain),
             (QueryType::A, QueryOutcome::NoData),
-            (QueryType::Aaaa, QueryOutcome::NxDomain),
             (QueryType::Aaaa, QueryOutcome::NoData),
             (QueryType::Aaaa, QueryOutcome::NoData),
         ]
@@ -201,13 +257,13 @@ fn servfail_and_refused_are_temporary() {
         h.forward("refused.example.test"),
         Lookup::TempError(TempFailure::Refused)
     );
+    // Undecided stays undecided: the other family cannot settle whether the client's
+    // address is among the name's.
     assert_eq!(
         h.outcomes(),
         vec![
             (QueryType::A, QueryOutcome::ServFail),
             (QueryType::A, QueryOutcome::Error),
-            (QueryType::Aaaa, QueryOutcome::ServFail),
-            (QueryType::Aaaa, QueryOutcome::Error),
         ]
     );
 }
@@ -225,13 +281,7 @@ fn silence_times_out_within_the_total() {
     let took = started.elapsed();
     assert!(took >= timeout / 2, "gave up too early: {took:?}");
     assert!(took < timeout + Duration::from_millis(400), "took {took:?}");
-    assert_eq!(
-        h.outcomes(),
-        vec![
-            (QueryType::A, QueryOutcome::Timeout),
-            (QueryType::Aaaa, QueryOutcome::Timeout),
-        ]
-    );
+    assert_eq!(h.outcomes(), vec![(QueryType::A, QueryOutcome::Timeout)]);
     // hickory retried once inside the total (two tries of half the timeout each).
     assert!(dns.count("slow.example.test", RecordType::A) >= 2);
 }
@@ -272,8 +322,8 @@ fn answers_are_cached() {
         );
     }
     assert_eq!(dns.count("cached.example.test", RecordType::A), 1);
-    // Still observed once per query asked, cache hit or not.
-    assert_eq!(h.outcomes().len(), 6);
+    // Still observed once per query asked (A only: the name has one), cache hit or not.
+    assert_eq!(h.outcomes().len(), 3);
 }
 
 #[test]
@@ -289,7 +339,7 @@ fn answers_become_known_to_other_threads_and_hits_are_observed_as_queries() {
     let known = h.handle.known_answers().clone();
     let now = Instant::now();
     assert_eq!(
-        known.forward("known.example.test", now),
+        known.forward("known.example.test", Family::V4, now),
         None,
         "not asked yet"
     );
@@ -297,16 +347,20 @@ fn answers_become_known_to_other_threads_and_hits_are_observed_as_queries() {
     let addrs = h.forward("known.example.test");
     let facts = h.reverse(client);
     let now = Instant::now();
-    assert_eq!(known.forward("KNOWN.example.test.", now), Some(addrs));
+    assert_eq!(
+        known.forward("KNOWN.example.test.", Family::V4, now),
+        Some(addrs)
+    );
     assert_eq!(known.reverse(client, now), Some(facts.clone()));
     // The PTR name's own lookup is kept as a forward answer: clients often HELO with it.
-    match known.forward("host.example.test", now) {
+    match known.forward("host.example.test", Family::V4, now) {
         Some(Lookup::Found(v)) => assert_eq!(v, vec![client]),
         other => panic!("PTR name not known: {other:?}"),
     }
-    // Forward A+AAAA, then PTR and the PTR name's A+AAAA; the hits above replay theirs.
-    let asked = 2 + 3;
-    let replayed = 2 + 3 + 2;
+    // Forward A, then PTR and the PTR name's A (each name has an A, so no AAAA is asked);
+    // the hits above replay theirs.
+    let asked = 1 + 2;
+    let replayed = 1 + 2 + 1;
     assert_eq!(h.outcomes().len(), asked + replayed);
 }
 
@@ -319,15 +373,19 @@ fn negative_answers_are_known_for_their_soa_ttl_and_ttl_zero_is_never_kept() {
     let known = h.handle.known_answers().clone();
     let now = Instant::now();
     assert_eq!(
-        known.forward("gone.example.test", now),
+        known.forward("gone.example.test", Family::V4, now),
         Some(Lookup::NxDomain)
     );
     assert_eq!(
-        known.forward("empty.example.test", now),
+        known.forward("empty.example.test", Family::V4, now),
         Some(Lookup::NoData)
     );
     assert_eq!(
-        known.forward("gone.example.test", now + Duration::from_secs(61)),
+        known.forward(
+            "gone.example.test",
+            Family::V4,
+            now + Duration::from_secs(61)
+        ),
         None,
         "the zone's negative TTL is 60 s"
     );
@@ -337,8 +395,14 @@ fn negative_answers_are_known_for_their_soa_ttl_and_ttl_zero_is_never_kept() {
     found(h.forward("brief.example.test"));
     assert_eq!(h.forward("gone.example.test"), Lookup::NxDomain);
     let known = h.handle.known_answers().clone();
-    assert_eq!(known.forward("brief.example.test", Instant::now()), None);
-    assert_eq!(known.forward("gone.example.test", Instant::now()), None);
+    assert_eq!(
+        known.forward("brief.example.test", Family::V4, Instant::now()),
+        None
+    );
+    assert_eq!(
+        known.forward("gone.example.test", Family::V4, Instant::now()),
+        None
+    );
 }
 
 #[test]
@@ -359,7 +423,11 @@ fn undecided_answers_are_never_known() {
     ));
     let known = h.handle.known_answers().clone();
     for name in ["broken.example.test", "silent.example.test"] {
-        assert_eq!(known.forward(name, Instant::now()), None, "{name}");
+        assert_eq!(
+            known.forward(name, Family::V4, Instant::now()),
+            None,
+            "{name}"
+        );
     }
 }
 
@@ -379,7 +447,8 @@ fn reverse_confirmed_ipv4() {
         ReverseFacts {
             ptr: Lookup::Found(vec![PtrName {
                 name: "mail.example.test".into(),
-                addrs: Lookup::Found(vec![client, ip("2001:db8::10")]),
+                // The AAAA records cannot hold an IPv4 client, so they are not asked.
+                addrs: Lookup::Found(vec![client]),
             }])
         }
     );
@@ -388,7 +457,6 @@ fn reverse_confirmed_ipv4() {
         h.outcomes(),
         vec![
             (QueryType::A, QueryOutcome::Ok),
-            (QueryType::Aaaa, QueryOutcome::Ok),
             (QueryType::Ptr, QueryOutcome::Ok),
         ]
     );
@@ -478,6 +546,7 @@ fn reverse_ipv6_and_several_names() {
     let names: Vec<_> = names.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["a.example.test", "b.example.test"]);
     assert_eq!(facts.confirmed_name(client), Some("b.example.test"));
+    // An IPv6 client: AAAA of each name, and no A since each has AAAA records.
     let count = |t| h.outcomes().iter().filter(|(q, _)| *q == t).count();
     assert_eq!(
         (
@@ -485,7 +554,7 @@ fn reverse_ipv6_and_several_names() {
             count(QueryType::A),
             count(QueryType::Aaaa)
         ),
-        (1, 2, 2)
+        (1, 0, 2)
     );
 }
 
@@ -535,12 +604,14 @@ fn blackholed_names_do_not_hold_up_the_others() {
         h.handle.submit(DnsRequest::Forward {
             id: 10_000 + i,
             name: format!("slow{i}.example.test"),
+            family: Family::V4,
         });
     }
     for i in 0..200 {
         h.handle.submit(DnsRequest::Forward {
             id: i,
             name: format!("fast{i}.example.test"),
+            family: Family::V4,
         });
     }
     let mut order = Vec::new();
@@ -594,6 +665,7 @@ fn excess_requests_wait_for_a_slot_in_order() {
         h.handle.submit(DnsRequest::Forward {
             id,
             name: name.into(),
+            family: Family::V4,
         });
     }
     let ids: Vec<_> = (0..3)
@@ -618,6 +690,7 @@ fn answers_wake_the_event_loop() {
     handle.submit(DnsRequest::Forward {
         id: 1,
         name: "mail.example.test".into(),
+        family: Family::V4,
     });
     let mut events = mio::Events::with_capacity(4);
     let deadline = Instant::now() + PROMPT;
@@ -648,6 +721,7 @@ fn dropping_every_handle_stops_the_thread() {
     clone.submit(DnsRequest::Forward {
         id: 1,
         name: "slow.example.test".into(),
+        family: Family::V4,
     });
     drop(clone);
     let started = Instant::now();

@@ -21,7 +21,7 @@ use std::sync::PoisonError;
 use std::time::Duration;
 use std::time::Instant;
 
-use super::{Lookup, QueryOutcome, QueryType, ReverseFacts};
+use super::{Family, Lookup, QueryOutcome, QueryType, ReverseFacts};
 use crate::dns::resolver::QueryObserver;
 
 /// Longest time an answer is kept, whatever its TTL: a changed zone is seen within this time.
@@ -52,8 +52,9 @@ impl<T> Keepable<T> {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Key {
     Reverse(IpAddr),
-    /// Lower case, without the trailing dot.
-    Forward(String),
+    /// Lower case, without the trailing dot; and the family of the client it was asked for
+    /// (an answer for an IPv4 client may hold only the A records).
+    Forward(String, Family),
 }
 
 #[derive(Clone, Debug)]
@@ -103,9 +104,10 @@ impl AnswerCache {
         }
     }
 
-    /// The A/AAAA addresses of `name`, if known and still valid at `now`.
-    pub fn forward(&self, name: &str, now: Instant) -> Option<Lookup<Vec<IpAddr>>> {
-        match self.get(&forward_key(name), now)? {
+    /// The addresses of `name` as asked for a client of `family`, if known and still valid
+    /// at `now`.
+    pub fn forward(&self, name: &str, family: Family, now: Instant) -> Option<Lookup<Vec<IpAddr>>> {
+        match self.get(&forward_key(name, family), now)? {
             Answer::Forward(addrs) => Some(addrs),
             Answer::Reverse(_) => None,
         }
@@ -122,15 +124,16 @@ impl AnswerCache {
         );
     }
 
-    /// Keeps the forward answer for `name` (if it may be kept).
+    /// Keeps the forward answer for `name`, asked for a client of `family` (if it may be kept).
     pub fn keep_forward(
         &self,
         name: &str,
+        family: Family,
         addrs: &Keepable<Lookup<Vec<IpAddr>>>,
         queries: Queries,
     ) {
         self.keep(
-            forward_key(name),
+            forward_key(name, family),
             Answer::Forward(addrs.value.clone()),
             addrs.until,
             queries,
@@ -190,9 +193,9 @@ impl AnswerCache {
 }
 
 /// Names are case-insensitive and the trailing dot is optional.
-fn forward_key(name: &str) -> Key {
+fn forward_key(name: &str, family: Family) -> Key {
     let bare = name.strip_suffix('.').unwrap_or(name);
-    Key::Forward(bare.to_ascii_lowercase())
+    Key::Forward(bare.to_ascii_lowercase(), family)
 }
 
 /// An undecided answer must be asked again next time (the resolver never marks one keepable;
@@ -249,16 +252,38 @@ mod tests {
             (QueryType::A, QueryOutcome::Ok),
             (QueryType::Aaaa, QueryOutcome::NoData),
         ];
-        cache.keep_forward("Mail.Example.ORG.", &addrs, queries.clone());
+        cache.keep_forward("Mail.Example.ORG.", Family::V4, &addrs, queries.clone());
         let now = Instant::now();
-        assert_eq!(cache.forward("mail.example.org", now), Some(found(v4(1))));
-        assert_eq!(cache.forward("MAIL.example.org.", now), Some(found(v4(1))));
-        assert_eq!(cache.forward("other.example.org", now), None);
+        assert_eq!(
+            cache.forward("mail.example.org", Family::V4, now),
+            Some(found(v4(1)))
+        );
+        assert_eq!(
+            cache.forward("MAIL.example.org.", Family::V4, now),
+            Some(found(v4(1)))
+        );
+        assert_eq!(cache.forward("other.example.org", Family::V4, now), None);
         // Each hit reports the queries behind the answer.
         assert_eq!(
             *seen.lock().expect("seen"),
             [queries.clone(), queries].concat()
         );
+    }
+
+    #[test]
+    fn an_answer_asked_for_one_family_does_not_serve_the_other() {
+        let (cache, _) = counting();
+        let only_a = Keepable {
+            value: found(v4(1)),
+            until: keep_for(60),
+        };
+        cache.keep_forward("dual.example", Family::V4, &only_a, Vec::new());
+        let now = Instant::now();
+        assert_eq!(
+            cache.forward("dual.example", Family::V4, now),
+            Some(found(v4(1)))
+        );
+        assert_eq!(cache.forward("dual.example", Family::V6, now), None);
     }
 
     #[test]
@@ -268,27 +293,36 @@ mod tests {
             value: found(v4(1)),
             until: keep_for(30),
         };
-        cache.keep_forward("a.example", &addrs, Vec::new());
+        cache.keep_forward("a.example", Family::V4, &addrs, Vec::new());
         let later = Instant::now() + Duration::from_secs(31);
-        assert_eq!(cache.forward("a.example", later), None);
-        assert_eq!(cache.forward("a.example", Instant::now()), None, "removed");
+        assert_eq!(cache.forward("a.example", Family::V4, later), None);
+        assert_eq!(
+            cache.forward("a.example", Family::V4, Instant::now()),
+            None,
+            "removed"
+        );
     }
 
     #[test]
     fn fleeting_expired_and_temporary_answers_are_not_kept() {
         let (cache, _) = counting();
         let now = Instant::now();
-        cache.keep_forward("a.example", &Keepable::fleeting(found(v4(1))), Vec::new());
+        cache.keep_forward(
+            "a.example",
+            Family::V4,
+            &Keepable::fleeting(found(v4(1))),
+            Vec::new(),
+        );
         let past = Keepable {
             value: found(v4(1)),
             until: Some(now),
         };
-        cache.keep_forward("b.example", &past, Vec::new());
+        cache.keep_forward("b.example", Family::V4, &past, Vec::new());
         let undecided = Keepable {
             value: Lookup::TempError(TempFailure::Timeout),
             until: keep_for(60),
         };
-        cache.keep_forward("c.example", &undecided, Vec::new());
+        cache.keep_forward("c.example", Family::V4, &undecided, Vec::new());
         let half_confirmed = Keepable {
             value: ReverseFacts {
                 ptr: Lookup::Found(vec![PtrName {
@@ -300,7 +334,11 @@ mod tests {
         };
         cache.keep_reverse(v4(9), &half_confirmed, Vec::new());
         for name in ["a.example", "b.example", "c.example"] {
-            assert_eq!(cache.forward(name, Instant::now()), None, "{name}");
+            assert_eq!(
+                cache.forward(name, Family::V4, Instant::now()),
+                None,
+                "{name}"
+            );
         }
         assert_eq!(cache.reverse(v4(9), Instant::now()), None);
     }
@@ -312,9 +350,9 @@ mod tests {
             value: Lookup::NxDomain,
             until: keep_for(60),
         };
-        cache.keep_forward("gone.example", &nx, Vec::new());
+        cache.keep_forward("gone.example", Family::V4, &nx, Vec::new());
         assert_eq!(
-            cache.forward("gone.example", Instant::now()),
+            cache.forward("gone.example", Family::V4, Instant::now()),
             Some(Lookup::NxDomain)
         );
         let no_ptr = Keepable {
@@ -351,28 +389,36 @@ mod tests {
             value: found(v4(1)),
             until: Some(Instant::now() + Duration::from_millis(20)),
         };
-        cache.keep_forward("short.example", &short, Vec::new());
+        cache.keep_forward("short.example", Family::V4, &short, Vec::new());
         for i in 0..3 {
             let long = Keepable {
                 value: found(v4(i)),
                 until: keep_for(60),
             };
-            cache.keep_forward(&format!("long{i}.example"), &long, Vec::new());
+            cache.keep_forward(&format!("long{i}.example"), Family::V4, &long, Vec::new());
         }
         std::thread::sleep(Duration::from_millis(30));
         let fresh = Keepable {
             value: found(v4(4)),
             until: keep_for(60),
         };
-        cache.keep_forward("fresh.example", &fresh, Vec::new());
+        cache.keep_forward("fresh.example", Family::V4, &fresh, Vec::new());
         let now = Instant::now();
         for i in 0..3 {
-            assert!(cache.forward(&format!("long{i}.example"), now).is_some());
+            assert!(
+                cache
+                    .forward(&format!("long{i}.example"), Family::V4, now)
+                    .is_some()
+            );
         }
-        assert!(cache.forward("fresh.example", now).is_some());
-        cache.keep_forward("more.example", &fresh, Vec::new());
+        assert!(cache.forward("fresh.example", Family::V4, now).is_some());
+        cache.keep_forward("more.example", Family::V4, &fresh, Vec::new());
         assert_eq!(cache.lock().len(), 4);
-        assert!(cache.forward("more.example", Instant::now()).is_some());
+        assert!(
+            cache
+                .forward("more.example", Family::V4, Instant::now())
+                .is_some()
+        );
     }
 
     #[test]

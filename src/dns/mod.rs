@@ -59,13 +59,36 @@ impl ReverseFacts {
     }
 }
 
+/// The address family of the client a lookup is for. The checks only ever ask whether a
+/// name's addresses include the client's, so the client's own family is asked first and the
+/// other one only when the name has no record of the first (see `resolver::forward`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The family of `ip`; an IPv4-mapped IPv6 address is the IPv4 client it stands for.
+    pub fn of(ip: IpAddr) -> Family {
+        match crate::net::canonical_ip(ip) {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
 /// A request to the resolver thread.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DnsRequest {
-    /// PTR of the client, then A/AAAA of each PTR name (at most 10), for FCrDNS.
+    /// PTR of the client, then the addresses of each PTR name (at most 10), for FCrDNS.
     Reverse { id: RequestId, ip: IpAddr },
-    /// A and AAAA of a HELO name.
-    Forward { id: RequestId, name: String },
+    /// The addresses of a HELO name, for a client of `family`.
+    Forward {
+        id: RequestId,
+        name: String,
+        family: Family,
+    },
 }
 
 /// An answer from the resolver thread.

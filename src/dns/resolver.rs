@@ -38,7 +38,8 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::answer_cache::{AnswerCache, Keepable, Queries};
 use super::{
-    DnsAnswer, DnsRequest, Lookup, PtrName, QueryOutcome, QueryType, ReverseFacts, TempFailure,
+    DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryOutcome, QueryType, ReverseFacts,
+    TempFailure,
 };
 
 /// At most this many PTR names of one client are forward-confirmed (as Postfix and the
@@ -330,11 +331,11 @@ async fn serve(ctx: Arc<Context>, mut rx: mpsc::UnboundedReceiver<DnsRequest>, l
 
 async fn resolve(ctx: &Arc<Context>, req: DnsRequest) -> DnsAnswer {
     match req {
-        DnsRequest::Forward { id, name } => {
+        DnsRequest::Forward { id, name, family } => {
             let addrs = match fqdn(&name) {
                 Some(n) => {
-                    let (addrs, queries) = forward(ctx, n).await;
-                    ctx.known.keep_forward(&name, &addrs, queries);
+                    let (addrs, queries) = forward(ctx, n, family).await;
+                    ctx.known.keep_forward(&name, family, &addrs, queries);
                     addrs.value
                 }
                 // parse_helo only lets through names that DNS can carry; anything else was
@@ -366,17 +367,54 @@ fn fqdn(name: &str) -> Option<Name> {
     Some(n)
 }
 
-/// A/AAAA of a name, asked concurrently, and the two queries behind the answer.
-async fn forward(ctx: &Context, name: Name) -> (Keepable<Lookup<Vec<IpAddr>>>, Queries) {
-    let ((a, a_outcome), (aaaa, aaaa_outcome)) = tokio::join!(
-        query(ctx, QueryType::A, ctx.resolver.ipv4_lookup(name.clone())),
-        query(ctx, QueryType::Aaaa, ctx.resolver.ipv6_lookup(name)),
-    );
-    let addrs = Keepable {
-        until: Keepable::<()>::until_both(a.until, aaaa.until),
-        value: merge_families(a.value, aaaa.value),
+/// The addresses of a name for a client of `family`, and the queries behind the answer.
+///
+/// The checks ask whether the name's addresses include the client's (forward_match, FCrDNS),
+/// whether it has any (forward), and whether they are all loopback (localhost). So the
+/// client's own family is asked first, and the other one only when the first cannot settle
+/// those: when the name has no record of it (NODATA), or only loopback addresses. A name with
+/// an A record resolves, and its AAAA records cannot hold an IPv4 client. NXDOMAIN holds for
+/// every type, and an undecided first answer stays undecided (RFC 8601: a temporary failure
+/// on the way is temperror), so neither asks again. Besides halving the queries, this keeps a
+/// name's lame AAAA servers from holding up the verdict on an IPv4 client.
+async fn forward(
+    ctx: &Context,
+    name: Name,
+    family: Family,
+) -> (Keepable<Lookup<Vec<IpAddr>>>, Queries) {
+    let (first, first_query) = family_lookup(ctx, family, name.clone()).await;
+    let settled = match &first.value {
+        Lookup::Found(addrs) => !addrs
+            .iter()
+            .all(|ip| crate::net::canonical_ip(*ip).is_loopback()),
+        Lookup::NoData => false,
+        Lookup::NxDomain | Lookup::TempError(_) => true,
     };
-    (addrs, vec![a_outcome, aaaa_outcome])
+    if settled {
+        return (first, vec![first_query]);
+    }
+    let other = match family {
+        Family::V4 => Family::V6,
+        Family::V6 => Family::V4,
+    };
+    let (second, second_query) = family_lookup(ctx, other, name).await;
+    let addrs = Keepable {
+        until: Keepable::<()>::until_both(first.until, second.until),
+        value: merge_families(first.value, second.value),
+    };
+    (addrs, vec![first_query, second_query])
+}
+
+/// A (for `Family::V4`) or AAAA records of a name.
+async fn family_lookup(
+    ctx: &Context,
+    family: Family,
+    name: Name,
+) -> (Keepable<Lookup<Vec<IpAddr>>>, (QueryType, QueryOutcome)) {
+    match family {
+        Family::V4 => query(ctx, QueryType::A, ctx.resolver.ipv4_lookup(name)).await,
+        Family::V6 => query(ctx, QueryType::Aaaa, ctx.resolver.ipv6_lookup(name)).await,
+    }
 }
 
 /// One address family's records and the other's combine into one answer: any address
@@ -395,11 +433,13 @@ fn merge_families(a: Lookup<Vec<IpAddr>>, aaaa: Lookup<Vec<IpAddr>>) -> Lookup<V
     }
 }
 
-/// PTR of the client, then A/AAAA of each PTR name (at most `MAX_PTR_NAMES`, concurrently);
-/// with the queries behind the answer.
+/// PTR of the client, then the addresses of each PTR name (at most `MAX_PTR_NAMES`,
+/// concurrently; the client's family first, as `forward` does); with the queries behind the
+/// answer.
 async fn reverse(ctx: &Arc<Context>, ip: IpAddr) -> (Keepable<ReverseFacts>, Queries) {
     // `::ffff:a.b.c.d` has its PTR under in-addr.arpa, like every other view of that client.
     let ip = crate::net::canonical_ip(ip);
+    let family = Family::of(ip);
     let (ptr, ptr_outcome) = query(ctx, QueryType::Ptr, ctx.resolver.reverse_lookup(ip)).await;
     let mut queries = vec![ptr_outcome];
     let mut until = ptr.until;
@@ -419,9 +459,10 @@ async fn reverse(ctx: &Arc<Context>, ip: IpAddr) -> (Keepable<ReverseFacts>, Que
     for (i, (shown, name)) in names.iter().enumerate() {
         let (ctx, shown, name) = (ctx.clone(), shown.clone(), name.clone());
         set.spawn(async move {
-            let (addrs, queries) = forward(&ctx, name).await;
+            let (addrs, queries) = forward(&ctx, name, family).await;
             // A client often says HELO with its PTR name: this answer is that lookup too.
-            ctx.known.keep_forward(&shown, &addrs, queries.clone());
+            ctx.known
+                .keep_forward(&shown, family, &addrs, queries.clone());
             (i, (addrs, queries))
         });
     }

@@ -28,7 +28,7 @@ use slab::Slab;
 
 use crate::config::{Config, DeliverTarget};
 use crate::dns::resolver::{self, ResolverHandle, ResolverSettings};
-use crate::dns::{DnsAnswer, DnsRequest};
+use crate::dns::{DnsAnswer, DnsRequest, Family};
 use crate::metrics::{Listener as MetricListener, Metrics, RefuseReason, RelayFailure};
 use crate::net::{ClientKey, canonical_ip};
 use crate::protocol::reply::Reply;
@@ -829,7 +829,11 @@ impl Server {
                 if let Some(name) = lookup {
                     conn.dns.forward_started = Some(now);
                     if let Some(r) = &self.resolver {
-                        r.submit(DnsRequest::Forward { id, name });
+                        r.submit(DnsRequest::Forward {
+                            id,
+                            name,
+                            family: Family::of(conn.client_ip),
+                        });
                     }
                 }
                 let deadline = now + self.config.dns_timeout * 2;

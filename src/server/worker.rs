@@ -19,7 +19,7 @@ use std::time::{Instant, SystemTime};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::dns::answer_cache::AnswerCache;
-use crate::dns::{Lookup, ReverseFacts};
+use crate::dns::{Family, Lookup, ReverseFacts};
 use crate::metrics::Metrics;
 use crate::protocol::reply::Reply;
 use crate::server::loop_wake::LoopWake;
@@ -184,7 +184,8 @@ pub fn process(job: Job, metrics: &Metrics, known: Option<&AnswerCache>) -> Done
             input.drain(..used);
         }
         // An answered lookup may unpark the session, and then it takes more input.
-        match known.and_then(|k| answer_known_lookup(&mut output, k, now.mono)) {
+        let family = Family::of(session.client_ip());
+        match known.and_then(|k| answer_known_lookup(&mut output, k, family, now.mono)) {
             Some(answer) => session.handle(answer, now, &mut output),
             None => break,
         }
@@ -203,11 +204,12 @@ pub fn process(job: Job, metrics: &Metrics, known: Option<&AnswerCache>) -> Done
 fn answer_known_lookup(
     output: &mut Output,
     known: &AnswerCache,
+    family: Family,
     now: Instant,
 ) -> Option<Event<'static>> {
     output.actions.iter_mut().find_map(|action| match action {
         SessionAction::HeloAccepted { lookup, .. } => {
-            let addrs = known.forward(lookup.as_deref()?, now)?;
+            let addrs = known.forward(lookup.as_deref()?, family, now)?;
             let name = lookup.take()?;
             Some(Event::Forward { name, addrs })
         }
@@ -293,7 +295,7 @@ mod tests {
             value: Lookup::Found(vec![CLIENT]),
             until: Some(Instant::now() + Duration::from_secs(60)),
         };
-        known.keep_forward(HELO, &addrs, Vec::new());
+        known.keep_forward(HELO, Family::V4, &addrs, Vec::new());
         let done = process(job(), &Metrics::new(), Some(&known));
         let text = String::from_utf8_lossy(&done.output.bytes);
         assert!(text.starts_with("220 "), "{text}");

@@ -221,6 +221,11 @@ impl Session {
         self.check_draining(out);
     }
 
+    /// The client's address (after a PROXY header, the client the proxy names).
+    pub fn client_ip(&self) -> std::net::IpAddr {
+        self.params.client_ip
+    }
+
     /// False while parked (waiting for a verdict, a delivery, TLS, the greeting) or closed.
     pub fn wants_input(&self) -> bool {
         !self.closed && self.park.is_none()
