@@ -9,9 +9,11 @@
 //!
 //! Every single query (A, AAAA, PTR) is bounded by the configured total timeout: hickory's
 //! per-try timeout times its number of tries fits inside it, and a `tokio::time::timeout`
-//! around each query guarantees it whatever hickory does internally. A Reverse request is two
-//! steps (PTR, then the PTR names' A/AAAA), so it may take up to twice the timeout, which is the
-//! verdict deadline of SPEC.md ("at most 2 x HELOGUARD_DNS_TIMEOUT_MS").
+//! around each query guarantees it whatever hickory does internally. A Reverse request is PTR,
+//! then the PTR names' addresses, so it fits in the verdict deadline of SPEC.md ("at most 2 x
+//! HELOGUARD_DNS_TIMEOUT_MS") unless a name's first family answers NODATA slowly and the other
+//! family is asked after it (see `forward`); the deadline then makes the verdict temperror, as
+//! for any lookup that runs out of time.
 //!
 //! hickory answers a few RFC 6761 special-use names itself, without asking the server: the PTR
 //! of any 127.0.0.0/8 address and of ::1 is `localhost.` (which resolves to 127.0.0.1 / ::1),
