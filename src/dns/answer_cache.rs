@@ -42,11 +42,11 @@ impl<T> Keepable<T> {
     pub fn fleeting(value: T) -> Self {
         Keepable { value, until: None }
     }
+}
 
-    /// Combines two answers' lifetimes: kept only while both may be.
-    pub fn until_both(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-        Some(a?.min(b?))
-    }
+/// Combines two answers' lifetimes: kept only while both may be.
+pub fn until_both(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    Some(a?.min(b?))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -425,7 +425,7 @@ mod tests {
     fn lifetimes_combine_to_the_earlier_and_a_fleeting_part_makes_the_whole_fleeting() {
         let soon = keep_for(10);
         let later = keep_for(100);
-        assert_eq!(Keepable::<()>::until_both(soon, later), soon);
-        assert_eq!(Keepable::<()>::until_both(later, None), None);
+        assert_eq!(until_both(soon, later), soon);
+        assert_eq!(until_both(later, None), None);
     }
 }

@@ -38,7 +38,7 @@ use hickory_resolver::proto::rr::{Name, RData};
 use hickory_resolver::{Resolver, TokioResolver};
 use tokio::sync::{Semaphore, mpsc};
 
-use super::answer_cache::{AnswerCache, Keepable, Queries};
+use super::answer_cache::{AnswerCache, Keepable, Queries, until_both};
 use super::{
     DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryOutcome, QueryType, ReverseFacts,
     TempFailure,
@@ -401,7 +401,7 @@ async fn forward(
     };
     let (second, second_query) = family_lookup(ctx, other, name).await;
     let addrs = Keepable {
-        until: Keepable::<()>::until_both(first.until, second.until),
+        until: until_both(first.until, second.until),
         value: merge_families(first.value, second.value),
     };
     (addrs, vec![first_query, second_query])
@@ -475,7 +475,7 @@ async fn reverse(ctx: &Arc<Context>, ip: IpAddr) -> (Keepable<ReverseFacts>, Que
         match joined {
             Ok((i, (found, name_queries))) => {
                 addrs[i] = found.value;
-                until = Keepable::<()>::until_both(until, found.until);
+                until = until_both(until, found.until);
                 queries.extend(name_queries);
                 confirmed += 1;
             }

@@ -562,31 +562,32 @@ impl Server {
             spool_space_low: self.spool_space_low.clone(),
         })));
         conn.dns.reverse_started = Some(now);
-        let mut known_reverse = None;
-        if let Some(r) = &self.resolver {
-            known_reverse = r.known_answers().reverse(conn.client_ip, now);
-            if known_reverse.is_some() {
-                conn.dns.reverse_took = Some(Duration::ZERO);
-            } else {
+        let known_reverse = self.resolver.as_ref().and_then(|r| {
+            let known = r.known_answers().reverse(conn.client_ip, now);
+            if known.is_none() {
                 r.submit(DnsRequest::Reverse {
                     id: conn.id,
                     ip: conn.client_ip,
                 });
             }
-        }
+            known
+        });
         let id = conn.id;
-        if self.config.greet_delay.is_zero() {
+        let greet_now = self.config.greet_delay.is_zero();
+        if greet_now {
             conn.phase = Phase::Active;
             conn.pending.push(OwnedEvent::Greet);
-        }
-        // A known answer rides along with the first job instead of arriving later in a second.
-        if let Some(facts) = known_reverse {
-            conn.pending.push(OwnedEvent::Reverse(facts));
-        }
-        if !self.config.greet_delay.is_zero() {
+        } else {
             conn.phase = Phase::GreetDelay;
             // Anything already here (after a PROXY header) was sent before the banner.
             conn.pregreeted = !conn.inbuf.is_empty();
+        }
+        // A known answer rides along with the first job instead of arriving later in a second.
+        if let Some(facts) = known_reverse {
+            conn.dns.reverse_took = Some(Duration::ZERO);
+            conn.pending.push(OwnedEvent::Reverse(facts));
+        }
+        if !greet_now {
             self.push_timer(now + self.config.greet_delay, id, TimerKind::Greet);
         }
         self.arm_idle(slot, now);

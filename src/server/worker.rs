@@ -171,6 +171,7 @@ pub fn process(job: Job, metrics: &Metrics, known: Option<&AnswerCache>) -> Done
         wall: SystemTime::now(),
     };
     let mut output = Output::default();
+    let family = Family::of(session.client_ip());
     for event in events {
         session.handle(event.into_event(), now, &mut output);
     }
@@ -184,7 +185,6 @@ pub fn process(job: Job, metrics: &Metrics, known: Option<&AnswerCache>) -> Done
             input.drain(..used);
         }
         // An answered lookup may unpark the session, and then it takes more input.
-        let family = Family::of(session.client_ip());
         match known.and_then(|k| answer_known_lookup(&mut output, k, family, now.mono)) {
             Some(answer) => session.handle(answer, now, &mut output),
             None => break,

@@ -33,45 +33,10 @@ struct SyncState {
     syncing: bool,
 }
 
-/// One fsync and everyone it covers.
+/// One fsync and everyone it covers; its result, once it has run.
 #[derive(Debug, Default)]
 struct Round {
-    outcome: OnceLock<Outcome>,
-}
-
-/// `io::Error` is not `Clone`; a round's error is kept in a form each member can rebuild.
-#[derive(Clone, Debug)]
-enum Outcome {
-    Synced,
-    Failed {
-        kind: io::ErrorKind,
-        os_code: Option<i32>,
-        text: String,
-    },
-}
-
-impl Outcome {
-    fn of(result: &io::Result<()>) -> Outcome {
-        match result {
-            Ok(()) => Outcome::Synced,
-            Err(err) => Outcome::Failed {
-                kind: err.kind(),
-                os_code: err.raw_os_error(),
-                text: err.to_string(),
-            },
-        }
-    }
-
-    fn to_result(&self) -> io::Result<()> {
-        match self {
-            Outcome::Synced => Ok(()),
-            Outcome::Failed {
-                os_code: Some(code),
-                ..
-            } => Err(io::Error::from_raw_os_error(*code)),
-            Outcome::Failed { kind, text, .. } => Err(io::Error::new(*kind, text.clone())),
-        }
-    }
+    outcome: OnceLock<io::Result<()>>,
 }
 
 /// An equal error for each of several callers (`io::Error` is not `Clone`).
@@ -94,7 +59,7 @@ impl GroupSync {
         let round = Arc::clone(&state.next);
         loop {
             if let Some(outcome) = round.outcome.get() {
-                return outcome.to_result();
+                return outcome.as_ref().map(|_| ()).map_err(copy_error);
             }
             if !state.syncing {
                 // A round gets its outcome before `syncing` is cleared, so a round without one
@@ -104,10 +69,11 @@ impl GroupSync {
                 drop(state);
                 let result = sync();
                 // Set before `syncing` is cleared (see above).
-                let _ = round.outcome.set(Outcome::of(&result));
+                let mine = result.as_ref().map(|_| ()).map_err(copy_error);
+                let _ = round.outcome.set(result);
                 self.lock().syncing = false;
                 self.finished.notify_all();
-                return result;
+                return mine;
             }
             state = self
                 .finished
@@ -225,8 +191,7 @@ mod tests {
 
     #[test]
     fn an_error_without_an_os_code_keeps_its_kind_and_text() {
-        let outcome = Outcome::of(&Err(io::Error::other("disk gone")));
-        let err = outcome.to_result().expect_err("failed");
+        let err = copy_error(&io::Error::other("disk gone"));
         assert_eq!(err.kind(), io::ErrorKind::Other);
         assert_eq!(err.to_string(), "disk gone");
     }
