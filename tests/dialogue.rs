@@ -161,6 +161,25 @@ fn an_overlong_command_line_gets_500_and_the_session_goes_on() {
 }
 
 #[test]
+fn a_client_that_half_closes_after_its_last_command_still_gets_every_reply() {
+    let (s, _dns) = server();
+    let mut c = s.connect();
+    c.cmd("EHLO client.example.org", 250);
+    // The whole transaction and QUIT in one write, then the client's side is shut: the
+    // message's 250 comes only after the spool writer is done, and must still be sent.
+    c.send(
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n\
+          Subject: half\r\n\r\nbody\r\n.\r\nQUIT\r\n",
+    );
+    c.stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let codes: Vec<u16> = std::iter::from_fn(|| c.try_reply().map(|(code, _)| code)).collect();
+    assert_eq!(codes, [250, 250, 354, 250, 221]);
+    assert_eq!(s.wait_messages(1).len(), 1);
+}
+
+#[test]
 fn a_client_that_disconnects_mid_data_leaves_nothing() {
     let (s, _dns) = server();
     let mut c = s.connect();

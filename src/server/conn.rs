@@ -246,6 +246,14 @@ impl Conn {
         Ok(())
     }
 
+    /// Nothing is left to do for a client that has closed its side: no work, and the session
+    /// (here, not at a worker) is not waiting for an answer the loop will bring.
+    pub fn finished_after_eof(&self) -> bool {
+        !self.at_worker
+            && !self.has_work()
+            && !self.session.as_ref().is_some_and(|s| s.awaits_loop())
+    }
+
     /// The session may be handed to a worker: it is here and has something to do.
     pub fn has_work(&self) -> bool {
         let Some(session) = &self.session else {

@@ -698,7 +698,7 @@ impl Server {
             self.pump(slot);
             return;
         }
-        if !conn.at_worker {
+        if conn.finished_after_eof() {
             self.close(slot, "client closed");
         }
     }
@@ -808,7 +808,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        if conn.eof && !conn.has_work() {
+        if conn.eof && conn.finished_after_eof() {
             let _ = conn.flush();
             self.close(slot, "client closed");
             return;

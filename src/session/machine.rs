@@ -231,6 +231,17 @@ impl Session {
         !self.closed && self.park.is_none()
     }
 
+    /// Parked on an answer the loop will bring without more from the client (a verdict, a
+    /// delivery, a next-hop reply, the greeting): a client that has half-closed its side must
+    /// still get that reply. A TLS handshake needs the client's bytes, so it is not one.
+    pub fn awaits_loop(&self) -> bool {
+        !self.closed
+            && self
+                .park
+                .as_ref()
+                .is_some_and(|park| !matches!(park, Park::Tls))
+    }
+
     /// Between MAIL and the final reply of its message.
     pub fn in_transaction(&self) -> bool {
         self.tx.is_some()
