@@ -200,6 +200,48 @@ fn loopback_only_addresses_ask_the_other_family_too() {
 }
 
 #[test]
+fn a_loopback_only_name_whose_other_family_is_undecided_is_undecided() {
+    let dns = TestDns::start(
+        TestZone::new()
+            .a("lo-broken.example.test", "127.0.0.1")
+            .servfail_type("lo-broken.example.test", RecordType::AAAA),
+    );
+    let mut h = Harness::on(&dns);
+    assert_eq!(
+        h.forward("lo-broken.example.test"),
+        Lookup::TempError(TempFailure::ServFail)
+    );
+}
+
+#[test]
+fn ptr_names_are_confirmed_in_the_clients_family_only() {
+    let client = ip("192.0.2.60");
+    let dns = TestDns::start(
+        TestZone::new()
+            .ptr(client, "v6only.example.test")
+            .aaaa("v6only.example.test", "2001:db8::60"),
+    );
+    let mut h = Harness::on(&dns);
+    let facts = h.reverse(client);
+    assert_eq!(
+        facts.ptr,
+        Lookup::Found(vec![PtrName {
+            name: "v6only.example.test".into(),
+            addrs: Lookup::NoData,
+        }])
+    );
+    assert_eq!(facts.confirmed_name(client), None);
+    // AAAA records cannot hold an IPv4 client: never asked for a confirmation.
+    assert_eq!(dns.count("v6only.example.test", RecordType::AAAA), 0);
+    // NODATA for A does not settle a HELO lookup of the name, so it is not kept as one.
+    let known = h.handle.known_answers().clone();
+    assert_eq!(
+        known.forward("v6only.example.test", Family::V4, Instant::now()),
+        None
+    );
+}
+
+#[test]
 fn forward_negative_answers() {
     let dns = TestDns::start(
         TestZone::new()

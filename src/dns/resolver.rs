@@ -10,10 +10,9 @@
 //! Every single query (A, AAAA, PTR) is bounded by the configured total timeout: hickory's
 //! per-try timeout times its number of tries fits inside it, and a `tokio::time::timeout`
 //! around each query guarantees it whatever hickory does internally. A Reverse request is PTR,
-//! then the PTR names' addresses, so it fits in the verdict deadline of SPEC.md ("at most 2 x
-//! HELOGUARD_DNS_TIMEOUT_MS") unless a name's first family answers NODATA slowly and the other
-//! family is asked after it (see `forward`); the deadline then makes the verdict temperror, as
-//! for any lookup that runs out of time.
+//! then the PTR names' addresses in the client's family, so it fits in the verdict deadline of
+//! SPEC.md ("at most 2 x HELOGUARD_DNS_TIMEOUT_MS"). A HELO name's Forward request asks the
+//! other family only after a decided first answer (see `forward`).
 //!
 //! hickory answers a few RFC 6761 special-use names itself, without asking the server: the PTR
 //! of any 127.0.0.0/8 address and of ::1 is `localhost.` (which resolves to 127.0.0.1 / ::1),
@@ -385,14 +384,7 @@ async fn forward(
     family: Family,
 ) -> (Keepable<Lookup<Vec<IpAddr>>>, Queries) {
     let (first, first_query) = family_lookup(ctx, family, name.clone()).await;
-    let settled = match &first.value {
-        Lookup::Found(addrs) => !addrs
-            .iter()
-            .all(|ip| crate::net::canonical_ip(*ip).is_loopback()),
-        Lookup::NoData => false,
-        Lookup::NxDomain | Lookup::TempError(_) => true,
-    };
-    if settled {
+    if settles_checks(&first.value) {
         return (first, vec![first_query]);
     }
     let other = match family {
@@ -400,11 +392,28 @@ async fn forward(
         Family::V6 => Family::V4,
     };
     let (second, second_query) = family_lookup(ctx, other, name).await;
+    let queries = vec![first_query, second_query];
+    // Asked only to decide forward or localhost: if it is undecided, so are they (a
+    // loopback-only A plus an unanswered AAAA is not "all loopback").
+    if let Lookup::TempError(failure) = second.value {
+        return (Keepable::fleeting(Lookup::TempError(failure)), queries);
+    }
     let addrs = Keepable {
         until: until_both(first.until, second.until),
         value: merge_families(first.value, second.value),
     };
-    (addrs, vec![first_query, second_query])
+    (addrs, queries)
+}
+
+/// Whether the client's family's answer decides every check by itself (see `forward`).
+fn settles_checks(answer: &Lookup<Vec<IpAddr>>) -> bool {
+    match answer {
+        Lookup::Found(addrs) => !addrs
+            .iter()
+            .all(|ip| crate::net::canonical_ip(*ip).is_loopback()),
+        Lookup::NoData => false,
+        Lookup::NxDomain | Lookup::TempError(_) => true,
+    }
 }
 
 /// A (for `Family::V4`) or AAAA records of a name.
@@ -435,9 +444,9 @@ fn merge_families(a: Lookup<Vec<IpAddr>>, aaaa: Lookup<Vec<IpAddr>>) -> Lookup<V
     }
 }
 
-/// PTR of the client, then the addresses of each PTR name (at most `MAX_PTR_NAMES`,
-/// concurrently; the client's family first, as `forward` does); with the queries behind the
-/// answer.
+/// PTR of the client, then the addresses of each PTR name in the client's family (at most
+/// `MAX_PTR_NAMES`, concurrently): only those can confirm the client, so the other family is
+/// never asked. With the queries behind the answer.
 async fn reverse(ctx: &Arc<Context>, ip: IpAddr) -> (Keepable<ReverseFacts>, Queries) {
     // `::ffff:a.b.c.d` has its PTR under in-addr.arpa, like every other view of that client.
     let ip = crate::net::canonical_ip(ip);
@@ -461,31 +470,28 @@ async fn reverse(ctx: &Arc<Context>, ip: IpAddr) -> (Keepable<ReverseFacts>, Que
     for (i, (shown, name)) in names.iter().enumerate() {
         let (ctx, shown, name) = (ctx.clone(), shown.clone(), name.clone());
         set.spawn(async move {
-            let (addrs, queries) = forward(&ctx, name, family).await;
-            // A client often says HELO with its PTR name: this answer is that lookup too.
-            ctx.known
-                .keep_forward(&shown, family, &addrs, queries.clone());
-            (i, (addrs, queries))
+            let (addrs, query) = family_lookup(&ctx, family, name).await;
+            // A client often says HELO with its PTR name: when this answer settles the HELO
+            // checks too, it is that lookup as well.
+            if settles_checks(&addrs.value) {
+                ctx.known.keep_forward(&shown, family, &addrs, vec![query]);
+            }
+            (i, (addrs, query))
         });
     }
     let mut addrs: Vec<Lookup<Vec<IpAddr>>> =
         vec![Lookup::TempError(TempFailure::Other); names.len()];
-    let mut confirmed = 0;
     while let Some(joined) = set.join_next().await {
         match joined {
-            Ok((i, (found, name_queries))) => {
+            Ok((i, (found, query))) => {
                 addrs[i] = found.value;
                 until = until_both(until, found.until);
-                queries.extend(name_queries);
-                confirmed += 1;
+                queries.push(query);
             }
             // A confirmation task cannot panic short of a bug in hickory; its name stays
-            // undecided rather than taking the whole answer down.
+            // undecided (and the answer is not kept) rather than taking the whole answer down.
             Err(e) => log::error!("PTR confirmation task failed: {e}"),
         }
-    }
-    if confirmed < names.len() {
-        until = None;
     }
     let ptr = names
         .into_iter()

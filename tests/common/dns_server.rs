@@ -83,6 +83,7 @@ pub struct TestZone {
     records: HashMap<(String, RecordType), Vec<RData>>,
     names: HashSet<String>,
     servfail: HashSet<String>,
+    servfail_type: HashSet<(String, RecordType)>,
     refused: HashSet<String>,
     blackhole: HashSet<String>,
     truncate_udp: HashSet<String>,
@@ -150,6 +151,12 @@ impl TestZone {
         self
     }
 
+    /// Queries of one type for the name get SERVFAIL; the other types are answered.
+    pub fn servfail_type(mut self, name: &str, qtype: RecordType) -> Self {
+        self.servfail_type.insert((key(name), qtype));
+        self
+    }
+
     /// Every query for the name gets REFUSED.
     pub fn refused(mut self, name: &str) -> Self {
         self.refused.insert(key(name));
@@ -200,7 +207,11 @@ impl TestZone {
         resp.metadata.recursion_available = true;
         resp.metadata.authoritative = true;
         resp.add_query(query.clone());
-        if self.servfail.contains(&name) {
+        if self.servfail.contains(&name)
+            || self
+                .servfail_type
+                .contains(&(name.clone(), query.query_type))
+        {
             resp.metadata.response_code = ResponseCode::ServFail;
         } else if self.refused.contains(&name) {
             resp.metadata.response_code = ResponseCode::Refused;
