@@ -200,7 +200,7 @@ impl Session {
             }
             Event::Delivered(outcome) => self.on_delivered(outcome, out),
             Event::RelayReply(reply) => self.on_relay_reply(reply, now, out),
-            Event::TlsEstablished(info) => self.on_tls(info),
+            Event::TlsEstablished(info) => self.on_tls(info, out),
             Event::IdleTimeout => self.close(
                 out,
                 421,
@@ -452,7 +452,7 @@ impl Session {
             Command::Data => self.on_data(now, out),
             Command::Bdat { size, last } => self.on_bdat(size, last, now, out),
             Command::Rset => {
-                self.tx = None;
+                self.drop_transaction(out);
                 self.reply(out, Reply::new(250, "2.0.0", "Ok"));
             }
             Command::Noop => self.reply(out, Reply::new(250, "2.0.0", "Ok")),
@@ -542,8 +542,19 @@ impl Session {
             Reply::plain(250, &config.hostname)
         };
         self.current = Some(identity);
-        self.tx = None;
+        self.drop_transaction(out);
         self.reply(out, reply);
+    }
+
+    /// Ends the open transaction, if any: a message already streaming to the next hop (after
+    /// a BDAT that was not LAST) is aborted there, never finished with a dot, and the data-rate
+    /// clock, which only runs while message data is due, stops.
+    fn drop_transaction(&mut self, out: &mut Output) {
+        if let Some(stream) = self.tx.as_mut().and_then(|tx| tx.relay.as_mut()) {
+            abort_relay(stream, out);
+        }
+        self.tx = None;
+        self.rate = None;
     }
 
     /// Judges every identity whose facts are in, then resumes what waited for a verdict.
@@ -1225,7 +1236,7 @@ impl Session {
     }
 
     /// RFC 3207 4.2: after the handshake the client starts over with EHLO.
-    fn on_tls(&mut self, info: TlsInfo) {
+    fn on_tls(&mut self, info: TlsInfo, out: &mut Output) {
         if !matches!(self.park, Some(Park::Tls)) {
             return;
         }
@@ -1233,7 +1244,7 @@ impl Session {
         self.tls = Some(info);
         self.current = None;
         self.candidate = None;
-        self.tx = None;
+        self.drop_transaction(out);
         self.phase = Phase::Command;
         self.lines.reset();
     }

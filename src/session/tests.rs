@@ -1078,6 +1078,25 @@ fn relayed_data_streams_as_it_arrives() {
     assert_eq!(h.take(), "250 2.0.0 Ok: queued as ABCZ1\r\n");
 }
 
+/// RSET or a new EHLO between BDAT chunks drops the next hop's half-sent message (no final
+/// dot), the next transaction starts clean, and no data-rate clock is left running.
+#[test]
+fn rset_or_ehlo_between_relayed_bdat_chunks_aborts_the_next_hops_message() {
+    for ending in ["RSET", "EHLO client.example"] {
+        let mut h = relaying();
+        h.input(b"BDAT 19\r\n");
+        h.event(Event::RelayReply(Reply::new(354, "", "go ahead")));
+        h.input(b"Subject: s\r\n\r\nbody\r\n");
+        assert!(h.take().starts_with("250 "), "{ending}");
+        h.relayed.clear();
+        h.cmd(ending, "250");
+        assert_eq!(h.relayed, ["ABORT"], "{ending}");
+        // Long after, in command phase: no data rate applies any more.
+        h.now.mono += Duration::from_secs(120);
+        h.cmd("NOOP", "250");
+    }
+}
+
 /// A refusal found on the way drops the next hop's transaction at once, never with a final
 /// dot, and the client hears it at the end of its data.
 #[test]
