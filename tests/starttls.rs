@@ -950,3 +950,36 @@ fn fifty_concurrent_tls_sessions_each_deliver_one_message() {
         assert!(msg.contains(" with ESMTPS id "), "{msg}");
     }
 }
+
+#[test]
+fn a_bad_certificate_or_key_stops_startup_naming_the_variable() {
+    let dir = TempDir::new("tlsbad");
+    let (cert, key, _) = certs::write_self_signed(dir.path(), "server", 8);
+    let (_, other_key, _) = certs::write_self_signed(dir.path(), "other", 9);
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, b"not a certificate").expect("write");
+    let start = |cert: &Path, key: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_heloguard"))
+            .env("HELOGUARD_LISTEN", "127.0.0.1:0")
+            .env("HELOGUARD_DNS", "127.0.0.1:53")
+            .env("HELOGUARD_SPOOL", dir.path().join("spool"))
+            .env("HELOGUARD_TLS_CERT", cert)
+            .env("HELOGUARD_TLS_KEY", key)
+            .output()
+            .expect("run")
+    };
+    for (cert, key, variable) in [
+        (not_pem.as_path(), key.as_path(), "HELOGUARD_TLS_CERT"),
+        (cert.as_path(), not_pem.as_path(), "HELOGUARD_TLS_KEY"),
+        (cert.as_path(), other_key.as_path(), "HELOGUARD_TLS_KEY"),
+    ] {
+        let out = start(cert, key);
+        assert_eq!(out.status.code(), Some(2), "{variable}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.trim().lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with(&format!("heloguard: {variable}: ")),
+            "{err}"
+        );
+    }
+}

@@ -199,9 +199,16 @@ impl Server {
             Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| StartError::Io("waker", e))?);
 
         let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(Arc::new(
-                TlsAcceptor::new(cert, key).map_err(|e| StartError::Tls(e.to_string()))?,
-            )),
+            (Some(cert), Some(key)) => {
+                Some(Arc::new(TlsAcceptor::new(cert, key).map_err(|e| {
+                    // A startup error names the variable at fault.
+                    let variable = match e.path() {
+                        Some(path) if path == key.as_path() => "HELOGUARD_TLS_KEY",
+                        _ => "HELOGUARD_TLS_CERT",
+                    };
+                    StartError::Tls(format!("{variable}: {e}"))
+                })?))
+            }
             _ => None,
         };
 

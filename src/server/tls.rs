@@ -94,6 +94,25 @@ pub enum TlsError {
     SendBufferFull,
 }
 
+impl TlsError {
+    /// The file a loading error is about, if any (the key for a mismatch).
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            TlsError::Unreadable { path, .. }
+            | TlsError::BadPem { path, .. }
+            | TlsError::NoCertificate { path }
+            | TlsError::NoKey { path }
+            | TlsError::UnsupportedKey { path, .. }
+            | TlsError::BadCertificate { path, .. } => Some(path),
+            TlsError::KeyMismatch { key, .. } => Some(key),
+            TlsError::Config(_)
+            | TlsError::Protocol(_)
+            | TlsError::Io(_)
+            | TlsError::SendBufferFull => None,
+        }
+    }
+}
+
 impl fmt::Display for TlsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -22,7 +22,7 @@ use std::time::SystemTime;
 
 use crate::config::{BareNewline, DeliverTarget};
 use crate::dns::Lookup;
-use crate::helo::checks::{CheckInput, HeloArg};
+use crate::helo::checks::{CheckInput, HeloArg, name_key};
 use crate::helo::policy::{Decision, RejectAt};
 use crate::helo::{Action, Check};
 use crate::protocol::command::{Command, MailParams, Path, Verb};
@@ -84,7 +84,8 @@ pub struct Session {
     current: Option<Identity>,
     /// REJECT_AT=helo: an identity whose EHLO/HELO waits for its verdict.
     candidate: Option<Identity>,
-    /// Identities refused at EHLO/HELO, with their reply (RFC 5321 4.1.4: the session stays).
+    /// Identities refused at EHLO/HELO (as `name_key`), with their reply (RFC 5321 4.1.4: the
+    /// session stays).
     refused: Vec<(String, Reply)>,
     /// PTR facts of the client, once per session.
     reverse: Option<crate::dns::ReverseFacts>,
@@ -480,12 +481,10 @@ impl Session {
 
     fn on_helo(&mut self, verb: Verb, arg: &[u8], out: &mut Output) {
         let arg = helo_text(arg);
-        // SPEC: a refused identity stays refused when repeated, or sent with the other verb.
-        if let Some((_, reply)) = self
-            .refused
-            .iter()
-            .find(|(a, _)| a.eq_ignore_ascii_case(&arg))
-        {
+        // SPEC: a refused identity stays refused when repeated, or sent with the other verb
+        // (names compare case-insensitively and without a trailing dot).
+        let key = name_key(&arg);
+        if let Some((_, reply)) = self.refused.iter().find(|(refused, _)| *refused == key) {
             let reply = reply.clone();
             out.observations
                 .push(Observation::MessageRejected(Stage::Helo));
@@ -607,7 +606,7 @@ impl Session {
                             if self.refused.len() == REMEMBERED_REFUSALS {
                                 self.refused.remove(0);
                             }
-                            self.refused.push((identity.arg, reply.clone()));
+                            self.refused.push((name_key(&identity.arg), reply.clone()));
                         }
                         out.observations
                             .push(Observation::MessageRejected(Stage::Helo));

@@ -791,6 +791,10 @@ fn helo_waits_for_the_verdict_with_reject_at_helo() {
     h.cmd("EHLO Refuse.Example", "550 5.7.1 HELO refused");
     assert_eq!(h.rejected(Stage::Helo), 2);
     assert_eq!(h.lookups.len(), 2);
+    // SPEC: names compare without a trailing dot.
+    h.cmd("EHLO refuse.example.", "550 5.7.1 HELO refused");
+    assert_eq!(h.rejected(Stage::Helo), 3);
+    assert_eq!(h.lookups.len(), 2);
     // A literal needs no forward lookup: judged as soon as the PTR facts are in.
     h.cmd("EHLO [192.0.2.7]", "250-mx.test");
     assert_eq!(h.session.summary().helo.as_deref(), Some("[192.0.2.7]"));
