@@ -385,11 +385,6 @@ mod tests {
     #[test]
     fn a_full_cache_drops_expired_answers_first_and_never_grows_past_its_capacity() {
         let (cache, _) = counting();
-        let short = Keepable {
-            value: found(v4(1)),
-            until: Some(Instant::now() + Duration::from_millis(20)),
-        };
-        cache.keep_forward("short.example", Family::V4, &short, Vec::new());
         for i in 0..3 {
             let long = Keepable {
                 value: found(v4(i)),
@@ -397,6 +392,12 @@ mod tests {
             };
             cache.keep_forward(&format!("long{i}.example"), Family::V4, &long, Vec::new());
         }
+        // Kept last, so dropping the oldest entry would not drop it: only its expiry does.
+        let short = Keepable {
+            value: found(v4(1)),
+            until: Some(Instant::now() + Duration::from_millis(20)),
+        };
+        cache.keep_forward("short.example", Family::V4, &short, Vec::new());
         std::thread::sleep(Duration::from_millis(30));
         let fresh = Keepable {
             value: found(v4(4)),
@@ -412,6 +413,11 @@ mod tests {
             );
         }
         assert!(cache.forward("fresh.example", Family::V4, now).is_some());
+        assert!(
+            !cache
+                .lock()
+                .contains_key(&forward_key("short.example", Family::V4))
+        );
         cache.keep_forward("more.example", Family::V4, &fresh, Vec::new());
         assert_eq!(cache.lock().len(), 4);
         assert!(

@@ -47,6 +47,19 @@ pub fn copy_error(err: &io::Error) -> io::Error {
     }
 }
 
+/// The running fsync's turn, ended on drop, so that a `sync` that panics does not leave every
+/// later caller waiting for a round that never ends.
+struct Leading<'a> {
+    group: &'a GroupSync,
+    round: &'a Round,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        self.group.end_turn(self.round);
+    }
+}
+
 impl GroupSync {
     /// Returns once an fsync (`sync`, run by this thread or another one) that started after
     /// this call began has finished, with that fsync's result. Call it after the rename that
@@ -67,12 +80,14 @@ impl GroupSync {
                 state.next = Arc::new(Round::default());
                 state.syncing = true;
                 drop(state);
+                let leading = Leading {
+                    group: self,
+                    round: &round,
+                };
                 let result = sync();
-                // Set before `syncing` is cleared (see above).
                 let mine = result.as_ref().map(|_| ()).map_err(copy_error);
                 let _ = round.outcome.set(result);
-                self.lock().syncing = false;
-                self.finished.notify_all();
+                drop(leading);
                 return mine;
             }
             state = self
@@ -80,6 +95,17 @@ impl GroupSync {
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    /// Ends a leader's turn: its round gets an outcome (an error if `sync` panicked before
+    /// setting one), the next round may start, and every waiter looks again.
+    fn end_turn(&self, round: &Round) {
+        let _ = round
+            .outcome
+            .set(Err(io::Error::other("directory fsync panicked")));
+        // Set before `syncing` is cleared (see `sync`).
+        self.lock().syncing = false;
+        self.finished.notify_all();
     }
 
     /// The state holds no invariant a panicking holder could break half-way (the fsync runs
@@ -187,6 +213,23 @@ mod tests {
         group
             .sync(|| Ok(()))
             .expect("a new round runs its own fsync");
+    }
+
+    #[test]
+    fn a_panicking_fsync_fails_its_round_and_the_next_caller_runs_its_own() {
+        let group = GroupSync::default();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            group.sync(|| -> io::Result<()> { panic!("test panic") })
+        }));
+        assert!(panicked.is_err());
+        let runs = AtomicUsize::new(0);
+        group
+            .sync(|| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .expect("a new round");
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 
     #[test]
