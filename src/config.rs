@@ -490,7 +490,7 @@ fn build(env: &Env<'_>, machine: &dyn Machine) -> Result<(Config, Vec<String>), 
         workers: thread_count(env, &WORKERS, machine.cores())?,
         spool_writers: thread_count(env, &SPOOL_WRITERS, 8)?,
         dns_servers: dns_servers(env, machine)?,
-        dns_timeout: Duration::from_millis(positive(env, &DNS_TIMEOUT_MS)?),
+        dns_timeout: Duration::from_millis(within_a_year(env, &DNS_TIMEOUT_MS, positive, 1000)?),
         deliver,
         spool: spool(env)?,
         min_free_mb: whole(env, &MIN_FREE_MB)?,
@@ -499,11 +499,11 @@ fn build(env: &Env<'_>, machine: &dyn Machine) -> Result<(Config, Vec<String>), 
         max_recipients,
         max_connections: count(env, &MAX_CONNECTIONS)?,
         max_connections_per_ip: count(env, &MAX_CONNECTIONS_PER_IP)?,
-        timeout: Duration::from_secs(whole(env, &TIMEOUT_SECS)?),
+        timeout: Duration::from_secs(within_a_year(env, &TIMEOUT_SECS, whole, 1)?),
         min_data_rate: whole(env, &MIN_DATA_RATE)?,
         max_errors: small_count(env, &MAX_ERRORS)?,
         max_junk: small_count(env, &MAX_JUNK)?,
-        greet_delay: Duration::from_millis(whole(env, &GREET_DELAY_MS)?),
+        greet_delay: Duration::from_millis(within_a_year(env, &GREET_DELAY_MS, whole, 1000)?),
         tls_cert,
         tls_key,
         helo_policy: helo_policy(env)?,
@@ -511,7 +511,7 @@ fn build(env: &Env<'_>, machine: &dyn Machine) -> Result<(Config, Vec<String>), 
         reject_at: reject_at(env)?,
         bare_newline: bare_newline(env)?,
         metrics: listeners.metrics,
-        shutdown_grace: Duration::from_secs(whole(env, &SHUTDOWN_GRACE_SECS)?),
+        shutdown_grace: Duration::from_secs(within_a_year(env, &SHUTDOWN_GRACE_SECS, whole, 1)?),
     };
     Ok((config, warnings))
 }
@@ -545,6 +545,27 @@ fn parse_whole(variable: &'static str, raw: &str) -> Result<u64, ConfigError> {
 fn whole(env: &Env<'_>, variable: &Variable) -> Result<u64, ConfigError> {
     let raw = env.value(variable).unwrap_or_default();
     parse_whole(variable.name, &raw)
+}
+
+/// A time in units of `1 / per_second` s, read by `read`, at most a year: far past any
+/// sensible timeout, and far from where adding it to the clock would overflow.
+fn within_a_year(
+    env: &Env<'_>,
+    variable: &Variable,
+    read: fn(&Env<'_>, &Variable) -> Result<u64, ConfigError>,
+    per_second: u64,
+) -> Result<u64, ConfigError> {
+    const YEAR_SECS: u64 = 365 * 24 * 3600;
+    let n = read(env, variable)?;
+    if n > YEAR_SECS * per_second {
+        let raw = env.value(variable).unwrap_or_default();
+        return Err(ConfigError::bad_value(
+            variable.name,
+            &raw,
+            "is more than a year",
+        ));
+    }
+    Ok(n)
 }
 
 fn count(env: &Env<'_>, variable: &Variable) -> Result<usize, ConfigError> {
@@ -1473,6 +1494,22 @@ mod tests {
         assert_eq!(
             error(&[("HELOGUARD_MAX_ERRORS", "4294967296")]),
             r#"HELOGUARD_MAX_ERRORS: "4294967296" is too large"#
+        );
+        // Times past a year would overflow the clock they are added to.
+        for (name, over) in [
+            ("HELOGUARD_TIMEOUT_SECS", "31536001"),
+            ("HELOGUARD_SHUTDOWN_GRACE_SECS", "9223372036854775808"),
+            ("HELOGUARD_GREET_DELAY_MS", "31536000001"),
+            ("HELOGUARD_DNS_TIMEOUT_MS", "31536000001"),
+        ] {
+            assert_eq!(
+                error(&[(name, over)]),
+                format!("{name}: \"{over}\" is more than a year")
+            );
+        }
+        assert_eq!(
+            config(&[("HELOGUARD_TIMEOUT_SECS", "31536000")]).timeout,
+            Duration::from_secs(31_536_000)
         );
         assert!(warnings(&[("HELOGUARD_MAX_RECIPIENTS", "10")])[1].contains("RFC 5321"));
     }
