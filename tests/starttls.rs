@@ -825,6 +825,27 @@ fn handshake_outcomes_are_counted() {
 }
 
 #[test]
+fn a_client_that_leaves_in_the_middle_of_the_handshake_counts_as_a_failed_one() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let f = TlsFixture::start_with(&[("HELOGUARD_METRICS", &metrics)]);
+    let sock = starttls_socket(&f.server, "client.example.org");
+    drop(sock);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(&metrics);
+        let (ok, err) = (handshakes(&text, "ok"), handshakes(&text, "error"));
+        if (ok, err) == (Some(0), Some(1)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected ok=0 error=1, got ok={ok:?} error={err:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn ehlo_in_the_same_segment_as_the_client_finished_is_answered() {
     let f = TlsFixture::start();
     let mut sock = starttls_socket(&f.server, "client.example.org");

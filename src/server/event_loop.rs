@@ -629,7 +629,6 @@ impl Server {
             Ok(o) => o,
             Err(e) => {
                 if was_handshaking {
-                    self.metrics.tls_handshake(false);
                     info!("{}: TLS handshake failed: {e}", conn.client_ip);
                 } else {
                     debug!("{}: read failed: {e}", conn.client_ip);
@@ -927,6 +926,7 @@ impl Server {
                     Some(Ok(tls)) => conn.tls = Some(tls),
                     Some(Err(e)) => {
                         warn!("{}: cannot start TLS: {e}", conn.client_ip);
+                        self.metrics.tls_handshake(false);
                         conn.close_after_flush = true;
                     }
                     None => conn.close_after_flush = true,
@@ -1071,8 +1071,6 @@ impl Server {
                     return;
                 }
                 if conn.tls.is_some() && !conn.tls_up {
-                    // A handshake that never completes is a failed handshake.
-                    self.metrics.tls_handshake(false);
                     info!("{}: TLS handshake timed out", conn.client_ip);
                     self.close(slot, "TLS handshake timeout");
                 } else if conn.phase == Phase::Active && (conn.session.is_some() || conn.at_worker)
@@ -1303,6 +1301,11 @@ impl Server {
         }
         let mut conn = self.conns.remove(slot);
         let _ = self.poll.registry().deregister(&mut conn.socket);
+        // However it ends (bad bytes, silence, the client leaving, shutdown), a handshake that
+        // never completed is a failed one, counted once here.
+        if conn.tls.is_some() && !conn.tls_up {
+            self.metrics.tls_handshake(false);
+        }
         if let Some(r) = conn.relay.take() {
             self.close_relay(r, true);
         }
