@@ -14,6 +14,7 @@
 //!   input leaves at most a partial command line (< 512 octets) unconsumed; the message bytes a
 //!   session holds never exceed HELOGUARD_MAX_MESSAGE_SIZE.
 
+use crate::protocol::reply::enhanced_status;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -78,22 +79,6 @@ pub fn check_replies(bytes: &[u8]) -> Result<(), String> {
         return Err("multi-line reply without its last line".to_string());
     }
     Ok(())
-}
-
-/// The class digit of an enhanced status code (`c.s.d ` at the start of `text`).
-fn enhanced_status(text: &[u8]) -> Option<u8> {
-    let word = text.split(|&b| b == b' ').next()?;
-    let mut parts = word.split(|&b| b == b'.');
-    let class = parts.next()?;
-    let (subject, detail) = (parts.next()?, parts.next()?);
-    let numeric =
-        |p: &[u8], max: usize| !p.is_empty() && p.len() <= max && p.iter().all(u8::is_ascii_digit);
-    (parts.next().is_none()
-        && class.len() == 1
-        && numeric(class, 1)
-        && numeric(subject, 3)
-        && numeric(detail, 3))
-    .then_some(class[0])
 }
 
 fn show(bytes: &[u8]) -> String {

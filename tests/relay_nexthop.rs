@@ -624,6 +624,37 @@ fn lmtp_over_a_unix_socket_delivers_and_its_reply_is_the_answer() {
     );
 }
 
+#[test]
+fn next_hop_replies_without_enhanced_codes_reach_the_client_with_generic_ones() {
+    let dir = TempDir::new("lmtp-plain");
+    let path = dir.path().join("lmtp");
+    let listener = UnixListener::bind(&path).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let seen = seen2.clone();
+            std::thread::spawn(move || {
+                let out = stream.try_clone().unwrap();
+                common::lmtp::serve(BufReader::new(stream), out, &seen, &|_| {
+                    "550 mailbox full".to_string()
+                });
+            });
+        }
+    });
+    let dns = TestDns::start(client_zone());
+    let relay = relay_to(&dns, &format!("lmtp:unix:{}", path.display()), &[]);
+    let mut c = connect_as(&relay, CLIENT_IP);
+    c.cmd(&format!("EHLO {CLIENT_NAME}"), 250);
+    c.cmd("MAIL FROM:<alice@example.org>", 250);
+    c.cmd("RCPT TO:<bob@example.net>", 250);
+    c.cmd("DATA", 354);
+    c.send(b"Subject: full\r\n\r\nx\r\n.\r\n");
+    let (code, text) = c.reply();
+    assert_eq!((code, text.as_str()), (550, "550 5.0.0 mailbox full"));
+    c.cmd("QUIT", 221);
+}
+
 /// After the data: 250 for bob, 550 5.1.1 for anyone else.
 fn bob_only(rcpt: &str) -> String {
     if rcpt.contains("<bob@") {

@@ -29,6 +29,29 @@ impl Reply {
         }
     }
 
+    /// The reply with a generic enhanced status code (`c.0.0`) in front of every line that
+    /// lacks one of its class. Replies made elsewhere (a next hop without ENHANCEDSTATUSCODES,
+    /// or reached with HELO) then keep SPEC's rule that every reply but the banner and
+    /// EHLO/HELO carries one. RFC 3463 defines codes for classes 2, 4 and 5 only; other
+    /// replies are left as they are.
+    pub fn with_enhanced_codes(mut self) -> Reply {
+        let class = self.code / 100;
+        if !matches!(class, 2 | 4 | 5) {
+            return self;
+        }
+        let digit = b'0' + class as u8;
+        for line in &mut self.lines {
+            if enhanced_status(line.as_bytes()) != Some(digit) {
+                *line = if line.is_empty() {
+                    format!("{class}.0.0")
+                } else {
+                    format!("{class}.0.0 {line}")
+                };
+            }
+        }
+        self
+    }
+
     /// Appends the wire form, CRLF after every line.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         let last = self.lines.len().saturating_sub(1);
@@ -45,9 +68,42 @@ impl Reply {
     }
 }
 
+/// The class digit of an enhanced status code (`c.s.d`, then a space or the end) at the start
+/// of a reply line's text.
+pub fn enhanced_status(text: &[u8]) -> Option<u8> {
+    let word = text.split(|&b| b == b' ').next()?;
+    let mut parts = word.split(|&b| b == b'.');
+    let class = parts.next()?;
+    let (subject, detail) = (parts.next()?, parts.next()?);
+    let numeric =
+        |p: &[u8], max: usize| !p.is_empty() && p.len() <= max && p.iter().all(u8::is_ascii_digit);
+    (parts.next().is_none()
+        && class.len() == 1
+        && numeric(class, 1)
+        && numeric(subject, 3)
+        && numeric(detail, 3))
+    .then_some(class[0])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_without_an_enhanced_code_of_their_class_get_the_generic_one() {
+        let from_elsewhere = Reply {
+            code: 550,
+            lines: vec!["no such user".into(), "5.1.1 kept".into(), String::new()],
+        };
+        assert_eq!(
+            from_elsewhere.with_enhanced_codes().lines,
+            ["5.0.0 no such user", "5.1.1 kept", "5.0.0"]
+        );
+        let wrong_class = Reply::new(451, "2.0.0", "odd");
+        assert_eq!(wrong_class.with_enhanced_codes().lines, ["4.0.0 2.0.0 odd"]);
+        let intermediate = Reply::plain(354, "go ahead");
+        assert_eq!(intermediate.clone().with_enhanced_codes(), intermediate);
+    }
 
     #[test]
     fn multi_line_uses_hyphen_until_the_last_line() {

@@ -362,7 +362,9 @@ impl RelayLink {
                 RelayEvent::StartTls => self.start_tls(progress),
                 RelayEvent::Reply(reply) => {
                     self.deadline = now + REPLY_TIMEOUT;
-                    self.on_reply(reply, progress);
+                    // The next hop's reply goes to our client as it is, so it must follow our
+                    // rules for replies.
+                    self.on_reply(reply.with_enhanced_codes(), progress);
                 }
                 RelayEvent::Failed(reply) => {
                     progress.answers.extend(self.fail_all(&reply));
