@@ -72,15 +72,26 @@ struct Entry {
 /// A bounded map from question to answer, shared by the resolver thread (which fills it) and
 /// the threads that would otherwise ask it.
 pub struct AnswerCache {
-    entries: Mutex<HashMap<Key, Entry>>,
+    entries: Mutex<Table>,
     capacity: usize,
     observer: QueryObserver,
 }
 
+/// The answers, and when expired ones were last swept out.
+#[derive(Default)]
+struct Table {
+    map: HashMap<Key, Entry>,
+    swept_at: Option<Instant>,
+}
+
+/// A full cache sweeps out expired answers at most this often: a sweep walks every entry, and
+/// a busy server meeting new names all the time would otherwise walk them on every insert.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 impl std::fmt::Debug for AnswerCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AnswerCache")
-            .field("entries", &self.lock().len())
+            .field("entries", &self.lock().map.len())
             .field("capacity", &self.capacity)
             .finish()
     }
@@ -90,7 +101,7 @@ impl AnswerCache {
     /// A cache of at most `capacity` answers (at least one) that reports hits to `observer`.
     pub fn new(capacity: usize, observer: QueryObserver) -> Self {
         AnswerCache {
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Table::default()),
             capacity: capacity.max(1),
             observer,
         }
@@ -141,15 +152,15 @@ impl AnswerCache {
     }
 
     fn get(&self, key: &Key, now: Instant) -> Option<Answer> {
-        let mut entries = self.lock();
-        let entry = entries.get(key)?;
+        let mut table = self.lock();
+        let entry = table.map.get(key)?;
         if entry.until <= now {
-            entries.remove(key);
+            table.map.remove(key);
             return None;
         }
         let answer = entry.answer.clone();
         let queries = entry.queries.clone();
-        drop(entries);
+        drop(table);
         for (qtype, outcome) in queries {
             (self.observer)(qtype, outcome, Duration::ZERO);
         }
@@ -164,18 +175,21 @@ impl AnswerCache {
         if until <= now || is_temporary(&answer) {
             return;
         }
-        let mut entries = self.lock();
-        if entries.len() >= self.capacity && !entries.contains_key(&key) {
-            entries.retain(|_, e| e.until > now);
+        let mut table = self.lock();
+        if table.map.len() >= self.capacity && !table.map.contains_key(&key) {
+            if table.swept_at.is_none_or(|at| now >= at + SWEEP_EVERY) {
+                table.map.retain(|_, e| e.until > now);
+                table.swept_at = Some(now);
+            }
             // Still full of live answers: make room by dropping one; which one matters little
             // next to the round trip it costs.
-            if entries.len() >= self.capacity
-                && let Some(victim) = entries.keys().next().cloned()
+            if table.map.len() >= self.capacity
+                && let Some(victim) = table.map.keys().next().cloned()
             {
-                entries.remove(&victim);
+                table.map.remove(&victim);
             }
         }
-        entries.insert(
+        table.map.insert(
             key,
             Entry {
                 answer,
@@ -187,7 +201,7 @@ impl AnswerCache {
 
     /// Entries are replaced whole under the lock, never left half-written, so a poisoned lock
     /// still holds good answers.
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -416,10 +430,11 @@ mod tests {
         assert!(
             !cache
                 .lock()
+                .map
                 .contains_key(&forward_key("short.example", Family::V4))
         );
         cache.keep_forward("more.example", Family::V4, &fresh, Vec::new());
-        assert_eq!(cache.lock().len(), 4);
+        assert_eq!(cache.lock().map.len(), 4);
         assert!(
             cache
                 .forward("more.example", Family::V4, Instant::now())

@@ -47,12 +47,17 @@ pub struct ReverseFacts {
 }
 
 impl ReverseFacts {
-    /// The first PTR name whose A/AAAA records include `ip` (RFC 8601 iprev `pass`).
+    /// The first PTR name whose A/AAAA records include `ip` (RFC 8601 iprev `pass`), an
+    /// IPv4-mapped address being the IPv4 address it maps, as the checks compare them.
     pub fn confirmed_name(&self, ip: IpAddr) -> Option<&str> {
         match &self.ptr {
             Lookup::Found(names) => names
                 .iter()
-                .find(|n| matches!(&n.addrs, Lookup::Found(a) if a.contains(&ip)))
+                .find(|n| {
+                    let ip = crate::net::canonical_ip(ip);
+                    matches!(&n.addrs, Lookup::Found(a)
+                        if a.iter().any(|a| crate::net::canonical_ip(*a) == ip))
+                })
                 .map(|n| n.name.as_str()),
             _ => None,
         }
@@ -133,4 +138,25 @@ pub enum QueryOutcome {
     ServFail,
     Timeout,
     Error,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_confirming_address_may_be_written_as_an_ipv4_mapped_one() {
+        let client: IpAddr = "192.0.2.9".parse().expect("literal");
+        let mapped: IpAddr = "::ffff:192.0.2.9".parse().expect("literal");
+        let facts = |addr: IpAddr| ReverseFacts {
+            ptr: Lookup::Found(vec![PtrName {
+                name: "host.example".into(),
+                addrs: Lookup::Found(vec![addr]),
+            }]),
+        };
+        assert_eq!(facts(mapped).confirmed_name(client), Some("host.example"));
+        assert_eq!(facts(client).confirmed_name(mapped), Some("host.example"));
+        let other: IpAddr = "192.0.2.10".parse().expect("literal");
+        assert_eq!(facts(other).confirmed_name(client), None);
+    }
 }
