@@ -51,6 +51,13 @@ fn aligned_identity_passes() {
         assert_eq!(out.status.code(), Some(0), "{ip}: {text}");
         assert!(text.contains("pass"), "{text}");
         assert!(text.contains("fcrdns"), "{text}");
+        for line in ["fcrdns: pass ", "forward: pass ", "forward_match: pass "] {
+            assert!(
+                text.lines().any(|l| l.starts_with(line)),
+                "{ip}: {line}\n{text}"
+            );
+        }
+        assert!(text.lines().any(|l| l == "verdict: pass"), "{ip}: {text}");
     }
 }
 
@@ -65,6 +72,11 @@ fn unknown_name_fails() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("fail"), "{text}");
     assert!(text.contains("forward"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("forward: fail ")),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l == "verdict: fail"), "{text}");
 }
 
 #[test]

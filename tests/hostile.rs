@@ -15,12 +15,22 @@ use common::server::{Client, TestServer};
 
 /// Resident set size of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// Peak resident set size of a process so far, in KiB: memory taken and given back in
+/// between still shows here.
+fn peak_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
 fn free_port() -> SocketAddr {
@@ -240,6 +250,7 @@ fn overlong_lines_and_oversize_data_stream_through_without_memory() {
     let pid = s.child.id();
     let mut c = s.connect();
     let before = rss_kib(pid);
+    let peak_before = peak_rss_kib(pid);
     let chunk = vec![b'x'; 64 * 1024];
     for _ in 0..256 {
         c.send(&chunk);
@@ -265,6 +276,12 @@ fn overlong_lines_and_oversize_data_stream_through_without_memory() {
     assert!(
         after < before + 8 * 1024,
         "RSS grew from {before} KiB to {after} KiB"
+    );
+    // Nor held for a while and given back before the reply.
+    let peak = peak_rss_kib(pid);
+    assert!(
+        peak < peak_before + 8 * 1024,
+        "peak RSS grew from {peak_before} KiB to {peak} KiB"
     );
     c.cmd("NOOP", 250);
     assert!(s.new_messages().is_empty());
