@@ -64,7 +64,8 @@ fn serve() -> ExitCode {
         Ok(c) => Arc::new(c),
         Err(code) => return code,
     };
-    let bound = match listener::bind_all(&config.listen, &config.proxy_listen) {
+    let mut passed = listener::PassedListeners::from_env();
+    let bound = match listener::bind_all(&config.listen, &config.proxy_listen, &mut passed) {
         Ok(b) => b,
         Err(e) => {
             error!("{e}");
@@ -80,7 +81,10 @@ fn serve() -> ExitCode {
     }
     let metrics = Arc::new(Metrics::new());
     if let Some(addr) = config.metrics {
-        let started = std::net::TcpListener::bind(addr)
+        // The metrics thread serves with blocking accepts.
+        let started = passed
+            .take_or_bind(addr)
+            .and_then(|l| l.set_nonblocking(false).map(|()| l))
             .and_then(|l| heloguard::metrics::serve(l, metrics.clone()));
         match started {
             Ok(_) => info!("metrics on http://{addr}/metrics"),
@@ -90,6 +94,12 @@ fn serve() -> ExitCode {
             }
         }
     }
+    for addr in passed.unclaimed() {
+        warn!(
+            "a listening socket for {addr} was passed in but no variable names that address; closed"
+        );
+    }
+    drop(passed);
     let server = match Server::new(
         config.clone(),
         bound,
