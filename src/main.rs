@@ -8,9 +8,10 @@ use log::{error, info, warn};
 
 use heloguard::config::{self, Config};
 use heloguard::metrics::Metrics;
-use heloguard::server::event_loop::{Server, ServerOptions};
+use heloguard::server::event_loop::Server;
 use heloguard::server::listener::{self, ListenerKind};
 use heloguard::server::sd_notify;
+use heloguard::server::startup::ServerOptions;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -129,9 +130,8 @@ fn serve() -> ExitCode {
         config.spool_writers
     );
     sd_notify::notify_ready();
-    let result = server.run();
-    sd_notify::notify_stopping();
-    match result {
+    // STOPPING=1 goes out from the loop when the shutdown begins, not here when it has ended.
+    match server.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("event loop failed: {e}");
