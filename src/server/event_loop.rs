@@ -191,9 +191,13 @@ impl Server {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        if matches!(conn.state, ConnState::Closing { .. }) || conn.read == ReadSide::Ended {
+        if matches!(conn.state, ConnState::Closing { .. }) {
             // Nothing read now would be used; a closing connection only flushes.
-            self.pump(slot);
+            return;
+        }
+        if conn.read == ReadSide::Ended {
+            // The FIN was read already; another read would only say so again.
+            self.on_eof(slot);
             return;
         }
         let was_handshaking = matches!(conn.transport, Transport::Handshaking(_));
