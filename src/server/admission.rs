@@ -151,6 +151,7 @@ impl Server {
         self.generation = self.generation.wrapping_add(1);
         let id = ConnId::new(slot, self.generation);
         let now = Instant::now();
+        // Every connection starts without a session; a plain one gets it right below.
         let mut conn = Conn::new(socket, id, kind, peer, peer_ip, now);
         if self
             .poll

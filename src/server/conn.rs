@@ -206,6 +206,20 @@ impl Transport {
             Transport::Handshaking(tls) | Transport::Tls(tls) => Some(tls),
         }
     }
+
+    /// Moves a handshake that has just completed to `Tls`; true when it did.
+    fn finish_handshake(&mut self) -> bool {
+        match std::mem::replace(self, Transport::Plain) {
+            Transport::Handshaking(tls) if !tls.is_handshaking() => {
+                *self = Transport::Tls(tls);
+                true
+            }
+            other => {
+                *self = other;
+                false
+            }
+        }
+    }
 }
 
 /// What one round of reading produced.
@@ -345,15 +359,7 @@ impl Conn {
             tls.take_ciphertext(&mut self.outbuf);
             outcome.got_data |= self.inbuf.len() > before;
             let peer_closed = tls.peer_closed();
-            if let Transport::Handshaking(tls) = &self.transport
-                && !tls.is_handshaking()
-            {
-                self.transport = match std::mem::replace(&mut self.transport, Transport::Plain) {
-                    Transport::Handshaking(tls) => Transport::Tls(tls),
-                    other => other,
-                };
-                outcome.tls_established = true;
-            }
+            outcome.tls_established |= self.transport.finish_handshake();
             if peer_closed {
                 outcome.eof = true;
                 self.read = ReadSide::Ended;

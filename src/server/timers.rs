@@ -7,6 +7,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
@@ -190,11 +191,8 @@ impl Server {
                 false
             }
         };
-        if low
-            != self
-                .spool_space_low
-                .swap(low, std::sync::atomic::Ordering::Relaxed)
-        {
+        let was_low = self.spool_space_low.swap(low, Ordering::Relaxed);
+        if low != was_low {
             if low {
                 warn!(
                     "spool below HELOGUARD_MIN_FREE_MB={}: MAIL gets 452 4.3.1",
