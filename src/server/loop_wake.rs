@@ -1,11 +1,11 @@
 //! Wakes the event loop at most once per drain.
 //!
 //! Every thread that answers the loop (workers, spool writers, the resolver) wakes it through
-//! one `LoopWake`. Workers finish jobs tens of thousands of times a second, and each `mio::Waker::wake` is a
-//! write to an eventfd. While the loop has a wake pending, another one tells it nothing new:
-//! it will drain every channel anyway (wakes coalesce, `mio/tests/waker.rs`). So a sender
-//! writes the eventfd only when it is the first to set `pending`, and the loop clears `pending`
-//! right before it drains.
+//! one `LoopWake`. Workers finish jobs tens of thousands of times a second, and each
+//! `mio::Waker::wake` is a write to an eventfd. While the loop has a wake pending, another one
+//! tells it nothing new: it will drain every channel anyway (wakes coalesce,
+//! `mio/tests/waker.rs`). So a sender writes the eventfd only when it is the first to set
+//! `pending`, and the loop clears `pending` right before it drains.
 //!
 //! No message is left behind: a sender sends, then swaps `pending` to true. If it saw true, the
 //! loop's clearing swap has not happened yet in `pending`'s order, and because both swaps are

@@ -205,6 +205,7 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::event_loop::tests::{TestServer, connect};
 
     const GRACE: Duration = Duration::from_secs(30);
 
@@ -260,5 +261,25 @@ mod tests {
         life.request_stop(t0, Duration::ZERO);
         assert_eq!(life.deadline(), Some(t0));
         assert_eq!(life.advance(t0), Some(StopStep::EndGrace));
+    }
+
+    #[test]
+    fn a_stop_tells_an_idle_session_421_and_stops_accepting() {
+        let mut server = TestServer::start(&[]);
+        let mut client = connect(&mut server);
+        assert!(server.read_reply(&mut client).starts_with("220 "));
+        server.server.request_stop(Instant::now());
+        assert!(matches!(
+            server.server.lifecycle,
+            Lifecycle::Draining { .. }
+        ));
+        assert!(server.server.local_addrs().is_empty(), "listeners closed");
+        let reply = server.read_reply(&mut client);
+        assert!(reply.starts_with("421 4.3.2"), "{reply}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !server.server.lifecycle.is_over(server.server.conns.len()) {
+            assert!(Instant::now() < deadline, "the session never closed");
+            server.turn();
+        }
     }
 }
