@@ -8,10 +8,9 @@ use log::{error, info, warn};
 
 use heloguard::config::{self, Config};
 use heloguard::metrics::Metrics;
-use heloguard::server::event_loop::Server;
+use heloguard::server::event_loop::{Server, ServerOptions};
 use heloguard::server::listener::{self, ListenerKind};
 use heloguard::server::sd_notify;
-use heloguard::server::startup::ServerOptions;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

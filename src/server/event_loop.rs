@@ -48,6 +48,9 @@ use crate::server::tls::TlsAcceptor;
 use crate::server::worker::{Done, Job, OwnedEvent, WorkerPool};
 use crate::spool::writer::SpoolDone;
 
+// Built in `startup`; named here too because callers start a server from this module.
+pub use crate::server::startup::{ServerOptions, StartError};
+
 pub(super) const WAKER: Token = Token(0);
 pub(super) const SIGNALS: Token = Token(1);
 pub(super) const FIRST_LISTENER: usize = 2;
@@ -327,7 +330,6 @@ pub mod tests {
 
     use crate::server::conn::{INBUF_CAP, OUTBUF_CAP};
     use crate::server::listener::{self, BoundListener};
-    use crate::server::startup::ServerOptions;
     use crate::server::startup::tests::test_config;
 
     /// How long a test waits for something the loop should do at once.
