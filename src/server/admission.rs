@@ -180,21 +180,15 @@ impl Server {
     /// The client IP is known: apply the per-client limit, create the session, start the PTR
     /// lookup (its latency hides behind the banner and EHLO) and greet or wait.
     pub(super) fn start_session(&mut self, slot: usize, now: Instant) {
-        let Some(conn) = self.conns.get(slot) else {
+        let Some(client_ip) = self.conns.get(slot).map(|c| c.client_ip) else {
             return;
         };
-        let client_ip = conn.client_ip;
-        let counted = self.admission.count(client_ip);
-        let session = counted.is_ok().then(|| self.new_session(client_ip));
+        let Ok(key) = self.admission.count(client_ip) else {
+            self.refuse_per_client(slot);
+            return;
+        };
+        let session = self.new_session(client_ip);
         let Some(conn) = self.conns.get_mut(slot) else {
-            return;
-        };
-        let (Ok(key), Some(session)) = (counted, session) else {
-            self.metrics.refused(RefuseReason::PerIp);
-            self.metrics.reply(421);
-            let _ = conn.queue_output(b"421 4.3.2 Too many connections from your address\r\n");
-            conn.state.start_closing();
-            self.flush_or_close(slot);
             return;
         };
         conn.counted_as = Some(key);
@@ -233,6 +227,18 @@ impl Server {
         }
         self.arm_idle(slot, now);
         self.pump(slot);
+    }
+
+    /// HELOGUARD_MAX_CONNECTIONS_PER_IP is reached: 421, then close.
+    fn refuse_per_client(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        self.metrics.refused(RefuseReason::PerIp);
+        self.metrics.reply(421);
+        let _ = conn.queue_output(b"421 4.3.2 Too many connections from your address\r\n");
+        conn.state.start_closing();
+        self.flush_or_close(slot);
     }
 
     /// Looks for the PROXY header in what has arrived; the session starts right after it.
