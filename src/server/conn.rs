@@ -61,6 +61,18 @@ impl ConnId {
     }
 }
 
+/// The slot of connection `id`, unless it closed (and its slot may hold another by now).
+pub fn live_slot<T>(
+    slab: &slab::Slab<T>,
+    id: ConnId,
+    id_of: impl Fn(&T) -> ConnId,
+) -> Option<usize> {
+    match slab.get(id.slot()) {
+        Some(entry) if id_of(entry) == id => Some(id.slot()),
+        _ => None,
+    }
+}
+
 /// Where a connection is in its life, and where its session is.
 pub enum ConnState {
     /// PROXY listener: the header has not arrived yet, so the client IP is not known and
@@ -444,6 +456,21 @@ mod tests {
         assert_eq!(b.slot(), 7);
         assert_ne!(a, b);
         assert_eq!(ConnId::from_raw(a.raw()), a);
+    }
+
+    #[test]
+    fn an_id_finds_its_slot_only_in_its_own_generation() {
+        let mut slab = slab::Slab::new();
+        let first = ConnId::new(slab.vacant_key(), 1);
+        slab.insert(first);
+        assert_eq!(live_slot(&slab, first, |id| *id), Some(first.slot()));
+        slab.remove(first.slot());
+        assert_eq!(live_slot(&slab, first, |id| *id), None, "closed");
+        let second = ConnId::new(slab.vacant_key(), 2);
+        slab.insert(second);
+        assert_eq!(second.slot(), first.slot());
+        assert_eq!(live_slot(&slab, first, |id| *id), None, "reused slot");
+        assert_eq!(live_slot(&slab, second, |id| *id), Some(second.slot()));
     }
 
     #[test]

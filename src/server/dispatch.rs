@@ -254,38 +254,11 @@ impl Server {
     }
 }
 
-/// The slot of connection `id`, unless it closed (and its slot may hold another by now).
-pub fn live_slot<T>(
-    slab: &slab::Slab<T>,
-    id: ConnId,
-    id_of: impl Fn(&T) -> ConnId,
-) -> Option<usize> {
-    match slab.get(id.slot()) {
-        Some(entry) if id_of(entry) == id => Some(id.slot()),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dns::{Lookup, ReverseFacts};
     use crate::server::event_loop::tests::{TestServer, connect};
-
-    #[test]
-    fn an_id_finds_its_slot_only_in_its_own_generation() {
-        let mut slab = slab::Slab::new();
-        let first = ConnId::new(slab.vacant_key(), 1);
-        slab.insert(first);
-        assert_eq!(live_slot(&slab, first, |id| *id), Some(first.slot()));
-        slab.remove(first.slot());
-        assert_eq!(live_slot(&slab, first, |id| *id), None, "closed");
-        let second = ConnId::new(slab.vacant_key(), 2);
-        slab.insert(second);
-        assert_eq!(second.slot(), first.slot());
-        assert_eq!(live_slot(&slab, first, |id| *id), None, "reused slot");
-        assert_eq!(live_slot(&slab, second, |id| *id), Some(second.slot()));
-    }
 
     #[test]
     fn a_late_dns_answer_for_a_reused_slot_is_dropped() {
