@@ -237,7 +237,7 @@ mod tests {
     use crate::dns::PtrName;
     use crate::dns::answer_cache::Keepable;
     use crate::dns::resolver::no_observer;
-    use crate::session::SessionParams;
+    use crate::server::startup::build_session;
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
@@ -257,13 +257,13 @@ mod tests {
             _ => None,
         })
         .expect("config");
-        let session = Box::new(Session::new(SessionParams {
-            config: Arc::new(config),
-            client_ip: CLIENT,
-            session_id: 1,
-            tls_available: false,
-            spool_space_low: Arc::new(AtomicBool::new(false)),
-        }));
+        let session = build_session(
+            Arc::new(config),
+            CLIENT,
+            1,
+            false,
+            Arc::new(AtomicBool::new(false)),
+        );
         let facts = ReverseFacts {
             ptr: Lookup::Found(vec![PtrName {
                 name: HELO.into(),
