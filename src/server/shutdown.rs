@@ -3,8 +3,8 @@
 //! SPEC "Signals": SIGTERM/SIGINT stop accepting at once; sessions outside a transaction get
 //! 421 4.3.2 at once, sessions inside one may finish it within HELOGUARD_SHUTDOWN_GRACE_SECS
 //! and then get 421 4.3.2; a second SIGTERM ends at once. SIGHUP reloads the TLS certificate
-//! and key. systemd hears of each step (`Type=notify-reload`): STOPPING=1 when the shutdown
-//! begins, RELOADING=1 then READY=1 around a reload.
+//! and key. systemd hears of each step through sd_notify: STOPPING=1 when the shutdown
+//! begins, RELOADING=1 then READY=1 around a reload (as `Type=notify-reload` requires).
 
 use std::time::{Duration, Instant};
 

@@ -1,9 +1,10 @@
 //! The loop's timers: one min-heap of deadlines, and what firing each one does.
 //!
 //! Nothing sleeps: every delay (greeting, idle, verdict, pregreet linger, PROXY header, accept
-//! retry, upkeep) is an entry here, and the earliest one is the poll timeout. Timers are never
-//! cancelled; a connection timer carries the `ConnId` it was armed for, so one that outlives
-//! its connection, or fires for a slot reused since, finds no connection and does nothing.
+//! retry, upkeep) is an entry here, and the earliest one, or the shutdown deadline that
+//! `Lifecycle` keeps, is the poll timeout. Timers are never cancelled; a connection timer
+//! carries the `ConnId` it was armed for, so one that outlives its connection, or fires for a
+//! slot reused since, finds no connection and does nothing.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
