@@ -279,6 +279,7 @@ fn refuse_at_once(socket: &mut TcpStream, reply: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::event_loop::tests::{TestServer, connect};
 
     fn ip(text: &str) -> IpAddr {
         text.parse().expect("test address")
@@ -332,5 +333,23 @@ mod tests {
         assert_eq!(admission.has_room(2), Ok(()));
         assert_eq!(admission.has_room(3), Err(Refusal::Total));
         assert_eq!(admission.has_room(4), Err(Refusal::Total));
+    }
+
+    #[test]
+    fn a_client_over_its_limit_hears_421_and_the_one_within_it_is_served() {
+        let mut server = TestServer::start(&[("HELOGUARD_MAX_CONNECTIONS_PER_IP", "1")]);
+        let mut first = connect(&mut server);
+        assert!(server.read_reply(&mut first).starts_with("220 "));
+        let mut second = connect(&mut server);
+        let reply = server.read_reply(&mut second);
+        assert_eq!(
+            reply,
+            "421 4.3.2 Too many connections from your address\r\n"
+        );
+        assert_eq!(server.server.conns.len(), 1, "the refused one is closed");
+        assert_eq!(server.server.admission.clients(), 1);
+        use std::io::Write;
+        first.write_all(b"QUIT\r\n").expect("write");
+        assert!(server.read_reply(&mut first).starts_with("221 "));
     }
 }

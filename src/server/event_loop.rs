@@ -427,10 +427,11 @@ pub mod tests {
 
     /// Connects a client and turns the loop until the server has accepted it.
     pub fn connect(server: &mut TestServer) -> std::net::TcpStream {
-        let before = server.server.conns.len();
+        // Every accepted connection takes a generation, also one that is closed at once.
+        let before = server.server.generation;
         let client = std::net::TcpStream::connect(server.addr()).expect("connect");
         let deadline = Instant::now() + PATIENCE;
-        while server.server.conns.len() == before {
+        while server.server.generation == before {
             assert!(Instant::now() < deadline, "not accepted");
             server.turn();
         }
@@ -485,10 +486,10 @@ pub mod tests {
             .expect("socket");
         socket.set_recv_buffer_size(4096).expect("rcvbuf");
         socket.set_send_buffer_size(4096).expect("sndbuf");
-        let before = server.server.conns.len();
+        let before = server.server.generation;
         socket.connect(&server.addr().into()).expect("connect");
         let client: std::net::TcpStream = socket.into();
-        while server.server.conns.len() == before {
+        while server.server.generation == before {
             server.turn();
         }
         let slot = server.only_conn_id().slot();
