@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 
 use crate::metrics::RefuseReason;
+use crate::server::conn::ConnState;
 use crate::server::event_loop::Server;
 use crate::server::sd_notify;
 use crate::server::startup::Handoff;
@@ -167,6 +168,9 @@ impl Server {
             if conn.state.is_serving() {
                 conn.pending.push(OwnedEvent::Shutdown);
                 self.pump(slot);
+            } else if matches!(conn.state, ConnState::Closing { .. }) {
+                // Already leaving with its last reply queued: let that reply go out.
+                continue;
             } else {
                 self.metrics.refused(RefuseReason::Shutdown);
                 self.close(slot, "shutdown");
