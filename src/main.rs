@@ -129,9 +129,8 @@ fn serve() -> ExitCode {
         config.spool_writers
     );
     sd_notify::notify_ready();
-    let result = server.run();
-    sd_notify::notify_stopping();
-    match result {
+    // STOPPING=1 goes out from the loop when the shutdown begins, not here when it has ended.
+    match server.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("event loop failed: {e}");
