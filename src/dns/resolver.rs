@@ -76,14 +76,9 @@ impl ResolverSettings {
     }
 }
 
-/// Called once per query with its type, outcome and duration (for
-/// heloguard_dns_queries_total and heloguard_dns_seconds).
-pub type QueryObserver = Arc<dyn Fn(QueryType, QueryOutcome, Duration) + Send + Sync>;
-
-/// An observer that records nothing.
-pub fn no_observer() -> QueryObserver {
-    Arc::new(|_, _, _| {})
-}
+// The observer moved to `dns` so the answer cache can take one without importing this
+// module; these paths stay for the callers that name it here.
+pub use super::{QueryObserver, no_observer};
 
 /// The resolver could not be started.
 #[derive(Debug)]
