@@ -23,8 +23,10 @@ use std::time::SystemTime;
 use crate::config::{BareNewline, DeliverTarget};
 use crate::dns::Lookup;
 use crate::helo::checks::{CheckInput, HeloArg, name_key};
-use crate::helo::policy::{Decision, RejectAt};
+use crate::helo::policy::RejectAt;
+use crate::helo::verdict::Decision;
 use crate::helo::{Action, Check};
+use crate::message::{Envelope, Protocol, TraceInfo};
 use crate::protocol::command::{Command, MailParams, Path, Verb};
 use crate::protocol::data::{
     BareLineFeed, DataDecoder, DataLimits, DataRefusal, Framing, MAX_RECEIVED_FIELDS,
@@ -42,7 +44,6 @@ use crate::session::{
     Summary, TlsInfo,
 };
 use crate::spool::header::strip_own_fields;
-use crate::spool::{Envelope, Protocol, TraceInfo};
 
 /// Refused identities remembered per session (REJECT_AT=helo), so a repeat gets the same answer.
 const REMEMBERED_REFUSALS: usize = 16;

@@ -13,11 +13,11 @@ use std::time::{Instant, SystemTime};
 
 use crate::config::Config;
 use crate::dns::{Lookup, ReverseFacts};
-use crate::helo::policy::HeloVerdict;
+use crate::helo::verdict::HeloVerdict;
+use crate::message::{Envelope, TraceInfo};
 use crate::protocol::command::MailParams;
 use crate::protocol::reply::Reply;
 use crate::relay::XclientAttrs;
-use crate::spool::{Envelope, TraceInfo};
 
 mod limits;
 mod machine;
@@ -26,17 +26,8 @@ mod state;
 mod tests;
 
 pub use machine::Session;
-
-/// The negotiated TLS parameters, for the Received field.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TlsInfo {
-    /// `TLSv1.3` or `TLSv1.2`.
-    pub version: String,
-    /// IANA name, e.g. `TLS_AES_256_GCM_SHA384`.
-    pub cipher: String,
-    /// Symmetric key bits, e.g. 256.
-    pub bits: u16,
-}
+// Part of `Event::TlsEstablished`; the session's callers name it here.
+pub use crate::message::TlsInfo;
 
 /// The time now, from the loop: monotonic for rates and deadlines, wall for Date fields.
 #[derive(Clone, Copy, Debug)]

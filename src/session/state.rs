@@ -9,7 +9,8 @@ use std::time::SystemTime;
 
 use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::checks::{CheckInput, HeloArg};
-use crate::helo::policy::{AllowEntry, HeloPolicy, HeloVerdict};
+use crate::helo::policy::{AllowEntry, HeloPolicy};
+use crate::helo::verdict::HeloVerdict;
 use crate::protocol::command::{MailParams, Verb};
 use crate::protocol::data::DataDecoder;
 

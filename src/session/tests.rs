@@ -12,8 +12,10 @@ use proptest::prelude::*;
 use crate::config::{BareNewline, Config, DeliverTarget};
 use crate::dns::{Lookup, PtrName, ReverseFacts};
 use crate::helo::checks::{CheckInput, HeloArg};
-use crate::helo::policy::{AllowEntry, Decision, HeloPolicy, HeloVerdict, IprevResult, RejectAt};
+use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt};
+use crate::helo::verdict::{Decision, HeloVerdict, IprevResult};
 use crate::helo::{Action, CheckResult, VerdictKind};
+use crate::message::{Envelope, Protocol};
 use crate::protocol::reply::Reply;
 use crate::relay::{XclientAttrs, XclientName};
 use crate::session::state::HeloJudge;
@@ -21,7 +23,6 @@ use crate::session::{
     DeliveryOutcome, Ending, Event, Now, Observation, Output, Session, SessionAction,
     SessionParams, Stage, TlsInfo,
 };
-use crate::spool::{Envelope, Protocol};
 
 fn config() -> Config {
     Config {

@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Receiver;
 use crossbeam_channel::Sender;
 
-use crate::spool::Envelope;
+use crate::message::Envelope;
 use crate::spool::maildir::Maildir;
 use crate::spool::maildir::SpoolError;
 
