@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt, parse_allow_list};
 use crate::net::Cidr;
+use crate::protocol::data::BareLineFeed;
+use crate::session::{DeliveryMode, SessionSettings};
 
 /// Where accepted mail goes (HELOGUARD_DELIVER).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +105,35 @@ impl Config {
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<(Config, Vec<String>), ConfigError> {
         build(&Env { lookup: &lookup }, &ThisMachine)
+    }
+}
+
+impl From<&Config> for SessionSettings {
+    /// The one place the session's settings are taken from the configuration.
+    fn from(config: &Config) -> Self {
+        Self {
+            hostname: config.hostname.clone(),
+            domains: config.domains.clone(),
+            max_message_size: config.max_message_size,
+            max_recipients: config.max_recipients,
+            min_data_rate: config.min_data_rate,
+            max_errors: config.max_errors,
+            max_junk: config.max_junk,
+            helo_policy: config.helo_policy.clone(),
+            helo_allow: config.helo_allow.clone(),
+            reject_at: config.reject_at,
+            bare_line_feed: match config.bare_newline {
+                BareNewline::Normalize => BareLineFeed::Normalize,
+                BareNewline::Reject => BareLineFeed::Reject,
+            },
+            delivery: match config.deliver {
+                DeliverTarget::Maildir => DeliveryMode::Maildir,
+                DeliverTarget::Smtp { .. } => DeliveryMode::SmtpRelay,
+                DeliverTarget::Lmtp { .. } | DeliverTarget::LmtpUnix { .. } => {
+                    DeliveryMode::LmtpRelay
+                }
+            },
+        }
     }
 }
 

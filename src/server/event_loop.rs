@@ -40,7 +40,9 @@ use crate::server::loop_wake::LoopWake;
 use crate::server::relay_link::{LinkAnswer, LinkFailure, NextHopSocket, RelayLink};
 use crate::server::tls::TlsAcceptor;
 use crate::server::worker::{Done, Job, OwnedEvent, WorkerPool};
-use crate::session::{DeliveryOutcome, Observation, Session, SessionAction, SessionParams};
+use crate::session::{
+    DeliveryOutcome, Observation, Session, SessionAction, SessionParams, SessionSettings,
+};
 use crate::spool::envelope::trace_fields;
 use crate::spool::maildir::{self, Maildir};
 use crate::spool::writer::{self, SpoolDone, SpoolJob, SpoolWriters};
@@ -562,7 +564,7 @@ impl Server {
         self.sessions_started += 1;
         let session_id = (self.run_id << 24) ^ self.sessions_started;
         conn.session = Some(Box::new(Session::new(SessionParams {
-            config: self.config.clone(),
+            settings: Arc::new(SessionSettings::from(self.config.as_ref())),
             client_ip: conn.client_ip,
             session_id,
             tls_available: self.tls.is_some(),

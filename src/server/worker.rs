@@ -236,7 +236,7 @@ mod tests {
     use crate::dns::PtrName;
     use crate::dns::answer_cache::Keepable;
     use crate::dns::resolver::no_observer;
-    use crate::session::SessionParams;
+    use crate::session::{SessionParams, SessionSettings};
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
@@ -257,7 +257,7 @@ mod tests {
         })
         .expect("config");
         let session = Box::new(Session::new(SessionParams {
-            config: Arc::new(config),
+            settings: Arc::new(SessionSettings::from(&config)),
             client_ip: CLIENT,
             session_id: 1,
             tls_available: false,

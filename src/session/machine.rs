@@ -20,7 +20,6 @@
 
 use std::time::SystemTime;
 
-use crate::config::{BareNewline, DeliverTarget};
 use crate::dns::Lookup;
 use crate::helo::checks::{CheckInput, HeloArg, name_key};
 use crate::helo::policy::RejectAt;
@@ -29,8 +28,7 @@ use crate::helo::{Action, Check};
 use crate::message::{Envelope, Protocol, TraceInfo};
 use crate::protocol::command::{Command, MailParams, Path, Verb};
 use crate::protocol::data::{
-    BareLineFeed, DataDecoder, DataLimits, DataRefusal, Framing, MAX_RECEIVED_FIELDS,
-    count_received,
+    DataDecoder, DataLimits, DataRefusal, Framing, MAX_RECEIVED_FIELDS, count_received,
 };
 use crate::protocol::line::{LineRead, LineReader};
 use crate::protocol::reply::Reply;
@@ -40,8 +38,8 @@ use crate::session::state::{
     BdatChunk, HeloJudge, Identity, Park, Phase, RelayStream, Transaction,
 };
 use crate::session::{
-    DeliveryOutcome, Ending, Event, Now, Observation, Output, SessionAction, SessionParams, Stage,
-    Summary, TlsInfo,
+    DeliveryMode, DeliveryOutcome, Ending, Event, Now, Observation, Output, SessionAction,
+    SessionParams, Stage, Summary, TlsInfo,
 };
 use crate::spool::header::strip_own_fields;
 
@@ -113,7 +111,7 @@ impl Session {
     }
 
     pub(crate) fn with_judge(params: SessionParams, judge: HeloJudge) -> Self {
-        let policy = &params.config.helo_policy;
+        let policy = &params.settings.helo_policy;
         let policy_can_refuse = Check::ALL.into_iter().any(|check| {
             let action = policy.action(check);
             action >= Action::Defer && !(check == Check::Syntax && action == Action::Reject)
@@ -303,7 +301,7 @@ impl Session {
         self.greeting = greeting;
         self.park = None;
         if greeting == Greeting::Greeted {
-            let banner = format!("{} ESMTP heloguard", self.params.config.hostname);
+            let banner = format!("{} ESMTP heloguard", self.params.settings.hostname);
             self.send(out, &Reply::plain(220, &banner));
         } else {
             self.send_line(
@@ -384,7 +382,7 @@ impl Session {
         }
         if let Some(rate) = self.rate
             && !self.closed
-            && rate.too_slow(now.mono, self.params.config.min_data_rate)
+            && rate.too_slow(now.mono, self.params.settings.min_data_rate)
         {
             self.close(
                 out,
@@ -423,7 +421,7 @@ impl Session {
             Err(error) => error.verb(),
         };
         if let Some(verb) = verb {
-            if verb.counts_as_junk() && self.counters.junk_over(self.params.config.max_junk) {
+            if verb.counts_as_junk() && self.counters.junk_over(self.params.settings.max_junk) {
                 self.close(
                     out,
                     421,
@@ -493,8 +491,9 @@ impl Session {
             return;
         }
         let parsed = (self.judge.parse)(&arg);
-        let config = &self.params.config;
-        if parsed == HeloArg::Invalid && config.helo_policy.action(Check::Syntax) == Action::Reject
+        let settings = &self.params.settings;
+        if parsed == HeloArg::Invalid
+            && settings.helo_policy.action(Check::Syntax) == Action::Reject
         {
             // RFC 5321 4.1.4: a refused EHLO leaves the session as it was.
             self.reply(
@@ -506,13 +505,13 @@ impl Session {
         self.generation = self.generation.wrapping_add(1);
         let needs_forward = [Check::Localhost, Check::Forward, Check::ForwardMatch]
             .into_iter()
-            .any(|check| config.helo_policy.action(check) != Action::Off);
+            .any(|check| settings.helo_policy.action(check) != Action::Off);
         let identity = Identity::new(verb, arg, parsed, self.generation, needs_forward);
         out.actions.push(SessionAction::HeloAccepted {
             generation: self.generation,
             lookup: identity.lookup_name().map(str::to_string),
         });
-        if config.reject_at == RejectAt::Helo && self.policy_can_refuse {
+        if settings.reject_at == RejectAt::Helo && self.policy_can_refuse {
             self.candidate = Some(identity);
             self.park = Some(Park::HeloVerdict);
         } else {
@@ -523,12 +522,12 @@ impl Session {
 
     /// The identity is accepted: it replaces the old one and resets the transaction.
     fn adopt(&mut self, identity: Identity, out: &mut Output) {
-        let config = &self.params.config;
+        let settings = &self.params.settings;
         let reply = if identity.verb == Verb::Ehlo {
             let mut lines = vec![
-                config.hostname.clone(),
+                settings.hostname.clone(),
                 "PIPELINING".to_string(),
-                format!("SIZE {}", config.max_message_size),
+                format!("SIZE {}", settings.max_message_size),
                 "8BITMIME".to_string(),
                 "ENHANCEDSTATUSCODES".to_string(),
                 "SMTPUTF8".to_string(),
@@ -539,7 +538,7 @@ impl Session {
             }
             Reply { code: 250, lines }
         } else {
-            Reply::plain(250, &config.hostname)
+            Reply::plain(250, &settings.hostname)
         };
         self.current = Some(identity);
         self.drop_transaction(out);
@@ -560,7 +559,7 @@ impl Session {
     /// Judges every identity whose facts are in, then resumes what waited for a verdict.
     fn evaluate(&mut self, out: &mut Output) {
         let reverse = self.reverse.as_ref();
-        let config = &self.params.config;
+        let settings = &self.params.settings;
         for identity in [self.candidate.as_mut(), self.current.as_mut()]
             .into_iter()
             .flatten()
@@ -571,15 +570,15 @@ impl Session {
             let input = CheckInput {
                 client_ip: self.params.client_ip,
                 helo: &identity.arg,
-                hostname: &config.hostname,
-                domains: &config.domains,
+                hostname: &settings.hostname,
+                domains: &settings.domains,
             };
             let verdict = (self.judge.decide)(
                 &input,
                 identity.forward.as_ref(),
                 reverse,
-                &config.helo_policy,
-                &config.helo_allow,
+                &settings.helo_policy,
+                &settings.helo_allow,
             );
             out.observations
                 .push(Observation::Verdict(Box::new(verdict.clone())));
@@ -753,7 +752,7 @@ impl Session {
             return;
         }
         let content = decoder.take_content();
-        push_relay_content(stream, content, false, &self.params.config.hostname, out);
+        push_relay_content(stream, content, false, &self.params.settings.hostname, out);
     }
 
     fn current_decision(&self) -> Option<Decision> {
@@ -762,7 +761,7 @@ impl Session {
     }
 
     fn on_mail(&mut self, from: Path<'_>, params: MailParams, out: &mut Output) {
-        let config = &self.params.config;
+        let settings = &self.params.settings;
         if self.draining {
             self.close_for_shutdown(out);
             return;
@@ -789,7 +788,7 @@ impl Session {
             );
             return;
         }
-        let max = config.max_message_size;
+        let max = settings.max_message_size;
         if max != 0 && params.size.is_some_and(|size| size > max) {
             out.observations
                 .push(Observation::MessageRejected(Stage::Mail));
@@ -803,7 +802,7 @@ impl Session {
             );
             return;
         }
-        if config.deliver != DeliverTarget::Maildir {
+        if settings.delivery != DeliveryMode::Maildir {
             let reverse_path = from.mailbox.to_string();
             if self.reverse_settled() {
                 self.relay_mail(reverse_path, params, out);
@@ -902,7 +901,7 @@ impl Session {
     }
 
     fn on_rcpt(&mut self, to: Path<'_>, out: &mut Output) {
-        let config = &self.params.config;
+        let settings = &self.params.settings;
         let Some(tx) = self.tx.as_ref() else {
             self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"));
             return;
@@ -918,15 +917,15 @@ impl Session {
             );
             return;
         }
-        let max = config.max_recipients;
+        let max = settings.max_recipients;
         if max != 0 && tx.recipients.len() >= max {
             self.reply(out, Reply::new(452, "4.5.3", "Too many recipients"));
             return;
         }
         // RFC 5321 4.5.1: <postmaster> is accepted whatever the domain list says.
-        if !to.is_bare_postmaster() && !config.domains.is_empty() {
+        if !to.is_bare_postmaster() && !settings.domains.is_empty() {
             let domain = to.domain.unwrap_or_default().trim_end_matches('.');
-            if !config
+            if !settings
                 .domains
                 .iter()
                 .any(|d| d.eq_ignore_ascii_case(domain))
@@ -945,7 +944,7 @@ impl Session {
             }
         }
         let recipient = to.mailbox.to_string();
-        if config.reject_at == RejectAt::Rcpt && self.policy_can_refuse {
+        if settings.reject_at == RejectAt::Rcpt && self.policy_can_refuse {
             match self.current_decision() {
                 Some(decision) => self.answer_rcpt(recipient, decision, out),
                 None => self.park = Some(Park::RcptVerdict { recipient }),
@@ -957,17 +956,15 @@ impl Session {
 
     fn answer_rcpt(&mut self, recipient: String, decision: Decision, out: &mut Output) {
         match (decision, self.tx.as_mut()) {
-            (Decision::Accept, Some(tx)) => match &self.params.config.deliver {
-                DeliverTarget::Maildir => {
+            (Decision::Accept, Some(tx)) => match self.params.settings.delivery {
+                DeliveryMode::Maildir => {
                     tx.recipients.push(recipient);
                     self.reply(out, Reply::new(250, "2.1.5", "Ok"));
                 }
                 // LMTP answers once per recipient after the data (RFC 2033 4.2), while the
                 // SMTP client expects one reply: one recipient per transaction keeps the two
                 // in step. RFC 5321 4.5.3.1.10: clients retry the others in a new one.
-                DeliverTarget::Lmtp { .. } | DeliverTarget::LmtpUnix { .. }
-                    if !tx.recipients.is_empty() =>
-                {
+                DeliveryMode::LmtpRelay if !tx.recipients.is_empty() => {
                     self.reply(
                         out,
                         Reply::new(
@@ -1007,13 +1004,10 @@ impl Session {
     }
 
     fn data_limits(&self) -> DataLimits {
-        let config = &self.params.config;
+        let settings = &self.params.settings;
         DataLimits {
-            max_message_size: config.max_message_size,
-            bare_line_feed: match config.bare_newline {
-                BareNewline::Normalize => BareLineFeed::Normalize,
-                BareNewline::Reject => BareLineFeed::Reject,
-            },
+            max_message_size: settings.max_message_size,
+            bare_line_feed: settings.bare_line_feed,
         }
     }
 
@@ -1026,7 +1020,7 @@ impl Session {
             self.reply(out, Reply::new(503, "5.5.1", "DATA not allowed after BDAT"));
             return;
         }
-        if self.params.config.deliver != DeliverTarget::Maildir {
+        if self.params.settings.delivery != DeliveryMode::Maildir {
             // The 354 is the next hop's to give: ask it first (after the verdict, which the
             // trace fields carry).
             self.park = Some(Park::RelayDataVerdict {
@@ -1052,7 +1046,7 @@ impl Session {
         }
         let limits = self.data_limits();
         let first_chunk = self.tx.as_ref().is_some_and(|tx| tx.chunks.is_none());
-        if first_chunk && self.params.config.deliver != DeliverTarget::Maildir {
+        if first_chunk && self.params.settings.delivery != DeliveryMode::Maildir {
             self.park = Some(Park::RelayDataVerdict {
                 chunk: Some(BdatChunk { size, last }),
                 received_at: now.wall,
@@ -1125,7 +1119,7 @@ impl Session {
     ) {
         let refusal = match result {
             Ok(rest) => {
-                push_relay_content(stream, rest, true, &self.params.config.hostname, out);
+                push_relay_content(stream, rest, true, &self.params.settings.hostname, out);
                 stream.looped.then_some(DataRefusal::Loop)
             }
             Err(refusal) => Some(refusal),
@@ -1161,7 +1155,7 @@ impl Session {
             (false, false, _) => Protocol::Smtp,
         };
         Some(TraceInfo {
-            hostname: self.params.config.hostname.clone(),
+            hostname: self.params.settings.hostname.clone(),
             helo: identity.arg.clone(),
             client_ip: self.params.client_ip,
             verdict,
@@ -1277,7 +1271,7 @@ impl Session {
     /// A reply to a command or a message: 5xx counts toward HELOGUARD_MAX_ERRORS.
     fn reply(&mut self, out: &mut Output, reply: Reply) {
         self.send(out, &reply);
-        if reply.code >= 500 && self.counters.error_over(self.params.config.max_errors) {
+        if reply.code >= 500 && self.counters.error_over(self.params.settings.max_errors) {
             self.close(
                 out,
                 421,

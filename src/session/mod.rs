@@ -11,11 +11,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::config::Config;
 use crate::dns::{Lookup, ReverseFacts};
+use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt};
 use crate::helo::verdict::HeloVerdict;
 use crate::message::{Envelope, TraceInfo};
 use crate::protocol::command::MailParams;
+use crate::protocol::data::BareLineFeed;
 use crate::protocol::reply::Reply;
 use crate::relay::XclientAttrs;
 
@@ -190,7 +191,8 @@ pub struct Summary {
 /// Everything the session knows at accept time.
 #[derive(Clone, Debug)]
 pub struct SessionParams {
-    pub config: Arc<Config>,
+    /// Shared by every session of the server; built once from `Config`.
+    pub settings: Arc<SessionSettings>,
     pub client_ip: IpAddr,
     /// Unique per process run; queue IDs are derived from it.
     pub session_id: u64,
@@ -199,4 +201,45 @@ pub struct SessionParams {
     /// Set by the loop while the spool's filesystem has less than HELOGUARD_MIN_FREE_MB free:
     /// MAIL then gets 452 4.3.1.
     pub spool_space_low: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the state machine reads of the configuration, and nothing else: the session depends
+/// on these fields, not on `Config` (`impl From<&Config>` in `config` builds it).
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    /// HELOGUARD_HOSTNAME: the banner, the EHLO reply, own_name, the trace fields.
+    pub hostname: String,
+    /// HELOGUARD_DOMAINS: lower case, no trailing dot; empty = every domain.
+    pub domains: Vec<String>,
+    /// HELOGUARD_MAX_MESSAGE_SIZE in octets; 0 = unlimited.
+    pub max_message_size: u64,
+    /// HELOGUARD_MAX_RECIPIENTS per transaction; 0 = unlimited.
+    pub max_recipients: usize,
+    /// HELOGUARD_MIN_DATA_RATE in octets/s; 0 = off.
+    pub min_data_rate: u64,
+    /// HELOGUARD_MAX_ERRORS; 0 = unlimited.
+    pub max_errors: u32,
+    /// HELOGUARD_MAX_JUNK; 0 = unlimited.
+    pub max_junk: u32,
+    /// HELOGUARD_HELO_POLICY.
+    pub helo_policy: HeloPolicy,
+    /// HELOGUARD_HELO_ALLOW.
+    pub helo_allow: Vec<AllowEntry>,
+    /// HELOGUARD_REJECT_AT.
+    pub reject_at: RejectAt,
+    /// HELOGUARD_BARE_NEWLINE.
+    pub bare_line_feed: BareLineFeed,
+    /// HELOGUARD_DELIVER, as far as the dialogue differs by it.
+    pub delivery: DeliveryMode,
+}
+
+/// Where accepted messages go, as far as the dialogue differs by it (HELOGUARD_DELIVER).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryMode {
+    /// Into the spool; 250 once it is durable.
+    Maildir,
+    /// Before-queue relay to an SMTP next hop.
+    SmtpRelay,
+    /// Before-queue relay to an LMTP next hop: one recipient per transaction.
+    LmtpRelay,
 }
