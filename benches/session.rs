@@ -4,7 +4,6 @@
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Instant, SystemTime};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -97,7 +96,6 @@ fn whole_dialogue(c: &mut Criterion) {
         client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
         session_id: 1,
         tls_available: false,
-        spool_space_low: Arc::new(AtomicBool::new(false)),
     };
     let input = dialogue();
     let now = Now {

@@ -223,7 +223,6 @@ pub fn session_input(data: &[u8]) {
         client_ip,
         session_id: 1,
         tls_available: options.tls,
-        spool_space_low: Arc::new(std::sync::atomic::AtomicBool::new(opt & 128 != 0)),
     });
     let start = Instant::now();
     let mut now = Now {
@@ -239,6 +238,17 @@ pub fn session_input(data: &[u8]) {
     } else {
         Event::Greet
     };
+    if opt & 128 != 0 {
+        // As the loop does for a session that starts while the spool is low.
+        step(
+            &mut session,
+            Event::SpoolSpace { low: true },
+            now,
+            &mut wire,
+            &mut pending,
+            &mut input,
+        );
+    }
     step(
         &mut session,
         greeting,

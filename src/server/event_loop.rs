@@ -174,7 +174,7 @@ pub struct Server {
     stop_seen: bool,
     shutting_down: bool,
     exit_now: bool,
-    spool_space_low: Arc<AtomicBool>,
+    spool_space_low: bool,
     relays: Slab<RelayLink>,
     relay_check_armed: bool,
     /// Scratch for socket reads, shared by every connection.
@@ -315,7 +315,7 @@ impl Server {
             stop_seen: false,
             shutting_down: false,
             exit_now: false,
-            spool_space_low: Arc::new(AtomicBool::new(false)),
+            spool_space_low: false,
             relays: Slab::new(),
             relay_check_armed: false,
             read_buf: vec![0u8; crate::server::conn::READ_CHUNK].into_boxed_slice(),
@@ -568,8 +568,10 @@ impl Server {
             client_ip: conn.client_ip,
             session_id,
             tls_available: self.tls.is_some(),
-            spool_space_low: self.spool_space_low.clone(),
         })));
+        if self.spool_space_low {
+            conn.pending.push(OwnedEvent::SpoolSpace { low: true });
+        }
         conn.dns.reverse_started = Some(now);
         let known_reverse = self.resolver.as_ref().and_then(|r| {
             let known = r.known_answers().reverse(conn.client_ip, now);
@@ -1108,6 +1110,20 @@ impl Server {
         self.push_timer(now + FINAL_FLUSH, u64::MAX, TimerKind::FinalExit);
     }
 
+    /// Every session hears of the change: the answer to its next MAIL depends on it.
+    fn tell_spool_space(&mut self, low: bool) {
+        let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for slot in slots {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if conn.session.is_some() || conn.at_worker {
+                conn.pending.push(OwnedEvent::SpoolSpace { low });
+                self.pump(slot);
+            }
+        }
+    }
+
     fn check_spool_space(&mut self, now: Instant) {
         if self.config.deliver != DeliverTarget::Maildir || self.config.min_free_mb == 0 {
             return;
@@ -1119,7 +1135,9 @@ impl Server {
                 false
             }
         };
-        if low != self.spool_space_low.swap(low, Ordering::Relaxed) {
+        if low != self.spool_space_low {
+            self.spool_space_low = low;
+            self.tell_spool_space(low);
             if low {
                 warn!(
                     "spool below HELOGUARD_MIN_FREE_MB={}: MAIL gets 452 4.3.1",

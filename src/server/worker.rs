@@ -46,6 +46,9 @@ pub enum OwnedEvent {
     Shutdown,
     GraceExpired,
     RelayReply(Reply),
+    SpoolSpace {
+        low: bool,
+    },
 }
 
 impl OwnedEvent {
@@ -63,6 +66,7 @@ impl OwnedEvent {
             OwnedEvent::Shutdown => Event::Shutdown,
             OwnedEvent::GraceExpired => Event::GraceExpired,
             OwnedEvent::RelayReply(reply) => Event::RelayReply(reply),
+            OwnedEvent::SpoolSpace { low } => Event::SpoolSpace { low },
         }
     }
 }
@@ -238,7 +242,6 @@ mod tests {
     use crate::dns::resolver::no_observer;
     use crate::session::{SessionParams, SessionSettings};
     use std::net::{IpAddr, Ipv4Addr};
-    use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 
     const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
@@ -261,7 +264,6 @@ mod tests {
             client_ip: CLIENT,
             session_id: 1,
             tls_available: false,
-            spool_space_low: Arc::new(AtomicBool::new(false)),
         }));
         let facts = ReverseFacts {
             ptr: Lookup::Found(vec![PtrName {

@@ -97,6 +97,8 @@ pub struct Session {
     rate: Option<DataRate>,
     /// SIGTERM came during a transaction: close after it.
     draining: bool,
+    /// The latest `Event::SpoolSpace`: MAIL gets 452 4.3.1 while set.
+    spool_space_low: bool,
     /// Messages accepted.
     messages: u32,
     /// Messages handed off (queue ID numbering).
@@ -136,6 +138,7 @@ impl Session {
             counters: Counters::default(),
             rate: None,
             draining: false,
+            spool_space_low: false,
             messages: 0,
             handed_off: 0,
             bytes: 0,
@@ -147,12 +150,6 @@ impl Session {
     #[cfg(test)]
     pub(crate) fn set_policy_can_refuse(&mut self, can_refuse: bool) {
         self.policy_can_refuse = can_refuse;
-    }
-
-    /// Tests: the flag the loop sets when the spool runs low.
-    #[cfg(test)]
-    pub(crate) fn spool_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-        std::sync::Arc::clone(&self.params.spool_space_low)
     }
 
     /// Processes one event, appending replies, actions and observations to `out`.
@@ -201,6 +198,7 @@ impl Session {
             Event::Delivered(outcome) => self.on_delivered(outcome, out),
             Event::RelayReply(reply) => self.on_relay_reply(reply, now, out),
             Event::TlsEstablished(info) => self.on_tls(info, out),
+            Event::SpoolSpace { low } => self.spool_space_low = low,
             Event::IdleTimeout => self.close(
                 out,
                 421,
@@ -770,11 +768,7 @@ impl Session {
             self.reply(out, Reply::new(503, "5.5.1", "Nested MAIL command"));
             return;
         }
-        if self
-            .params
-            .spool_space_low
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.spool_space_low {
             out.observations
                 .push(Observation::MessageRejected(Stage::Mail));
             self.reply(out, Reply::new(452, "4.3.1", "Insufficient system storage"));

@@ -78,6 +78,12 @@ pub enum Event<'a> {
     Shutdown,
     /// HELOGUARD_SHUTDOWN_GRACE_SECS ran out: 421 4.3.2 now.
     GraceExpired,
+    /// The spool's filesystem went below HELOGUARD_MIN_FREE_MB (`low`), or back above it:
+    /// while low, MAIL gets 452 4.3.1. The loop sends it when the state changes, and to a
+    /// new session at once while the space is low.
+    SpoolSpace {
+        low: bool,
+    },
     /// Relay modes: the next hop's answer to `RelayMail` or `RelayRcpt` (or the loop's
     /// 451 4.4.1 when the next hop could not be reached).
     RelayReply(Reply),
@@ -198,9 +204,6 @@ pub struct SessionParams {
     pub session_id: u64,
     /// HELOGUARD_TLS_CERT/KEY are loaded: EHLO advertises STARTTLS outside TLS.
     pub tls_available: bool,
-    /// Set by the loop while the spool's filesystem has less than HELOGUARD_MIN_FREE_MB free:
-    /// MAIL then gets 452 4.3.1.
-    pub spool_space_low: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the state machine reads of the configuration, and nothing else: the session depends

@@ -4,7 +4,6 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime};
 
 use proptest::prelude::*;
@@ -142,7 +141,6 @@ impl Harness {
             client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
             session_id: 0xABC,
             tls_available,
-            spool_space_low: Arc::new(AtomicBool::new(false)),
         };
         let mut h = Self {
             session: Session::with_judge(params, FAKE),
@@ -514,18 +512,11 @@ fn recipients_limits_domains_and_postmaster() {
 fn spool_space_low_defers_mail() {
     let mut h = greeted();
     h.cmd("EHLO client.example", "250");
-    // The loop owns the flag; the session only reads it.
-    let params_flag = h.session_flag();
-    params_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    h.event(Event::SpoolSpace { low: true });
+    assert_eq!(h.take(), "", "the state change itself is not answered");
     h.cmd("MAIL FROM:<a@b.example>", "452 4.3.1");
-    params_flag.store(false, std::sync::atomic::Ordering::Relaxed);
+    h.event(Event::SpoolSpace { low: false });
     h.cmd("MAIL FROM:<a@b.example>", "250");
-}
-
-impl Harness {
-    fn session_flag(&self) -> Arc<AtomicBool> {
-        self.session.spool_flag()
-    }
 }
 
 #[test]
@@ -606,7 +597,6 @@ fn pregreet() {
             client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             session_id: 1,
             tls_available: false,
-            spool_space_low: Arc::new(AtomicBool::new(false)),
         };
         let mut session = Session::with_judge(params, FAKE);
         let mut out = Output::default();
@@ -856,7 +846,6 @@ fn real_helo_module_default_policy() {
         client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
         session_id: 7,
         tls_available: false,
-        spool_space_low: Arc::new(AtomicBool::new(false)),
     };
     let now = Now {
         mono: Instant::now(),
