@@ -22,7 +22,7 @@ use std::time::SystemTime;
 
 use crate::dns::Lookup;
 use crate::helo::checks::{CheckInput, HeloArg, name_key};
-use crate::helo::policy::RejectAt;
+use crate::helo::policy::{RejectAt, syntax_refusal};
 use crate::helo::verdict::Decision;
 use crate::helo::{Action, Check};
 use crate::message::{Envelope, Protocol, TraceInfo};
@@ -116,7 +116,7 @@ impl Session {
         let policy = &params.settings.helo_policy;
         let policy_can_refuse = Check::ALL.into_iter().any(|check| {
             let action = policy.action(check);
-            action >= Action::Defer && !(check == Check::Syntax && action == Action::Reject)
+            action >= Action::Defer && !(check == Check::Syntax && policy.rejects_bad_syntax())
         });
         Self {
             params,
@@ -490,14 +490,9 @@ impl Session {
         }
         let parsed = (self.judge.parse)(&arg);
         let settings = &self.params.settings;
-        if parsed == HeloArg::Invalid
-            && settings.helo_policy.action(Check::Syntax) == Action::Reject
-        {
+        if parsed == HeloArg::Invalid && settings.helo_policy.rejects_bad_syntax() {
             // RFC 5321 4.1.4: a refused EHLO leaves the session as it was.
-            self.reply(
-                out,
-                Reply::new(501, "5.5.2", "Invalid HELO/EHLO argument: use a domain name or an address literal (RFC 5321 4.1.1.1)"),
-            );
+            self.reply(out, syntax_refusal(&arg));
             return;
         }
         self.generation = self.generation.wrapping_add(1);

@@ -332,7 +332,10 @@ fn dialogue_table() {
         ("EXPN list", "500 5.5.2"),
         ("PROXY TCP4 1.2.3.4 5.6.7.8 1 2", "500 5.5.2"),
         ("EHLO client.example", "250-mx.test"),
-        ("EHLO bad!name", "501 5.5.2"),
+        (
+            "EHLO bad!name",
+            "501 5.5.2 HELO bad!name refused: check syntax failed: RFC 5321",
+        ),
         ("RCPT TO:<a@b.example>", "503 5.5.1"),
         ("DATA", "503 5.5.1"),
         ("MAIL FROM:<a@b.example> FOO=1", "555 5.5.4"),
