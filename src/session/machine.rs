@@ -35,7 +35,7 @@ use crate::protocol::reply::Reply;
 use crate::relay::{XclientAttrs, XclientName};
 use crate::session::limits::{Counters, DataRate};
 use crate::session::state::{
-    BdatChunk, HeloJudge, Identity, Park, Phase, RelayStream, Transaction,
+    BdatChunk, HeloJudge, Identity, InputMode, Park, RelayStream, Transaction,
 };
 use crate::session::{
     DeliveryMode, DeliveryOutcome, Ending, Event, Now, Observation, Output, SessionAction,
@@ -75,7 +75,7 @@ pub struct Session {
     greeting: Greeting,
     /// Command lines and the overlong-line skip mode.
     lines: LineReader,
-    phase: Phase,
+    input_mode: InputMode,
     park: Option<Park>,
     closed: bool,
     ending: Ending,
@@ -124,7 +124,7 @@ impl Session {
             policy_can_refuse,
             greeting: Greeting::Waiting,
             lines: LineReader::new(),
-            phase: Phase::Command,
+            input_mode: InputMode::Command,
             park: Some(Park::Greeting),
             closed: false,
             ending: Ending::Open,
@@ -265,8 +265,8 @@ impl Session {
     /// or a complete message waiting for its verdict. Never above HELOGUARD_MAX_MESSAGE_SIZE
     /// when that is set; input bytes not yet consumed are the connection's, not counted here.
     pub fn buffered_bytes(&self) -> usize {
-        let data = match &self.phase {
-            Phase::Data(decoder) => decoder.buffered(),
+        let data = match &self.input_mode {
+            InputMode::Data(decoder) => decoder.buffered(),
             _ => 0,
         };
         let chunks = self
@@ -316,8 +316,8 @@ impl Session {
         let mut pos = 0;
         while !self.closed && self.park.is_none() {
             let rest = &input[pos..];
-            let used = match &mut self.phase {
-                Phase::Command => match self.lines.read(rest) {
+            let used = match &mut self.input_mode {
+                InputMode::Command => match self.lines.read(rest) {
                     LineRead::Line { line, consumed } => {
                         self.on_line(line, now, out);
                         consumed
@@ -331,16 +331,16 @@ impl Session {
                         break;
                     }
                 },
-                Phase::Data(decoder) => {
+                InputMode::Data(decoder) => {
                     if rest.is_empty() {
                         break;
                     }
                     let feed = decoder.feed(rest);
                     if feed.complete {
-                        let Phase::Data(decoder) =
-                            std::mem::replace(&mut self.phase, Phase::Command)
+                        let InputMode::Data(decoder) =
+                            std::mem::replace(&mut self.input_mode, InputMode::Command)
                         else {
-                            unreachable!("matched Phase::Data above")
+                            unreachable!("matched InputMode::Data above")
                         };
                         self.count_data(feed.consumed);
                         self.end_of_message(decoder.finish(), now, out);
@@ -351,7 +351,7 @@ impl Session {
                     self.relay_forward(out);
                     feed.consumed
                 }
-                Phase::Chunk { remaining, .. } | Phase::SkipChunk { remaining } => {
+                InputMode::Chunk { remaining, .. } | InputMode::SkipChunk { remaining } => {
                     if *remaining == 0 {
                         self.chunk_done(now, out);
                         continue;
@@ -363,7 +363,8 @@ impl Session {
                         .len()
                         .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                     *remaining -= n as u64;
-                    if let (Phase::Chunk { .. }, Some(tx)) = (&self.phase, self.tx.as_mut())
+                    if let (InputMode::Chunk { .. }, Some(tx)) =
+                        (&self.input_mode, self.tx.as_mut())
                         && let Some(decoder) = tx.chunks.as_mut()
                     {
                         decoder.feed(&rest[..n]);
@@ -374,7 +375,7 @@ impl Session {
                 }
             };
             pos += used;
-            if pos >= input.len() && matches!(self.phase, Phase::Command) {
+            if pos >= input.len() && matches!(self.input_mode, InputMode::Command) {
                 break;
             }
         }
@@ -692,7 +693,7 @@ impl Session {
             self.tx = None;
             if let Some(c) = chunk {
                 // RFC 3030 3: the chunk's octets follow whatever the answer.
-                self.phase = Phase::SkipChunk { remaining: c.size };
+                self.input_mode = InputMode::SkipChunk { remaining: c.size };
             }
             self.reply(out, reply);
             return;
@@ -707,7 +708,7 @@ impl Session {
         self.rate = Some(DataRate::start(now.mono));
         match chunk {
             None => {
-                self.phase = Phase::Data(DataDecoder::new(Framing::Dot, limits));
+                self.input_mode = InputMode::Data(DataDecoder::new(Framing::Dot, limits));
                 self.reply(
                     out,
                     Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"),
@@ -715,7 +716,7 @@ impl Session {
             }
             Some(BdatChunk { size, last }) => {
                 tx.chunks = Some(DataDecoder::new(Framing::Chunked, limits));
-                self.phase = Phase::Chunk {
+                self.input_mode = InputMode::Chunk {
                     size,
                     remaining: size,
                     last,
@@ -733,8 +734,8 @@ impl Session {
         let Some(stream) = tx.relay.as_mut() else {
             return;
         };
-        let decoder = match &mut self.phase {
-            Phase::Data(decoder) => Some(decoder),
+        let decoder = match &mut self.input_mode {
+            InputMode::Data(decoder) => Some(decoder),
             _ => tx.chunks.as_mut(),
         };
         let Some(decoder) = decoder else {
@@ -1023,14 +1024,14 @@ impl Session {
             out,
             Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"),
         );
-        self.phase = Phase::Data(DataDecoder::new(Framing::Dot, self.data_limits()));
+        self.input_mode = InputMode::Data(DataDecoder::new(Framing::Dot, self.data_limits()));
         self.rate = Some(DataRate::start(now.mono));
     }
 
     fn on_bdat(&mut self, size: u64, last: bool, now: Now, out: &mut Output) {
         // RFC 3030 3: the chunk's octets follow whatever the answer; read them to stay in sync.
         if !self.ready_for_content(out) {
-            self.phase = Phase::SkipChunk { remaining: size };
+            self.input_mode = InputMode::SkipChunk { remaining: size };
             return;
         }
         let limits = self.data_limits();
@@ -1049,7 +1050,7 @@ impl Session {
             tx.chunks = Some(DataDecoder::new(Framing::Chunked, limits));
             self.rate = Some(DataRate::start(now.mono));
         }
-        self.phase = Phase::Chunk {
+        self.input_mode = InputMode::Chunk {
             size,
             remaining: size,
             last,
@@ -1058,8 +1059,8 @@ impl Session {
 
     /// Every octet of the current chunk is in.
     fn chunk_done(&mut self, now: Now, out: &mut Output) {
-        let phase = std::mem::replace(&mut self.phase, Phase::Command);
-        let Phase::Chunk { size, last, .. } = phase else {
+        let mode = std::mem::replace(&mut self.input_mode, InputMode::Command);
+        let InputMode::Chunk { size, last, .. } = mode else {
             return;
         };
         if !last {
@@ -1228,7 +1229,7 @@ impl Session {
         self.current = None;
         self.candidate = None;
         self.drop_transaction(out);
-        self.phase = Phase::Command;
+        self.input_mode = InputMode::Command;
         self.lines.reset();
     }
 

@@ -1,8 +1,8 @@
 //! What a session remembers between events: the HELO identities, the mail transaction, the
-//! input phase and what it is parked on.
+//! input mode and what it is parked on.
 //!
 //! Stages are types, not strings (unlike Postfix's `state->where`): a transaction is a struct
-//! that RSET, EHLO and STARTTLS drop whole; the phase says how the next input bytes are read.
+//! that RSET, EHLO and STARTTLS drop whole; the input mode says how the next input bytes are read.
 
 use std::net::IpAddr;
 use std::time::SystemTime;
@@ -122,7 +122,7 @@ impl Transaction {
 
 /// How the next input bytes are read.
 #[derive(Debug)]
-pub(crate) enum Phase {
+pub(crate) enum InputMode {
     /// Command lines.
     Command,
     /// DATA content up to CRLF.CRLF.
