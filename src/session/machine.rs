@@ -20,28 +20,22 @@
 
 use std::time::SystemTime;
 
-use crate::dns::Lookup;
 use crate::helo::checks::{CheckInput, HeloArg, name_key};
 use crate::helo::policy::{RejectAt, syntax_refusal};
 use crate::helo::verdict::Decision;
 use crate::helo::{Action, Check};
 use crate::message::{Envelope, Protocol, TraceInfo};
 use crate::protocol::command::{Command, MailParams, Path, Verb};
-use crate::protocol::data::{
-    DataDecoder, DataLimits, DataRefusal, Framing, MAX_RECEIVED_FIELDS, count_received,
-};
+use crate::protocol::data::{DataDecoder, DataLimits, DataRefusal, Framing};
 use crate::protocol::line::{LineRead, LineReader};
 use crate::protocol::reply::Reply;
-use crate::relay::{XclientAttrs, XclientName};
 use crate::session::limits::{Counters, DataRate};
-use crate::session::state::{
-    BdatChunk, HeloJudge, Identity, InputMode, Park, RelayStream, Transaction,
-};
+use crate::session::relay::BdatChunk;
+use crate::session::state::{HeloJudge, Identity, InputMode, Park, Transaction};
 use crate::session::{
-    DeliveryMode, DeliveryOutcome, Ending, Event, Now, Observation, Output, SessionAction,
-    SessionParams, Stage, Summary, TlsInfo,
+    DeliveryOutcome, Ending, Event, Now, Observation, Output, SessionAction, SessionParams, Stage,
+    Summary, TlsInfo,
 };
-use crate::spool::header::strip_own_fields;
 
 /// Refused identities remembered per session (REJECT_AT=helo), so a repeat gets the same answer.
 const REMEMBERED_REFUSALS: usize = 16;
@@ -68,33 +62,33 @@ enum Greeting {
 
 /// One SMTP session, sans I/O.
 pub struct Session {
-    params: SessionParams,
+    pub(super) params: SessionParams,
     judge: HeloJudge,
     /// Some check other than the syntax gate can defer or reject: the verdict gates replies.
     policy_can_refuse: bool,
     greeting: Greeting,
     /// Command lines and the overlong-line skip mode.
     lines: LineReader,
-    input_mode: InputMode,
-    park: Option<Park>,
+    pub(super) input_mode: InputMode,
+    pub(super) park: Option<Park>,
     closed: bool,
     ending: Ending,
     /// The identity of the latest accepted EHLO/HELO.
-    current: Option<Identity>,
+    pub(super) current: Option<Identity>,
     /// REJECT_AT=helo: an identity whose EHLO/HELO waits for its verdict.
     candidate: Option<Identity>,
     /// Identities refused at EHLO/HELO (as `name_key`), with their reply (RFC 5321 4.1.4: the
     /// session stays).
     refused: Vec<(String, Reply)>,
     /// PTR facts of the client, once per session.
-    reverse: Option<crate::dns::ReverseFacts>,
+    pub(super) reverse: Option<crate::dns::ReverseFacts>,
     /// Generation of the latest identity that passed the syntax gate.
     generation: u32,
-    tx: Option<Transaction>,
+    pub(super) tx: Option<Transaction>,
     tls: Option<TlsInfo>,
     counters: Counters,
     /// The DATA/BDAT transfer in progress, for HELOGUARD_MIN_DATA_RATE.
-    rate: Option<DataRate>,
+    pub(super) rate: Option<DataRate>,
     /// SIGTERM came during a transaction: close after it.
     draining: bool,
     /// The latest `Event::SpoolSpace`: MAIL gets 452 4.3.1 while set.
@@ -245,15 +239,7 @@ impl Session {
         self.tx.is_some()
             || matches!(
                 self.park,
-                Some(
-                    Park::DataVerdict { .. }
-                        | Park::Delivery { .. }
-                        | Park::RelayMailReverse { .. }
-                        | Park::RelayMail { .. }
-                        | Park::RelayRcpt { .. }
-                        | Park::RelayDataVerdict { .. }
-                        | Park::RelayDataStart { .. }
-                )
+                Some(Park::DataVerdict { .. } | Park::Delivery { .. } | Park::Relay(_))
             )
     }
 
@@ -543,9 +529,7 @@ impl Session {
     /// a BDAT that was not LAST) is aborted there, never finished with a dot, and the data-rate
     /// clock, which only runs while message data is due, stops.
     fn drop_transaction(&mut self, out: &mut Output) {
-        if let Some(stream) = self.tx.as_mut().and_then(|tx| tx.relay.as_mut()) {
-            abort_relay(stream, out);
-        }
+        self.relay_drop(out);
         self.tx = None;
         self.rate = None;
     }
@@ -582,7 +566,7 @@ impl Session {
     }
 
     /// Answers what was parked on a verdict, if the verdict is there.
-    fn resume(&mut self, out: &mut Output) {
+    pub(super) fn resume(&mut self, out: &mut Output) {
         match self.park.take() {
             Some(Park::HeloVerdict) => {
                 let decision = self
@@ -612,13 +596,6 @@ impl Session {
                     }
                 }
             }
-            Some(Park::RelayDataVerdict { chunk, received_at }) => {
-                if self.current_decision().is_some() {
-                    self.start_relay_data(chunk, received_at, out);
-                } else {
-                    self.park = Some(Park::RelayDataVerdict { chunk, received_at });
-                }
-            }
             Some(Park::RcptVerdict { recipient }) => match self.current_decision() {
                 Some(decision) => self.answer_rcpt(recipient, decision, out),
                 None => self.park = Some(Park::RcptVerdict { recipient }),
@@ -636,120 +613,12 @@ impl Session {
                     });
                 }
             }
-            Some(Park::RelayMailReverse {
-                reverse_path,
-                params,
-            }) => {
-                if self.reverse_settled() {
-                    self.relay_mail(reverse_path, params, out);
-                } else {
-                    self.park = Some(Park::RelayMailReverse {
-                        reverse_path,
-                        params,
-                    });
-                }
-            }
+            Some(Park::Relay(park)) => self.resume_relay(park, out),
             other => self.park = other,
         }
     }
 
-    /// Relaying: DATA (or the first BDAT) has its verdict; ask the next hop for DATA.
-    fn start_relay_data(
-        &mut self,
-        chunk: Option<BdatChunk>,
-        received_at: SystemTime,
-        out: &mut Output,
-    ) {
-        let Some(tx) = self.tx.take() else {
-            self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"));
-            return;
-        };
-        let Some(trace) = self.trace_info(&tx, received_at) else {
-            self.reply(out, Reply::new(451, "4.3.0", "Local error in processing"));
-            return;
-        };
-        let queue_id = trace.queue_id.clone();
-        out.actions.push(SessionAction::RelayData {
-            trace: Box::new(trace),
-            recipients: tx.recipients.clone(),
-        });
-        self.tx = Some(tx);
-        self.park = Some(Park::RelayDataStart { chunk, queue_id });
-    }
-
-    /// The next hop answered DATA: on 354 the client's message streams through.
-    fn on_relay_data_start(
-        &mut self,
-        reply: Reply,
-        chunk: Option<BdatChunk>,
-        queue_id: String,
-        now: Now,
-        out: &mut Output,
-    ) {
-        let limits = self.data_limits();
-        if reply.code != 354 {
-            out.observations
-                .push(Observation::MessageRejected(Stage::Data));
-            self.tx = None;
-            if let Some(c) = chunk {
-                // RFC 3030 3: the chunk's octets follow whatever the answer.
-                self.input_mode = InputMode::SkipChunk { remaining: c.size };
-            }
-            self.reply(out, reply);
-            return;
-        }
-        let Some(tx) = self.tx.as_mut() else {
-            return;
-        };
-        tx.relay = Some(RelayStream {
-            queue_id,
-            ..RelayStream::default()
-        });
-        self.rate = Some(DataRate::start(now.mono));
-        match chunk {
-            None => {
-                self.input_mode = InputMode::Data(DataDecoder::new(Framing::Dot, limits));
-                self.reply(
-                    out,
-                    Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"),
-                );
-            }
-            Some(BdatChunk { size, last }) => {
-                tx.chunks = Some(DataDecoder::new(Framing::Chunked, limits));
-                self.input_mode = InputMode::Chunk {
-                    size,
-                    remaining: size,
-                    last,
-                };
-            }
-        }
-    }
-
-    /// Relaying: passes on what the decoder has so far (the header once it is complete), or
-    /// drops the next hop's transaction as soon as the message is refused.
-    fn relay_forward(&mut self, out: &mut Output) {
-        let Some(tx) = self.tx.as_mut() else {
-            return;
-        };
-        let Some(stream) = tx.relay.as_mut() else {
-            return;
-        };
-        let decoder = match &mut self.input_mode {
-            InputMode::Data(decoder) => Some(decoder),
-            _ => tx.chunks.as_mut(),
-        };
-        let Some(decoder) = decoder else {
-            return;
-        };
-        if decoder.is_refused() {
-            abort_relay(stream, out);
-            return;
-        }
-        let content = decoder.take_content();
-        push_relay_content(stream, content, false, &self.params.settings.hostname, out);
-    }
-
-    fn current_decision(&self) -> Option<Decision> {
+    pub(super) fn current_decision(&self) -> Option<Decision> {
         let verdict = self.current.as_ref()?.verdict.as_ref()?;
         Some(verdict.decision.clone())
     }
@@ -792,102 +661,12 @@ impl Session {
             );
             return;
         }
-        if settings.delivery != DeliveryMode::Maildir {
-            let reverse_path = from.mailbox.to_string();
-            if self.reverse_settled() {
-                self.relay_mail(reverse_path, params, out);
-            } else {
-                // The first MAIL opens the next-hop link, whose XCLIENT NAME is the PTR name:
-                // an EHLO answered before the reverse lookup (policy `tag`) must not make it
-                // [TEMPUNAVAIL].
-                self.park = Some(Park::RelayMailReverse {
-                    reverse_path,
-                    params,
-                });
-            }
+        if self.relaying() {
+            self.relay_on_mail(from.mailbox.to_string(), params, out);
             return;
         }
         self.tx = Some(Transaction::new(from.mailbox, params.smtputf8));
         self.reply(out, Reply::new(250, "2.1.0", "Ok"));
-    }
-
-    /// Before-queue relay: the client's MAIL gets the next hop's answer.
-    fn relay_mail(&mut self, reverse_path: String, params: MailParams, out: &mut Output) {
-        out.actions.push(SessionAction::RelayMail {
-            reverse_path: reverse_path.clone(),
-            params,
-            xclient: self.xclient_attrs(),
-        });
-        self.park = Some(Park::RelayMail {
-            reverse_path,
-            smtputf8: params.smtputf8,
-        });
-    }
-
-    /// The reverse DNS facts are in, or the verdict deadline of the current identity passed
-    /// without them (XCLIENT then says [TEMPUNAVAIL]).
-    fn reverse_settled(&self) -> bool {
-        self.reverse.is_some() || self.current.as_ref().is_some_and(|id| id.deadline_passed)
-    }
-
-    /// What XCLIENT tells the next hop about the client (Postfix XCLIENT_README).
-    fn xclient_attrs(&self) -> XclientAttrs {
-        let ip = self.params.client_ip;
-        let name = match self.reverse.as_ref() {
-            None => XclientName::TempUnavailable,
-            Some(facts) => match facts.confirmed_name(ip) {
-                Some(name) => XclientName::Name(name.to_string()),
-                // Postfix turns [TEMPUNAVAIL] into a 4xx, never a 5xx: use it while
-                // the PTR side is undecided.
-                None if matches!(facts.ptr, Lookup::TempError(_)) => XclientName::TempUnavailable,
-                None => XclientName::Unavailable,
-            },
-        };
-        let current = self.current.as_ref();
-        XclientAttrs {
-            addr: ip,
-            name,
-            helo: current.map(|id| id.arg.clone()),
-            proto: match current.map(|id| id.verb) {
-                Some(Verb::Ehlo) => "ESMTP",
-                _ => "SMTP",
-            },
-        }
-    }
-
-    /// The next hop answered the replayed MAIL or RCPT.
-    fn on_relay_reply(&mut self, reply: Reply, now: Now, out: &mut Output) {
-        let accepted = (200..300).contains(&reply.code);
-        match self.park.take() {
-            Some(Park::RelayMail {
-                reverse_path,
-                smtputf8,
-            }) => {
-                if accepted {
-                    self.tx = Some(Transaction::new(&reverse_path, smtputf8));
-                    self.reply(out, Reply::new(250, "2.1.0", "Ok"));
-                } else {
-                    out.observations
-                        .push(Observation::MessageRejected(Stage::Mail));
-                    self.reply(out, reply);
-                }
-            }
-            Some(Park::RelayRcpt { recipient }) => match (accepted, self.tx.as_mut()) {
-                (true, Some(tx)) => {
-                    tx.recipients.push(recipient);
-                    self.reply(out, Reply::new(250, "2.1.5", "Ok"));
-                }
-                _ => {
-                    out.observations
-                        .push(Observation::MessageRejected(Stage::Rcpt));
-                    self.reply(out, reply);
-                }
-            },
-            Some(Park::RelayDataStart { chunk, queue_id }) => {
-                self.on_relay_data_start(reply, chunk, queue_id, now, out)
-            }
-            other => self.park = other,
-        }
     }
 
     fn on_rcpt(&mut self, to: Path<'_>, out: &mut Output) {
@@ -945,32 +724,13 @@ impl Session {
     }
 
     fn answer_rcpt(&mut self, recipient: String, decision: Decision, out: &mut Output) {
+        let relaying = self.relaying();
         match (decision, self.tx.as_mut()) {
-            (Decision::Accept, Some(tx)) => match self.params.settings.delivery {
-                DeliveryMode::Maildir => {
-                    tx.recipients.push(recipient);
-                    self.reply(out, Reply::new(250, "2.1.5", "Ok"));
-                }
-                // LMTP answers once per recipient after the data (RFC 2033 4.2), while the
-                // SMTP client expects one reply: one recipient per transaction keeps the two
-                // in step. RFC 5321 4.5.3.1.10: clients retry the others in a new one.
-                DeliveryMode::LmtpRelay if !tx.recipients.is_empty() => {
-                    self.reply(
-                        out,
-                        Reply::new(
-                            452,
-                            "4.5.3",
-                            "One recipient per transaction, send the rest later",
-                        ),
-                    );
-                }
-                _ => {
-                    out.actions.push(SessionAction::RelayRcpt {
-                        forward_path: recipient.clone(),
-                    });
-                    self.park = Some(Park::RelayRcpt { recipient });
-                }
-            },
+            (Decision::Accept, Some(_)) if relaying => self.relay_accept_rcpt(recipient, out),
+            (Decision::Accept, Some(tx)) => {
+                tx.recipients.push(recipient);
+                self.reply(out, Reply::new(250, "2.1.5", "Ok"));
+            }
             (Decision::Accept, None) => {
                 self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"))
             }
@@ -993,7 +753,7 @@ impl Session {
         false
     }
 
-    fn data_limits(&self) -> DataLimits {
+    pub(super) fn data_limits(&self) -> DataLimits {
         let settings = &self.params.settings;
         DataLimits {
             max_message_size: settings.max_message_size,
@@ -1010,14 +770,8 @@ impl Session {
             self.reply(out, Reply::new(503, "5.5.1", "DATA not allowed after BDAT"));
             return;
         }
-        if self.params.settings.delivery != DeliveryMode::Maildir {
-            // The 354 is the next hop's to give: ask it first (after the verdict, which the
-            // trace fields carry).
-            self.park = Some(Park::RelayDataVerdict {
-                chunk: None,
-                received_at: now.wall,
-            });
-            self.resume(out);
+        if self.relaying() {
+            self.relay_content_start(None, now.wall, out);
             return;
         }
         self.reply(
@@ -1036,12 +790,8 @@ impl Session {
         }
         let limits = self.data_limits();
         let first_chunk = self.tx.as_ref().is_some_and(|tx| tx.chunks.is_none());
-        if first_chunk && self.params.settings.delivery != DeliveryMode::Maildir {
-            self.park = Some(Park::RelayDataVerdict {
-                chunk: Some(BdatChunk { size, last }),
-                received_at: now.wall,
-            });
-            self.resume(out);
+        if first_chunk && self.relaying() {
+            self.relay_content_start(Some(BdatChunk { size, last }), now.wall, out);
             return;
         }
         if let Some(tx) = self.tx.as_mut()
@@ -1099,38 +849,13 @@ impl Session {
         }
     }
 
-    /// Relaying: the client's message is complete; the final dot goes to the next hop only
-    /// if nothing refused the message on the way.
-    fn end_of_relayed_message(
-        &mut self,
-        stream: &mut RelayStream,
-        result: Result<Vec<u8>, DataRefusal>,
-        out: &mut Output,
-    ) {
-        let refusal = match result {
-            Ok(rest) => {
-                push_relay_content(stream, rest, true, &self.params.settings.hostname, out);
-                stream.looped.then_some(DataRefusal::Loop)
-            }
-            Err(refusal) => Some(refusal),
-        };
-        self.tx = None;
-        if let Some(refusal) = refusal {
-            abort_relay(stream, out);
-            out.observations
-                .push(Observation::MessageRejected(Stage::Data));
-            self.reply(out, refusal.reply());
-            return;
-        }
-        out.actions.push(SessionAction::RelayEndData);
-        self.park = Some(Park::Delivery {
-            queue_id: std::mem::take(&mut stream.queue_id),
-        });
-    }
-
     /// The trace information of a message of `tx`, with a new queue ID; `None` without an
     /// identity and verdict (which the callers wait for).
-    fn trace_info(&mut self, tx: &Transaction, received_at: SystemTime) -> Option<TraceInfo> {
+    pub(super) fn trace_info(
+        &mut self,
+        tx: &Transaction,
+        received_at: SystemTime,
+    ) -> Option<TraceInfo> {
         let identity = self.current.as_ref()?;
         let verdict = identity.verdict.clone()?;
         self.handed_off += 1;
@@ -1259,7 +984,7 @@ impl Session {
     }
 
     /// A reply to a command or a message: 5xx counts toward HELOGUARD_MAX_ERRORS.
-    fn reply(&mut self, out: &mut Output, reply: Reply) {
+    pub(super) fn reply(&mut self, out: &mut Output, reply: Reply) {
         self.send(out, &reply);
         if reply.code >= 500 && self.counters.error_over(self.params.settings.max_errors) {
             self.close(
@@ -1279,52 +1004,5 @@ impl Session {
 
     fn send_line(&mut self, out: &mut Output, code: u16, enhanced: &str, text: &str) {
         self.send(out, &Reply::new(code, enhanced, text));
-    }
-}
-
-/// Relay modes: the largest header section held back before it is passed on anyway.
-const RELAY_HEAD_LIMIT: usize = 64 * 1024;
-
-/// Passes decoded content on to the next hop: the header section once it is complete
-/// (without the fields that claim our name; SPEC "What an accepted message carries"), then
-/// the rest as it comes. `last` flushes a message that has no body.
-fn push_relay_content(
-    stream: &mut RelayStream,
-    content: Vec<u8>,
-    last: bool,
-    hostname: &str,
-    out: &mut Output,
-) {
-    if stream.aborted {
-        return;
-    }
-    if stream.head_sent {
-        if !content.is_empty() {
-            out.actions.push(SessionAction::RelayChunk(content));
-        }
-        return;
-    }
-    stream.head.extend_from_slice(&content);
-    let head = &stream.head;
-    let complete = head.starts_with(b"\r\n") || memchr::memmem::find(head, b"\r\n\r\n").is_some();
-    if !(complete || last || head.len() > RELAY_HEAD_LIMIT) {
-        return;
-    }
-    if count_received(head) > MAX_RECEIVED_FIELDS {
-        stream.looped = true;
-        abort_relay(stream, out);
-        return;
-    }
-    let head = std::mem::take(&mut stream.head);
-    let stripped = strip_own_fields(&head, hostname).into_owned();
-    stream.head_sent = true;
-    out.actions.push(SessionAction::RelayChunk(stripped));
-}
-
-/// Drops the next hop's transaction without its final dot (once).
-fn abort_relay(stream: &mut RelayStream, out: &mut Output) {
-    if !stream.aborted {
-        stream.aborted = true;
-        out.actions.push(SessionAction::RelayAbort);
     }
 }

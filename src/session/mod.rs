@@ -22,6 +22,7 @@ use crate::relay::XclientAttrs;
 
 mod limits;
 mod machine;
+mod relay;
 mod state;
 #[cfg(test)]
 mod tests;

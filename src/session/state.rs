@@ -11,8 +11,9 @@ use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::checks::{CheckInput, HeloArg};
 use crate::helo::policy::{AllowEntry, HeloPolicy};
 use crate::helo::verdict::HeloVerdict;
-use crate::protocol::command::{MailParams, Verb};
+use crate::protocol::command::Verb;
 use crate::protocol::data::DataDecoder;
+use crate::session::relay::{RelayPark, RelayStream};
 
 /// Runs the checks and the policy on what is known of one identity.
 pub(crate) type DecideFn = fn(
@@ -155,50 +156,6 @@ pub(crate) enum Park {
     Delivery { queue_id: String },
     /// `Event::TlsEstablished` after our 220 to STARTTLS.
     Tls,
-    /// Relay modes: the reverse DNS facts (or the verdict deadline) before this MAIL is
-    /// replayed, because the next-hop link it opens carries them in XCLIENT NAME.
-    RelayMailReverse {
-        reverse_path: String,
-        params: MailParams,
-    },
-    /// Relay modes: the next hop's answer to MAIL.
-    RelayMail {
-        reverse_path: String,
-        smtputf8: bool,
-    },
-    /// Relay modes: the next hop's answer to RCPT.
-    RelayRcpt { recipient: String },
-    /// Relay modes: DATA (or the first BDAT) waits for the verdict, which the trace fields
-    /// carry, before the next hop is asked for its DATA.
-    RelayDataVerdict {
-        chunk: Option<BdatChunk>,
-        received_at: SystemTime,
-    },
-    /// Relay modes: the next hop's answer to DATA (354 or a refusal).
-    RelayDataStart {
-        chunk: Option<BdatChunk>,
-        queue_id: String,
-    },
-}
-
-/// The BDAT command that opened a relayed message: its octets follow the command.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct BdatChunk {
-    pub size: u64,
-    pub last: bool,
-}
-
-/// Relay modes: a message passed on to the next hop as it arrives.
-#[derive(Debug, Default)]
-pub(crate) struct RelayStream {
-    pub queue_id: String,
-    /// The header section so far: held back until it is complete, because our own forged
-    /// fields are removed from it and its Received fields are counted (loop detection).
-    pub head: Vec<u8>,
-    pub head_sent: bool,
-    /// The next hop's transaction was dropped (no final dot); the client hears why at the
-    /// end of its data.
-    pub aborted: bool,
-    /// More than 100 Received fields (RFC 5321 6.3).
-    pub looped: bool,
+    /// Relay modes: the next hop, or what must be known before it is asked.
+    Relay(RelayPark),
 }
