@@ -46,7 +46,10 @@ fn src_modules_have_no_import_cycles() {
             } else {
                 format!("crate::{}", parent.join("::"))
             };
-            cycles.push(format!("{prefix}: {}", cycle.join(" -> ")));
+            cycles.push(format!(
+                "{prefix}: {{{}}} import each other",
+                cycle.join(", ")
+            ));
         }
     }
     assert!(
@@ -257,7 +260,8 @@ fn edge(
         .then(|| (from[..common].to_vec(), a.clone(), b.clone()))
 }
 
-/// One cycle per strongly connected component with more than one module (Tarjan).
+/// The modules of each strongly connected component with more than one module (Tarjan):
+/// every module of one reaches every other.
 fn find_cycles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
     struct Tarjan<'g> {
         graph: &'g BTreeMap<String, BTreeSet<String>>,

@@ -17,39 +17,23 @@
 //!   EHLO itself). Otherwise the verdict is needed only for the trace fields at the end of the
 //!   message, and DNS latency stays hidden behind the dialogue.
 //! - 354 carries `2.0.0` like every other reply but the banner and EHLO/HELO (SPEC).
+//!
+//! The parts that are not the plain dialogue live beside it, as further `impl Session` blocks:
+//! `identity` (EHLO/HELO identities and their verdicts), `delivery` (the maildir hand-off) and
+//! `relay` (the before-queue relay modes, entered only where `relaying()` says so).
 
-use std::time::SystemTime;
-
-use crate::helo::checks::{CheckInput, HeloArg, name_key};
-use crate::helo::policy::{RejectAt, syntax_refusal};
+use crate::helo::policy::RejectAt;
 use crate::helo::verdict::Decision;
 use crate::helo::{Action, Check};
-use crate::message::{Envelope, Protocol, TraceInfo};
 use crate::protocol::command::{Command, MailParams, Path, Verb};
 use crate::protocol::data::{DataDecoder, DataLimits, DataRefusal, Framing};
 use crate::protocol::line::{LineRead, LineReader};
 use crate::protocol::reply::Reply;
 use crate::session::limits::{Counters, DataRate};
-use crate::session::relay::BdatChunk;
-use crate::session::state::{HeloJudge, Identity, InputMode, Park, Transaction};
+use crate::session::state::{BdatChunk, HeloJudge, Identity, InputMode, Park, Transaction};
 use crate::session::{
-    DeliveryOutcome, Ending, Event, Now, Observation, Output, SessionAction, SessionParams, Stage,
-    Summary, TlsInfo,
+    Ending, Event, Now, Observation, Output, SessionAction, SessionParams, Stage, Summary, TlsInfo,
 };
-
-/// Refused identities remembered per session (REJECT_AT=helo), so a repeat gets the same answer.
-const REMEMBERED_REFUSALS: usize = 16;
-
-/// The EHLO/HELO argument as text: valid UTF-8 is kept, and each octet of an invalid sequence
-/// becomes one `?`, so headers show one `?` per octet (SPEC) and never a 3-octet U+FFFD.
-fn helo_text(arg: &[u8]) -> String {
-    let mut text = String::with_capacity(arg.len());
-    for chunk in arg.utf8_chunks() {
-        text.push_str(chunk.valid());
-        text.extend(std::iter::repeat_n('?', chunk.invalid().len()));
-    }
-    text
-}
 
 /// Whether the banner went out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,42 +47,42 @@ enum Greeting {
 /// One SMTP session, sans I/O.
 pub struct Session {
     pub(super) params: SessionParams,
-    judge: HeloJudge,
+    pub(super) judge: HeloJudge,
     /// Some check other than the syntax gate can defer or reject: the verdict gates replies.
-    policy_can_refuse: bool,
+    pub(super) policy_can_refuse: bool,
     greeting: Greeting,
     /// Command lines and the overlong-line skip mode.
-    lines: LineReader,
+    pub(super) lines: LineReader,
     pub(super) input_mode: InputMode,
     pub(super) park: Option<Park>,
-    closed: bool,
-    ending: Ending,
+    pub(super) closed: bool,
+    pub(super) ending: Ending,
     /// The identity of the latest accepted EHLO/HELO.
     pub(super) current: Option<Identity>,
     /// REJECT_AT=helo: an identity whose EHLO/HELO waits for its verdict.
-    candidate: Option<Identity>,
+    pub(super) candidate: Option<Identity>,
     /// Identities refused at EHLO/HELO (as `name_key`), with their reply (RFC 5321 4.1.4: the
     /// session stays).
-    refused: Vec<(String, Reply)>,
+    pub(super) refused: Vec<(String, Reply)>,
     /// PTR facts of the client, once per session.
     pub(super) reverse: Option<crate::dns::ReverseFacts>,
     /// Generation of the latest identity that passed the syntax gate.
-    generation: u32,
+    pub(super) generation: u32,
     pub(super) tx: Option<Transaction>,
-    tls: Option<TlsInfo>,
-    counters: Counters,
+    pub(super) tls: Option<TlsInfo>,
+    pub(super) counters: Counters,
     /// The DATA/BDAT transfer in progress, for HELOGUARD_MIN_DATA_RATE.
     pub(super) rate: Option<DataRate>,
     /// SIGTERM came during a transaction: close after it.
-    draining: bool,
+    pub(super) draining: bool,
     /// The latest `Event::SpoolSpace`: MAIL gets 452 4.3.1 while set.
-    spool_space_low: bool,
+    pub(super) spool_space_low: bool,
     /// Messages accepted.
-    messages: u32,
+    pub(super) messages: u32,
     /// Messages handed off (queue ID numbering).
-    handed_off: u32,
+    pub(super) handed_off: u32,
     /// DATA/BDAT octets read.
-    bytes: u64,
+    pub(super) bytes: u64,
 }
 
 impl Session {
@@ -158,37 +142,9 @@ impl Session {
             Event::Greet => self.on_greeting(Greeting::Greeted, out),
             Event::Pregreeted => self.on_greeting(Greeting::Pregreeted, out),
             Event::Input(input) => out.consumed = self.on_input(input, now, out),
-            Event::Reverse(facts) => {
-                if self.reverse.is_none() {
-                    self.reverse = Some(facts);
-                }
-                self.evaluate(out);
-            }
-            Event::Forward { name, addrs } => {
-                for identity in [self.candidate.as_mut(), self.current.as_mut()]
-                    .into_iter()
-                    .flatten()
-                {
-                    let wanted = identity
-                        .lookup_name()
-                        .is_some_and(|n| n.eq_ignore_ascii_case(&name));
-                    if wanted && identity.forward.is_none() {
-                        identity.forward = Some(addrs.clone());
-                    }
-                }
-                self.evaluate(out);
-            }
-            Event::VerdictDeadline { generation } => {
-                for identity in [self.candidate.as_mut(), self.current.as_mut()]
-                    .into_iter()
-                    .flatten()
-                {
-                    if identity.generation == generation {
-                        identity.deadline_passed = true;
-                    }
-                }
-                self.evaluate(out);
-            }
+            Event::Reverse(facts) => self.on_reverse(facts, out),
+            Event::Forward { name, addrs } => self.on_forward(&name, addrs, out),
+            Event::VerdictDeadline { generation } => self.on_verdict_deadline(generation, out),
             Event::Delivered(outcome) => self.on_delivered(outcome, out),
             Event::RelayReply(reply) => self.on_relay_reply(reply, now, out),
             Event::TlsEstablished(info) => self.on_tls(info, out),
@@ -463,139 +419,19 @@ impl Session {
         }
     }
 
-    fn on_helo(&mut self, verb: Verb, arg: &[u8], out: &mut Output) {
-        let arg = helo_text(arg);
-        // SPEC: a refused identity stays refused when repeated, or sent with the other verb
-        // (names compare case-insensitively and without a trailing dot).
-        let key = name_key(&arg);
-        if let Some((_, reply)) = self.refused.iter().find(|(refused, _)| *refused == key) {
-            let reply = reply.clone();
-            out.observations
-                .push(Observation::MessageRejected(Stage::Helo));
-            self.reply(out, reply);
-            return;
-        }
-        let parsed = (self.judge.parse)(&arg);
-        let settings = &self.params.settings;
-        if parsed == HeloArg::Invalid && settings.helo_policy.rejects_bad_syntax() {
-            // RFC 5321 4.1.4: a refused EHLO leaves the session as it was.
-            self.reply(out, syntax_refusal(&arg));
-            return;
-        }
-        self.generation = self.generation.wrapping_add(1);
-        let needs_forward = [Check::Localhost, Check::Forward, Check::ForwardMatch]
-            .into_iter()
-            .any(|check| settings.helo_policy.action(check) != Action::Off);
-        let identity = Identity::new(verb, arg, parsed, self.generation, needs_forward);
-        out.actions.push(SessionAction::HeloAccepted {
-            generation: self.generation,
-            lookup: identity.lookup_name().map(str::to_string),
-        });
-        if settings.reject_at == RejectAt::Helo && self.policy_can_refuse {
-            self.candidate = Some(identity);
-            self.park = Some(Park::HeloVerdict);
-        } else {
-            self.adopt(identity, out);
-        }
-        self.evaluate(out);
-    }
-
-    /// The identity is accepted: it replaces the old one and resets the transaction.
-    fn adopt(&mut self, identity: Identity, out: &mut Output) {
-        let settings = &self.params.settings;
-        let reply = if identity.verb == Verb::Ehlo {
-            let mut lines = vec![
-                settings.hostname.clone(),
-                "PIPELINING".to_string(),
-                format!("SIZE {}", settings.max_message_size),
-                "8BITMIME".to_string(),
-                "ENHANCEDSTATUSCODES".to_string(),
-                "SMTPUTF8".to_string(),
-                "CHUNKING".to_string(),
-            ];
-            if self.params.tls_available && self.tls.is_none() {
-                lines.push("STARTTLS".to_string());
-            }
-            Reply { code: 250, lines }
-        } else {
-            Reply::plain(250, &settings.hostname)
-        };
-        self.current = Some(identity);
-        self.drop_transaction(out);
-        self.reply(out, reply);
-    }
-
     /// Ends the open transaction, if any: a message already streaming to the next hop (after
     /// a BDAT that was not LAST) is aborted there, never finished with a dot, and the data-rate
     /// clock, which only runs while message data is due, stops.
-    fn drop_transaction(&mut self, out: &mut Output) {
+    pub(super) fn drop_transaction(&mut self, out: &mut Output) {
         self.relay_drop(out);
         self.tx = None;
         self.rate = None;
     }
 
-    /// Judges every identity whose facts are in, then resumes what waited for a verdict.
-    fn evaluate(&mut self, out: &mut Output) {
-        let reverse = self.reverse.as_ref();
-        let settings = &self.params.settings;
-        for identity in [self.candidate.as_mut(), self.current.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            if identity.verdict.is_some() || !identity.ready_to_judge(reverse.is_some()) {
-                continue;
-            }
-            let input = CheckInput {
-                client_ip: self.params.client_ip,
-                helo: &identity.arg,
-                hostname: &settings.hostname,
-                domains: &settings.domains,
-            };
-            let verdict = (self.judge.decide)(
-                &input,
-                identity.forward.as_ref(),
-                reverse,
-                &settings.helo_policy,
-                &settings.helo_allow,
-            );
-            out.observations
-                .push(Observation::Verdict(Box::new(verdict.clone())));
-            identity.verdict = Some(verdict);
-        }
-        self.resume(out);
-    }
-
     /// Answers what was parked on a verdict, if the verdict is there.
     pub(super) fn resume(&mut self, out: &mut Output) {
         match self.park.take() {
-            Some(Park::HeloVerdict) => {
-                let decision = self
-                    .candidate
-                    .as_ref()
-                    .and_then(|id| id.verdict.as_ref())
-                    .map(|v| v.decision.clone());
-                match (decision, self.candidate.take()) {
-                    (Some(Decision::Accept), Some(identity)) => self.adopt(identity, out),
-                    (Some(Decision::Refuse(reply)), Some(identity)) => {
-                        // A policy refusal sticks to the identity (sending it again, or with
-                        // the other verb, must not get through). A 451 for undecided DNS is
-                        // not a judgement: the next try runs the checks again.
-                        if reply.code != 451 {
-                            if self.refused.len() == REMEMBERED_REFUSALS {
-                                self.refused.remove(0);
-                            }
-                            self.refused.push((name_key(&identity.arg), reply.clone()));
-                        }
-                        out.observations
-                            .push(Observation::MessageRejected(Stage::Helo));
-                        self.reply(out, reply);
-                    }
-                    (_, candidate) => {
-                        self.candidate = candidate;
-                        self.park = Some(Park::HeloVerdict);
-                    }
-                }
-            }
+            Some(Park::HeloVerdict) => self.resume_helo(out),
             Some(Park::RcptVerdict { recipient }) => match self.current_decision() {
                 Some(decision) => self.answer_rcpt(recipient, decision, out),
                 None => self.park = Some(Park::RcptVerdict { recipient }),
@@ -616,11 +452,6 @@ impl Session {
             Some(Park::Relay(park)) => self.resume_relay(park, out),
             other => self.park = other,
         }
-    }
-
-    pub(super) fn current_decision(&self) -> Option<Decision> {
-        let verdict = self.current.as_ref()?.verdict.as_ref()?;
-        Some(verdict.decision.clone())
     }
 
     fn on_mail(&mut self, from: Path<'_>, params: MailParams, out: &mut Output) {
@@ -723,7 +554,7 @@ impl Session {
         self.answer_rcpt(recipient, Decision::Accept, out);
     }
 
-    fn answer_rcpt(&mut self, recipient: String, decision: Decision, out: &mut Output) {
+    pub(super) fn answer_rcpt(&mut self, recipient: String, decision: Decision, out: &mut Output) {
         let relaying = self.relaying();
         match (decision, self.tx.as_mut()) {
             (Decision::Accept, Some(_)) if relaying => self.relay_accept_rcpt(recipient, out),
@@ -849,80 +680,6 @@ impl Session {
         }
     }
 
-    /// The trace information of a message of `tx`, with a new queue ID; `None` without an
-    /// identity and verdict (which the callers wait for).
-    pub(super) fn trace_info(
-        &mut self,
-        tx: &Transaction,
-        received_at: SystemTime,
-    ) -> Option<TraceInfo> {
-        let identity = self.current.as_ref()?;
-        let verdict = identity.verdict.clone()?;
-        self.handed_off += 1;
-        // Unique per process: the session ID, a separator that is no hex digit, the counter.
-        let queue_id = format!("{:X}Z{:X}", self.params.session_id, self.handed_off);
-        let tls = self.tls.is_some();
-        let protocol = match (tx.smtputf8, tls, identity.verb) {
-            (true, true, _) => Protocol::Utf8Smtps,
-            (true, false, _) => Protocol::Utf8Smtp,
-            (false, true, _) => Protocol::Esmtps,
-            (false, false, Verb::Ehlo) => Protocol::Esmtp,
-            (false, false, _) => Protocol::Smtp,
-        };
-        Some(TraceInfo {
-            hostname: self.params.settings.hostname.clone(),
-            helo: identity.arg.clone(),
-            client_ip: self.params.client_ip,
-            verdict,
-            tls: self.tls.clone(),
-            protocol,
-            queue_id,
-            received_at,
-        })
-    }
-
-    /// Hands the message off and waits for `Event::Delivered`.
-    fn deliver(&mut self, content: Vec<u8>, received_at: SystemTime, out: &mut Output) {
-        let Some(tx) = self.tx.take() else {
-            self.reply(out, Reply::new(451, "4.3.0", "Local error in processing"));
-            return;
-        };
-        let Some(trace) = self.trace_info(&tx, received_at) else {
-            self.reply(out, Reply::new(451, "4.3.0", "Local error in processing"));
-            return;
-        };
-        let queue_id = trace.queue_id.clone();
-        let envelope = Envelope {
-            reverse_path: tx.reverse_path,
-            recipients: tx.recipients,
-            trace,
-            content,
-        };
-        out.actions.push(SessionAction::Deliver(Box::new(envelope)));
-        self.park = Some(Park::Delivery { queue_id });
-    }
-
-    fn on_delivered(&mut self, outcome: DeliveryOutcome, out: &mut Output) {
-        let Some(Park::Delivery { queue_id }) = self.park.take() else {
-            return;
-        };
-        match outcome {
-            DeliveryOutcome::Accepted => {
-                self.messages += 1;
-                out.observations.push(Observation::MessageAccepted);
-                self.reply(
-                    out,
-                    Reply::new(250, "2.0.0", &format!("Ok: queued as {queue_id}")),
-                );
-            }
-            DeliveryOutcome::Failed(reply) => {
-                out.observations
-                    .push(Observation::MessageRejected(Stage::Data));
-                self.reply(out, reply);
-            }
-        }
-    }
-
     fn on_starttls(&mut self, out: &mut Output) {
         if !self.params.tls_available {
             self.reply(out, Reply::new(502, "5.5.1", "STARTTLS not available"));
@@ -975,7 +732,14 @@ impl Session {
         );
     }
 
-    fn close(&mut self, out: &mut Output, code: u16, enhanced: &str, text: &str, ending: Ending) {
+    pub(super) fn close(
+        &mut self,
+        out: &mut Output,
+        code: u16,
+        enhanced: &str,
+        text: &str,
+        ending: Ending,
+    ) {
         self.send_line(out, code, enhanced, text);
         out.actions.push(SessionAction::Close);
         self.closed = true;
@@ -997,7 +761,7 @@ impl Session {
         }
     }
 
-    fn send(&mut self, out: &mut Output, reply: &Reply) {
+    pub(super) fn send(&mut self, out: &mut Output, reply: &Reply) {
         reply.write_to(&mut out.bytes);
         out.observations.push(Observation::Reply(reply.code));
     }

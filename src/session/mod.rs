@@ -20,6 +20,8 @@ use crate::protocol::data::BareLineFeed;
 use crate::protocol::reply::Reply;
 use crate::relay::XclientAttrs;
 
+mod delivery;
+mod identity;
 mod limits;
 mod machine;
 mod relay;

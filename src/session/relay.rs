@@ -6,7 +6,8 @@
 //! (`relay_accept_rcpt`), DATA or the first BDAT (`relay_content_start`), each piece of
 //! content (`relay_forward`), the end of the message (`end_of_relayed_message`), a dropped
 //! transaction (`relay_drop`), what waits on a verdict (`resume_relay`) and the next hop's
-//! replies (`on_relay_reply`). Everything parked for the next hop is a `RelayPark`.
+//! replies (`on_relay_reply`). Everything parked for the next hop is a `RelayPark` (in
+//! `state`, with the other things a session remembers).
 //!
 //! The client gets 250 only after the next hop's 250. A message refused on the way (bare LF
 //! under `reject`, an overlong line, SIZE, a loop) drops the next hop's transaction without its
@@ -23,60 +24,9 @@ use crate::protocol::reply::Reply;
 use crate::relay::{XclientAttrs, XclientName};
 use crate::session::limits::DataRate;
 use crate::session::machine::Session;
-use crate::session::state::{InputMode, Park, Transaction};
+use crate::session::state::{BdatChunk, InputMode, Park, RelayPark, RelayStream, Transaction};
 use crate::session::{DeliveryMode, Now, Observation, Output, SessionAction, Stage};
 use crate::spool::header::strip_own_fields;
-
-/// What the session waits for from the next hop, or before it can ask the next hop.
-#[derive(Debug)]
-pub(crate) enum RelayPark {
-    /// The reverse DNS facts (or the verdict deadline) before this MAIL is replayed, because
-    /// the next-hop link it opens carries them in XCLIENT NAME.
-    MailReverse {
-        reverse_path: String,
-        params: MailParams,
-    },
-    /// The next hop's answer to MAIL.
-    Mail {
-        reverse_path: String,
-        smtputf8: bool,
-    },
-    /// The next hop's answer to RCPT.
-    Rcpt { recipient: String },
-    /// DATA (or the first BDAT) waits for the verdict, which the trace fields carry, before
-    /// the next hop is asked for its DATA.
-    DataVerdict {
-        chunk: Option<BdatChunk>,
-        received_at: SystemTime,
-    },
-    /// The next hop's answer to DATA (354 or a refusal).
-    DataStart {
-        chunk: Option<BdatChunk>,
-        queue_id: String,
-    },
-}
-
-/// The BDAT command that opened a relayed message: its octets follow the command.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct BdatChunk {
-    pub size: u64,
-    pub last: bool,
-}
-
-/// A message passed on to the next hop as it arrives.
-#[derive(Debug, Default)]
-pub(crate) struct RelayStream {
-    pub queue_id: String,
-    /// The header section so far: held back until it is complete, because our own forged
-    /// fields are removed from it and its Received fields are counted (loop detection).
-    pub head: Vec<u8>,
-    pub head_sent: bool,
-    /// The next hop's transaction was dropped (no final dot); the client hears why at the
-    /// end of its data.
-    pub aborted: bool,
-    /// More than 100 Received fields (RFC 5321 6.3).
-    pub looped: bool,
-}
 
 impl Session {
     /// Messages go to a next hop, not into the spool.
