@@ -123,13 +123,6 @@ impl Session {
         }
     }
 
-    /// Tests: make the verdict gate RCPT/EHLO whatever the policy says (the policy parser
-    /// lives in `helo`).
-    #[cfg(test)]
-    pub(crate) fn set_policy_can_refuse(&mut self, can_refuse: bool) {
-        self.policy_can_refuse = can_refuse;
-    }
-
     /// Processes one event, appending replies, actions and observations to `out`.
     pub fn handle(&mut self, event: Event<'_>, now: Now, out: &mut Output) {
         if let Event::Input(_) = event {

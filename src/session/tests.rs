@@ -691,8 +691,9 @@ fn error_and_junk_limits() {
 fn gated(reject_at: RejectAt) -> Harness {
     let mut c = config();
     c.reject_at = reject_at;
+    // A check that can defer makes the verdict gate RCPT (or EHLO) at all.
+    c.helo_policy = HeloPolicy::parse("default=tag,dynamic=defer").expect("policy");
     let mut h = Harness::build(c, false, false);
-    h.session.set_policy_can_refuse(true);
     h.take();
     h
 }
