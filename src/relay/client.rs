@@ -36,8 +36,10 @@ impl Hello {
     }
 }
 
+/// How far the next-hop connection is set up: greeting, EHLO/LHLO, STARTTLS, XCLIENT, then
+/// ready for transactions (or closed, or failed).
 #[derive(Debug)]
-enum Phase {
+enum Setup {
     /// Waiting for the 220 greeting (RFC 5321 3.1).
     Greeting,
     Hello(Hello),
@@ -134,7 +136,7 @@ impl Await {
 #[derive(Debug)]
 pub struct RelayClient {
     params: RelayClientParams,
-    phase: Phase,
+    setup: Setup,
     ext: Extensions,
     tls_done: bool,
     xclient_done: bool,
@@ -161,7 +163,7 @@ impl RelayClient {
     pub fn new(params: RelayClientParams) -> Self {
         Self {
             params,
-            phase: Phase::Greeting,
+            setup: Setup::Greeting,
             ext: Extensions::default(),
             tls_done: false,
             xclient_done: false,
@@ -187,7 +189,7 @@ impl RelayClient {
             if self.is_dead() {
                 return input.len();
             }
-            if matches!(self.phase, Phase::AwaitTls) {
+            if matches!(self.setup, Setup::AwaitTls) {
                 // RFC 3207 6: the client MUST discard what the server said before TLS; bytes
                 // pipelined after the 220 are either garbage or an injection attempt.
                 self.fail(RelayError::DataAfterStartTls, false, out);
@@ -215,7 +217,7 @@ impl RelayClient {
     }
 
     pub fn tls_established(&mut self, out: &mut RelayOutput) {
-        if !matches!(self.phase, Phase::AwaitTls) {
+        if !matches!(self.setup, Setup::AwaitTls) {
             return;
         }
         // RFC 3207 4.2: "the client MUST discard any knowledge obtained from the server, such
@@ -343,8 +345,8 @@ impl RelayClient {
         if !self.begin_call(false, out) {
             return;
         }
-        if !matches!(self.phase, Phase::Ready) && self.queue.is_empty() {
-            self.phase = Phase::Closed;
+        if !matches!(self.setup, Setup::Ready) && self.queue.is_empty() {
+            self.setup = Setup::Closed;
             return;
         }
         self.push(Op::Quit, out);
@@ -352,7 +354,7 @@ impl RelayClient {
 
     /// Setup (greeting, EHLO/HELO, STARTTLS, XCLIENT) is complete and the connection usable.
     pub fn is_ready(&self) -> bool {
-        matches!(self.phase, Phase::Ready)
+        matches!(self.setup, Setup::Ready)
     }
 
     /// No call awaits an answer and no DATA is open (setup may still be in progress).
@@ -368,20 +370,20 @@ impl RelayClient {
 
     /// Why the connection failed, for logging.
     pub fn error(&self) -> Option<&RelayError> {
-        match &self.phase {
-            Phase::Failed(e) => Some(e),
+        match &self.setup {
+            Setup::Failed(e) => Some(e),
             _ => None,
         }
     }
 
     fn is_dead(&self) -> bool {
-        matches!(self.phase, Phase::Failed(_) | Phase::Closed)
+        matches!(self.setup, Setup::Failed(_) | Setup::Closed)
     }
 
     fn dead_reply(&self) -> Option<Reply> {
-        match &self.phase {
-            Phase::Failed(e) => Some(e.reply()),
-            Phase::Closed => Some(RelayError::Closed.reply()),
+        match &self.setup {
+            Setup::Failed(e) => Some(e.reply()),
+            Setup::Closed => Some(RelayError::Closed.reply()),
             _ => None,
         }
     }
@@ -413,7 +415,7 @@ impl RelayClient {
 
     /// Writes what may be written now.
     fn flush(&mut self, out: &mut RelayOutput) {
-        if !matches!(self.phase, Phase::Ready) {
+        if !matches!(self.setup, Setup::Ready) {
             return;
         }
         while let Some(op) = self.queue.front() {
@@ -517,7 +519,7 @@ impl RelayClient {
     fn write_hello(&mut self, hello: Hello, out: &mut RelayOutput) {
         let line = format!("{} {}", hello.verb(), self.params.hostname);
         write_command(out, &line);
-        self.phase = Phase::Hello(hello);
+        self.setup = Setup::Hello(hello);
     }
 
     fn on_line(&mut self, line: &[u8], out: &mut RelayOutput) {
@@ -545,8 +547,8 @@ impl RelayClient {
     }
 
     fn on_reply(&mut self, reply: Reply, out: &mut RelayOutput) {
-        match &mut self.phase {
-            Phase::Greeting => {
+        match &mut self.setup {
+            Setup::Greeting => {
                 if reply.code == 220 {
                     self.send_hello(out);
                 } else {
@@ -554,20 +556,20 @@ impl RelayClient {
                     self.fail(RelayError::Greeting(reply), true, out);
                 }
             }
-            Phase::Hello(hello) => {
+            Setup::Hello(hello) => {
                 let hello = *hello;
                 self.on_hello_reply(hello, reply, out);
             }
-            Phase::StartTls => {
+            Setup::StartTls => {
                 if reply.code == 220 {
-                    self.phase = Phase::AwaitTls;
+                    self.setup = Setup::AwaitTls;
                     out.events.push(RelayEvent::StartTls);
                 } else {
                     self.fail(RelayError::StartTls(reply), true, out);
                 }
             }
-            Phase::AwaitTls => self.fail(RelayError::DataAfterStartTls, false, out),
-            Phase::Xclient(rest) => {
+            Setup::AwaitTls => self.fail(RelayError::DataAfterStartTls, false, out),
+            Setup::Xclient(rest) => {
                 // XCLIENT_README: success is the 220 greeting of a fresh session (any 2yz is
                 // taken as success, as Postfix's smtpd proxy client does).
                 if reply.code / 100 != 2 {
@@ -581,8 +583,8 @@ impl RelayClient {
                     self.send_hello(out);
                 }
             }
-            Phase::Ready => self.on_transaction_reply(reply, out),
-            Phase::Closed | Phase::Failed(_) => {}
+            Setup::Ready => self.on_transaction_reply(reply, out),
+            Setup::Closed | Setup::Failed(_) => {}
         }
     }
 
@@ -612,7 +614,7 @@ impl RelayClient {
         // STARTTLS before XCLIENT, so that the client's identity travels encrypted.
         if self.params.can_tls && !self.tls_done && self.ext.starttls {
             write_command(out, "STARTTLS");
-            self.phase = Phase::StartTls;
+            self.setup = Setup::StartTls;
             return;
         }
         if !self.xclient_done
@@ -623,11 +625,11 @@ impl RelayClient {
             if let Some(first) = commands.pop_front() {
                 write_command(out, &first);
                 self.used_xclient = true;
-                self.phase = Phase::Xclient(commands);
+                self.setup = Setup::Xclient(commands);
                 return;
             }
         }
-        self.phase = Phase::Ready;
+        self.setup = Setup::Ready;
         self.flush(out);
     }
 
@@ -640,7 +642,7 @@ impl RelayClient {
         };
         if matches!(awaited, Await::Quit) {
             self.inflight.clear();
-            self.phase = Phase::Closed;
+            self.setup = Setup::Closed;
             return;
         }
         if reply.code == 421 {
@@ -737,7 +739,7 @@ impl RelayClient {
         self.in_data = false;
         self.data_open = false;
         self.data_refused = None;
-        self.phase = Phase::Failed(err);
+        self.setup = Setup::Failed(err);
     }
 }
 
