@@ -1,8 +1,9 @@
-//! What an accepted message carries to the hand-off, and the Maildir spool.
+//! The trace fields of an accepted message, and the Maildir spool.
 //!
-//! `Envelope` (in `crate::message`) is built by the session at the end of DATA/BDAT; `envelope` formats the
-//! Return-Path, X-Envelope-To and Received fields and prepends the trace block; `maildir`
-//! writes it durably, sharing directory fsyncs through `group_sync`; `writer` runs those writes on the spool writer threads.
+//! The session builds a `crate::message::Envelope` at the end of DATA/BDAT; `envelope` formats
+//! the Return-Path, X-Envelope-To and Received fields and prepends the trace block; `maildir`
+//! writes it durably, sharing directory fsyncs through `group_sync`; `writer` runs those
+//! writes on the spool writer threads.
 
 pub mod envelope;
 pub mod group_sync;
