@@ -12,6 +12,7 @@
 //! `CRLF.CRLF` from `end_data()`, so the loop aborts by closing the connection instead.
 
 pub mod client;
+pub mod outbound;
 
 use std::fmt;
 use std::net::IpAddr;

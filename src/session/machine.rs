@@ -652,8 +652,8 @@ impl Session {
 
     fn end_of_message(&mut self, result: Result<Vec<u8>, DataRefusal>, now: Now, out: &mut Output) {
         self.rate = None;
-        if let Some(mut stream) = self.tx.as_mut().and_then(|tx| tx.relay.take()) {
-            self.end_of_relayed_message(&mut stream, result, out);
+        if let Some(mut message) = self.tx.as_mut().and_then(|tx| tx.relay.take()) {
+            self.end_of_relayed_message(&mut message, result, out);
             return;
         }
         match result {

@@ -17,16 +17,14 @@ use std::time::SystemTime;
 
 use crate::dns::Lookup;
 use crate::protocol::command::{MailParams, Verb};
-use crate::protocol::data::{
-    DataDecoder, DataRefusal, Framing, MAX_RECEIVED_FIELDS, count_received,
-};
+use crate::protocol::data::{DataDecoder, DataRefusal, Framing};
 use crate::protocol::reply::Reply;
+use crate::relay::outbound::{Outbound, OutboundMessage};
 use crate::relay::{XclientAttrs, XclientName};
 use crate::session::limits::DataRate;
 use crate::session::machine::Session;
-use crate::session::state::{BdatChunk, InputMode, Park, RelayPark, RelayStream, Transaction};
+use crate::session::state::{BdatChunk, InputMode, Park, RelayPark, Transaction};
 use crate::session::{DeliveryMode, Now, Observation, Output, SessionAction, Stage};
-use crate::spool::header::strip_own_fields;
 
 impl Session {
     /// Messages go to a next hop, not into the spool.
@@ -92,8 +90,8 @@ impl Session {
     /// Ends the next hop's side of a transaction that the client dropped (RSET, EHLO,
     /// STARTTLS): never finished with a dot.
     pub(super) fn relay_drop(&mut self, out: &mut Output) {
-        if let Some(stream) = self.tx.as_mut().and_then(|tx| tx.relay.as_mut()) {
-            abort_relay(stream, out);
+        if let Some(message) = self.tx.as_mut().and_then(|tx| tx.relay.as_mut()) {
+            abort_relay(message, out);
         }
     }
 
@@ -172,10 +170,7 @@ impl Session {
         let Some(tx) = self.tx.as_mut() else {
             return;
         };
-        tx.relay = Some(RelayStream {
-            queue_id,
-            ..RelayStream::default()
-        });
+        tx.relay = Some(OutboundMessage::new(queue_id));
         self.rate = Some(DataRate::start(now.mono));
         match chunk {
             None => {
@@ -202,7 +197,7 @@ impl Session {
         let Some(tx) = self.tx.as_mut() else {
             return;
         };
-        let Some(stream) = tx.relay.as_mut() else {
+        let Some(message) = tx.relay.as_mut() else {
             return;
         };
         let decoder = match &mut self.input_mode {
@@ -213,11 +208,11 @@ impl Session {
             return;
         };
         if decoder.is_refused() {
-            abort_relay(stream, out);
+            abort_relay(message, out);
             return;
         }
         let content = decoder.take_content();
-        push_relay_content(stream, content, false, &self.params.settings.hostname, out);
+        push_relay_content(message, content, false, &self.params.settings.hostname, out);
     }
 
     /// Before-queue relay: the client's MAIL gets the next hop's answer.
@@ -305,20 +300,20 @@ impl Session {
     /// if nothing refused the message on the way.
     pub(super) fn end_of_relayed_message(
         &mut self,
-        stream: &mut RelayStream,
+        message: &mut OutboundMessage,
         result: Result<Vec<u8>, DataRefusal>,
         out: &mut Output,
     ) {
         let refusal = match result {
             Ok(rest) => {
-                push_relay_content(stream, rest, true, &self.params.settings.hostname, out);
-                stream.looped.then_some(DataRefusal::Loop)
+                push_relay_content(message, rest, true, &self.params.settings.hostname, out);
+                message.looped().then_some(DataRefusal::Loop)
             }
             Err(refusal) => Some(refusal),
         };
         self.tx = None;
         if let Some(refusal) = refusal {
-            abort_relay(stream, out);
+            abort_relay(message, out);
             out.observations
                 .push(Observation::MessageRejected(Stage::Data));
             self.reply(out, refusal.reply());
@@ -326,54 +321,29 @@ impl Session {
         }
         out.actions.push(SessionAction::RelayEndData);
         self.park = Some(Park::Delivery {
-            queue_id: std::mem::take(&mut stream.queue_id),
+            queue_id: std::mem::take(&mut message.queue_id),
         });
     }
 }
 
-/// Relay modes: the largest header section held back before it is passed on anyway.
-const RELAY_HEAD_LIMIT: usize = 64 * 1024;
-
-/// Passes decoded content on to the next hop: the header section once it is complete
-/// (without the fields that claim our name; SPEC "What an accepted message carries"), then
-/// the rest as it comes. `last` flushes a message that has no body.
+/// Passes decoded content on to the next hop (see `OutboundMessage::push`).
 fn push_relay_content(
-    stream: &mut RelayStream,
+    message: &mut OutboundMessage,
     content: Vec<u8>,
     last: bool,
     hostname: &str,
     out: &mut Output,
 ) {
-    if stream.aborted {
-        return;
+    match message.push(content, last, hostname) {
+        Outbound::Nothing => {}
+        Outbound::Send(bytes) => out.actions.push(SessionAction::RelayChunk(bytes)),
+        Outbound::Abort => out.actions.push(SessionAction::RelayAbort),
     }
-    if stream.head_sent {
-        if !content.is_empty() {
-            out.actions.push(SessionAction::RelayChunk(content));
-        }
-        return;
-    }
-    stream.head.extend_from_slice(&content);
-    let head = &stream.head;
-    let complete = head.starts_with(b"\r\n") || memchr::memmem::find(head, b"\r\n\r\n").is_some();
-    if !(complete || last || head.len() > RELAY_HEAD_LIMIT) {
-        return;
-    }
-    if count_received(head) > MAX_RECEIVED_FIELDS {
-        stream.looped = true;
-        abort_relay(stream, out);
-        return;
-    }
-    let head = std::mem::take(&mut stream.head);
-    let stripped = strip_own_fields(&head, hostname).into_owned();
-    stream.head_sent = true;
-    out.actions.push(SessionAction::RelayChunk(stripped));
 }
 
 /// Drops the next hop's transaction without its final dot (once).
-fn abort_relay(stream: &mut RelayStream, out: &mut Output) {
-    if !stream.aborted {
-        stream.aborted = true;
+fn abort_relay(message: &mut OutboundMessage, out: &mut Output) {
+    if message.abort() {
         out.actions.push(SessionAction::RelayAbort);
     }
 }

@@ -14,6 +14,7 @@ use crate::helo::policy::{AllowEntry, HeloPolicy};
 use crate::helo::verdict::HeloVerdict;
 use crate::protocol::command::{MailParams, Verb};
 use crate::protocol::data::DataDecoder;
+use crate::relay::outbound::OutboundMessage;
 
 /// Runs the checks and the policy on what is known of one identity.
 pub(crate) type DecideFn = fn(
@@ -106,7 +107,7 @@ pub(crate) struct Transaction {
     /// The message so far once a BDAT was accepted (RFC 3030); DATA is then refused.
     pub chunks: Option<DataDecoder>,
     /// Relay modes: the message being passed on to the next hop.
-    pub relay: Option<RelayStream>,
+    pub relay: Option<OutboundMessage>,
 }
 
 impl Transaction {
@@ -194,19 +195,4 @@ pub(crate) enum RelayPark {
 pub(crate) struct BdatChunk {
     pub size: u64,
     pub last: bool,
-}
-
-/// Relay modes: a message passed on to the next hop as it arrives.
-#[derive(Debug, Default)]
-pub(crate) struct RelayStream {
-    pub queue_id: String,
-    /// The header section so far: held back until it is complete, because our own forged
-    /// fields are removed from it and its Received fields are counted (loop detection).
-    pub head: Vec<u8>,
-    pub head_sent: bool,
-    /// The next hop's transaction was dropped (no final dot); the client hears why at the
-    /// end of its data.
-    pub aborted: bool,
-    /// More than 100 Received fields (RFC 5321 6.3).
-    pub looped: bool,
 }
