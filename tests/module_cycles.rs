@@ -15,31 +15,13 @@ use std::path::{Path, PathBuf};
 /// A module path from the crate root, e.g. `["helo", "policy"]`.
 type ModPath = Vec<String>;
 
+/// Edges between children of one parent module, grouped by that parent.
+type Graphs = BTreeMap<ModPath, BTreeMap<String, BTreeSet<String>>>;
+
 #[test]
 fn src_modules_have_no_import_cycles() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let files = rust_files(&src);
-    let modules: BTreeSet<ModPath> = files.iter().map(|f| module_of(&src, f)).collect();
-
-    // Edges grouped by the parent module whose children they connect.
-    let mut graphs: BTreeMap<ModPath, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
-    for file in &files {
-        let from = module_of(&src, file);
-        let text = fs::read_to_string(file).expect("read a source file");
-        for target in referenced_paths(&without_tests(&text), &from) {
-            if let Some((parent, a, b)) = edge(&from, &target, &modules) {
-                graphs
-                    .entry(parent)
-                    .or_default()
-                    .entry(a)
-                    .or_default()
-                    .insert(b);
-            }
-        }
-    }
-
     let mut cycles = Vec::new();
-    for (parent, graph) in &graphs {
+    for (parent, graph) in &src_graphs() {
         for cycle in find_cycles(graph) {
             let prefix = if parent.is_empty() {
                 "crate".to_string()
@@ -91,6 +73,47 @@ fn the_parser_sees_grouped_and_relative_paths() {
     );
     // An item of the parent module, not a sibling.
     assert_eq!(edge(&from, &to("helo::Check"), &modules), None);
+}
+
+/// The session is sans-I/O and takes its settings, not the configuration; the spool only
+/// reads what the session hands it (`crate::message`).
+#[test]
+fn the_session_and_the_spool_stay_apart() {
+    let graphs = src_graphs();
+    let top = graphs.get(&Vec::new()).cloned().unwrap_or_default();
+    for (from, to) in [
+        ("session", "spool"),
+        ("session", "config"),
+        ("session", "server"),
+        ("spool", "session"),
+    ] {
+        assert!(
+            !top.get(from).is_some_and(|targets| targets.contains(to)),
+            "{from} imports {to}"
+        );
+    }
+}
+
+fn src_graphs() -> Graphs {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let files = rust_files(&src);
+    let modules: BTreeSet<ModPath> = files.iter().map(|f| module_of(&src, f)).collect();
+    let mut graphs = Graphs::new();
+    for file in &files {
+        let from = module_of(&src, file);
+        let text = fs::read_to_string(file).expect("read a source file");
+        for target in referenced_paths(&without_tests(&text), &from) {
+            if let Some((parent, a, b)) = edge(&from, &target, &modules) {
+                graphs
+                    .entry(parent)
+                    .or_default()
+                    .entry(a)
+                    .or_default()
+                    .insert(b);
+            }
+        }
+    }
+    graphs
 }
 
 fn rust_files(dir: &Path) -> Vec<PathBuf> {
