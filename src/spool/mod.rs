@@ -11,21 +11,16 @@ pub mod header;
 pub mod maildir;
 pub mod writer;
 
-#[cfg(test)]
-use std::net::IpAddr;
-
-#[cfg(test)]
-use crate::helo::verdict::HeloVerdict;
-// The message types live in `crate::message` so the session can build them without importing
-// the spool; these paths stay for the callers that name them here.
-pub use crate::message::{Envelope, Protocol, TraceInfo};
 pub use maildir::SpoolError;
 
 /// A plain accepted message for the spool's unit tests: one recipient, a passing verdict.
 #[cfg(test)]
-pub(crate) fn test_envelope(queue_id: &str, content: &[u8]) -> Envelope {
-    use crate::helo::verdict::{Decision, IprevResult};
+pub(crate) fn test_envelope(queue_id: &str, content: &[u8]) -> crate::message::Envelope {
+    use std::net::IpAddr;
+
+    use crate::helo::verdict::{Decision, HeloVerdict, IprevResult};
     use crate::helo::{Action, CheckResult, VerdictKind};
+    use crate::message::{Envelope, Protocol, TraceInfo};
 
     Envelope {
         reverse_path: "a@example.org".to_owned(),
