@@ -39,8 +39,8 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::answer_cache::{AnswerCache, Keepable, Queries, until_both};
 use super::{
-    DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryOutcome, QueryType, ReverseFacts,
-    TempFailure,
+    DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryObserver, QueryOutcome, QueryType,
+    ReverseFacts, TempFailure,
 };
 
 /// At most this many PTR names of one client are forward-confirmed (as Postfix and the
@@ -75,10 +75,6 @@ impl ResolverSettings {
         }
     }
 }
-
-// The observer moved to `dns` so the answer cache can take one without importing this
-// module; these paths stay for the callers that name it here.
-pub use super::{QueryObserver, no_observer};
 
 /// The resolver could not be started.
 #[derive(Debug)]

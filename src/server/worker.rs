@@ -239,7 +239,7 @@ mod tests {
     use crate::config::Config;
     use crate::dns::PtrName;
     use crate::dns::answer_cache::Keepable;
-    use crate::dns::resolver::no_observer;
+    use crate::dns::no_observer;
     use crate::session::{SessionParams, SessionSettings};
     use std::net::{IpAddr, Ipv4Addr};
     use std::time::Duration;
