@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod outbound;
+mod xclient;
 
 use std::fmt;
 use std::net::IpAddr;
