@@ -6,6 +6,16 @@
 //! observations for metrics. It never reads, writes, sleeps or resolves; time comes in as
 //! `Now`. When it needs something from outside (a HELO verdict, a delivery result, the TLS
 //! handshake) it stops consuming input until the matching event arrives: `wants_input` tells.
+//!
+//! It takes the settings it reads (`SessionSettings`), never the whole configuration, and
+//! learns of the world only through events (`Event::SpoolSpace` included), so it holds no
+//! shared state. The parts:
+//! - `machine`: `Session` and the plain SMTP dialogue
+//! - `identity`: EHLO/HELO identities, their DNS facts and verdicts
+//! - `delivery`: the maildir hand-off and the trace information of a message
+//! - `relay`: the before-queue relay modes, behind `Session::relaying`
+//! - `state`: what a session remembers (identity, transaction, input mode, what it waits for)
+//! - `limits`: error and junk counters, the data rate
 
 use std::net::IpAddr;
 use std::sync::Arc;
