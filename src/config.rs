@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt, parse_allow_list};
 use crate::net::Cidr;
+use crate::protocol::data::BareLineFeed;
+use crate::session::{DeliveryMode, SessionSettings};
 
 /// Where accepted mail goes (HELOGUARD_DELIVER).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,13 +30,6 @@ pub enum DeliverTarget {
     Smtp { host: String, port: u16 },
     Lmtp { host: String, port: u16 },
     LmtpUnix { path: PathBuf },
-}
-
-/// What to do with a bare LF in DATA/BDAT (HELOGUARD_BARE_NEWLINE).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BareNewline {
-    Normalize,
-    Reject,
 }
 
 /// The whole configuration, immutable once built; shared as `Arc<Config>`.
@@ -78,7 +73,8 @@ pub struct Config {
     pub helo_policy: HeloPolicy,
     pub helo_allow: Vec<AllowEntry>,
     pub reject_at: RejectAt,
-    pub bare_newline: BareNewline,
+    /// What a bare LF in DATA/BDAT does (HELOGUARD_BARE_NEWLINE).
+    pub bare_newline: BareLineFeed,
     pub metrics: Option<SocketAddr>,
     pub shutdown_grace: Duration,
 }
@@ -103,6 +99,32 @@ impl Config {
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<(Config, Vec<String>), ConfigError> {
         build(&Env { lookup: &lookup }, &ThisMachine)
+    }
+}
+
+impl From<&Config> for SessionSettings {
+    /// The one place the session's settings are taken from the configuration.
+    fn from(config: &Config) -> Self {
+        Self {
+            hostname: config.hostname.clone(),
+            domains: config.domains.clone(),
+            max_message_size: config.max_message_size,
+            max_recipients: config.max_recipients,
+            min_data_rate: config.min_data_rate,
+            max_errors: config.max_errors,
+            max_junk: config.max_junk,
+            helo_policy: config.helo_policy.clone(),
+            helo_allow: config.helo_allow.clone(),
+            reject_at: config.reject_at,
+            bare_line_feed: config.bare_newline,
+            delivery: match config.deliver {
+                DeliverTarget::Maildir => DeliveryMode::Maildir,
+                DeliverTarget::Smtp { .. } => DeliveryMode::SmtpRelay,
+                DeliverTarget::Lmtp { .. } | DeliverTarget::LmtpUnix { .. } => {
+                    DeliveryMode::LmtpRelay
+                }
+            },
+        }
     }
 }
 
@@ -1012,11 +1034,11 @@ fn reject_at(env: &Env<'_>) -> Result<RejectAt, ConfigError> {
     }
 }
 
-fn bare_newline(env: &Env<'_>) -> Result<BareNewline, ConfigError> {
+fn bare_newline(env: &Env<'_>) -> Result<BareLineFeed, ConfigError> {
     let raw = env.value(&BARE_NEWLINE).unwrap_or_default();
     match raw.to_ascii_lowercase().as_str() {
-        "normalize" => Ok(BareNewline::Normalize),
-        "reject" => Ok(BareNewline::Reject),
+        "normalize" => Ok(BareLineFeed::Normalize),
+        "reject" => Ok(BareLineFeed::Reject),
         _ => Err(ConfigError::bad_value(
             BARE_NEWLINE.name,
             &raw,
@@ -1130,7 +1152,7 @@ mod tests {
         assert_eq!(c.helo_policy, HeloPolicy::default());
         assert!(c.helo_allow.is_empty());
         assert_eq!(c.reject_at, RejectAt::Rcpt);
-        assert_eq!(c.bare_newline, BareNewline::Normalize);
+        assert_eq!(c.bare_newline, BareLineFeed::Normalize);
         assert_eq!(c.metrics, None);
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert_eq!(
@@ -1613,7 +1635,7 @@ mod tests {
             ("HELOGUARD_BARE_NEWLINE", "reject"),
         ]);
         assert_eq!(c.reject_at, RejectAt::Helo);
-        assert_eq!(c.bare_newline, BareNewline::Reject);
+        assert_eq!(c.bare_newline, BareLineFeed::Reject);
         assert_eq!(
             error(&[("HELOGUARD_REJECT_AT", "data")]),
             r#"HELOGUARD_REJECT_AT: "data" is not rcpt or helo"#

@@ -5,7 +5,8 @@
 //! - `session`: the SMTP session state machine (sans-I/O)
 //! - `helo`: the eleven HELO checks, policy, verdict and trace fields (pure)
 //! - `dns`: DNS message types, and `dns::resolver`, the resolver thread
-//! - `spool`: the envelope, trace fields and the Maildir writer threads
+//! - `message`: an accepted message, its envelope and what its trace fields are made of
+//! - `spool`: the trace field text and the Maildir writer threads
 //! - `server`: listeners, the mio event loop, connections, the worker pool, TLS
 //! - `relay`: the sans-I/O next-hop SMTP/LMTP client of the relay modes
 //! - `check_cli`: the `heloguard check` command (one HELO verdict, printed)
@@ -20,6 +21,7 @@ pub mod config;
 pub mod dns;
 pub mod fuzzing;
 pub mod helo;
+pub mod message;
 pub mod metrics;
 pub mod net;
 pub mod protocol;
@@ -29,3 +31,4 @@ pub mod sched;
 pub mod server;
 pub mod session;
 pub mod spool;
+pub mod wake;

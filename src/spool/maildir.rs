@@ -30,7 +30,7 @@ use std::time::Duration;
 use std::time::SystemTime;
 use std::time::UNIX_EPOCH;
 
-use crate::spool::Envelope;
+use crate::message::Envelope;
 use crate::spool::envelope::maildir_prefix;
 use crate::spool::group_sync::GroupSync;
 use crate::spool::group_sync::copy_error;

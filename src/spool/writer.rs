@@ -27,10 +27,10 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Receiver;
 use crossbeam_channel::Sender;
 
-use crate::server::loop_wake::LoopWaker;
-use crate::spool::Envelope;
+use crate::message::Envelope;
 use crate::spool::maildir::Maildir;
 use crate::spool::maildir::SpoolError;
+use crate::wake::LoopWaker;
 
 /// Most messages one writer delivers together.
 pub const MAX_BATCH: usize = 8;
