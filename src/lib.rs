@@ -9,6 +9,8 @@
 //! - `server`: listeners, the mio event loop, connections, the worker pool, TLS
 //! - `relay`: the sans-I/O next-hop SMTP/LMTP client of the relay modes
 //! - `check_cli`: the `heloguard check` command (one HELO verdict, printed)
+//! - `whatif`: the `heloguard whatif` command (verdict log lines replayed under another policy)
+//! - `logging`: the log format (env_logger, or sd-daemon priorities under journald)
 //! - `fuzzing`: invariant-checking drivers shared by the fuzz targets and the corpus test
 //! - `config`, `net`, `proxy_protocol`, `metrics`: configuration, addresses, PROXY headers,
 //!   Prometheus counters
@@ -20,6 +22,7 @@ pub mod config;
 pub mod dns;
 pub mod fuzzing;
 pub mod helo;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod protocol;
@@ -29,3 +32,4 @@ pub mod sched;
 pub mod server;
 pub mod session;
 pub mod spool;
+pub mod whatif;

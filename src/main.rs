@@ -1,4 +1,5 @@
-//! The `heloguard` binary: `serve` (the default), `check`, `--help`. Exit codes: 0 success,
+//! The `heloguard` binary: `serve` (the default), `check`, `whatif`, `--help`,
+//! `--version`. Exit codes: 0 success,
 //! 1 runtime failure (or a `check` that fails), 2 configuration or usage error.
 
 use std::process::ExitCode;
@@ -20,7 +21,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         None | Some("serve") => serve(),
+        Some("--version" | "-V") => {
+            println!("heloguard {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
         Some("check") => check(&args[1..]),
+        Some("whatif") => ExitCode::from(heloguard::whatif::run(&args[1..])),
         Some(other) => {
             eprintln!("heloguard: unknown subcommand `{other}`; see `heloguard --help`");
             ExitCode::from(2)
