@@ -34,12 +34,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
-}
-
 fn load_config() -> Result<Config, ExitCode> {
     match Config::from_env() {
         Ok((config, warnings)) => {
@@ -65,16 +59,19 @@ fn check(args: &[String]) -> ExitCode {
 }
 
 fn serve() -> ExitCode {
-    init_logging();
+    for warning in heloguard::logging::init() {
+        warn!("{warning}");
+    }
     let config = match load_config() {
         Ok(c) => Arc::new(c),
         Err(code) => return code,
     };
+    info!("{}", configuration_line());
     let bound = match listener::bind_all(&config.listen, &config.proxy_listen) {
         Ok(b) => b,
         Err(e) => {
+            // Once: the logger writes to stderr, which is also where eprintln would go.
             error!("{e}");
-            eprintln!("heloguard: {e}");
             return ExitCode::from(1);
         }
     };
@@ -134,4 +131,24 @@ fn serve() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// SPEC "Logs": one startup line with every variable that differs from its default.
+fn configuration_line() -> String {
+    let settings = config::non_default_settings(|name| std::env::var(name).ok());
+    if settings.is_empty() {
+        return "configuration: every variable at its default".to_string();
+    }
+    let mut line = String::from("configuration:");
+    for (name, value) in settings {
+        let plain = value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+        if plain {
+            line.push_str(&format!(" {name}={value}"));
+        } else {
+            line.push_str(&format!(" {name}={value:?}"));
+        }
+    }
+    line
 }
