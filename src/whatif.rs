@@ -253,16 +253,33 @@ pub fn parse_line(line: &[u8]) -> Option<VerdictLine> {
     })
 }
 
-/// The text after `helo verdict `, when the message starts there: at the start of the line or
-/// after a prefix's last character. The first occurrence is the message's own: the prefix is
-/// the logger's, and anything a client sent comes later, quoted.
+/// The text after `helo verdict `, when the log message starts there. The prefixes a logger
+/// may put before a message are read by their shape, `[SYSLOG: ][<N>|[...] ]`, and nothing
+/// else may come before the marker: a line whose message is another one (`refused ...`, or a
+/// debug line quoting what a client sent) never counts, however its text was crafted.
 fn verdict_body(line: &[u8]) -> Option<&[u8]> {
     const MARK: &[u8] = b"helo verdict ";
     let line = line.strip_suffix(b"\n").unwrap_or(line);
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let at = memchr::memmem::find(line, MARK)?;
-    let starts_message = at == 0 || matches!(line[at - 1], b' ' | b']' | b'>' | b':' | b'\t');
-    starts_message.then(|| &line[at + MARK.len()..])
+    let mut rest = line.strip_suffix(b"\r").unwrap_or(line);
+    // journald's short formats and syslog: `Dec 07 02:00:01 mx heloguard[77]: `.
+    if let Some(colon) = memchr::memmem::find(rest, b": ") {
+        let prefix = &rest[..colon];
+        let syslog = !matches!(prefix.first(), None | Some(b'[' | b'<'))
+            && !prefix.iter().any(|b| matches!(b, b'"' | b'='));
+        if syslog {
+            rest = &rest[colon + 2..];
+        }
+    }
+    // sd-daemon's `<6>`, or env_logger's `[TIME LEVEL target] `.
+    match rest {
+        [b'<', digit, b'>', tail @ ..] if digit.is_ascii_digit() => rest = tail,
+        [b'[', ..] => {
+            let end = memchr::memmem::find(rest, b"] ")?;
+            rest = &rest[end + 2..];
+        }
+        _ => {}
+    }
+    rest.strip_prefix(MARK)
 }
 
 /// One `key=value` token: `Ok(None)` at the end of the line, `None` when malformed.
@@ -792,6 +809,8 @@ mod tests {
             "<6>",
             "[2026-12-07T02:05:06Z INFO  heloguard] ",
             "Dec 07 02:05:06 mx heloguard[812]: ",
+            "2026-12-07T02:05:06+0000 mx heloguard[812]: ",
+            "Dec 07 02:05:06 mx heloguard[812]: [2026-12-07T02:05:06Z INFO  heloguard] ",
         ] {
             let parsed = parse_line(format!("{prefix}{body}\n").as_bytes()).unwrap();
             assert_eq!(parsed.sid, b"a1");
@@ -800,7 +819,19 @@ mod tests {
             assert_eq!(parsed.results[2], CheckResult::Fail);
             assert_eq!(parsed.dnsbl_score, None);
         }
-        assert!(parse_line(format!("xhelo verdict {}", &body[13..]).as_bytes()).is_none());
+        for forged in [
+            format!("xhelo verdict {}", &body[13..]),
+            format!("refused sid=a0 ip=192.0.2.7 helo=\"x {body}\" stage=helo"),
+            format!("refused sid=a0 ip=192.0.2.7 helo=\"x: {body}\" stage=helo"),
+            format!("[2026-12-07T02:05:06Z DEBUG heloguard] 192.0.2.7: {body}"),
+            format!("Dec 07 02:05:06 mx heloguard[812]: [T DEBUG heloguard] 192.0.2.7: {body}"),
+            format!("[T INFO heloguard] session end sid=a0 helo=\"{body}\""),
+        ] {
+            assert!(parse_line(forged.as_bytes()).is_none(), "{forged}");
+        }
+        let mut replay = Replay::default();
+        replay.add_line(format!("refused sid=a0 ip=192.0.2.7 helo=\"x {body}\"").as_bytes());
+        assert_eq!((replay.sessions.len(), replay.malformed), (0, 0));
     }
 
     #[test]
