@@ -223,14 +223,19 @@ pub fn parse_line(line: &[u8]) -> Option<VerdictLine> {
     let mut results = None;
     let mut dnsbl_score = None;
     let mut was = None;
-    let mut seen: Vec<Vec<u8>> = Vec::new();
+    let mut seen: Vec<&[u8]> = Vec::new();
     let mut rest = body;
-    while let Some((key, value, after)) = next_pair(rest)? {
+    while let Some(Pair {
+        key,
+        value,
+        rest: after,
+    }) = next_pair(rest)?
+    {
         rest = after;
         if seen.contains(&key) {
             return None;
         }
-        match key.as_slice() {
+        match key {
             b"sid" => sid = Some(value),
             b"ip" => ip = Some(std::str::from_utf8(&value).ok()?.parse::<IpAddr>().ok()?),
             b"helo" => helo = Some(value),
@@ -282,9 +287,15 @@ fn verdict_body(line: &[u8]) -> Option<&[u8]> {
     rest.strip_prefix(MARK)
 }
 
-/// One `key=value` token: `Ok(None)` at the end of the line, `None` when malformed.
-#[allow(clippy::type_complexity)]
-fn next_pair(text: &[u8]) -> Option<Option<(Vec<u8>, Vec<u8>, &[u8])>> {
+/// One `key=value` token of a log line, its value unescaped, and the text after it.
+struct Pair<'a> {
+    key: &'a [u8],
+    value: Vec<u8>,
+    rest: &'a [u8],
+}
+
+/// The next token: `Some(None)` at the end of the line, `None` when malformed.
+fn next_pair(text: &[u8]) -> Option<Option<Pair<'_>>> {
     let start = text.iter().position(|&b| b != b' ');
     let Some(start) = start else {
         return Some(None);
@@ -313,7 +324,7 @@ fn next_pair(text: &[u8]) -> Option<Option<(Vec<u8>, Vec<u8>, &[u8])>> {
     if !(rest.is_empty() || rest[0] == b' ') {
         return None;
     }
-    Some(Some((key.to_vec(), value, rest)))
+    Some(Some(Pair { key, value, rest }))
 }
 
 /// A quoted value up to its closing quote; `\"`, `\\` and `\xHH` are the only escapes.

@@ -207,3 +207,39 @@ fn install_check_and_purge(deb: &str) {
     assert!(!Path::new("/var/spool/heloguard").exists());
     assert!(!Path::new("/usr/sbin/heloguard").exists());
 }
+
+/// The sandbox stays at least as tight as it was with DynamicUser= (exposure 2.0).
+#[test]
+fn the_unit_exposure_stays_low() {
+    let supported = Command::new("systemd-analyze")
+        .args(["security", "--help"])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("--offline")
+        });
+    if !supported {
+        println!("skipped: systemd-analyze security --offline is not available");
+        return;
+    }
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/heloguard.service"),
+    )
+    .expect("read the unit");
+    let dir = std::env::temp_dir().join(format!("heloguard-exposure-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("heloguard.service");
+    std::fs::write(&path, unit).expect("write the unit copy");
+    let out = run(
+        "systemd-analyze",
+        &["security", "--offline=true", path.to_str().expect("utf-8")],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = text(&out);
+    let level: f64 = report
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for heloguard.service: "))
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level:\n{report}"));
+    assert!(level <= 2.0, "exposure {level}:\n{report}");
+}
