@@ -67,7 +67,8 @@ fn serve() -> ExitCode {
         Err(code) => return code,
     };
     info!("{}", configuration_line());
-    let bound = match listener::bind_all(&config.listen, &config.proxy_listen) {
+    let mut passed = listener::PassedListeners::from_env();
+    let bound = match listener::bind_all(&config.listen, &config.proxy_listen, &mut passed) {
         Ok(b) => b,
         Err(e) => {
             // Once: the logger writes to stderr, which is also where eprintln would go.
@@ -83,7 +84,10 @@ fn serve() -> ExitCode {
     }
     let metrics = Arc::new(Metrics::new());
     if let Some(addr) = config.metrics {
-        let started = std::net::TcpListener::bind(addr)
+        // The metrics thread serves with blocking accepts.
+        let started = passed
+            .take_or_bind(addr)
+            .and_then(|l| l.set_nonblocking(false).map(|()| l))
             .and_then(|l| heloguard::metrics::serve(l, metrics.clone()));
         match started {
             Ok(_) => info!("metrics on http://{addr}/metrics"),
@@ -93,6 +97,12 @@ fn serve() -> ExitCode {
             }
         }
     }
+    for addr in passed.unclaimed() {
+        warn!(
+            "a listening socket for {addr} was passed in but no variable names that address; closed"
+        );
+    }
+    drop(passed);
     let server = match Server::new(
         config.clone(),
         bound,
@@ -122,9 +132,8 @@ fn serve() -> ExitCode {
         config.spool_writers
     );
     sd_notify::notify_ready();
-    let result = server.run();
-    sd_notify::notify_stopping();
-    match result {
+    // STOPPING=1 goes out from the loop when the shutdown begins, not here when it has ended.
+    match server.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("event loop failed: {e}");

@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,11 +31,6 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
-}
-
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
 }
 
 /// GET /metrics from HELOGUARD_METRICS.
@@ -343,10 +338,9 @@ fn a_proxy_client_that_never_sends_its_header_is_closed_without_a_banner() {
 
 #[test]
 fn pregreet_gets_554_then_503_until_quit_or_ten_seconds_and_is_counted() {
-    let metrics_addr = free_port();
     let s = TestServer::builder()
+        .metrics()
         .env("HELOGUARD_GREET_DELAY_MS", "800")
-        .env("HELOGUARD_METRICS", &metrics_addr.to_string())
         .env("HELOGUARD_DNS", "127.0.0.1:9")
         .env("HELOGUARD_DNS_TIMEOUT_MS", "100")
         .start();
@@ -381,7 +375,7 @@ fn pregreet_gets_554_then_503_until_quit_or_ten_seconds_and_is_counted() {
         "{took:?}"
     );
     good.cmd("QUIT", 221);
-    let text = metrics(metrics_addr);
+    let text = metrics(s.metrics_addr.expect("metrics address"));
     let pregreets = metric_value(
         &text,
         "heloguard_connections_refused_total{reason=\"pregreet\"}",

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -65,35 +65,15 @@ const CHECKS: [&str; 11] = [
 // ---------------------------------------------------------------------------------------
 // helpers
 
-/// A loopback address that was free a moment ago.
-fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr")
-}
-
-/// Starts a server with HELOGUARD_METRICS on a free port; retries when the port was taken
-/// between choosing it and the server binding it (the server then exits at startup).
+/// Starts a server with HELOGUARD_METRICS on a listener bound before it starts.
 fn start_with_metrics(dns: SocketAddr, env: &[(&str, &str)]) -> (TestServer, SocketAddr) {
-    const ATTEMPTS: usize = 5;
-    for attempt in 1..=ATTEMPTS {
-        let metrics = free_addr();
-        let started = std::panic::catch_unwind(|| {
-            let mut b = TestServer::builder()
-                .dns(dns)
-                .proxy()
-                .env("HELOGUARD_METRICS", &metrics.to_string());
-            for (k, v) in env {
-                b = b.env(k, v);
-            }
-            b.start()
-        });
-        match started {
-            Ok(s) => return (s, metrics),
-            Err(e) if attempt == ATTEMPTS => std::panic::resume_unwind(e),
-            Err(_) => eprintln!("metrics port {metrics} was taken, retrying"),
-        }
+    let mut b = TestServer::builder().dns(dns).proxy().metrics();
+    for (k, v) in env {
+        b = b.env(k, v);
     }
-    unreachable!("the last attempt returns or panics")
+    let s = b.start();
+    let metrics = s.metrics_addr.expect("metrics address");
+    (s, metrics)
 }
 
 /// One HTTP/1.1 GET over a raw socket: the status code and the body.
@@ -620,11 +600,11 @@ fn a_second_sigterm_ends_at_once_without_partial_files() {
 #[test]
 fn the_systemd_unit_verifies() {
     let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
-        println!("skipped: systemd-analyze is not installed");
+        common::skip_without("systemd-analyze", "systemd-analyze is not installed");
         return;
     };
     if !out.status.success() {
-        println!("skipped: systemd-analyze --version failed");
+        common::skip_without("systemd-analyze", "systemd-analyze --version failed");
         return;
     }
     let unit = std::fs::read_to_string(

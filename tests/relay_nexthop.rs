@@ -453,7 +453,7 @@ fn postfix_behind_the_relay_sees_the_original_client_through_xclient() {
     let postfix = match PrivatePostfix::start() {
         Ok(p) => p,
         Err(why) => {
-            eprintln!("skipped: {why}");
+            common::skip_without("postfix", &why.to_string());
             return;
         }
     };
@@ -666,26 +666,18 @@ fn bob_only(rcpt: &str) -> String {
 
 // ----- 5. metrics ------------------------------------------------------------------------
 
-/// A heloguard relaying to `target` with HELOGUARD_METRICS on a free port; retries when the
-/// port was taken between choosing it and the server binding it.
+/// A heloguard relaying to `target` with HELOGUARD_METRICS on a listener bound before it
+/// starts.
 fn start_with_metrics(dns: &TestDns, target: &str) -> (TestServer, SocketAddr) {
-    let dns = dns.addr();
-    const ATTEMPTS: usize = 5;
-    for attempt in 1..=ATTEMPTS {
-        let metrics = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let started = std::panic::catch_unwind(|| {
-            relay_with_dns(dns, target, &[("HELOGUARD_METRICS", &metrics.to_string())])
-        });
-        match started {
-            Ok(s) => return (s, metrics),
-            Err(e) if attempt == ATTEMPTS => std::panic::resume_unwind(e),
-            Err(_) => eprintln!("metrics port {metrics} was taken, retrying"),
-        }
-    }
-    unreachable!("the last attempt returns or panics")
+    let relay = TestServer::builder()
+        .dns(dns.addr())
+        .proxy()
+        .metrics()
+        .env("HELOGUARD_DELIVER", target)
+        .env("HELOGUARD_DOMAINS", "example.net")
+        .start();
+    let metrics = relay.metrics_addr.expect("metrics address");
+    (relay, metrics)
 }
 
 /// GET /metrics over a raw socket; the status must be 200.

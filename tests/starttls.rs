@@ -32,6 +32,17 @@ impl TlsFixture {
     }
 
     fn start_with(env: &[(&str, &str)]) -> Self {
+        Self::start_built(env, |b| b)
+    }
+
+    fn start_with_metrics() -> Self {
+        Self::start_built(&[], |b| b.metrics())
+    }
+
+    fn start_built(
+        env: &[(&str, &str)],
+        change: impl FnOnce(common::server::ServerBuilder) -> common::server::ServerBuilder,
+    ) -> Self {
         let dir = TempDir::new("tls");
         let (cert, key, der) = certs::write_self_signed(dir.path(), "server", 1);
         let dns = TestDns::start(TestZone::default());
@@ -43,7 +54,7 @@ impl TlsFixture {
             b = b.env(k, v);
         }
         TlsFixture {
-            server: b.start(),
+            server: change(b).start(),
             _dns: dns,
             dir,
             cert,
@@ -767,13 +778,6 @@ fn a_handshake_begun_before_sighup_finishes_with_the_pair_it_began_with() {
     assert_eq!(fresh.peer_serial(), certs::serial_octets(2));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn scrape(addr: &str) -> String {
     let mut c = TcpStream::connect(addr).expect("metrics connect");
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -793,8 +797,8 @@ fn handshakes(text: &str, outcome: &str) -> Option<u64> {
 
 #[test]
 fn handshake_outcomes_are_counted() {
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let f = TlsFixture::start_with(&[("HELOGUARD_METRICS", &metrics)]);
+    let f = TlsFixture::start_with_metrics();
+    let metrics = f.server.metrics_addr.expect("metrics address").to_string();
     let s = &f.server;
 
     let mut good = tls_session(s, certs::client_config(&f.der));
@@ -826,8 +830,8 @@ fn handshake_outcomes_are_counted() {
 
 #[test]
 fn a_client_that_leaves_in_the_middle_of_the_handshake_counts_as_a_failed_one() {
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let f = TlsFixture::start_with(&[("HELOGUARD_METRICS", &metrics)]);
+    let f = TlsFixture::start_with_metrics();
+    let metrics = f.server.metrics_addr.expect("metrics address").to_string();
     let sock = starttls_socket(&f.server, "client.example.org");
     drop(sock);
     let deadline = Instant::now() + Duration::from_secs(10);

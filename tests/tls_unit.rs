@@ -185,7 +185,7 @@ fn sec1_ec_key() {
     let sec1 = match certs::openssl_traditional(&key.serialize_pem()) {
         Ok(pem) => pem,
         Err(why) => {
-            eprintln!("skipping the SEC1 key test: {why}");
+            common::skip_without("openssl", &format!("the SEC1 key test: {why}"));
             return;
         }
     };
@@ -200,14 +200,14 @@ fn rsa_keys_pkcs8_and_pkcs1() {
     let pkcs8 = match certs::openssl_rsa_pkcs8() {
         Ok(pem) => pem,
         Err(why) => {
-            eprintln!("skipping the RSA key test: {why}");
+            common::skip_without("openssl", &format!("the RSA key test: {why}"));
             return;
         }
     };
     let pkcs1 = match certs::openssl_traditional(&pkcs8) {
         Ok(pem) => pem,
         Err(why) => {
-            eprintln!("skipping the RSA key test: {why}");
+            common::skip_without("openssl", &format!("the RSA key test: {why}"));
             return;
         }
     };

@@ -5,7 +5,7 @@
 //! runtime and a hickory `TokioResolver`. Requests arrive over a tokio unbounded channel
 //! (its `send` is synchronous and never blocks the event loop), every request runs as its own
 //! task (bounded by `max_in_flight`), and each answer goes back over crossbeam followed by a
-//! `mio::Waker` wake-up.
+//! wake-up of the event loop (`LoopWaker`).
 //!
 //! Every single query (A, AAAA, PTR) is bounded by the configured total timeout: hickory's
 //! per-try timeout times its number of tries fits inside it, and a `tokio::time::timeout`
@@ -42,6 +42,7 @@ use super::{
     DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryOutcome, QueryType, ReverseFacts,
     TempFailure,
 };
+use crate::server::loop_wake::LoopWaker;
 
 /// At most this many PTR names of one client are forward-confirmed (as Postfix and the
 /// usual iprev implementations do): a hostile reverse zone must not multiply our queries.
@@ -196,7 +197,7 @@ impl ResolverHandle {
 pub fn spawn(
     settings: ResolverSettings,
     answers: crossbeam_channel::Sender<DnsAnswer>,
-    waker: Option<Arc<mio::Waker>>,
+    waker: Option<Arc<dyn LoopWaker>>,
     observer: QueryObserver,
 ) -> io::Result<ResolverHandle> {
     Ok(try_spawn(settings, answers, waker, observer)?)
@@ -206,7 +207,7 @@ pub fn spawn(
 pub fn try_spawn(
     settings: ResolverSettings,
     answers: crossbeam_channel::Sender<DnsAnswer>,
-    waker: Option<Arc<mio::Waker>>,
+    waker: Option<Arc<dyn LoopWaker>>,
     observer: QueryObserver,
 ) -> Result<ResolverHandle, SpawnError> {
     // Built here, not in the thread, so a bad configuration is an error of the caller rather
@@ -288,7 +289,7 @@ struct Context {
     resolver: TokioResolver,
     timeout: Duration,
     answers: crossbeam_channel::Sender<DnsAnswer>,
-    waker: Option<Arc<mio::Waker>>,
+    waker: Option<Arc<dyn LoopWaker>>,
     observer: QueryObserver,
     known: Arc<AnswerCache>,
 }

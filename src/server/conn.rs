@@ -1,7 +1,10 @@
-//! One client connection: its socket, bounded buffers, TLS state and where its session is.
+//! One client connection: its socket, bounded buffers, transport and where its session is.
 //!
-//! The connection does the socket I/O for its session; the session itself is either here
-//! (`session: Some`) or at a worker. Bytes that arrive while it is away wait in `inbuf`.
+//! The connection does the socket I/O for its session. Where the session is, and so what the
+//! connection may do next, is one [`ConnState`]; what the read side of the socket has shown is
+//! one [`ReadSide`], kept apart because a client can half-close while its session is anywhere;
+//! whether bytes pass through TLS is one [`Transport`]. Bytes that arrive while the session is
+//! at a worker wait in `inbuf`.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -30,15 +33,205 @@ pub const PROXY_HEADER_CAP: usize = 16 + 65_535;
 /// Size of the loop's read scratch buffer: one read takes at most this much.
 pub const READ_CHUNK: usize = 16 * 1024;
 
-/// Where in its life a connection is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// PROXY listener: the header has not arrived yet.
-    AwaitProxy,
+/// A connection's identity: its slab slot and the generation it was opened in.
+///
+/// Slots are reused as soon as a connection closes, so an answer (worker, resolver, spool
+/// writer, timer) addressed to a slot alone could reach the wrong client. The generation makes
+/// a late answer for a reused slot miss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(u64);
+
+impl ConnId {
+    pub fn new(slot: usize, generation: u32) -> Self {
+        debug_assert!(u32::try_from(slot).is_ok(), "slots stay below 2^32");
+        ConnId((u64::from(generation) << 32) | (slot as u64 & 0xffff_ffff))
+    }
+
+    /// The id as other threads carry it (DNS requests, spool jobs).
+    pub fn from_raw(raw: u64) -> Self {
+        ConnId(raw)
+    }
+
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+
+    pub fn slot(self) -> usize {
+        (self.0 & 0xffff_ffff) as usize
+    }
+}
+
+/// The slot of connection `id`, unless it closed (and its slot may hold another by now).
+pub fn live_slot<T>(
+    slab: &slab::Slab<T>,
+    id: ConnId,
+    id_of: impl Fn(&T) -> ConnId,
+) -> Option<usize> {
+    match slab.get(id.slot()) {
+        Some(entry) if id_of(entry) == id => Some(id.slot()),
+        _ => None,
+    }
+}
+
+/// Where a connection is in its life, and where its session is.
+pub enum ConnState {
+    /// PROXY listener: the header has not arrived yet, so the client IP is not known and
+    /// there is no session.
+    AwaitingProxy,
     /// HELOGUARD_GREET_DELAY_MS is running; bytes arriving now are a pregreet.
-    GreetDelay,
-    /// The session runs.
-    Active,
+    DelayingGreeting {
+        session: Box<Session>,
+        /// The client talked before the banner.
+        pregreeted: bool,
+    },
+    /// The session is in the loop, waiting for input, an answer, or for the client to read
+    /// its replies.
+    Waiting { session: Box<Session> },
+    /// The session is at a worker; the loop queues what arrives for it meanwhile.
+    AtWorker,
+    /// Nothing more is read or handed to the session: the connection closes once `outbuf` is
+    /// flushed. The session, if there was one, stays for the session-end log line.
+    Closing { session: Option<Box<Session>> },
+}
+
+impl std::fmt::Debug for ConnState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A session is large and private; its presence is what tells states apart.
+        match self {
+            ConnState::AwaitingProxy => f.write_str("AwaitingProxy"),
+            ConnState::DelayingGreeting { pregreeted, .. } => f
+                .debug_struct("DelayingGreeting")
+                .field("pregreeted", pregreeted)
+                .finish_non_exhaustive(),
+            ConnState::Waiting { .. } => f.write_str("Waiting"),
+            ConnState::AtWorker => f.write_str("AtWorker"),
+            ConnState::Closing { session } => f
+                .debug_struct("Closing")
+                .field("with_session", &session.is_some())
+                .finish(),
+        }
+    }
+}
+
+impl ConnState {
+    /// The session, when it is in the loop.
+    pub fn session(&self) -> Option<&Session> {
+        match self {
+            ConnState::DelayingGreeting { session, .. } | ConnState::Waiting { session } => {
+                Some(session)
+            }
+            ConnState::Closing { session } => session.as_deref(),
+            ConnState::AwaitingProxy | ConnState::AtWorker => None,
+        }
+    }
+
+    /// The session is running: it is in the loop ready to be fed, or at a worker.
+    pub fn is_serving(&self) -> bool {
+        matches!(self, ConnState::Waiting { .. } | ConnState::AtWorker)
+    }
+
+    /// Hands the session over for a worker: `Waiting` becomes `AtWorker`.
+    pub fn send_to_worker(&mut self) -> Option<Box<Session>> {
+        match std::mem::replace(self, ConnState::AtWorker) {
+            ConnState::Waiting { session } => Some(session),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+
+    /// Takes the session back from a worker. A connection that began closing meanwhile keeps
+    /// closing, with its session for the log line.
+    pub fn back_from_worker(&mut self, returned: Box<Session>) {
+        *self = match std::mem::replace(self, ConnState::AtWorker) {
+            ConnState::Closing { .. } => ConnState::Closing {
+                session: Some(returned),
+            },
+            _ => ConnState::Waiting { session: returned },
+        };
+    }
+
+    /// The greeting delay ended: the session runs. Returns whether the client pregreeted, or
+    /// `None` when no greeting delay was running.
+    pub fn end_greeting_delay(&mut self) -> Option<bool> {
+        match std::mem::replace(self, ConnState::AtWorker) {
+            ConnState::DelayingGreeting {
+                session,
+                pregreeted,
+            } => {
+                *self = ConnState::Waiting { session };
+                Some(pregreeted)
+            }
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+
+    /// Marks a pregreet: the client sent bytes during the greeting delay.
+    pub fn note_early_talk(&mut self) {
+        if let ConnState::DelayingGreeting { pregreeted, .. } = self {
+            *pregreeted = true;
+        }
+    }
+
+    /// Stops serving; the connection closes once its output is flushed.
+    pub fn start_closing(&mut self) {
+        let session = match std::mem::replace(self, ConnState::Closing { session: None }) {
+            ConnState::DelayingGreeting { session, .. } | ConnState::Waiting { session } => {
+                Some(session)
+            }
+            ConnState::Closing { session } => session,
+            ConnState::AwaitingProxy | ConnState::AtWorker => None,
+        };
+        *self = ConnState::Closing { session };
+    }
+}
+
+/// What reading the socket has shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadSide {
+    /// Read until `WouldBlock`; the next readable event brings more.
+    Open,
+    /// Reading stopped because `inbuf` is full. Readiness is edge-triggered, so no event will
+    /// come for the bytes already waiting: the loop reads again once `inbuf` drains.
+    Full,
+    /// The peer closed its side (or sent TLS close_notify).
+    Ended,
+}
+
+/// How bytes pass between the socket and the session.
+#[derive(Debug)]
+pub enum Transport {
+    Plain,
+    /// STARTTLS was answered; the handshake runs.
+    Handshaking(TlsSession),
+    Tls(TlsSession),
+}
+
+impl Transport {
+    fn tls_mut(&mut self) -> Option<&mut TlsSession> {
+        match self {
+            Transport::Plain => None,
+            Transport::Handshaking(tls) | Transport::Tls(tls) => Some(tls),
+        }
+    }
+
+    /// Moves a handshake that has just completed to `Tls`; true when it did.
+    fn finish_handshake(&mut self) -> bool {
+        match std::mem::replace(self, Transport::Plain) {
+            Transport::Handshaking(tls) if !tls.is_handshaking() => {
+                *self = Transport::Tls(tls);
+                true
+            }
+            other => {
+                *self = other;
+                false
+            }
+        }
+    }
 }
 
 /// What one round of reading produced.
@@ -64,39 +257,29 @@ pub struct DnsTiming {
 /// One client connection.
 pub struct Conn {
     pub socket: TcpStream,
-    /// Slot and generation, packed: `generation << 32 | slot`. Late answers for a reused slot
-    /// carry an old generation and are dropped.
-    pub id: u64,
+    pub id: ConnId,
     pub listener: ListenerKind,
     pub peer: SocketAddr,
     /// The client IP of SPEC "Who the client is": PROXY source or socket peer, canonical.
     pub client_ip: IpAddr,
     /// Set once this connection is counted against HELOGUARD_MAX_CONNECTIONS_PER_IP.
     pub counted_as: Option<ClientKey>,
-    pub phase: Phase,
-    /// The session when it is here; `None` while it is at a worker (or before it starts).
-    pub session: Option<Box<Session>>,
-    pub at_worker: bool,
+    /// Where the connection is in its life, with the session when it is here.
+    pub state: ConnState,
+    /// What reading the socket has shown so far.
+    pub read: ReadSide,
+    pub transport: Transport,
     /// Events for the session that wait until it is here.
     pub pending: Vec<OwnedEvent>,
     /// Plaintext from the client not yet consumed by the session.
     pub inbuf: Vec<u8>,
-    /// New bytes arrived since the session last saw `inbuf`.
-    pub input_dirty: bool,
+    /// New bytes arrived since the session last saw `inbuf`: a session that left an incomplete
+    /// line there gains nothing from seeing it again unchanged.
+    pub unseen_input: bool,
     /// Bytes for the socket (ciphertext once TLS is on).
     pub outbuf: Vec<u8>,
-    pub tls: Option<TlsSession>,
-    /// The handshake completed.
-    pub tls_up: bool,
-    /// The client talked before the banner.
-    pub pregreeted: bool,
-    /// Close once `outbuf` is flushed.
-    pub close_after_flush: bool,
-    /// The peer closed its side.
-    pub eof: bool,
-    /// Reading stopped because `inbuf` is full; resume when it drains.
-    pub read_paused: bool,
-    pub idle_timer_armed: bool,
+    /// When the armed idle timer fires; `None` when none is armed.
+    pub idle_timer: Option<Instant>,
     pub last_input: Instant,
     pub started: Instant,
     pub dns: DnsTiming,
@@ -107,7 +290,7 @@ pub struct Conn {
 impl Conn {
     pub fn new(
         socket: TcpStream,
-        id: u64,
+        id: ConnId,
         listener: ListenerKind,
         peer: SocketAddr,
         client_ip: IpAddr,
@@ -120,20 +303,14 @@ impl Conn {
             peer,
             client_ip,
             counted_as: None,
-            phase: Phase::Active,
-            session: None,
-            at_worker: false,
+            state: ConnState::AwaitingProxy,
+            read: ReadSide::Open,
+            transport: Transport::Plain,
             pending: Vec::new(),
             inbuf: Vec::new(),
-            input_dirty: false,
+            unseen_input: false,
             outbuf: Vec::new(),
-            tls: None,
-            tls_up: false,
-            pregreeted: false,
-            close_after_flush: false,
-            eof: false,
-            read_paused: false,
-            idle_timer_armed: false,
+            idle_timer: None,
             last_input: now,
             started: now,
             dns: DnsTiming::default(),
@@ -141,16 +318,16 @@ impl Conn {
         }
     }
 
-    /// How much `inbuf` may hold in the current phase.
+    /// How much `inbuf` may hold in the current state.
     fn inbuf_cap(&self) -> usize {
-        match self.phase {
-            Phase::AwaitProxy => PROXY_HEADER_CAP,
+        match self.state {
+            ConnState::AwaitingProxy => PROXY_HEADER_CAP,
             _ => INBUF_CAP,
         }
     }
 
     /// Reads until the socket would block, the input cap is reached, or EOF. mio readiness
-    /// is edge-triggered: stopping early is only allowed with `read_paused` set, so the loop
+    /// is edge-triggered: stopping early is only allowed with `ReadSide::Full`, so the loop
     /// knows to come back (mio `Poll` docs, "Draining readiness").
     ///
     /// `chunk` is the loop's scratch buffer: one for all connections, so no read pays for
@@ -160,50 +337,45 @@ impl Conn {
         loop {
             let room = self.inbuf_cap().saturating_sub(self.inbuf.len());
             if room == 0 {
-                self.read_paused = true;
+                self.read = ReadSide::Full;
                 return Ok(outcome);
             }
             // Never read past the cap: `inbuf` stays within it, not within it plus a chunk.
-            let want = room.min(READ_CHUNK);
+            let want = room.min(READ_CHUNK).min(chunk.len());
             let n = match self.socket.read(&mut chunk[..want]) {
                 Ok(0) => {
                     outcome.eof = true;
-                    self.eof = true;
+                    self.read = ReadSide::Ended;
                     return Ok(outcome);
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.read_paused = false;
+                    self.read = ReadSide::Open;
                     return Ok(outcome);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            match self.tls.as_mut() {
-                None => {
-                    self.inbuf.extend_from_slice(&chunk[..n]);
-                    outcome.got_data = true;
-                }
-                Some(tls) => {
-                    let before = self.inbuf.len();
-                    let received = tls.receive_ciphertext(&chunk[..n]);
-                    // Handshake records and alerts must go out even when the input failed.
-                    tls.take_ciphertext(&mut self.outbuf);
-                    received.map_err(io::Error::other)?;
-                    tls.take_plaintext(&mut self.inbuf)
-                        .map_err(io::Error::other)?;
-                    tls.take_ciphertext(&mut self.outbuf);
-                    outcome.got_data |= self.inbuf.len() > before;
-                    if !self.tls_up && !tls.is_handshaking() {
-                        self.tls_up = true;
-                        outcome.tls_established = true;
-                    }
-                    if tls.peer_closed() {
-                        outcome.eof = true;
-                        self.eof = true;
-                        return Ok(outcome);
-                    }
-                }
+            let Some(tls) = self.transport.tls_mut() else {
+                self.inbuf.extend_from_slice(&chunk[..n]);
+                outcome.got_data = true;
+                continue;
+            };
+            let before = self.inbuf.len();
+            let received = tls.receive_ciphertext(&chunk[..n]);
+            // Handshake records and alerts must go out even when the input failed.
+            tls.take_ciphertext(&mut self.outbuf);
+            received.map_err(io::Error::other)?;
+            tls.take_plaintext(&mut self.inbuf)
+                .map_err(io::Error::other)?;
+            tls.take_ciphertext(&mut self.outbuf);
+            outcome.got_data |= self.inbuf.len() > before;
+            let peer_closed = tls.peer_closed();
+            outcome.tls_established |= self.transport.finish_handshake();
+            if peer_closed {
+                outcome.eof = true;
+                self.read = ReadSide::Ended;
+                return Ok(outcome);
             }
         }
     }
@@ -213,7 +385,7 @@ impl Conn {
         if bytes.is_empty() {
             return Ok(());
         }
-        match self.tls.as_mut() {
+        match self.transport.tls_mut() {
             None => self.outbuf.extend_from_slice(bytes),
             Some(tls) => {
                 tls.send_plaintext(bytes).map_err(io::Error::other)?;
@@ -249,20 +421,108 @@ impl Conn {
     /// Nothing is left to do for a client that has closed its side: no work, and the session
     /// (here, not at a worker) is not waiting for an answer the loop will bring.
     pub fn finished_after_eof(&self) -> bool {
-        !self.at_worker
+        !matches!(self.state, ConnState::AtWorker)
             && !self.has_work()
-            && !self.session.as_ref().is_some_and(|s| s.awaits_loop())
+            && !self.state.session().is_some_and(|s| s.awaits_loop())
     }
 
-    /// The session may be handed to a worker: it is here and has something to do.
+    /// The session may be handed to a worker: it is here and has something to do. Events
+    /// always go; input waits while the client leaves OUTBUF_CAP of replies unread, so a
+    /// client that never reads cannot make the session produce without bound.
     pub fn has_work(&self) -> bool {
-        let Some(session) = &self.session else {
+        let ConnState::Waiting { session } = &self.state else {
             return false;
         };
-        if self.phase != Phase::Active || self.outbuf.len() >= OUTBUF_CAP {
-            return !self.pending.is_empty() && self.phase == Phase::Active;
+        if !self.pending.is_empty() {
+            return true;
         }
-        !self.pending.is_empty()
-            || (self.input_dirty && !self.inbuf.is_empty() && session.wants_input())
+        self.outbuf.len() < OUTBUF_CAP
+            && self.unseen_input
+            && !self.inbuf.is_empty()
+            && session.wants_input()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::startup::tests::test_session;
+
+    #[test]
+    fn conn_ids_keep_slot_and_generation_apart() {
+        let a = ConnId::new(7, 1);
+        let b = ConnId::new(7, 2);
+        assert_eq!(a.slot(), 7);
+        assert_eq!(b.slot(), 7);
+        assert_ne!(a, b);
+        assert_eq!(ConnId::from_raw(a.raw()), a);
+    }
+
+    #[test]
+    fn an_id_finds_its_slot_only_in_its_own_generation() {
+        let mut slab = slab::Slab::new();
+        let first = ConnId::new(slab.vacant_key(), 1);
+        slab.insert(first);
+        assert_eq!(live_slot(&slab, first, |id| *id), Some(first.slot()));
+        slab.remove(first.slot());
+        assert_eq!(live_slot(&slab, first, |id| *id), None, "closed");
+        let second = ConnId::new(slab.vacant_key(), 2);
+        slab.insert(second);
+        assert_eq!(second.slot(), first.slot());
+        assert_eq!(live_slot(&slab, first, |id| *id), None, "reused slot");
+        assert_eq!(live_slot(&slab, second, |id| *id), Some(second.slot()));
+    }
+
+    #[test]
+    fn a_session_goes_to_a_worker_and_comes_back() {
+        let mut state = ConnState::Waiting {
+            session: test_session(),
+        };
+        assert!(state.is_serving());
+        assert!(state.send_to_worker().is_some());
+        assert!(matches!(state, ConnState::AtWorker));
+        assert!(state.is_serving());
+        assert!(state.session().is_none());
+        // Only a waiting session can go: a second hand-over finds nothing.
+        assert!(state.send_to_worker().is_none());
+        state.back_from_worker(test_session());
+        assert!(matches!(state, ConnState::Waiting { .. }));
+    }
+
+    #[test]
+    fn a_delayed_greeting_remembers_early_talk_and_then_serves() {
+        let mut state = ConnState::DelayingGreeting {
+            session: test_session(),
+            pregreeted: false,
+        };
+        // Not yet serving: the session gets nothing before the banner.
+        assert!(!state.is_serving());
+        assert!(state.send_to_worker().is_none());
+        state.note_early_talk();
+        assert_eq!(state.end_greeting_delay(), Some(true));
+        assert!(matches!(state, ConnState::Waiting { .. }));
+        assert_eq!(state.end_greeting_delay(), None);
+    }
+
+    #[test]
+    fn closing_keeps_the_session_for_the_log_and_stops_serving() {
+        let mut state = ConnState::Waiting {
+            session: test_session(),
+        };
+        state.start_closing();
+        assert!(!state.is_serving());
+        assert!(state.session().is_some());
+        assert!(state.send_to_worker().is_none());
+
+        // A session that comes back to a closing connection stays there for the log line.
+        let mut state = ConnState::AtWorker;
+        state.start_closing();
+        assert!(state.session().is_none());
+        state.back_from_worker(test_session());
+        assert!(matches!(state, ConnState::Closing { session: Some(_) }));
+
+        let mut state = ConnState::AwaitingProxy;
+        state.start_closing();
+        assert!(matches!(state, ConnState::Closing { session: None }));
     }
 }

@@ -1,10 +1,11 @@
 //! Wakes the event loop at most once per drain.
 //!
-//! Workers finish jobs tens of thousands of times a second, and each `mio::Waker::wake` is a
-//! write to an eventfd. While the loop has a wake pending, another one tells it nothing new:
-//! it will drain every channel anyway (wakes coalesce, `mio/tests/waker.rs`). So a sender
-//! writes the eventfd only when it is the first to set `pending`, and the loop clears `pending`
-//! right before it drains.
+//! Every thread that answers the loop (workers, spool writers, the resolver) wakes it through
+//! one `LoopWake`. Workers finish jobs tens of thousands of times a second, and each
+//! `mio::Waker::wake` is a write to an eventfd. While the loop has a wake pending, another one
+//! tells it nothing new: it will drain every channel anyway (wakes coalesce,
+//! `mio/tests/waker.rs`). So a sender writes the eventfd only when it is the first to set
+//! `pending`, and the loop clears `pending` right before it drains.
 //!
 //! No message is left behind: a sender sends, then swaps `pending` to true. If it saw true, the
 //! loop's clearing swap has not happened yet in `pending`'s order, and because both swaps are
@@ -17,6 +18,26 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 
 use mio::Waker;
+
+/// Wakes the event loop after a message was sent to it. The threads that answer the loop take
+/// this rather than a `LoopWake` so that they need nothing of the loop, and their tests can
+/// hand them a bare `mio::Waker`.
+pub trait LoopWaker: Send + Sync {
+    /// Call after sending, never before: a woken loop must find the message.
+    fn wake(&self) -> io::Result<()>;
+}
+
+impl LoopWaker for Waker {
+    fn wake(&self) -> io::Result<()> {
+        Waker::wake(self)
+    }
+}
+
+impl LoopWaker for LoopWake {
+    fn wake(&self) -> io::Result<()> {
+        LoopWake::wake(self)
+    }
+}
 
 /// A `mio::Waker` shared by threads that send to the loop, with coalescing.
 #[derive(Debug)]

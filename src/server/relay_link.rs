@@ -23,6 +23,7 @@ use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureSch
 use crate::protocol::reply::Reply;
 use crate::relay::client::RelayClient;
 use crate::relay::{RelayClientParams, RelayEvent, RelayOutput};
+use crate::server::conn::ConnId;
 
 /// How long the next hop gets to accept the connection and finish the setup (greeting,
 /// EHLO, STARTTLS, XCLIENT).
@@ -149,7 +150,7 @@ pub enum LinkFailure {
 pub struct RelayLink {
     pub socket: NextHopSocket,
     /// The client connection this link serves.
-    pub owner: u64,
+    pub owner: ConnId,
     client: RelayClient,
     tls: Option<ClientConnection>,
     /// Server name for the next hop's TLS (SNI); the certificate is not verified.
@@ -168,7 +169,7 @@ pub struct RelayLink {
 impl RelayLink {
     pub fn new(
         socket: NextHopSocket,
-        owner: u64,
+        owner: ConnId,
         params: RelayClientParams,
         tls_host: &str,
         now: Instant,

@@ -25,11 +25,16 @@ pub fn notify_stopping() {
 
 /// Tells systemd that a configuration reload began; follow with [`notify_ready`] when done.
 pub fn notify_reloading() {
-    // systemd 253+ wants MONOTONIC_USEC with RELOADING=1 to tell this reload from an older one
-    // (sd_notify(3)); older versions ignore the extra field.
-    match monotonic_usec() {
-        Some(usec) => notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}")),
-        None => notify("RELOADING=1"),
+    notify(&reloading_message(monotonic_usec()));
+}
+
+/// RELOADING=1 with the CLOCK_MONOTONIC time in µs: `Type=notify-reload` (systemd 253+)
+/// requires MONOTONIC_USEC beside it to match this reload to the SIGHUP it sent
+/// (sd_notify(3), systemd.service(5)); older versions ignore the extra field.
+fn reloading_message(monotonic_usec: Option<u64>) -> String {
+    match monotonic_usec {
+        Some(usec) => format!("RELOADING=1\nMONOTONIC_USEC={usec}"),
+        None => "RELOADING=1".to_string(),
     }
 }
 
@@ -160,6 +165,15 @@ mod tests {
         let path = scratch_path("missing");
         let name = path.to_str().expect("utf-8 temp path");
         assert!(send_to(name, "READY=1").is_err());
+    }
+
+    #[test]
+    fn a_reload_carries_the_monotonic_time() {
+        assert_eq!(
+            reloading_message(Some(1_234_567)),
+            "RELOADING=1\nMONOTONIC_USEC=1234567"
+        );
+        assert_eq!(reloading_message(None), "RELOADING=1");
     }
 
     #[test]

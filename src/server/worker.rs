@@ -22,6 +22,7 @@ use crate::dns::answer_cache::AnswerCache;
 use crate::dns::{Family, Lookup, ReverseFacts};
 use crate::metrics::Metrics;
 use crate::protocol::reply::Reply;
+use crate::server::conn::ConnId;
 use crate::server::loop_wake::LoopWake;
 use crate::session::{
     DeliveryOutcome, Event, Now, Observation, Output, Session, SessionAction, TlsInfo,
@@ -69,7 +70,7 @@ impl OwnedEvent {
 
 /// Work for one session: its queued events in order, then its unread input.
 pub struct Job {
-    pub conn_id: u64,
+    pub conn_id: ConnId,
     pub session: Box<Session>,
     pub events: Vec<OwnedEvent>,
     /// Plaintext not yet consumed by the session.
@@ -78,7 +79,7 @@ pub struct Job {
 
 /// A session coming back from a worker.
 pub struct Done {
-    pub conn_id: u64,
+    pub conn_id: ConnId,
     pub session: Box<Session>,
     /// The part of `Job::input` the session did not consume (it is parked or the line is
     /// incomplete).
@@ -236,7 +237,7 @@ mod tests {
     use crate::dns::PtrName;
     use crate::dns::answer_cache::Keepable;
     use crate::dns::resolver::no_observer;
-    use crate::session::SessionParams;
+    use crate::server::startup::build_session;
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
@@ -256,13 +257,13 @@ mod tests {
             _ => None,
         })
         .expect("config");
-        let session = Box::new(Session::new(SessionParams {
-            config: Arc::new(config),
-            client_ip: CLIENT,
-            session_id: 1,
-            tls_available: false,
-            spool_space_low: Arc::new(AtomicBool::new(false)),
-        }));
+        let session = build_session(
+            Arc::new(config),
+            CLIENT,
+            1,
+            false,
+            Arc::new(AtomicBool::new(false)),
+        );
         let facts = ReverseFacts {
             ptr: Lookup::Found(vec![PtrName {
                 name: HELO.into(),
@@ -270,7 +271,7 @@ mod tests {
             }]),
         };
         Job {
-            conn_id: 1,
+            conn_id: ConnId::new(1, 1),
             session,
             events: vec![OwnedEvent::Greet, OwnedEvent::Reverse(facts)],
             input: format!("EHLO {HELO}\r\nMAIL FROM:<a@example.org>\r\n").into_bytes(),

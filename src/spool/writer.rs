@@ -27,6 +27,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Receiver;
 use crossbeam_channel::Sender;
 
+use crate::server::loop_wake::LoopWaker;
 use crate::spool::Envelope;
 use crate::spool::maildir::Maildir;
 use crate::spool::maildir::SpoolError;
@@ -52,7 +53,7 @@ pub struct SpoolWriters {
     jobs: Sender<SpoolJob>,
     /// Kept to answer a job that can no longer be queued (every writer gone).
     done: Sender<SpoolDone>,
-    waker: Option<Arc<mio::Waker>>,
+    waker: Option<Arc<dyn LoopWaker>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -62,7 +63,7 @@ pub fn spawn_writers(
     maildir: Arc<Maildir>,
     threads: usize,
     done: Sender<SpoolDone>,
-    waker: Option<Arc<mio::Waker>>,
+    waker: Option<Arc<dyn LoopWaker>>,
 ) -> io::Result<SpoolWriters> {
     spawn_with(threads, done, waker, move |envs| {
         let _counted = maildir.panic_counter();
@@ -99,7 +100,7 @@ impl SpoolWriters {
 fn spawn_with<F>(
     threads: usize,
     done: Sender<SpoolDone>,
-    waker: Option<Arc<mio::Waker>>,
+    waker: Option<Arc<dyn LoopWaker>>,
     deliver: F,
 ) -> io::Result<SpoolWriters>
 where
@@ -142,7 +143,7 @@ where
 fn run_writer<F>(
     queue: &Receiver<SpoolJob>,
     done: &Sender<SpoolDone>,
-    waker: Option<&mio::Waker>,
+    waker: Option<&dyn LoopWaker>,
     deliver: &F,
 ) where
     F: Fn(&[&Envelope]) -> Vec<Result<String, SpoolError>>,
@@ -173,7 +174,7 @@ fn run_writer<F>(
 
 /// Sends `result`, then wakes the loop: in this order, or the wake could come before the result
 /// and the loop would miss it until the next event.
-fn report(done: &Sender<SpoolDone>, waker: Option<&mio::Waker>, result: SpoolDone) {
+fn report(done: &Sender<SpoolDone>, waker: Option<&dyn LoopWaker>, result: SpoolDone) {
     if done.send(result).is_err() {
         // The loop is gone (shutting down); the file, if written, stays in new/.
         return;

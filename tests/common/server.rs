@@ -43,6 +43,8 @@ pub struct TestServer {
     pub child: Child,
     pub addr: SocketAddr,
     pub proxy_addr: Option<SocketAddr>,
+    /// The metrics endpoint, when started with `.metrics()`.
+    pub metrics_addr: Option<SocketAddr>,
     pub spool: TempDir,
     log: Arc<Mutex<String>>,
 }
@@ -51,6 +53,7 @@ pub struct TestServer {
 pub struct ServerBuilder {
     env: Vec<(String, String)>,
     proxy: bool,
+    metrics: bool,
 }
 
 impl ServerBuilder {
@@ -70,73 +73,184 @@ impl ServerBuilder {
         self.env("HELOGUARD_DNS", &addr.to_string())
     }
 
+    /// Also serve metrics, on a listener bound before the server starts (`metrics_addr`).
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
+        self
+    }
+
+    /// Starts the server on listeners this test binds first and passes in as systemd does
+    /// (LISTEN_FDS), so every address is known before the process runs, and returns once the
+    /// server says READY=1 on a NOTIFY_SOCKET of the test's own.
     pub fn start(self) -> TestServer {
         let spool = TempDir::new("spool");
+        let plain = bind_loopback();
+        let addr = plain.local_addr().expect("plain listener address");
+        let proxy = self.proxy.then(bind_loopback);
+        let proxy_addr = proxy
+            .as_ref()
+            .map(|l| l.local_addr().expect("proxy address"));
+        let metrics = self.metrics.then(bind_loopback);
+        let metrics_addr = metrics
+            .as_ref()
+            .map(|l| l.local_addr().expect("metrics address"));
+        let ready = ReadySocket::new(spool.path());
+
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_heloguard"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")
-            .env("HELOGUARD_LISTEN", "127.0.0.1:0")
+            .env("HELOGUARD_LISTEN", addr.to_string())
             .env("HELOGUARD_HOSTNAME", HOSTNAME)
             .env("HELOGUARD_SPOOL", spool.path().join("Maildir"))
             .env("HELOGUARD_MIN_FREE_MB", "0")
             .env("HELOGUARD_WORKERS", "2")
-            .env("HELOGUARD_DNS_TIMEOUT_MS", "500");
-        if self.proxy {
-            cmd.env("HELOGUARD_PROXY_LISTEN", "127.0.0.1:0");
+            .env("HELOGUARD_DNS_TIMEOUT_MS", "500")
+            .env("NOTIFY_SOCKET", ready.path());
+        if let Some(a) = proxy_addr {
+            cmd.env("HELOGUARD_PROXY_LISTEN", a.to_string());
+        }
+        if let Some(a) = metrics_addr {
+            cmd.env("HELOGUARD_METRICS", a.to_string());
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        let passed: Vec<&std::net::TcpListener> = [Some(&plain), proxy.as_ref(), metrics.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        pass_listeners(&mut cmd, &passed);
         cmd.stdout(Stdio::null())
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
         let mut child = cmd.spawn().expect("spawn heloguard");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
         let log2 = log.clone();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stderr);
             let mut line = String::new();
             while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let mut parts = rest.split_whitespace();
-                    if let (Some(a), Some(k)) = (parts.next(), parts.next())
-                        && let Ok(addr) = a.parse::<SocketAddr>()
-                    {
-                        let _ = tx.send((addr, k.contains("proxy")));
-                    }
-                }
-                if line.contains("serving as") {
-                    let _ = tx.send(("0.0.0.0:0".parse().unwrap(), false));
-                }
                 log2.lock().unwrap().push_str(&line);
                 line.clear();
             }
         });
-        let mut addr = None;
-        let mut proxy_addr = None;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok((a, _)) if a.port() == 0 => break,
-                Ok((a, true)) => proxy_addr = Some(a),
-                Ok((a, false)) => addr = Some(a),
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("server did not start: {}", log.lock().unwrap());
-                }
-            }
+        // The child holds its own copies of the listeners now.
+        drop((plain, proxy, metrics));
+        if let Err(why) = ready.wait(&mut child, Duration::from_secs(30)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            // Let the log reader take the last lines.
+            std::thread::sleep(Duration::from_millis(100));
+            panic!("server did not start ({why}): {}", log.lock().unwrap());
         }
         TestServer {
             child,
-            addr: addr.expect("plain listener address"),
+            addr,
             proxy_addr,
+            metrics_addr,
             spool,
             log,
         }
+    }
+}
+
+fn bind_loopback() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")
+}
+
+/// Makes `listeners` the child's descriptors 3, 4, ... with LISTEN_FDS and LISTEN_PID set as
+/// sd_listen_fds(3) reads them. LISTEN_PID must be the child's own pid, known only after
+/// fork, so the child is a shell that sets it to `$$` and execs the server in its place.
+pub fn pass_listeners(cmd: &mut Command, listeners: &[&std::net::TcpListener]) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fds: Vec<i32> = listeners.iter().map(|l| l.as_raw_fd()).collect();
+    let program = cmd.get_program().to_owned();
+    let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let mut shell = Command::new("/bin/sh");
+    shell
+        .arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(program)
+        .args(args)
+        // Callers start from an empty environment (env_clear), which get_envs() cannot
+        // show; the shell does the same and takes only what they set.
+        .env_clear();
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            shell.env(k, v);
+        }
+    }
+    shell.env("LISTEN_FDS", fds.len().to_string());
+    // SAFETY: between fork and exec the closure calls only dup2, which is async-signal-safe,
+    // and allocates nothing.
+    unsafe {
+        shell.pre_exec(move || {
+            // First move every descriptor above the target range so no dup2 overwrites a
+            // descriptor still to be moved.
+            for (i, fd) in fds.iter().enumerate() {
+                if libc::dup2(*fd, 100 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for i in 0..fds.len() {
+                if libc::dup2(100 + i as i32, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(100 + i as i32);
+            }
+            Ok(())
+        });
+    }
+    *cmd = shell;
+}
+
+/// A NOTIFY_SOCKET of the test's own: the server sends READY=1 there once it serves.
+pub struct ReadySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+}
+
+impl ReadySocket {
+    pub fn new(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("notify socket timeout");
+        Self { socket, path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for READY=1, or says why it will not come (the process ended, time ran out).
+    pub fn wait(&self, child: &mut Child, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            match self.socket.recv(&mut buf) {
+                Ok(n) => {
+                    let msg = String::from_utf8_lossy(&buf[..n]);
+                    if msg.lines().any(|l| l == "READY=1") {
+                        return Ok(());
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(format!("notify socket: {e}")),
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("exited with {status}"));
+            }
+        }
+        Err(format!("no READY=1 within {limit:?}"))
     }
 }
 
@@ -145,6 +259,7 @@ impl TestServer {
         ServerBuilder {
             env: Vec::new(),
             proxy: false,
+            metrics: false,
         }
     }
 

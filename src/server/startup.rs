@@ -1,0 +1,278 @@
+//! Building the server: listeners, the worker pool, the resolver thread, the hand-off (spool
+//! writers or the next hop), TLS, signals; and building each session.
+//!
+//! Everything that can fail at startup fails here, as a [`StartError`] that names the
+//! variable at fault, before the first connection is accepted.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::TcpListener;
+use mio::{Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::config::{Config, DeliverTarget};
+use crate::dns::resolver::{self, ResolverSettings};
+use crate::metrics::Metrics;
+use crate::relay::NextHopProtocol;
+use crate::server::admission::Admission;
+use crate::server::conn::READ_CHUNK;
+use crate::server::event_loop::{FIRST_LISTENER, SIGNALS, Server, WAKER};
+use crate::server::listener::{BoundListener, ListenerKind};
+use crate::server::loop_wake::LoopWake;
+use crate::server::next_hop::NextHop;
+use crate::server::shutdown::Lifecycle;
+use crate::server::timers::Timers;
+use crate::server::tls::TlsAcceptor;
+use crate::server::worker::WorkerPool;
+use crate::session::{Session, SessionParams};
+use crate::spool::maildir::Maildir;
+use crate::spool::writer::{self, SpoolWriters};
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    Io(&'static str, io::Error),
+    Spool(String),
+    Tls(String),
+    Relay(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Io(what, e) => write!(f, "{what}: {e}"),
+            StartError::Spool(e) => write!(f, "HELOGUARD_SPOOL: {e}"),
+            StartError::Tls(e) => write!(f, "{e}"),
+            StartError::Relay(e) => write!(f, "HELOGUARD_DELIVER: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Options that differ between the binary and an embedded server.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerOptions {
+    /// Handle SIGTERM, SIGINT and SIGHUP. Only the binary should: signal handlers are
+    /// process-wide, and an embedded server's owner decides when it stops.
+    pub handle_signals: bool,
+}
+
+/// Where accepted mail goes.
+pub enum Handoff {
+    Maildir(SpoolWriters),
+    /// Before-queue relay to the next hop (HELOGUARD_DELIVER smtp:// or lmtp://).
+    Relay(NextHop),
+}
+
+impl Server {
+    /// Starts the threads (workers, resolver, spool writers) and registers the listeners.
+    pub fn new(
+        config: Arc<Config>,
+        bound: Vec<BoundListener>,
+        metrics: Arc<Metrics>,
+        options: ServerOptions,
+    ) -> Result<Self, StartError> {
+        let poll = Poll::new().map_err(|e| StartError::Io("poll", e))?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(|e| StartError::Io("waker", e))?;
+        let wake = Arc::new(LoopWake::new(Arc::new(waker)));
+        let tls = tls_acceptor(&config)?;
+
+        let mut listeners = Vec::with_capacity(bound.len());
+        for (i, b) in bound.into_iter().enumerate() {
+            let mut l = TcpListener::from_std(b.listener);
+            poll.registry()
+                .register(&mut l, Token(FIRST_LISTENER + i), Interest::READABLE)
+                .map_err(|e| StartError::Io("listener", e))?;
+            listeners.push((l, b.kind));
+        }
+
+        let (dns_tx, dns_rx) = crossbeam_channel::unbounded();
+        let observer_metrics = metrics.clone();
+        let resolver = resolver::spawn(
+            ResolverSettings {
+                servers: config.dns_servers.clone(),
+                timeout: config.dns_timeout,
+                max_in_flight: 4096,
+            },
+            dns_tx,
+            Some(wake.clone()),
+            Arc::new(move |qtype, outcome, took| observer_metrics.dns_query(qtype, outcome, took)),
+        )
+        .map_err(|e| StartError::Io("HELOGUARD_DNS", e))?;
+
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let workers = WorkerPool::start(
+            config.workers,
+            done_tx,
+            wake.clone(),
+            metrics.clone(),
+            resolver.known_answers().clone(),
+        )
+        .map_err(|e| StartError::Io("HELOGUARD_WORKERS", e))?;
+
+        let (spool_tx, spool_rx) = crossbeam_channel::unbounded();
+        let handoff = match &config.deliver {
+            DeliverTarget::Maildir => {
+                let maildir = Maildir::open(&config.spool, &config.hostname)
+                    .map_err(|e| StartError::Spool(e.to_string()))?
+                    .with_metrics(metrics.clone());
+                let writers = writer::spawn_writers(
+                    Arc::new(maildir),
+                    config.spool_writers,
+                    spool_tx,
+                    Some(wake.clone()),
+                )
+                .map_err(|e| StartError::Io("HELOGUARD_SPOOL_WRITERS", e))?;
+                Handoff::Maildir(writers)
+            }
+            DeliverTarget::Smtp { host, port } => {
+                Handoff::Relay(NextHop::resolve(host, *port, NextHopProtocol::Smtp)?)
+            }
+            DeliverTarget::Lmtp { host, port } => {
+                Handoff::Relay(NextHop::resolve(host, *port, NextHopProtocol::Lmtp)?)
+            }
+            DeliverTarget::LmtpUnix { path } => {
+                Handoff::Relay(NextHop::Unix { path: path.clone() })
+            }
+        };
+
+        let signals = if options.handle_signals {
+            use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+            let mut s = signal_hook_mio::v1_0::Signals::new([SIGINT, SIGTERM, SIGHUP])
+                .map_err(|e| StartError::Io("signals", e))?;
+            poll.registry()
+                .register(&mut s, SIGNALS, Interest::READABLE)
+                .map_err(|e| StartError::Io("signals", e))?;
+            Some(s)
+        } else {
+            None
+        };
+
+        let run_id = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+
+        let mut server = Self {
+            poll,
+            admission: Admission::new(config.max_connections, config.max_connections_per_ip),
+            config,
+            listeners,
+            conns: Slab::with_capacity(1024),
+            generation: 0,
+            sessions_started: 0,
+            run_id,
+            timers: Timers::default(),
+            lifecycle: Lifecycle::Running,
+            wake,
+            workers: Some(workers),
+            done_rx,
+            resolver: Some(resolver),
+            dns_rx,
+            handoff: Some(handoff),
+            spool_rx,
+            tls,
+            metrics,
+            signals,
+            spool_space_low: Arc::new(AtomicBool::new(false)),
+            relays: Slab::new(),
+            relay_check_armed: false,
+            read_buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
+        };
+        server.check_spool_space(Instant::now());
+        Ok(server)
+    }
+
+    /// The bound addresses, in configuration order (plain first, then PROXY).
+    pub fn local_addrs(&self) -> Vec<(SocketAddr, ListenerKind)> {
+        self.listeners
+            .iter()
+            .filter_map(|(l, k)| l.local_addr().ok().map(|a| (a, *k)))
+            .collect()
+    }
+
+    /// A new session for a client whose IP is known, with an id unique in this run.
+    pub(super) fn new_session(&mut self, client_ip: IpAddr) -> Box<Session> {
+        self.sessions_started += 1;
+        let session_id = (self.run_id << 24) ^ self.sessions_started;
+        build_session(
+            self.config.clone(),
+            client_ip,
+            session_id,
+            self.tls.is_some(),
+            self.spool_space_low.clone(),
+        )
+    }
+}
+
+/// The one place a session is built, for the server and for tests alike.
+pub fn build_session(
+    config: Arc<Config>,
+    client_ip: IpAddr,
+    session_id: u64,
+    tls_available: bool,
+    spool_space_low: Arc<AtomicBool>,
+) -> Box<Session> {
+    Box::new(Session::new(SessionParams {
+        config,
+        client_ip,
+        session_id,
+        tls_available,
+        spool_space_low,
+    }))
+}
+
+/// The TLS acceptor when HELOGUARD_TLS_CERT and HELOGUARD_TLS_KEY are both set.
+fn tls_acceptor(config: &Config) -> Result<Option<Arc<TlsAcceptor>>, StartError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let acceptor = TlsAcceptor::new(cert, key).map_err(|e| {
+        // A startup error names the variable at fault.
+        let variable = match e.path() {
+            Some(path) if path == key.as_path() => "HELOGUARD_TLS_KEY",
+            _ => "HELOGUARD_TLS_CERT",
+        };
+        StartError::Tls(format!("{variable}: {e}"))
+    })?;
+    Ok(Some(Arc::new(acceptor)))
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    /// A configuration for tests: nothing is looked up or written unless `extra` says so.
+    pub fn test_config(extra: &[(&str, &str)]) -> Config {
+        let (config, _) = Config::from_lookup(|name| {
+            if let Some((_, value)) = extra.iter().find(|(k, _)| *k == name) {
+                return Some(value.to_string());
+            }
+            match name {
+                "HELOGUARD_DNS" => Some("127.0.0.1:9".into()),
+                "HELOGUARD_HOSTNAME" => Some("mx.test".into()),
+                "HELOGUARD_WORKERS" => Some("1".into()),
+                "HELOGUARD_SPOOL_WRITERS" => Some("1".into()),
+                "HELOGUARD_MIN_FREE_MB" => Some("0".into()),
+                _ => None,
+            }
+        })
+        .expect("test configuration");
+        config
+    }
+
+    pub fn test_session() -> Box<Session> {
+        build_session(
+            Arc::new(test_config(&[])),
+            "192.0.2.1".parse().expect("address"),
+            1,
+            false,
+            Arc::new(AtomicBool::new(false)),
+        )
+    }
+}
