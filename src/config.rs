@@ -162,7 +162,13 @@ impl fmt::Display for ConfigError {
         // `{:?}` quotes the value and escapes control characters, so the message stays on one
         // line whatever the operator typed.
         match &self.value {
-            Some(value) => write!(f, "{}: {:?} {}", self.variable, value, self.reason),
+            Some(value) => write!(
+                f,
+                "{}: {:?} {}",
+                self.variable,
+                hide_url_password(value),
+                self.reason
+            ),
             None => write!(f, "{}: {}", self.variable, self.reason),
         }
     }
@@ -181,7 +187,16 @@ pub fn help_text() -> String {
         "                                        configured resolver, print each result and why,\n",
         "                                        then the verdict;\n",
         "                                        exit 0 pass, 1 fail, 2 temperror or usage error\n",
+        "  heloguard whatif --policy POLICY [--dnsbl-threshold N] FILE...\n",
+        "                                        replay `helo verdict` log lines (FILE `-` is\n",
+        "                                        stdin) under another policy and print what it\n",
+        "                                        would change; exit 0, or 2 for a bad policy or\n",
+        "                                        an unreadable file\n",
+        "  heloguard --version                   print `heloguard VERSION`\n",
         "  heloguard --help                      print this text\n",
+        "\n",
+        "`heloguard check` validates the whole configuration first: it parses every variable\n",
+        "below as the server does and exits 2 with one line naming the first bad one.\n",
         "\n",
         "Environment (an invalid value stops startup with a one-line error, exit code 2;\n",
         "for the limits 0 means unlimited; an empty value counts as unset):\n",
@@ -195,6 +210,61 @@ pub fn help_text() -> String {
         ));
     }
     text
+}
+
+/// The variables set to something other than their default, in `--help` order, for the
+/// startup line that states the effective configuration; a password in a URL is hidden.
+/// `lookup` is the environment (None = unset; an empty value counts as unset).
+pub fn non_default_settings(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Vec<(&'static str, String)> {
+    VARIABLES
+        .iter()
+        .filter_map(|variable| {
+            let value = lookup(variable.name)?;
+            let value = value.trim();
+            let is_default = match variable.default {
+                DefaultValue::Text(default) => value == default,
+                DefaultValue::Unset | DefaultValue::Machine(_) => false,
+            };
+            (!value.is_empty() && !is_default)
+                .then(|| (variable.name, hide_url_password(value).into_owned()))
+        })
+        .collect()
+}
+
+/// `value` with the password of every `scheme://user:password@host` in it replaced by `***`
+/// (a `redis://:password@host` URL, typically), so that logging a setting never leaks it.
+pub fn hide_url_password(value: &str) -> std::borrow::Cow<'_, str> {
+    let mut out = String::new();
+    let mut rest = value;
+    let mut changed = false;
+    while let Some(scheme_end) = rest.find("://") {
+        let authority_start = scheme_end + 3;
+        let authority_len = rest[authority_start..]
+            .find(|c: char| matches!(c, '/' | '?' | '#' | ',') || c.is_whitespace())
+            .unwrap_or(rest.len() - authority_start);
+        let authority = &rest[authority_start..authority_start + authority_len];
+        out.push_str(&rest[..authority_start]);
+        match authority.rfind('@').and_then(|at| {
+            let colon = authority[..at].find(':')?;
+            Some((colon, at))
+        }) {
+            Some((colon, at)) => {
+                out.push_str(&authority[..=colon]);
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+                changed = true;
+            }
+            None => out.push_str(authority),
+        }
+        rest = &rest[authority_start + authority_len..];
+    }
+    if !changed {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
 }
 
 /// One environment variable: the single source for the parser and for `--help`.
@@ -1049,6 +1119,50 @@ fn bare_newline(env: &Env<'_>) -> Result<BareLineFeed, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn non_default_settings_name_what_differs_and_hide_passwords() {
+        let env = |name: &str| match name {
+            "HELOGUARD_LISTEN" => Some("127.0.0.1:2525".to_string()),
+            "HELOGUARD_HOSTNAME" => Some("mx.example.org".to_string()),
+            "HELOGUARD_DOMAINS" => Some(" ".to_string()),
+            "HELOGUARD_DELIVER" => Some("smtp://relay:pw@10.0.0.2:25".to_string()),
+            "HELOGUARD_MAX_JUNK" => Some("50".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            super::non_default_settings(env),
+            vec![
+                ("HELOGUARD_HOSTNAME", "mx.example.org".to_string()),
+                (
+                    "HELOGUARD_DELIVER",
+                    "smtp://relay:***@10.0.0.2:25".to_string()
+                ),
+                ("HELOGUARD_MAX_JUNK", "50".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn url_passwords_are_hidden_and_nothing_else_changes() {
+        for (given, shown) in [
+            (
+                "redis://:s3cret@10.0.0.5:6379/2",
+                "redis://:***@10.0.0.5:6379/2",
+            ),
+            ("redis://app:p@ss:w@host", "redis://app:***@host"),
+            ("redis://app@host:6379", "redis://app@host:6379"),
+            ("redis://host:6379/0", "redis://host:6379/0"),
+            ("lmtp:unix:/run/dovecot/lmtp", "lmtp:unix:/run/dovecot/lmtp"),
+            (
+                "smtp://a:1,redis://u:p@h/1 x",
+                "smtp://a:1,redis://u:***@h/1 x",
+            ),
+            ("", ""),
+        ] {
+            assert_eq!(super::hide_url_password(given), shown, "{given}");
+        }
+    }
+
     use std::cell::RefCell;
     use std::collections::HashMap;
 

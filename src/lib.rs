@@ -10,6 +10,8 @@
 //! - `server`: listeners, the mio event loop, connections, the worker pool, TLS
 //! - `relay`: the sans-I/O next-hop SMTP/LMTP client of the relay modes
 //! - `check_cli`: the `heloguard check` command (one HELO verdict, printed)
+//! - `whatif`: the `heloguard whatif` command (verdict log lines replayed under another policy)
+//! - `logging`: the log format (env_logger, or sd-daemon priorities under journald)
 //! - `fuzzing`: invariant-checking drivers shared by the fuzz targets and the corpus test
 //! - `config`, `net`, `proxy_protocol`, `metrics`: configuration, addresses, PROXY headers,
 //!   Prometheus counters
@@ -21,6 +23,7 @@ pub mod config;
 pub mod dns;
 pub mod fuzzing;
 pub mod helo;
+pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod net;
@@ -32,3 +35,4 @@ pub mod server;
 pub mod session;
 pub mod spool;
 pub mod wake;
+pub mod whatif;

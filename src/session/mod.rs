@@ -39,6 +39,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
+pub use crate::protocol::stage::Stage;
 pub use machine::Session;
 // Part of `Event::TlsEstablished`; the session's callers name it here.
 pub use crate::message::TlsInfo;
@@ -141,26 +142,6 @@ pub enum SessionAction {
     /// Relay modes: the message was refused on the way: drop the next hop's transaction
     /// without its final dot.
     RelayAbort,
-}
-
-/// Where a message was refused, for `heloguard_messages_rejected_total{stage}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    Helo,
-    Mail,
-    Rcpt,
-    Data,
-}
-
-impl Stage {
-    pub const fn name(self) -> &'static str {
-        match self {
-            Stage::Helo => "helo",
-            Stage::Mail => "mail",
-            Stage::Rcpt => "rcpt",
-            Stage::Data => "data",
-        }
-    }
 }
 
 /// Something worth counting, reported with the output so the session stays free of globals.

@@ -65,7 +65,10 @@ pub fn spawn_writers(
     done: Sender<SpoolDone>,
     waker: Option<Arc<dyn LoopWaker>>,
 ) -> io::Result<SpoolWriters> {
-    spawn_with(threads, done, waker, move |envs| maildir.deliver_all(envs))
+    spawn_with(threads, done, waker, move |envs| {
+        let _counted = maildir.panic_counter();
+        maildir.deliver_all(envs)
+    })
 }
 
 impl SpoolWriters {

@@ -82,7 +82,8 @@ impl Server {
         let handoff = match &config.deliver {
             DeliverTarget::Maildir => {
                 let maildir = Maildir::open(&config.spool, &config.hostname)
-                    .map_err(|e| StartError::Spool(e.to_string()))?;
+                    .map_err(|e| StartError::Spool(e.to_string()))?
+                    .with_metrics(metrics.clone());
                 let writers = writer::spawn_writers(
                     Arc::new(maildir),
                     config.spool_writers,
