@@ -29,6 +29,8 @@ use crate::session::{
     DeliveryOutcome, Event, Now, Output, Session, SessionAction, SessionParams, TlsInfo,
 };
 
+pub mod header_reader;
+
 /// The size limit the session driver runs under (small, so fuzzing reaches it).
 pub const FUZZ_MAX_MESSAGE_SIZE: u64 = 4096;
 
@@ -418,6 +420,28 @@ fn after(
             SessionAction::RelayAbort => {}
         }
     }
+}
+
+/// Checks a stored message whose header starts with `ours` (the fields we prepend) under every
+/// reading of `header_reader`: our fields come out whole (nothing the client sent folds into
+/// them), and no other field claims `host`.
+pub fn check_stored_header(stored: &[u8], ours: &[&[u8]], host: &str) -> Result<(), String> {
+    for reading in header_reader::READINGS {
+        let fields = header_reader::fields(stored, reading);
+        if fields.len() < ours.len() || fields[..ours.len()] != *ours {
+            return Err(format!("{reading:?}: our fields altered: {fields:?}"));
+        }
+        if let Some(forged) = fields[ours.len()..]
+            .iter()
+            .find(|field| header_reader::claims(field, host))
+        {
+            return Err(format!(
+                "{reading:?}: a field claims {host}: {:?}",
+                String::from_utf8_lossy(forged)
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

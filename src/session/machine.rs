@@ -26,10 +26,7 @@ use crate::helo::checks::{CheckInput, HeloArg, name_key};
 use crate::helo::policy::{Decision, RejectAt};
 use crate::helo::{Action, Check};
 use crate::protocol::command::{Command, MailParams, Path, Verb};
-use crate::protocol::data::{
-    BareLineFeed, DataDecoder, DataLimits, DataRefusal, Framing, MAX_RECEIVED_FIELDS,
-    count_received,
-};
+use crate::protocol::data::{BareLineFeed, DataDecoder, DataLimits, DataRefusal, Framing};
 use crate::protocol::line::{LineRead, LineReader};
 use crate::protocol::reply::Reply;
 use crate::relay::{XclientAttrs, XclientName};
@@ -41,7 +38,7 @@ use crate::session::{
     DeliveryOutcome, Ending, Event, Now, Observation, Output, SessionAction, SessionParams, Stage,
     Summary, TlsInfo,
 };
-use crate::spool::header::strip_own_fields;
+use crate::spool::header::HeaderFilter;
 use crate::spool::{Envelope, Protocol, TraceInfo};
 
 /// Refused identities remembered per session (REJECT_AT=helo), so a repeat gets the same answer.
@@ -1297,12 +1294,9 @@ impl Session {
     }
 }
 
-/// Relay modes: the largest header section held back before it is passed on anyway.
-const RELAY_HEAD_LIMIT: usize = 64 * 1024;
-
-/// Passes decoded content on to the next hop: the header section once it is complete
-/// (without the fields that claim our name; SPEC "What an accepted message carries"), then
-/// the rest as it comes. `last` flushes a message that has no body.
+/// Passes decoded content on to the next hop through the header filter (the fields that claim
+/// our name removed, SPEC "What an accepted message carries"; the Received fields of the whole
+/// header counted), the body as it comes. `last` flushes a message that ends in its header.
 fn push_relay_content(
     stream: &mut RelayStream,
     content: Vec<u8>,
@@ -1313,27 +1307,29 @@ fn push_relay_content(
     if stream.aborted {
         return;
     }
-    if stream.head_sent {
-        if !content.is_empty() {
-            out.actions.push(SessionAction::RelayChunk(content));
-        }
-        return;
+    let filter = stream
+        .header
+        .get_or_insert_with(|| HeaderFilter::new(hostname));
+    let mut kept = Vec::new();
+    let body_from = filter.feed(&content, &mut kept);
+    if last {
+        filter.finish(&mut kept);
     }
-    stream.head.extend_from_slice(&content);
-    let head = &stream.head;
-    let complete = head.starts_with(b"\r\n") || memchr::memmem::find(head, b"\r\n\r\n").is_some();
-    if !(complete || last || head.len() > RELAY_HEAD_LIMIT) {
-        return;
-    }
-    if count_received(head) > MAX_RECEIVED_FIELDS {
+    if filter.loop_detected() {
         stream.looped = true;
         abort_relay(stream, out);
         return;
     }
-    let head = std::mem::take(&mut stream.head);
-    let stripped = strip_own_fields(&head, hostname).into_owned();
-    stream.head_sent = true;
-    out.actions.push(SessionAction::RelayChunk(stripped));
+    // The body goes on as it came: moved whole once the header is over, else copied once
+    // after what is kept of the header.
+    if body_from == 0 && !content.is_empty() {
+        out.actions.push(SessionAction::RelayChunk(content));
+        return;
+    }
+    kept.extend_from_slice(&content[body_from..]);
+    if !kept.is_empty() {
+        out.actions.push(SessionAction::RelayChunk(kept));
+    }
 }
 
 /// Drops the next hop's transaction without its final dot (once).

@@ -12,6 +12,7 @@ use crate::helo::checks::{CheckInput, HeloArg};
 use crate::helo::policy::{AllowEntry, HeloPolicy, HeloVerdict};
 use crate::protocol::command::{MailParams, Verb};
 use crate::protocol::data::DataDecoder;
+use crate::spool::header::HeaderFilter;
 
 /// Runs the checks and the policy on what is known of one identity.
 pub(crate) type DecideFn = fn(
@@ -191,10 +192,9 @@ pub(crate) struct BdatChunk {
 #[derive(Debug, Default)]
 pub(crate) struct RelayStream {
     pub queue_id: String,
-    /// The header section so far: held back until it is complete, because our own forged
-    /// fields are removed from it and its Received fields are counted (loop detection).
-    pub head: Vec<u8>,
-    pub head_sent: bool,
+    /// Removes our forged fields from the header and counts its Received fields (loop
+    /// detection) as the content streams through; made at the first content.
+    pub header: Option<HeaderFilter>,
     /// The next hop's transaction was dropped (no final dot); the client hears why at the
     /// end of its data.
     pub aborted: bool,
