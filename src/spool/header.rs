@@ -43,6 +43,9 @@ const OWN_FIELDS: [&[u8]; 2] = [b"X-HELO-Check", b"Authentication-Results"];
 /// The most octets of one field held while deciding about it (SPEC "Memory").
 pub const FIELD_HOLD_LIMIT: usize = 64 * 1024;
 
+/// How far into a field hidden after a bare CR its authserv-id is looked for.
+const HIDDEN_FIELD_SCAN: usize = 1024;
+
 /// Filters the header of one message fed in chunks; see the module docs.
 ///
 /// A caller sends on, in order: for each chunk, what `feed` appended to `out`, then the chunk
@@ -391,16 +394,27 @@ fn is_printable(b: u8) -> bool {
 /// sees or as one a reader that ends lines at a bare CR sees after one.
 fn claims(field: &[u8], host: &[u8]) -> bool {
     claims_as_read(field, host)
-        || bare_cr_ends(field).any(|start| claims_as_read(&field[start..], host))
+        || bare_cr_ends(field).any(|start| {
+            let hidden = &field[start..];
+            match hidden.get(..HIDDEN_FIELD_SCAN) {
+                // Scanning every hidden field to the end would cost the square of the field's
+                // length; one whose authserv-id is still undecided this far is taken for ours.
+                Some(window) => value_may_claim(window, host),
+                None => claims_as_read(hidden, host),
+            }
+        })
 }
 
 /// Whether `partial`, the first `FIELD_HOLD_LIMIT` octets of a field, is or may yet be ours:
 /// ours by name and with an authserv-id not yet decided (or ours), or with a bare CR, after
 /// which a reader may see one of ours.
 fn may_claim(partial: &[u8], host: &[u8]) -> bool {
-    if bare_cr_ends(partial).next().is_some() {
-        return true;
-    }
+    bare_cr_ends(partial).next().is_some() || value_may_claim(partial, host)
+}
+
+/// Whether `partial`, the start of a field, is ours by name with an authserv-id that is ours or
+/// not yet decided.
+fn value_may_claim(partial: &[u8], host: &[u8]) -> bool {
     let Some(value) = own_field_value(partial) else {
         return false;
     };
@@ -848,6 +862,19 @@ mod tests {
             format!("X-Long: {long}\rX-HELO-Check: mx.example.net; pass\r\n\tmore\r\nA: b\r\n\r\n");
         let out = strip(&msg);
         assert_eq!(out, format!("X-Long: {long}\r\nA: b\r\n\r\n"));
+    }
+
+    #[test]
+    fn many_fields_hidden_after_bare_crs_cost_linear_time() {
+        let mut field = b"X-Many: a".to_vec();
+        while field.len() < FIELD_HOLD_LIMIT - 64 {
+            field.extend_from_slice(b"\rX-HELO-Check:((");
+        }
+        field.extend_from_slice(b"\r\nA: b\r\n\r\n");
+        // Each hidden field's comment runs to the end: undecided, so ours.
+        assert_eq!(strip_own_fields(&field, HOST), b"A: b\r\n\r\n");
+        let foreign = b"X-Few: a\rX-HELO-Check: other.example; pass\r\n\r\n";
+        assert_eq!(strip_own_fields(foreign, HOST), foreign);
     }
 
     #[test]
