@@ -492,13 +492,15 @@ fn read_id(value: &[u8], obsolete_domain: bool) -> IdReading {
     }
 }
 
-/// `id` from its first printable octet to the next octet that is not printable: what a reader
-/// that stops at a NUL, or at what `isspace()` takes for white space, compares.
+/// `id` from its first printable octet to the next octet that is not printable or that a
+/// reader careless of quotes takes for the end of the name (`;`, `(`, `"`): what a reader that
+/// stops at a NUL, at what `isspace()` takes for white space, or at a `;` in a quoted string
+/// compares.
 fn name_part(id: &[u8]) -> &[u8] {
     let start = id.iter().position(|&b| is_printable(b)).unwrap_or(id.len());
     let len = id[start..]
         .iter()
-        .position(|&b| !is_printable(b))
+        .position(|&b| !is_printable(b) || matches!(b, b';' | b'(' | b'"'))
         .unwrap_or(id.len() - start);
     &id[start..start + len]
 }
@@ -978,6 +980,8 @@ mod forgery_tests {
     #[test]
     fn a_quoted_authserv_id_with_escapes_is_ours() {
         assert_unforgeable(b"Authentication-Results: \"mx\\.example\\.net\"; dkim=pass\r\n\r\n");
+        assert_unforgeable(b"Authentication-Results: mx\\.example\\.net\"; dkim=pass\r\n\r\n");
+        assert_unforgeable(b"Authentication-Results: \"mx.example.net; x\" dkim=pass\r\n\r\n");
         assert_unforgeable(b"X-HELO-Check: \"mx.exa\\mple.net\"; pass\r\n\r\n");
     }
 
