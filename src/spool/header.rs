@@ -635,10 +635,9 @@ fn encoded_word(s: &[u8]) -> Option<(Vec<u8>, usize)> {
     let after_charset = &inner[charset_len + 1..];
     let (&encoding, after_encoding) = after_charset.split_first()?;
     let text_start = after_encoding.strip_prefix(b"?")?;
-    let text_len = memchr(b'?', text_start)?;
-    if text_start.get(text_len + 1) != Some(&b'=') {
-        return None;
-    }
+    // RFC 2047 forbids `?` in the text, but decoders that match up to the first `?=` (Python's
+    // email.header, for one) take it.
+    let text_len = memchr::memmem::find(text_start, b"?=")?;
     let text = &text_start[..text_len];
     let decoded = match encoding {
         b'Q' | b'q' => q_decode(text),
@@ -910,6 +909,10 @@ mod tests {
             Some(&b"mx.example.net"[..])
         );
         assert_eq!(decode_encoded_words(b"=?a?x?y?="), None);
+        assert_eq!(
+            decode_encoded_words(b"=?a?B?bXguZXhhbXBsZS5u?ZXQ?=").as_deref(),
+            Some(&b"mx.example.net"[..])
+        );
     }
 }
 
