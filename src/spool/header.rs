@@ -542,8 +542,8 @@ fn raw_id(value: &[u8], obsolete_domain: bool) -> (Vec<u8>, bool) {
 }
 
 /// Appends the quoted-string's content from `start` (just after its opening quote) to `raw`,
-/// escapes removed and folding (CR, LF) unfolded; returns the index after its closing quote.
-/// Octets that are not printable stay, and end the name when it is compared.
+/// escapes removed; returns the index after its closing quote. Octets that are not printable
+/// (folding included) stay, and end the name when it is compared (`name_part`).
 fn unquote(value: &[u8], start: usize, raw: &mut Vec<u8>) -> usize {
     let mut i = start;
     while i < value.len() {
@@ -554,7 +554,6 @@ fn unquote(value: &[u8], start: usize, raw: &mut Vec<u8>) -> usize {
                 i += 2;
                 continue;
             }
-            b'\r' | b'\n' => {}
             b => raw.push(b),
         }
         i += 1;
@@ -985,6 +984,7 @@ mod forgery_tests {
         assert_unforgeable(b"Authentication-Results: \"mx\\.example\\.net\"; dkim=pass\r\n\r\n");
         assert_unforgeable(b"Authentication-Results: mx\\.example\\.net\"; dkim=pass\r\n\r\n");
         assert_unforgeable(b"Authentication-Results: \"mx.example.net; x\" dkim=pass\r\n\r\n");
+        assert_unforgeable(b"Authentication-Results: \"mx.example.net\rA: \"; dkim=pass\r\n\r\n");
         assert_unforgeable(b"X-HELO-Check: \"mx.exa\\mple.net\"; pass\r\n\r\n");
     }
 
