@@ -472,18 +472,41 @@ struct IdReading {
     complete: bool,
 }
 
-/// The authserv-id (RFC 8601 2.2: `[CFWS] authserv-id`, a token or a quoted-string; our
-/// X-HELO-Check's first word likewise) read two ways: up to the first white space or comment,
-/// and as an obsolete domain whose dots may have CFWS around them (RFC 5322 4.4).
-fn id_readings(value: &[u8]) -> [IdReading; 2] {
-    [read_id(value, false), read_id(value, true)]
+/// Which white space an authserv-id reading reads across.
+#[derive(Clone, Copy, Debug)]
+struct Joins {
+    /// Between two encoded words (RFC 2047 6.2: it is not part of the text).
+    encoded_words: bool,
+    /// Next to a dot, as in an obsolete domain (RFC 5322 4.4: CFWS around the dots).
+    dots: bool,
 }
 
-fn read_id(value: &[u8], obsolete_domain: bool) -> IdReading {
-    let (raw, complete) = raw_id(value, obsolete_domain);
+/// The authserv-id (RFC 8601 2.2: `[CFWS] authserv-id`, a token or a quoted-string; our
+/// X-HELO-Check's first word likewise), read up to the first white space or comment, and read
+/// across the white space that encoded words or an obsolete domain may hold; readers differ.
+fn id_readings(value: &[u8]) -> [IdReading; 4] {
+    [(false, false), (true, false), (false, true), (true, true)].map(|(encoded_words, dots)| {
+        read_id(
+            value,
+            Joins {
+                encoded_words,
+                dots,
+            },
+        )
+    })
+}
+
+fn read_id(value: &[u8], joins: Joins) -> IdReading {
+    let (raw, complete) = raw_id(value, joins);
     let id = match decode_encoded_words(&raw) {
         // What the words decode to is read again, as a reader that decodes first would.
-        Some(decoded) => raw_id(&decoded, false).0,
+        Some(decoded) => {
+            let none = Joins {
+                encoded_words: false,
+                dots: false,
+            };
+            raw_id(&decoded, none).0
+        }
         None => raw,
     };
     IdReading {
@@ -506,7 +529,7 @@ fn name_part(id: &[u8]) -> &[u8] {
 }
 
 /// The id's octets with quotes and escapes removed, and whether something after it ended it.
-fn raw_id(value: &[u8], obsolete_domain: bool) -> (Vec<u8>, bool) {
+fn raw_id(value: &[u8], joins: Joins) -> (Vec<u8>, bool) {
     let mut raw = Vec::new();
     let mut i = skip_until_printable(value, 0);
     while i < value.len() {
@@ -523,8 +546,9 @@ fn raw_id(value: &[u8], obsolete_domain: bool) -> (Vec<u8>, bool) {
                     return (raw, false);
                 };
                 // RFC 2047 6.2: white space between encoded words is not part of the text.
-                let words = raw.ends_with(b"?=") && value[next..].starts_with(b"=?");
-                let dots = obsolete_domain && (raw.ends_with(b".") || after == b'.');
+                let words =
+                    joins.encoded_words && raw.ends_with(b"?=") && value[next..].starts_with(b"=?");
+                let dots = joins.dots && (raw.ends_with(b".") || after == b'.');
                 if !(words || dots) {
                     return (raw, true);
                 }
@@ -995,6 +1019,8 @@ mod forgery_tests {
             "=?utf-8?Q?mx=2Eexample=2Enet?=",
             "=?us-ascii?b?bXguZXhhbXBsZS5uZXQ=?=",
             "=?UTF-8*en?B?bXguZXhhbXBsZS5uZXQ?=",
+            "=?a?q?mx.?= =?b?q?example.net?=",
+            "=?a?q?mx.example.net?= =?b?q?junk=?",
         ] {
             assert_unforgeable(
                 format!("Authentication-Results: {id}; dkim=pass\r\n\r\n").as_bytes(),
