@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Config;
 use crate::dns::{Lookup, PtrName, ReverseFacts, TempFailure};
+use crate::message::header;
 use crate::protocol::MAX_COMMAND_LINE;
 use crate::protocol::command::Command;
 use crate::protocol::line::{LineRead, LineReader};
@@ -30,7 +31,6 @@ use crate::session::{
     DeliveryOutcome, Event, Now, Output, Session, SessionAction, SessionParams, SessionSettings,
     TlsInfo,
 };
-use crate::spool::header;
 
 pub mod header_reader;
 

@@ -1,4 +1,4 @@
-//! A reader of a stored message's header, written apart from `spool::header` on purpose: the
+//! A reader of a stored message's header, written apart from `message::header` on purpose: the
 //! tests and the `header` fuzz target check the filter against it, so it shares none of the
 //! filter's code. It reads the header as the receivers of our mail do, in three ways:
 //!

@@ -7,7 +7,7 @@
 //! Sans-I/O: `push` says what to send, and the session turns that into its actions. A message
 //! is dropped at the next hop at most once, and never finished with a dot after that.
 
-use crate::spool::header::HeaderFilter;
+use crate::message::header::HeaderFilter;
 
 /// One message being passed on to the next hop.
 #[derive(Debug)]

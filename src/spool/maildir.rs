@@ -32,12 +32,12 @@ use std::time::SystemTime;
 use std::time::UNIX_EPOCH;
 
 use crate::message::Envelope;
+use crate::message::header::Filtered;
+use crate::message::header::filter_message;
 use crate::metrics::{Metrics, SpoolStage};
 use crate::spool::envelope::maildir_prefix;
 use crate::spool::group_sync::GroupSync;
 use crate::spool::group_sync::copy_error;
-use crate::spool::header::Filtered;
-use crate::spool::header::filter_message;
 
 /// maildir(5): a file in tmp/ untouched for 36 hours is the remains of a failed delivery.
 pub const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
@@ -660,7 +660,7 @@ mod tests {
         assert_eq!(names_in(&dir.0.join("new")), vec![name.clone()]);
         let stored = fs::read(dir.0.join("new").join(name)).expect("read");
         let mut want = maildir_prefix(&env);
-        want.extend_from_slice(&crate::spool::header::strip_own_fields(
+        want.extend_from_slice(&crate::message::header::strip_own_fields(
             &env.content,
             "mx.example.net",
         ));

@@ -7,7 +7,6 @@
 
 pub mod envelope;
 pub mod group_sync;
-pub mod header;
 pub mod maildir;
 pub mod writer;
 

@@ -1,13 +1,15 @@
 //! One accepted message as it goes from the session to the hand-off (the spool, or the next
 //! hop in relay modes): the envelope, the content, and what its trace fields are made of.
 //!
-//! Types only. The session builds them; `spool` and the relay link read them; neither side
-//! imports the other.
+//! Types, and the `header` filter that both sides run the content through. The session builds
+//! them; `spool` and the relay link read them; neither side imports the other.
 
 use std::net::IpAddr;
 use std::time::SystemTime;
 
 use crate::helo::verdict::HeloVerdict;
+
+pub mod header;
 
 /// The negotiated TLS parameters, for the Received field.
 #[derive(Clone, Debug, PartialEq, Eq)]
