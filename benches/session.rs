@@ -96,6 +96,7 @@ fn whole_dialogue(c: &mut Criterion) {
         client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
         session_id: 1,
         tls_available: false,
+        spill: Some(Arc::new(heloguard::message::content::MemorySpillStore)),
     };
     let input = dialogue();
     let now = Now {

@@ -9,7 +9,10 @@ use std::time::SystemTime;
 
 use crate::helo::verdict::HeloVerdict;
 
+pub mod content;
 pub mod header;
+
+pub use content::MessageContent;
 
 /// The negotiated TLS parameters, for the Received field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,14 +65,14 @@ pub struct TraceInfo {
 }
 
 /// One accepted message, ready for the hand-off.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Envelope {
     /// The reverse-path without angle brackets; empty for the null sender `<>`.
     pub reverse_path: String,
     /// Forward-paths without angle brackets, in RCPT order.
     pub recipients: Vec<String>,
     pub trace: TraceInfo,
-    /// The message as received: dot-unstuffed, CRLF line ends. `envelope` removes the
-    /// X-HELO-Check and Authentication-Results fields that claim our name when it prepends.
-    pub content: Vec<u8>,
+    /// The message as received (dot-unstuffed, CRLF line ends), already through the
+    /// `header::HeaderFilter`: the trace fields go before it unchanged.
+    pub content: MessageContent,
 }

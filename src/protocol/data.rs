@@ -163,8 +163,16 @@ impl DataDecoder {
         }
     }
 
+    /// A decoder whose caller takes the content as it arrives (`take_content`) and checks the
+    /// header itself: `finish` then never counts Received fields, however the message was
+    /// split, so a loop is judged on the whole header once, by the caller.
+    pub fn streaming(mut self) -> Self {
+        self.streamed = true;
+        self
+    }
+
     /// Takes the content decoded so far, for a caller that passes the message on as it
-    /// arrives (relay modes) instead of holding it whole. Limits still apply to the total.
+    /// arrives instead of holding it whole. Limits still apply to the total.
     pub fn take_content(&mut self) -> Vec<u8> {
         self.streamed = true;
         std::mem::take(&mut self.content)

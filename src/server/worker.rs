@@ -261,7 +261,13 @@ mod tests {
             _ => None,
         })
         .expect("config");
-        let session = build_session(Arc::new(SessionSettings::from(&config)), CLIENT, 1, false);
+        let session = build_session(
+            Arc::new(SessionSettings::from(&config)),
+            CLIENT,
+            1,
+            false,
+            None,
+        );
         let facts = ReverseFacts {
             ptr: Lookup::Found(vec![PtrName {
                 name: HELO.into(),

@@ -4,7 +4,7 @@
 
 use std::time::SystemTime;
 
-use crate::message::{Envelope, Protocol, TraceInfo};
+use crate::message::{Envelope, MessageContent, Protocol, TraceInfo};
 use crate::protocol::command::Verb;
 use crate::protocol::reply::Reply;
 use crate::session::machine::Session;
@@ -45,7 +45,12 @@ impl Session {
     }
 
     /// Hands the message off and waits for `Event::Delivered`.
-    pub(super) fn deliver(&mut self, content: Vec<u8>, received_at: SystemTime, out: &mut Output) {
+    pub(super) fn deliver(
+        &mut self,
+        content: MessageContent,
+        received_at: SystemTime,
+        out: &mut Output,
+    ) {
         let Some(tx) = self.tx.take() else {
             self.reply(out, Reply::new(451, "4.3.0", "Local error in processing"));
             return;

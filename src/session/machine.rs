@@ -25,6 +25,7 @@
 use crate::helo::policy::RejectAt;
 use crate::helo::verdict::Decision;
 use crate::helo::{Action, Check};
+use crate::message::content::{ContentBuilder, ContentError};
 use crate::protocol::command::{Command, MailParams, Path, Verb};
 use crate::protocol::data::{DataDecoder, DataLimits, DataRefusal, Framing};
 use crate::protocol::line::{LineRead, LineReader};
@@ -196,24 +197,27 @@ impl Session {
         self.closed
     }
 
-    /// Message octets this session holds in memory: the DATA or BDAT content received so far,
-    /// or a complete message waiting for its verdict. Never above HELOGUARD_MAX_MESSAGE_SIZE
-    /// when that is set; input bytes not yet consumed are the connection's, not counted here.
+    /// Message octets this session holds in memory: the DATA or BDAT content received so far
+    /// and not yet spilled, or a complete message waiting for its verdict. With a spill store
+    /// (maildir mode) never much above `message::content::MEMORY_PART` plus one header field;
+    /// input bytes not yet consumed are the connection's, not counted here.
     pub fn buffered_bytes(&self) -> usize {
         let data = match &self.input_mode {
             InputMode::Data(decoder) => decoder.buffered(),
             _ => 0,
         };
-        let chunks = self
-            .tx
-            .as_ref()
+        let tx = self.tx.as_ref();
+        let chunks = tx
             .and_then(|tx| tx.chunks.as_ref())
             .map_or(0, |decoder| decoder.buffered());
+        let content = tx
+            .and_then(|tx| tx.content.as_ref())
+            .map_or(0, ContentBuilder::buffered);
         let parked = match &self.park {
-            Some(Park::DataVerdict { content, .. }) => content.len(),
+            Some(Park::DataVerdict { content, .. }) => content.memory.len(),
             _ => 0,
         };
-        data + chunks + parked
+        data + chunks + content + parked
     }
 
     pub fn summary(&self) -> Summary {
@@ -283,7 +287,7 @@ impl Session {
                         continue;
                     }
                     self.count_data(feed.consumed);
-                    self.relay_forward(out);
+                    self.pass_content(out);
                     feed.consumed
                 }
                 InputMode::Chunk { remaining, .. } | InputMode::SkipChunk { remaining } => {
@@ -305,7 +309,7 @@ impl Session {
                         decoder.feed(&rest[..n]);
                     }
                     self.count_data(n);
-                    self.relay_forward(out);
+                    self.pass_content(out);
                     n
                 }
             };
@@ -327,6 +331,33 @@ impl Session {
             );
         }
         pos
+    }
+
+    /// Moves what the decoder has so far on: to the next hop (relay modes) or into the
+    /// message's content, which spills past a small part in memory (maildir mode).
+    fn pass_content(&mut self, out: &mut Output) {
+        if self.relaying() {
+            self.relay_forward(out);
+            return;
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return;
+        };
+        let decoder = match &mut self.input_mode {
+            InputMode::Data(decoder) => Some(decoder),
+            _ => tx.chunks.as_mut(),
+        };
+        let Some(decoder) = decoder else {
+            return;
+        };
+        if decoder.is_refused() {
+            // Refused at its end whatever follows: its spill goes now, not after the rest.
+            tx.content = None;
+            return;
+        }
+        if let Some(content) = tx.content.as_mut() {
+            content.push(&decoder.take_content());
+        }
     }
 
     fn count_data(&mut self, octets: usize) {
@@ -602,8 +633,19 @@ impl Session {
             out,
             Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"),
         );
-        self.input_mode = InputMode::Data(DataDecoder::new(Framing::Dot, self.data_limits()));
+        let decoder = DataDecoder::new(Framing::Dot, self.data_limits()).streaming();
+        self.input_mode = InputMode::Data(decoder);
+        self.start_content();
         self.rate = Some(DataRate::start(now.mono));
+    }
+
+    /// Maildir mode: the message's content starts (DATA, or the first BDAT).
+    fn start_content(&mut self) {
+        let hostname = &self.params.settings.hostname;
+        let spill = self.params.spill.clone();
+        if let Some(tx) = self.tx.as_mut() {
+            tx.content = Some(ContentBuilder::new(hostname, spill));
+        }
     }
 
     fn on_bdat(&mut self, size: u64, last: bool, now: Now, out: &mut Output) {
@@ -621,7 +663,8 @@ impl Session {
         if let Some(tx) = self.tx.as_mut()
             && tx.chunks.is_none()
         {
-            tx.chunks = Some(DataDecoder::new(Framing::Chunked, limits));
+            tx.chunks = Some(DataDecoder::new(Framing::Chunked, limits).streaming());
+            self.start_content();
             self.rate = Some(DataRate::start(now.mono));
         }
         self.input_mode = InputMode::Chunk {
@@ -656,12 +699,24 @@ impl Session {
             self.end_of_relayed_message(&mut message, result, out);
             return;
         }
-        match result {
-            Err(refusal) => {
+        let builder = self.tx.as_mut().and_then(|tx| tx.content.take());
+        let content = match (result, builder) {
+            (Err(refusal), _) => Err(refusal.reply()),
+            (Ok(rest), Some(mut builder)) => {
+                builder.push(&rest);
+                builder.finish().map_err(|err| match err {
+                    ContentError::Loop => DataRefusal::Loop.reply(),
+                    ContentError::Spill(_) => Reply::new(451, "4.3.0", "Local error in processing"),
+                })
+            }
+            (Ok(_), None) => Err(Reply::new(451, "4.3.0", "Local error in processing")),
+        };
+        match content {
+            Err(reply) => {
                 self.tx = None;
                 out.observations
                     .push(Observation::MessageRejected(Stage::Data));
-                self.reply(out, refusal.reply());
+                self.reply(out, reply);
             }
             Ok(content) => {
                 self.park = Some(Park::DataVerdict {

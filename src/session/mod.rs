@@ -24,6 +24,7 @@ use std::time::{Instant, SystemTime};
 use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt};
 use crate::helo::verdict::HeloVerdict;
+use crate::message::content::SpillStore;
 use crate::message::{Envelope, TraceInfo};
 use crate::protocol::command::MailParams;
 use crate::protocol::data::BareLineFeed;
@@ -56,8 +57,8 @@ pub struct Now {
 pub enum DeliveryOutcome {
     /// Stored durably (or taken by the next hop): the client gets 250.
     Accepted,
-    /// Not stored: the client gets exactly this reply (451 4.3.0 for a spool error, the next
-    /// hop's reply in relay modes).
+    /// Not stored: the client gets exactly this reply (451 4.3.0 for a spool error, 452 4.3.1
+    /// below HELOGUARD_MIN_FREE_MB, the next hop's reply in relay modes).
     Failed(Reply),
 }
 
@@ -198,6 +199,10 @@ pub struct SessionParams {
     pub session_id: u64,
     /// HELOGUARD_TLS_CERT/KEY are loaded: EHLO advertises STARTTLS outside TLS.
     pub tls_available: bool,
+    /// Where message content past `message::content::MEMORY_PART` goes while it arrives
+    /// (maildir mode: the spool's tmp/). None keeps it in memory, for tests and relay modes,
+    /// which stream to the next hop instead.
+    pub spill: Option<Arc<dyn SpillStore>>,
 }
 
 /// What the state machine reads of the configuration, and nothing else: the session depends

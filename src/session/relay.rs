@@ -174,14 +174,15 @@ impl Session {
         self.rate = Some(DataRate::start(now.mono));
         match chunk {
             None => {
-                self.input_mode = InputMode::Data(DataDecoder::new(Framing::Dot, limits));
+                self.input_mode =
+                    InputMode::Data(DataDecoder::new(Framing::Dot, limits).streaming());
                 self.reply(
                     out,
                     Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"),
                 );
             }
             Some(BdatChunk { size, last }) => {
-                tx.chunks = Some(DataDecoder::new(Framing::Chunked, limits));
+                tx.chunks = Some(DataDecoder::new(Framing::Chunked, limits).streaming());
                 self.input_mode = InputMode::Chunk {
                     size,
                     remaining: size,

@@ -12,6 +12,8 @@ use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::checks::{CheckInput, HeloArg};
 use crate::helo::policy::{AllowEntry, HeloPolicy};
 use crate::helo::verdict::HeloVerdict;
+use crate::message::MessageContent;
+use crate::message::content::ContentBuilder;
 use crate::protocol::command::{MailParams, Verb};
 use crate::protocol::data::DataDecoder;
 use crate::relay::outbound::OutboundMessage;
@@ -108,6 +110,9 @@ pub(crate) struct Transaction {
     pub chunks: Option<DataDecoder>,
     /// Relay modes: the message being passed on to the next hop.
     pub relay: Option<OutboundMessage>,
+    /// Maildir mode: the message so far, filtered, in memory or spilled. Dropped with the
+    /// transaction, which removes its spill.
+    pub content: Option<ContentBuilder>,
 }
 
 impl Transaction {
@@ -118,6 +123,7 @@ impl Transaction {
             recipients: Vec::new(),
             chunks: None,
             relay: None,
+            content: None,
         }
     }
 }
@@ -150,7 +156,7 @@ pub(crate) enum Park {
     RcptVerdict { recipient: String },
     /// The message is complete; its trace fields need the verdict.
     DataVerdict {
-        content: Vec<u8>,
+        content: MessageContent,
         received_at: SystemTime,
     },
     /// `Event::Delivered` for this queue ID.

@@ -288,7 +288,7 @@ mod tests {
             reverse_path: String::new(),
             recipients: rcpts(&["b@example.net", "a@example.net"]),
             trace: trace(V4, None, false),
-            content: Vec::new(),
+            content: crate::message::MessageContent::default(),
         };
         assert_eq!(
             envelope_fields(&env),

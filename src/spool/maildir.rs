@@ -32,8 +32,7 @@ use std::time::SystemTime;
 use std::time::UNIX_EPOCH;
 
 use crate::message::Envelope;
-use crate::message::header::Filtered;
-use crate::message::header::filter_message;
+use crate::message::content::ContentSpill;
 use crate::metrics::{Metrics, SpoolStage};
 use crate::spool::envelope::maildir_prefix;
 use crate::spool::group_sync::GroupSync;
@@ -63,6 +62,8 @@ pub struct Maildir {
     /// The host name part of unique names, already escaped.
     name_host: String,
     metrics: Option<std::sync::Arc<Metrics>>,
+    /// HELOGUARD_MIN_FREE_MB in octets: a message that would leave less free is refused.
+    min_free: u64,
 }
 
 /// See [`Maildir::panic_counter`].
@@ -76,8 +77,9 @@ impl Drop for PanicCounter<'_> {
     }
 }
 
-/// Which step of opening the spool or delivering a message failed. Every variant answers
-/// 451 4.3.0 to the client (SPEC "Spool": never 250 after a write or fsync error).
+/// Which step of opening the spool or delivering a message failed. Every variant but
+/// `InsufficientSpace` (452 4.3.1) answers 451 4.3.0 to the client (SPEC "Spool": never 250
+/// after a write or fsync error).
 #[derive(Debug)]
 pub enum SpoolError {
     /// Creating or opening one of the Maildir directories.
@@ -92,6 +94,13 @@ pub enum SpoolError {
     Rename { path: PathBuf, source: io::Error },
     /// fsync of new/ after the rename.
     SyncDirectory { path: PathBuf, source: io::Error },
+    /// Storing the message would leave less than HELOGUARD_MIN_FREE_MB free on the spool's
+    /// filesystem: the client gets 452 4.3.1, not 451.
+    InsufficientSpace {
+        path: PathBuf,
+        free: u64,
+        needed: u64,
+    },
     /// The writer threads are gone; nothing was written.
     WritersGone,
     /// The writer panicked while on this message; whether a file reached new/ is unknown.
@@ -128,6 +137,7 @@ impl Maildir {
             new_sync: GroupSync::default(),
             name_host: escape_host(hostname),
             metrics: None,
+            min_free: 0,
         };
         maildir.remove_stale_tmp(SystemTime::now(), TMP_MAX_AGE);
         Ok(maildir)
@@ -137,6 +147,45 @@ impl Maildir {
     pub fn with_metrics(mut self, metrics: std::sync::Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Refuses (`SpoolError::InsufficientSpace`) a message that would leave less than
+    /// `min_free_mb` MiB free on the spool's filesystem; 0 = never.
+    pub fn with_min_free_mb(mut self, min_free_mb: u64) -> Self {
+        self.min_free = min_free_mb.saturating_mul(1024 * 1024);
+        self
+    }
+
+    /// The directory spill files and messages being written live in.
+    pub(super) fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// HELOGUARD_MIN_FREE_MB at the end of data: what is free now (spills of messages still
+    /// arriving already count, being on the disk) minus this message's final file.
+    fn check_free_space(&self, octets: u64) -> Result<(), SpoolError> {
+        if self.min_free == 0 {
+            return Ok(());
+        }
+        let free = match free_space_bytes(&self.tmp) {
+            Ok(free) => free,
+            Err(err) => {
+                // The write itself will say whether there is room.
+                log::warn!(
+                    "spool: cannot read free space of {}: {err}",
+                    self.tmp.display()
+                );
+                return Ok(());
+            }
+        };
+        if free.saturating_sub(octets) < self.min_free {
+            return Err(SpoolError::InsufficientSpace {
+                path: self.tmp.clone(),
+                free,
+                needed: octets,
+            });
+        }
+        Ok(())
     }
 
     /// A guard that counts a panic (`heloguard_panics_total`) when dropped while unwinding,
@@ -162,14 +211,20 @@ impl Maildir {
     /// message; the results are in the order of `envs`.
     pub fn deliver_all(&self, envs: &[&Envelope]) -> Vec<Result<String, SpoolError>> {
         let prefixes: Vec<Vec<u8>> = envs.iter().map(|env| maildir_prefix(env)).collect();
-        let filtered: Vec<Filtered<'_>> = envs.iter().map(|env| without_own_fields(env)).collect();
-        let messages: Vec<[&[u8]; 3]> = prefixes
+        let parts: Vec<[&[u8]; 2]> = prefixes
             .iter()
-            .zip(&filtered)
-            .map(|(prefix, message)| stored_parts(prefix, message))
+            .zip(envs)
+            .map(|(prefix, env)| [prefix.as_slice(), env.content.memory.as_slice()])
             .collect();
-        let refs: Vec<&[&[u8]]> = messages.iter().map(|parts| parts.as_slice()).collect();
-        self.store_all(&refs)
+        let messages: Vec<Outgoing<'_>> = parts
+            .iter()
+            .zip(envs)
+            .map(|(parts, env)| Outgoing {
+                parts,
+                spill: env.content.spill.as_deref(),
+            })
+            .collect();
+        self.store_outgoing(&messages)
     }
 
     /// Writes the concatenation of `parts` durably into new/ under a fresh unique name.
@@ -179,9 +234,17 @@ impl Maildir {
 
     /// `store` for several messages, sharing the fsync of new/ as `deliver_all` does.
     pub fn store_all(&self, messages: &[&[&[u8]]]) -> Vec<Result<String, SpoolError>> {
+        let messages: Vec<Outgoing<'_>> = messages
+            .iter()
+            .map(|parts| Outgoing { parts, spill: None })
+            .collect();
+        self.store_outgoing(&messages)
+    }
+
+    fn store_outgoing(&self, messages: &[Outgoing<'_>]) -> Vec<Result<String, SpoolError>> {
         let mut renamed: Vec<Result<(String, PathBuf), SpoolError>> = messages
             .iter()
-            .map(|parts| self.write_and_rename(parts))
+            .map(|message| self.write_and_rename(message))
             .collect();
         if renamed.iter().any(Result::is_ok)
             && let Err(source) = self.new_sync.sync(|| self.new_handle.sync_all())
@@ -202,8 +265,8 @@ impl Maildir {
         renamed
             .into_iter()
             .zip(messages)
-            .map(|(result, parts)| {
-                let bytes = parts.iter().map(|part| part.len() as u64).sum();
+            .map(|(result, message)| {
+                let bytes = message.len();
                 result
                     .map(|(name, _)| name)
                     .inspect(|_| self.count(|m| m.spool_bytes(bytes)))
@@ -213,7 +276,8 @@ impl Maildir {
 
     /// Creates, writes and fsyncs tmp/UNIQUE and renames it into new/; returns the name and
     /// the path in new/. On failure nothing is left behind in tmp/.
-    fn write_and_rename(&self, parts: &[&[u8]]) -> Result<(String, PathBuf), SpoolError> {
+    fn write_and_rename(&self, message: &Outgoing<'_>) -> Result<(String, PathBuf), SpoolError> {
+        self.check_free_space(message.len())?;
         let name = self.unique_name();
         let tmp_path = self.tmp.join(&name);
         let mut file = OpenOptions::new()
@@ -226,7 +290,8 @@ impl Maildir {
                 source,
             })
             .inspect_err(|_| self.count(|m| m.spool_error(SpoolStage::Write)))?;
-        let written = write_all_parts(&mut file, parts)
+        let written = write_all_parts(&mut file, message.parts)
+            .and_then(|()| copy_spill(&file, message.spill))
             .map_err(|source| SpoolError::Write {
                 path: tmp_path.clone(),
                 source,
@@ -289,7 +354,7 @@ impl Maildir {
     }
 
     /// maildir(5): `SECS.M<micros>P<pid>Q<n>.<host>`.
-    fn unique_name(&self) -> String {
+    pub(super) fn unique_name(&self) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -305,14 +370,32 @@ impl Maildir {
     }
 }
 
-/// `env`'s content without the trace fields that claim to be ours (forged).
-fn without_own_fields(env: &Envelope) -> Filtered<'_> {
-    filter_message(&env.content, &env.trace.hostname)
+/// One message to write: `parts`, then the spill's octets.
+struct Outgoing<'a> {
+    parts: &'a [&'a [u8]],
+    spill: Option<&'a dyn ContentSpill>,
 }
 
-/// The message as stored: `prefix`, then the filtered header, then the body as received.
-fn stored_parts<'a>(prefix: &'a [u8], message: &'a Filtered<'a>) -> [&'a [u8]; 3] {
-    [prefix, &message.header, message.body]
+impl Outgoing<'_> {
+    fn len(&self) -> u64 {
+        let parts: u64 = self.parts.iter().map(|part| part.len() as u64).sum();
+        parts + self.spill.map_or(0, |spill| spill.len())
+    }
+}
+
+/// Appends the spill's octets to `file` (in the kernel, with copy_file_range, where it can).
+fn copy_spill(file: &File, spill: Option<&dyn ContentSpill>) -> io::Result<()> {
+    let Some(spill) = spill else {
+        return Ok(());
+    };
+    let copied = spill.copy_to(file)?;
+    if copied != spill.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("spill holds {copied} of {} octets", spill.len()),
+        ));
+    }
+    Ok(())
 }
 
 /// The single result of a one-message batch (which always has one).
@@ -326,6 +409,11 @@ fn one(results: Vec<Result<String, SpoolError>>) -> Result<String, SpoolError> {
 /// Free space for an unprivileged user on the filesystem holding `dir`, in MiB
 /// (HELOGUARD_MIN_FREE_MB: below it MAIL gets 452 4.3.1).
 pub fn free_space_mb(dir: &Path) -> io::Result<u64> {
+    Ok(free_space_bytes(dir)? / (1024 * 1024))
+}
+
+/// Free space for an unprivileged user on the filesystem holding `dir`, in octets.
+pub fn free_space_bytes(dir: &Path) -> io::Result<u64> {
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
     let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
@@ -342,8 +430,7 @@ pub fn free_space_mb(dir: &Path) -> io::Result<u64> {
         clippy::useless_conversion,
         reason = "fsblkcnt_t and c_ulong are 32 bits wide on some targets"
     )]
-    let bytes = u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize));
-    Ok(bytes / (1024 * 1024))
+    Ok(u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize)))
 }
 
 impl fmt::Display for SpoolError {
@@ -355,6 +442,14 @@ impl fmt::Display for SpoolError {
             SpoolError::SyncFile { path, source } => ("cannot fsync", path, source),
             SpoolError::Rename { path, source } => ("cannot rename into", path, source),
             SpoolError::SyncDirectory { path, source } => ("cannot fsync directory", path, source),
+            SpoolError::InsufficientSpace { path, free, needed } => {
+                return write!(
+                    f,
+                    "spool: {needed} octets would leave less than the minimum free on {} \
+                     ({free} free)",
+                    path.display()
+                );
+            }
             SpoolError::WritersGone => return f.write_str("spool writer threads are gone"),
             SpoolError::WriterPanicked => return f.write_str("spool writer panicked"),
         };
@@ -371,7 +466,9 @@ impl std::error::Error for SpoolError {
             | SpoolError::SyncFile { source, .. }
             | SpoolError::Rename { source, .. }
             | SpoolError::SyncDirectory { source, .. } => Some(source),
-            SpoolError::WritersGone | SpoolError::WriterPanicked => None,
+            SpoolError::InsufficientSpace { .. }
+            | SpoolError::WritersGone
+            | SpoolError::WriterPanicked => None,
         }
     }
 }
@@ -531,17 +628,13 @@ mod tests {
         let dir = TestDir::new("deliver-prefix");
         let maildir = Maildir::open(&dir.0, "mx.example.net").expect("open");
         let env = envelope(FORGED);
-        let filtered = without_own_fields(&env);
-        let name = maildir
-            .store(&stored_parts(
-                b"Return-Path: <a@example.org>\r\n",
-                &filtered,
-            ))
-            .expect("deliver");
+        let name = maildir.deliver(&env).expect("deliver");
         let stored = fs::read(dir.0.join("new").join(name)).expect("read");
+        assert!(stored.starts_with(b"Return-Path: <a@example.org>\r\n"));
+        let content = &stored[maildir_prefix(&env).len()..];
         assert_eq!(
-            stored,
-            b"Return-Path: <a@example.org>\r\n\
+            content,
+            b"\
               Subject: s\r\n\
               Authentication-Results: other.example; iprev=fail\r\n\
               \r\n\
@@ -661,11 +754,61 @@ mod tests {
         let stored = fs::read(dir.0.join("new").join(name)).expect("read");
         let mut want = maildir_prefix(&env);
         want.extend_from_slice(&crate::message::header::strip_own_fields(
-            &env.content,
+            FORGED,
             "mx.example.net",
         ));
         assert_eq!(stored, want);
         assert!(stored.starts_with(b"Return-Path: <a@example.org>\r\nX-Envelope-To: <b@example.net>\r\nReceived: from mail.example.org (unknown [192.0.2.7])\r\n"));
+    }
+
+    /// `content` through the session's builder, spilling into `maildir`'s tmp/.
+    fn spilled_envelope(maildir: &std::sync::Arc<Maildir>, content: &[u8]) -> Envelope {
+        use crate::message::content::{ContentBuilder, SpillStore};
+        let store: std::sync::Arc<dyn SpillStore> = maildir.clone();
+        let mut builder = ContentBuilder::new("mx.example.net", Some(store));
+        for piece in content.chunks(16 * 1024) {
+            builder.push(piece);
+        }
+        let mut env = envelope(b"");
+        env.content = builder.finish().expect("content");
+        env
+    }
+
+    #[test]
+    fn a_spilled_message_is_stored_as_the_whole_path_would_store_it() {
+        let dir = TestDir::new("deliver-spilled");
+        let maildir = std::sync::Arc::new(Maildir::open(&dir.0, "mx.example.net").expect("open"));
+        let mut whole = FORGED.to_vec();
+        whole.extend(b"a body line, repeated to pass the memory part\r\n".repeat(5000));
+        let env = spilled_envelope(&maildir, &whole);
+        assert!(env.content.spill.is_some());
+        assert_eq!(names_in(&dir.0.join("tmp")).len(), 1, "the spill");
+        let name = maildir.deliver(&env).expect("deliver");
+        let stored = fs::read(dir.0.join("new").join(name)).expect("read");
+        // What the whole-message path wrote: the prefix, then the message filtered at once.
+        let mut want = maildir_prefix(&env);
+        want.extend_from_slice(&crate::message::header::strip_own_fields(
+            &whole,
+            "mx.example.net",
+        ));
+        assert_eq!(stored, want);
+        drop(env);
+        assert!(names_in(&dir.0.join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn a_message_that_would_go_below_the_minimum_free_is_refused() {
+        let dir = TestDir::new("deliver-min-free");
+        let maildir = Maildir::open(&dir.0, "mx.example.net")
+            .expect("open")
+            .with_min_free_mb(u64::MAX / (1024 * 1024));
+        let env = envelope(b"Subject: s\r\n\r\nbody\r\n");
+        assert!(matches!(
+            maildir.deliver(&env),
+            Err(SpoolError::InsufficientSpace { .. })
+        ));
+        assert!(names_in(&dir.0.join("tmp")).is_empty());
+        assert!(names_in(&dir.0.join("new")).is_empty());
     }
 
     #[test]

@@ -8,11 +8,13 @@
 pub mod envelope;
 pub mod group_sync;
 pub mod maildir;
+pub mod spill;
 pub mod writer;
 
 pub use maildir::SpoolError;
 
-/// A plain accepted message for the spool's unit tests: one recipient, a passing verdict.
+/// A plain accepted message for the spool's unit tests: one recipient, a passing verdict;
+/// `content` goes through the header filter as the session's would.
 #[cfg(test)]
 pub(crate) fn test_envelope(queue_id: &str, content: &[u8]) -> crate::message::Envelope {
     use std::net::IpAddr;
@@ -44,6 +46,8 @@ pub(crate) fn test_envelope(queue_id: &str, content: &[u8]) -> crate::message::E
             queue_id: queue_id.to_owned(),
             received_at: std::time::UNIX_EPOCH,
         },
-        content: content.to_vec(),
+        content: crate::message::MessageContent::in_memory(
+            crate::message::header::strip_own_fields(content, "mx.example.net"),
+        ),
     }
 }

@@ -211,7 +211,8 @@ mod tests {
     ) -> SpoolWriters {
         let maildir = Arc::clone(maildir);
         spawn_with(threads, done, None, move |envs| {
-            let contents: Vec<[&[u8]; 1]> = envs.iter().map(|env| [&env.content[..]]).collect();
+            let contents: Vec<[&[u8]; 1]> =
+                envs.iter().map(|env| [&env.content.memory[..]]).collect();
             let messages: Vec<&[&[u8]]> = contents.iter().map(|c| &c[..]).collect();
             maildir.store_all(&messages)
         })
@@ -238,7 +239,7 @@ mod tests {
                 .expect("a result");
             let name = done.result.expect("written");
             let stored = fs::read(dir.0.join("new").join(&name)).expect("read");
-            assert_eq!(stored, envelope(done.id).content);
+            assert_eq!(stored, envelope(done.id).content.memory);
             assert!(ids.insert(done.id));
             assert!(names.insert(name));
         }
@@ -272,7 +273,7 @@ mod tests {
         let store = Arc::clone(&maildir);
         let writers = spawn_with(1, done_tx, Some(waker), move |envs| {
             envs.iter()
-                .map(|env| store.store(&[&env.content]))
+                .map(|env| store.store(&[&env.content.memory]))
                 .collect()
         })
         .expect("spawn");

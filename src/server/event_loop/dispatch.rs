@@ -20,6 +20,7 @@ use crate::server::event_loop::session_log::log_verdict;
 use crate::server::event_loop::timers::{ConnTimer, TimerKind};
 use crate::server::worker::{Done, OwnedEvent};
 use crate::session::{DeliveryOutcome, Observation, SessionAction};
+use crate::spool::SpoolError;
 use crate::spool::envelope::trace_fields;
 use crate::spool::writer::{SpoolDone, SpoolJob};
 
@@ -240,6 +241,11 @@ impl Server {
         };
         let outcome = match done.result {
             Ok(_) => DeliveryOutcome::Accepted,
+            // SPEC "Memory": a message that would take the spool below HELOGUARD_MIN_FREE_MB.
+            Err(e @ SpoolError::InsufficientSpace { .. }) => {
+                warn!("{}: {e}", conn.client_ip);
+                DeliveryOutcome::Failed(Reply::new(452, "4.3.1", "Insufficient system storage"))
+            }
             Err(e) => {
                 warn!("{}: spool write failed: {e}", conn.client_ip);
                 DeliveryOutcome::Failed(Reply::new(

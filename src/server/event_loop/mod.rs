@@ -132,6 +132,8 @@ pub struct Server {
     pub(super) spool_space_low: bool,
     /// What every session reads of the configuration, built once.
     pub(super) session_settings: Arc<SessionSettings>,
+    /// Maildir mode: the spool, where sessions spill message content as it arrives.
+    pub(super) spill: Option<Arc<dyn crate::message::content::SpillStore>>,
     pub(super) relays: Slab<RelayLink>,
     pub(super) relay_check_armed: bool,
     /// Scratch for socket reads, shared by every connection.

@@ -14,6 +14,7 @@ use slab::Slab;
 
 use crate::config::{Config, DeliverTarget};
 use crate::dns::resolver::{self, ResolverSettings};
+use crate::message::content::SpillStore;
 use crate::metrics::Metrics;
 use crate::relay::NextHopProtocol;
 use crate::server::conn::READ_CHUNK;
@@ -79,13 +80,19 @@ impl Server {
         .map_err(|e| StartError::Io("HELOGUARD_WORKERS", e))?;
 
         let (spool_tx, spool_rx) = crossbeam_channel::unbounded();
+        // Maildir mode: content past a session's small memory part goes to the spool's tmp/.
+        let mut spill = None;
         let handoff = match &config.deliver {
             DeliverTarget::Maildir => {
-                let maildir = Maildir::open(&config.spool, &config.hostname)
-                    .map_err(|e| StartError::Spool(e.to_string()))?
-                    .with_metrics(metrics.clone());
+                let maildir = Arc::new(
+                    Maildir::open(&config.spool, &config.hostname)
+                        .map_err(|e| StartError::Spool(e.to_string()))?
+                        .with_metrics(metrics.clone())
+                        .with_min_free_mb(config.min_free_mb),
+                );
+                spill = Some(maildir.clone() as Arc<dyn SpillStore>);
                 let writers = writer::spawn_writers(
-                    Arc::new(maildir),
+                    maildir,
                     config.spool_writers,
                     spool_tx,
                     Some(wake.clone()),
@@ -145,6 +152,7 @@ impl Server {
             signals,
             spool_space_low: false,
             session_settings,
+            spill,
             relays: Slab::new(),
             relay_check_armed: false,
             read_buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
@@ -170,6 +178,7 @@ impl Server {
             client_ip,
             session_id,
             self.tls.is_some(),
+            self.spill.clone(),
         )
     }
 }
@@ -180,12 +189,14 @@ pub fn build_session(
     client_ip: IpAddr,
     session_id: u64,
     tls_available: bool,
+    spill: Option<Arc<dyn SpillStore>>,
 ) -> Box<Session> {
     Box::new(Session::new(SessionParams {
         settings,
         client_ip,
         session_id,
         tls_available,
+        spill,
     }))
 }
 
@@ -234,6 +245,7 @@ pub mod tests {
             "192.0.2.1".parse().expect("address"),
             1,
             false,
+            None,
         )
     }
 }
