@@ -28,6 +28,11 @@ pub const INBUF_CAP: usize = 64 * 1024;
 /// gets no more input until the client catches up.
 pub const OUTBUF_CAP: usize = 256 * 1024;
 
+/// Relay modes: content waiting for a next hop that does not keep up is capped here; past
+/// it the session gets no more input until the next hop catches up, so a fast client never
+/// piles its message up in memory (SPEC "Memory").
+pub const RELAY_BACKLOG_CAP: usize = 256 * 1024;
+
 /// A PROXY v2 header is at most 16 + 65535 octets; v1 at most 107.
 pub const PROXY_HEADER_CAP: usize = 16 + 65_535;
 
@@ -246,6 +251,8 @@ pub struct Conn {
     pub dns: DnsTiming,
     /// Relay modes: the slot of this session's link to the next hop.
     pub relay: Option<usize>,
+    /// Relay modes: the link holds RELAY_BACKLOG_CAP or more unsent: input waits.
+    pub relay_backlogged: bool,
 }
 
 impl Conn {
@@ -276,6 +283,7 @@ impl Conn {
             started: now,
             dns: DnsTiming::default(),
             relay: None,
+            relay_backlogged: false,
         }
     }
 
@@ -389,7 +397,8 @@ impl Conn {
 
     /// The session may be handed to a worker: it is here and has something to do. Events
     /// always go; input waits while the client leaves OUTBUF_CAP of replies unread, so a
-    /// client that never reads cannot make the session produce without bound.
+    /// client that never reads cannot make the session produce without bound, and while the
+    /// next hop has RELAY_BACKLOG_CAP of its message unsent.
     pub fn has_work(&self) -> bool {
         let ConnState::Waiting { session } = &self.state else {
             return false;
@@ -398,6 +407,7 @@ impl Conn {
             return true;
         }
         self.outbuf.len() < OUTBUF_CAP
+            && !self.relay_backlogged
             && self.unseen_input
             && !self.inbuf.is_empty()
             && session.wants_input()

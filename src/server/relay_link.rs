@@ -227,6 +227,11 @@ impl RelayLink {
         self.absorb_output(out);
     }
 
+    /// Octets queued for the next hop and not yet written.
+    pub fn backlog(&self) -> usize {
+        self.outbuf.len()
+    }
+
     /// The final dot; its reply is the delivery's answer.
     pub fn end_data(&mut self) {
         let mut out = RelayOutput::default();

@@ -11,7 +11,7 @@ use log::{debug, warn};
 use crate::dns::{DnsAnswer, DnsRequest, Family};
 use crate::metrics::RelayFailure;
 use crate::protocol::reply::Reply;
-use crate::server::conn::{INBUF_CAP, ReadSide, Transport};
+use crate::server::conn::{INBUF_CAP, RELAY_BACKLOG_CAP, ReadSide, Transport};
 use crate::server::conn_id::ConnId;
 use crate::server::event_loop::Handoff;
 use crate::server::event_loop::Server;
@@ -164,6 +164,7 @@ impl Server {
                 // Without a link the chunk has nowhere to go; the end of data answers 451.
                 if let Some(link) = conn.relay.and_then(|r| self.relays.get_mut(r)) {
                     link.data_chunk(&bytes);
+                    conn.relay_backlogged = link.backlog() >= RELAY_BACKLOG_CAP;
                 }
             }
             SessionAction::RelayEndData => match conn.relay.and_then(|r| self.relays.get_mut(r)) {
@@ -176,6 +177,7 @@ impl Server {
             },
             SessionAction::RelayAbort => {
                 // No final dot: closing the connection is the only way out of DATA.
+                conn.relay_backlogged = false;
                 if let Some(r) = conn.relay.take() {
                     self.metrics.relay_failure(RelayFailure::Aborted);
                     self.close_relay(r, false);

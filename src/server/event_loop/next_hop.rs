@@ -15,6 +15,7 @@ use mio::{Interest, Token};
 use crate::metrics::RelayFailure;
 use crate::protocol::reply::Reply;
 use crate::relay::{NextHopProtocol, RelayClientParams, XclientAttrs};
+use crate::server::conn::{INBUF_CAP, RELAY_BACKLOG_CAP, ReadSide};
 use crate::server::conn_id::ConnId;
 use crate::server::event_loop::timers::TimerKind;
 use crate::server::event_loop::{FIRST_RELAY, Server};
@@ -141,10 +142,33 @@ impl Server {
         };
         let progress = link.ready(now);
         let owner = link.owner;
+        let backlogged = link.backlog() >= RELAY_BACKLOG_CAP;
         self.route_link_answers(owner, progress.answers);
         if let Some(failure) = progress.failed {
             self.fail_relay(key, failure);
+            return;
         }
+        if !backlogged {
+            self.relay_caught_up(owner);
+        }
+    }
+
+    /// The next hop took enough of the message: the client's input flows again.
+    fn relay_caught_up(&mut self, owner: ConnId) {
+        let Some(slot) = self.slot_of(owner) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if !std::mem::replace(&mut conn.relay_backlogged, false) {
+            return;
+        }
+        if conn.read == ReadSide::Full && conn.inbuf.len() < INBUF_CAP {
+            self.read_conn(slot);
+        }
+        self.pump(slot);
+        self.flush_or_close(slot);
     }
 
     fn route_link_answers(&mut self, owner: ConnId, answers: Vec<LinkAnswer>) {
@@ -188,6 +212,8 @@ impl Server {
             && let Some(conn) = self.conns.get_mut(slot)
         {
             conn.relay = None;
+            // Nothing waits for that link any more; the session hears of the failure.
+            conn.relay_backlogged = false;
         }
         self.route_link_answers(owner, answers);
     }
