@@ -26,8 +26,9 @@
 //! Refusals are found while reading but answered after the real end (the session goes on):
 //! a text line over 1000 octets incl. CRLF (550 5.6.0), a message over the size limit
 //! (552 5.3.4), a bare LF under `Reject` (550 5.5.2), more than 100 Received fields in the
-//! header (554 5.4.6, RFC 5321 6.3). Once refused, nothing more is stored, so memory stays
-//! bounded by the size limit and the line limit.
+//! header (554 5.4.6, RFC 5321 6.3; a `streaming` caller judges that on the whole header
+//! itself). Once refused, nothing more is stored. A caller that takes the content after each
+//! `feed` (`take_content`) holds no more than one feed's worth here.
 
 use memchr::memchr;
 

@@ -1,13 +1,19 @@
 //! The Maildir spool (SPEC "Spool"): durable delivery of one accepted message.
 //!
-//! Contract of `Maildir::deliver`: the message is written to `tmp/UNIQUE`, the file is fsync'd,
+//! Contract of `Maildir::deliver`: the message is written to `tmp/UNIQUE` (the trace fields,
+//! the content's memory part, then its spill's octets, copied in the kernel), the file is fsync'd,
 //! renamed into `new/UNIQUE`, and `new/` itself is fsync'd so that the rename is on disk (one
 //! fsync may cover the renames of several writers, `group_sync`); only
 //! then does it return `Ok`, and only then may the session answer 250. On any failure the file
 //! is removed (from `tmp/`, or from `new/` when the directory fsync failed: the client gets 451
 //! 4.3.0 and will send again, so a copy left behind would be a duplicate) and a `SpoolError`
 //! says which step failed. A process killed mid-write leaves at most a file in `tmp/`, which
-//! `Maildir::open` removes 36 hours later (the Maildir convention, maildir(5)).
+//! `Maildir::open` removes 36 hours later (the Maildir convention, maildir(5)); so are the
+//! spill files (`spill`) of messages that were still arriving.
+//!
+//! HELOGUARD_MIN_FREE_MB: a message whose file would leave less than that free is refused
+//! before anything is written (`SpoolError::InsufficientSpace`, 452 4.3.1). Spills of messages
+//! still arriving are on the disk already, so they count.
 //!
 //! Unique names follow maildir(5) and Courier/Dovecot: `SECS.M<micros>P<pid>Q<n>.<host>`, where
 //! `n` is a process-wide counter, so names never repeat within one process even within the same

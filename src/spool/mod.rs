@@ -3,7 +3,8 @@
 //! The session builds a `crate::message::Envelope` at the end of DATA/BDAT; `envelope` formats
 //! the Return-Path, X-Envelope-To and Received fields and prepends the trace block; `maildir`
 //! writes it durably, sharing directory fsyncs through `group_sync`; `writer` runs those
-//! writes on the spool writer threads.
+//! writes on the spool writer threads; `spill` holds the content of messages still arriving in
+//! tmp/, past what a session keeps in memory.
 
 pub mod envelope;
 pub mod group_sync;
