@@ -76,9 +76,8 @@ fn pieces(mib: u64) -> u64 {
     (mib * 1024 * 1024).div_ceil(piece().len() as u64)
 }
 
-/// Opens a transaction and streams `mib` MiB of body as fast as the server takes it.
-fn stream_body(addr: SocketAddr, mib: u64, sent: &AtomicU64) -> Client {
-    let mut c = Client::connect(addr);
+/// Opens a transaction on `c` and streams `mib` MiB of body as fast as the server takes it.
+fn stream_body(mut c: Client, mib: u64, sent: &AtomicU64) -> Client {
     c.stream
         .set_read_timeout(Some(Duration::from_secs(600)))
         .expect("timeout");
@@ -95,22 +94,25 @@ fn stream_body(addr: SocketAddr, mib: u64, sent: &AtomicU64) -> Client {
     c
 }
 
-/// Runs `sessions` clients on small stacks, all starting together.
+/// Connects `sessions` clients one after the other (a burst of connects would only measure
+/// the listen backlog), then runs `each` on all of them at once, on small stacks.
 fn clients<T: Send + 'static>(
+    addr: SocketAddr,
     sessions: u64,
-    each: impl Fn() -> T + Send + Sync + 'static,
+    each: impl Fn(Client) -> T + Send + Sync + 'static,
 ) -> Vec<std::thread::JoinHandle<T>> {
     let each = Arc::new(each);
     let start = Arc::new(Barrier::new(sessions as usize));
     (0..sessions)
         .map(|_| {
+            let client = Client::connect(addr);
             let each = each.clone();
             let start = start.clone();
             std::thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn(move || {
                     start.wait();
-                    each()
+                    each(client)
                 })
                 .expect("client thread")
         })
@@ -136,8 +138,8 @@ fn many_sessions_streaming_large_messages_keep_the_server_small() {
     let sent = Arc::new(AtomicU64::new(0));
     let sent2 = sent.clone();
     let started = Instant::now();
-    let handles = clients(sessions, move || {
-        let mut c = stream_body(addr, mib, &sent2);
+    let handles = clients(addr, sessions, move |c| {
+        let mut c = stream_body(c, mib, &sent2);
         c.send(b".\r\n");
         c.reply().0
     });
@@ -172,7 +174,7 @@ fn unfinished_messages_hold_no_memory_and_leave_nothing_in_tmp() {
     let addr = srv.addr;
     let sent = Arc::new(AtomicU64::new(0));
     let sent2 = sent.clone();
-    let handles = clients(sessions, move || stream_body(addr, mib, &sent2));
+    let handles = clients(addr, sessions, move |c| stream_body(c, mib, &sent2));
     let open: Vec<Client> = handles
         .into_iter()
         .map(|h| h.join().expect("client"))
