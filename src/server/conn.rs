@@ -392,6 +392,8 @@ impl Conn {
     pub fn finished_after_eof(&self) -> bool {
         !matches!(self.state, ConnState::AtWorker)
             && !self.has_work()
+            // Input held back for a slow next hop is still to be read, however long it takes.
+            && (!self.relay_backlogged || self.inbuf.is_empty())
             && !self.state.session().is_some_and(|s| s.awaits_loop())
     }
 
