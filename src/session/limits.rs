@@ -10,11 +10,16 @@ pub(crate) const DATA_RATE_GRACE: Duration = Duration::from_secs(30);
 pub(crate) struct Counters {
     /// 5xx replies to commands so far.
     pub errors: u32,
-    /// NOOP, RSET, VRFY and HELP so far.
+    /// NOOP, RSET, VRFY, HELP and repeated EHLO/HELO so far.
     pub junk: u32,
 }
 
 impl Counters {
+    /// Both counts start over (after an accepted message).
+    pub fn restart(&mut self) {
+        *self = Self::default();
+    }
+
     /// Counts one 5xx reply; true when that takes the session past the limit.
     pub fn error_over(&mut self, max: u32) -> bool {
         self.errors = self.errors.saturating_add(1);
