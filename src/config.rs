@@ -393,8 +393,8 @@ const TIMEOUT_SECS: Variable = Variable {
 };
 const MIN_DATA_RATE: Variable = Variable {
     name: "HELOGUARD_MIN_DATA_RATE",
-    meaning: "bytes/s a DATA or BDAT transfer must keep up on average after its first 30 s, \
-              else 421 4.4.2",
+    meaning: "bytes/s a DATA or BDAT transfer must keep up over the last 30 s once it has run \
+              30 s, else 421 4.4.2",
     default: DefaultValue::Text("500"),
 };
 const MAX_ERRORS: Variable = Variable {

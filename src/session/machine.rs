@@ -280,12 +280,12 @@ impl Session {
                         else {
                             unreachable!("matched InputMode::Data above")
                         };
-                        self.count_data(feed.consumed);
+                        self.count_data(feed.consumed, now);
                         self.end_of_message(decoder.finish(), now, out);
                         pos += feed.consumed;
                         continue;
                     }
-                    self.count_data(feed.consumed);
+                    self.count_data(feed.consumed, now);
                     self.relay_forward(out);
                     feed.consumed
                 }
@@ -307,7 +307,7 @@ impl Session {
                     {
                         decoder.feed(&rest[..n]);
                     }
-                    self.count_data(n);
+                    self.count_data(n, now);
                     self.relay_forward(out);
                     n
                 }
@@ -332,10 +332,10 @@ impl Session {
         pos
     }
 
-    fn count_data(&mut self, octets: usize) {
+    fn count_data(&mut self, octets: usize, now: Now) {
         self.bytes = self.bytes.saturating_add(octets as u64);
         if let Some(rate) = self.rate.as_mut() {
-            rate.add(octets);
+            rate.add(now.mono, octets);
         }
     }
 
