@@ -143,3 +143,51 @@ fn an_ehlo_flood_is_cut_at_the_junk_limit_and_does_not_delay_an_honest_verdict()
     // request had already sent.
     assert!(queries <= 130, "{queries} DNS queries");
 }
+
+#[test]
+fn one_session_stops_causing_queries_at_its_dns_budget() {
+    const BUDGET: usize = 20;
+    const EHLOS: usize = 60;
+    let mut zone = TestZone::new();
+    // NODATA for A makes each name cost two queries (A, then AAAA).
+    for i in 0..=EHLOS {
+        zone = zone.nodata(&format!("nd{i}.example.net"));
+    }
+    let dns = TestDns::start(zone);
+    let server = TestServer::builder()
+        .proxy()
+        .dns(dns.addr())
+        .env("HELOGUARD_DNS_TIMEOUT_MS", &DNS_TIMEOUT_MS.to_string())
+        .env("HELOGUARD_MAX_JUNK", "0")
+        .env("HELOGUARD_DNS_BUDGET", &BUDGET.to_string())
+        // The verdict gates RCPT, so the RCPT reply shows what forward became.
+        .env("HELOGUARD_HELO_POLICY", "default=tag,forward=defer")
+        .start();
+    // A client with no PTR record: its reverse lookup is one query the DNS server sees.
+    let mut client = server.connect_as("192.0.2.77".parse().expect("address"));
+    let (code, banner) = client.reply();
+    assert_eq!(code, 220, "{banner}");
+    for i in 0..EHLOS {
+        client.cmd(&format!("EHLO nd{i}.example.net"), 250);
+        // Time for the lookup to be made, so each EHLO would cost its queries.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let spent = dns.queries().len();
+    // Past the budget an EHLO's lookup is not made: its undecided check answers at once.
+    client.cmd(&format!("EHLO nd{EHLOS}.example.net"), 250);
+    client.cmd("MAIL FROM:<a@example.net>", 250);
+    let started = Instant::now();
+    client.send(b"RCPT TO:<postmaster@mx.heloguard.test>\r\n");
+    let (code, text) = client.reply();
+    let waited = started.elapsed();
+    eprintln!(
+        "dns_budget: budget={BUDGET} ehlos={EHLOS} queries={spent} rcpt={code} after {waited:?}"
+    );
+    assert!(
+        (BUDGET..=BUDGET + 2).contains(&spent),
+        "{spent} queries for a budget of {BUDGET}"
+    );
+    assert_eq!(dns.queries().len(), spent);
+    assert_eq!(code / 100, 4, "{text}");
+    assert!(waited < Duration::from_millis(DNS_TIMEOUT_MS), "{waited:?}");
+}

@@ -742,6 +742,36 @@ fn pipelined_ehlos_ask_only_for_the_last_name() {
     assert_eq!(h.lookups, [(3, Some("c.example".to_string()))]);
 }
 
+#[test]
+fn a_superseded_names_late_answer_is_ignored_and_not_waited_for() {
+    let mut h = gated(RejectAt::Rcpt);
+    h.event(Event::Reverse(ReverseFacts {
+        ptr: Lookup::NxDomain,
+    }));
+    h.cmd("EHLO old.example", "250");
+    h.cmd("EHLO new.example", "250");
+    h.cmd("MAIL FROM:<a@b.example>", "250");
+    h.input(b"RCPT TO:<c@d.example>\r\n");
+    assert!(h.take().is_empty(), "RCPT waits for new.example's verdict");
+    h.event(Event::Forward {
+        name: "old.example".into(),
+        addrs: Lookup::NxDomain,
+    });
+    assert!(
+        h.take().is_empty() && verdicts(&h) == 0,
+        "old.example's answer is ignored"
+    );
+    // The old identity's deadline does not judge the new one either.
+    h.event(Event::VerdictDeadline { generation: 1 });
+    assert!(h.take().is_empty() && verdicts(&h) == 0);
+    h.event(Event::Forward {
+        name: "new.example".into(),
+        addrs: Lookup::NxDomain,
+    });
+    assert!(h.take().starts_with("250 2.1.5"));
+    assert_eq!(verdicts(&h), 1);
+}
+
 /// Harness without automatic DNS, for the verdict gates.
 fn gated(reject_at: RejectAt) -> Harness {
     let mut c = config();
