@@ -206,7 +206,6 @@ pub struct ReadOutcome {
     pub tls_established: bool,
 }
 
-/// Time spent waiting for DNS, for the verdict log line.
 /// A session's DNS work as the loop sees it.
 #[derive(Clone, Debug, Default)]
 pub struct DnsWork {
@@ -224,6 +223,7 @@ impl DnsWork {
     }
 }
 
+/// Time spent waiting for DNS, for the verdict log line.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DnsTiming {
     pub reverse_started: Option<Instant>,
