@@ -94,6 +94,8 @@ pub enum SpoolError {
     SyncDirectory { path: PathBuf, source: io::Error },
     /// The writer threads are gone; nothing was written.
     WritersGone,
+    /// Every writer is busy and the job queue is full; nothing was written.
+    QueueFull,
     /// The writer panicked while on this message; whether a file reached new/ is unknown.
     WriterPanicked,
 }
@@ -356,6 +358,7 @@ impl fmt::Display for SpoolError {
             SpoolError::Rename { path, source } => ("cannot rename into", path, source),
             SpoolError::SyncDirectory { path, source } => ("cannot fsync directory", path, source),
             SpoolError::WritersGone => return f.write_str("spool writer threads are gone"),
+            SpoolError::QueueFull => return f.write_str("spool writer queue is full"),
             SpoolError::WriterPanicked => return f.write_str("spool writer panicked"),
         };
         write!(f, "spool: {step} {}: {source}", path.display())
@@ -371,7 +374,7 @@ impl std::error::Error for SpoolError {
             | SpoolError::SyncFile { source, .. }
             | SpoolError::Rename { source, .. }
             | SpoolError::SyncDirectory { source, .. } => Some(source),
-            SpoolError::WritersGone | SpoolError::WriterPanicked => None,
+            SpoolError::WritersGone | SpoolError::QueueFull | SpoolError::WriterPanicked => None,
         }
     }
 }
