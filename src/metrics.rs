@@ -123,6 +123,8 @@ pub struct Metrics {
     /// [ok, error]
     tls_handshakes: [Counter; 2],
     relay_failures: [Counter; 4],
+    /// Worker or spool writer jobs that panicked; each one's session got 421 4.3.0.
+    panics: Counter,
 }
 
 impl Default for Metrics {
@@ -146,6 +148,7 @@ impl Metrics {
             replies: counters(),
             tls_handshakes: counters(),
             relay_failures: counters(),
+            panics: Counter::default(),
         }
     }
 
@@ -206,6 +209,16 @@ impl Metrics {
 
     pub fn relay_failure(&self, failure: RelayFailure) {
         self.relay_failures[failure as usize].increment();
+    }
+
+    /// A worker or spool writer job panicked.
+    pub fn panicked(&self) {
+        self.panics.increment();
+    }
+
+    /// Jobs that panicked so far.
+    pub fn panics(&self) -> u64 {
+        self.panics.value()
     }
 
     /// Every metric in the Prometheus text exposition format 0.0.4.
@@ -383,6 +396,12 @@ impl Metrics {
                 self.relay_failures[failure as usize].value(),
             );
         }
+        out.header(
+            "heloguard_panics_total",
+            "counter",
+            "Worker or spool writer jobs that panicked; their sessions got 421 4.3.0.",
+        );
+        out.sample("heloguard_panics_total", &[], self.panics.value());
     }
 }
 

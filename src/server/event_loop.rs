@@ -44,7 +44,7 @@ use crate::server::shutdown::Lifecycle;
 use crate::server::startup::Handoff;
 use crate::server::timers::Timers;
 use crate::server::tls::TlsAcceptor;
-use crate::server::worker::{Done, Job, OwnedEvent, WorkerPool};
+use crate::server::worker::{Job, OwnedEvent, WorkerPool, WorkerReport};
 use crate::spool::writer::SpoolDone;
 
 // Built in `startup`; named here too because callers start a server from this module.
@@ -75,7 +75,7 @@ pub struct Server {
     /// How workers, spool writers and the resolver wake us; rearmed before every drain.
     pub(super) wake: Arc<LoopWake>,
     pub(super) workers: Option<WorkerPool>,
-    pub(super) done_rx: Receiver<Done>,
+    pub(super) done_rx: Receiver<WorkerReport>,
     pub(super) resolver: Option<ResolverHandle>,
     pub(super) dns_rx: Receiver<DnsAnswer>,
     pub(super) handoff: Option<Handoff>,
