@@ -285,6 +285,11 @@ pub struct Conn {
     pub dns: DnsTiming,
     /// Relay modes: the slot of this session's link to the next hop.
     pub relay: Option<usize>,
+    /// A message of this session is with the spool writers; its `SpoolDone` has not come.
+    pub spooling: bool,
+    /// The shutdown grace ended while `spooling`: the 421 waits until the message's own
+    /// reply has gone out, so a stored message is never reported failed.
+    pub grace_held: bool,
 }
 
 impl Conn {
@@ -315,6 +320,8 @@ impl Conn {
             started: now,
             dns: DnsTiming::default(),
             relay: None,
+            spooling: false,
+            grace_held: false,
         }
     }
 

@@ -164,10 +164,23 @@ impl Server {
                 );
             }
             SessionAction::Deliver(envelope) => match &self.handoff {
-                Some(Handoff::Maildir(w)) => w.submit(SpoolJob {
-                    id: conn.id.raw(),
-                    envelope,
-                }),
+                Some(Handoff::Maildir(w)) => {
+                    conn.spooling = true;
+                    // The grace may have ended while this job was at a worker: its 421 waits
+                    // for the message's answer (see `end_grace`).
+                    if let Some(i) = conn
+                        .pending
+                        .iter()
+                        .position(|e| matches!(e, OwnedEvent::GraceExpired))
+                    {
+                        conn.pending.remove(i);
+                        conn.grace_held = true;
+                    }
+                    w.submit(SpoolJob {
+                        id: conn.id.raw(),
+                        envelope,
+                    })
+                }
                 // Relay modes stream the message (RelayData/RelayChunk/RelayEndData).
                 Some(Handoff::Relay(_)) => {
                     conn.pending
@@ -284,6 +297,8 @@ impl Server {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
+        conn.spooling = false;
+        let grace_held = std::mem::take(&mut conn.grace_held);
         let outcome = match done.result {
             Ok(_) => DeliveryOutcome::Accepted,
             Err(SpoolError::WriterPanicked) => {
@@ -307,6 +322,11 @@ impl Server {
             }
         };
         conn.pending.push(OwnedEvent::Delivered(outcome));
+        if grace_held {
+            // After the message's own reply, never before it.
+            conn.pending.push(OwnedEvent::GraceExpired);
+            self.lifecycle.extend_flush(Instant::now());
+        }
         self.pump(slot);
         self.flush_or_close(slot);
     }

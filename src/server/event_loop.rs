@@ -338,7 +338,7 @@ pub mod tests {
     pub struct TestServer {
         pub server: Server,
         events: Events,
-        spool: PathBuf,
+        pub spool: PathBuf,
     }
 
     impl TestServer {
