@@ -285,6 +285,9 @@ pub struct Conn {
     pub dns: DnsTiming,
     /// Relay modes: the slot of this session's link to the next hop.
     pub relay: Option<usize>,
+    /// Relay modes: the next hop lags behind this session's message (its link holds more
+    /// than the cap), so the session gets no input until it catches up.
+    pub relay_lagging: bool,
     /// A message of this session is with the spool writers; its `SpoolDone` has not come.
     pub spooling: bool,
     /// The shutdown grace ended while `spooling`: the 421 waits until the message's own
@@ -320,6 +323,7 @@ impl Conn {
             started: now,
             dns: DnsTiming::default(),
             relay: None,
+            relay_lagging: false,
             spooling: false,
             grace_held: false,
         }
@@ -444,6 +448,7 @@ impl Conn {
             return true;
         }
         self.outbuf.len() < OUTBUF_CAP
+            && !self.relay_lagging
             && self.unseen_input
             && !self.inbuf.is_empty()
             && session.wants_input()

@@ -182,7 +182,7 @@ impl Server {
                     })
                 }
                 // Relay modes stream the message (RelayData/RelayChunk/RelayEndData).
-                Some(Handoff::Relay(_)) => {
+                Some(Handoff::Relay { .. }) => {
                     conn.pending
                         .push(OwnedEvent::Delivered(DeliveryOutcome::Failed(
                             next_hop_unavailable(),
@@ -220,8 +220,11 @@ impl Server {
             }
             SessionAction::RelayChunk(bytes) => {
                 // Without a link the chunk has nowhere to go; the end of data answers 451.
-                if let Some(link) = conn.relay.and_then(|r| self.relays.get_mut(r)) {
+                if let Some(key) = conn.relay
+                    && let Some(link) = self.relays.get_mut(key)
+                {
                     link.data_chunk(&bytes);
+                    self.note_relay_backlog(key);
                 }
             }
             SessionAction::RelayEndData => match conn.relay.and_then(|r| self.relays.get_mut(r)) {

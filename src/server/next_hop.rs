@@ -23,6 +23,9 @@ use crate::server::timers::TimerKind;
 use crate::server::worker::OwnedEvent;
 use crate::session::DeliveryOutcome;
 
+/// Bytes a link may hold for a next hop that lags before its session stops being fed. One
+/// job's content (at most INBUF_CAP) can go past it once.
+const RELAY_BACKLOG_CAP: usize = 256 * 1024;
 /// How often links to the next hop are checked against their deadlines.
 const RELAY_CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -69,7 +72,7 @@ impl Server {
         xclient: XclientAttrs,
         now: Instant,
     ) -> Option<&mut RelayLink> {
-        let Some(Handoff::Relay(next_hop)) = &self.handoff else {
+        let Some(Handoff::Relay { next_hop, tls }) = &self.handoff else {
             return None;
         };
         let conn = self.conns.get(slot)?;
@@ -79,6 +82,7 @@ impl Server {
             return self.relays.get_mut(r);
         }
         let owner = conn.id;
+        let tls_config = tls.clone();
         let (socket, tls_host, protocol) = match next_hop {
             NextHop::Tcp {
                 addr,
@@ -107,7 +111,7 @@ impl Server {
         };
         let entry = self.relays.vacant_entry();
         let key = entry.key();
-        let mut link = RelayLink::new(socket, owner, params, &tls_host, now);
+        let mut link = RelayLink::new(socket, owner, params, &tls_host, tls_config, now);
         if self
             .poll
             .registry()
@@ -139,11 +143,35 @@ impl Server {
         let Some(link) = self.relays.get_mut(key) else {
             return;
         };
-        let progress = link.ready(now);
+        let progress = link.ready(now, &mut self.read_buf);
         let owner = link.owner;
         self.route_link_answers(owner, progress.answers);
         if let Some(failure) = progress.failed {
             self.fail_relay(key, failure);
+            return;
+        }
+        self.note_relay_backlog(key);
+    }
+
+    /// Holds the link's session back while the next hop lags (SPEC "Memory": the client is
+    /// not read meanwhile), and lets it go on once the backlog has drained below the cap.
+    pub(super) fn note_relay_backlog(&mut self, key: usize) {
+        let Some(link) = self.relays.get(key) else {
+            return;
+        };
+        let lagging = link.backlog() > RELAY_BACKLOG_CAP;
+        let owner = link.owner;
+        let Some(slot) = self.slot_of(owner) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let caught_up = conn.relay_lagging && !lagging;
+        conn.relay_lagging = lagging;
+        if caught_up {
+            // The session's input waited in `inbuf`; nothing else brings it back.
+            self.pump(slot);
         }
     }
 
@@ -199,6 +227,13 @@ impl Server {
             return;
         }
         let mut link = self.relays.remove(key);
+        // A session held back for this link's backlog must not wait for a link that is gone.
+        if let Some(slot) = self.slot_of(link.owner)
+            && let Some(conn) = self.conns.get_mut(slot)
+            && std::mem::take(&mut conn.relay_lagging)
+        {
+            self.pump(slot);
+        }
         if polite {
             if link.is_waiting() {
                 // The client left mid-transaction: the next hop never sees the final dot.

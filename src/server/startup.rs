@@ -12,6 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpListener;
 use mio::{Interest, Poll, Token, Waker};
+use rustls::ClientConfig;
 use slab::Slab;
 
 use crate::config::{Config, DeliverTarget};
@@ -24,6 +25,7 @@ use crate::server::event_loop::{FIRST_LISTENER, SIGNALS, Server, WAKER};
 use crate::server::listener::{BoundListener, ListenerKind};
 use crate::server::loop_wake::LoopWake;
 use crate::server::next_hop::NextHop;
+use crate::server::relay_link::opportunistic_tls_config;
 use crate::server::shutdown::Lifecycle;
 use crate::server::timers::Timers;
 use crate::server::tls::TlsAcceptor;
@@ -65,8 +67,17 @@ pub struct ServerOptions {
 /// Where accepted mail goes.
 pub enum Handoff {
     Maildir(SpoolWriters),
-    /// Before-queue relay to the next hop (HELOGUARD_DELIVER smtp:// or lmtp://).
-    Relay(NextHop),
+    /// Before-queue relay to the next hop (HELOGUARD_DELIVER smtp:// or lmtp://), with the
+    /// TLS configuration every link's STARTTLS shares (built once, not per link).
+    Relay {
+        next_hop: NextHop,
+        tls: Arc<ClientConfig>,
+    },
+}
+
+/// The TLS configuration for STARTTLS toward the next hop.
+fn next_hop_tls() -> Result<Arc<ClientConfig>, StartError> {
+    opportunistic_tls_config().map_err(|e| StartError::Tls(format!("next hop TLS: {e}")))
 }
 
 impl Server {
@@ -129,15 +140,18 @@ impl Server {
                 .map_err(|e| StartError::Io("HELOGUARD_SPOOL_WRITERS", e))?;
                 Handoff::Maildir(writers)
             }
-            DeliverTarget::Smtp { host, port } => {
-                Handoff::Relay(NextHop::resolve(host, *port, NextHopProtocol::Smtp)?)
-            }
-            DeliverTarget::Lmtp { host, port } => {
-                Handoff::Relay(NextHop::resolve(host, *port, NextHopProtocol::Lmtp)?)
-            }
-            DeliverTarget::LmtpUnix { path } => {
-                Handoff::Relay(NextHop::Unix { path: path.clone() })
-            }
+            DeliverTarget::Smtp { host, port } => Handoff::Relay {
+                next_hop: NextHop::resolve(host, *port, NextHopProtocol::Smtp)?,
+                tls: next_hop_tls()?,
+            },
+            DeliverTarget::Lmtp { host, port } => Handoff::Relay {
+                next_hop: NextHop::resolve(host, *port, NextHopProtocol::Lmtp)?,
+                tls: next_hop_tls()?,
+            },
+            DeliverTarget::LmtpUnix { path } => Handoff::Relay {
+                next_hop: NextHop::Unix { path: path.clone() },
+                tls: next_hop_tls()?,
+            },
         };
 
         let signals = if options.handle_signals {
