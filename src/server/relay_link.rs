@@ -168,6 +168,9 @@ pub struct RelayLink {
     /// A MAIL was accepted and its transaction has not ended: RSET before the next MAIL.
     transaction_open: bool,
     pub deadline: Instant,
+    /// When the link last had a request outstanding or a transaction open; with neither for
+    /// HELOGUARD_RELAY_IDLE_SECS it closes, so an idle client holds no next-hop slot.
+    last_busy: Instant,
 }
 
 impl RelayLink {
@@ -196,6 +199,7 @@ impl RelayLink {
             awaiting: VecDeque::new(),
             transaction_open: false,
             deadline: now + CONNECT_TIMEOUT,
+            last_busy: now,
         }
     }
 
@@ -264,6 +268,7 @@ impl RelayLink {
     /// only one outstanding on a ready link: time spent idle between transactions is not
     /// the next hop's.
     fn expect(&mut self, awaiting: Awaiting) {
+        self.last_busy = Instant::now();
         if self.awaiting.is_empty() && self.client.is_ready() {
             self.deadline = Instant::now() + REPLY_TIMEOUT;
         }
@@ -272,6 +277,16 @@ impl RelayLink {
 
     pub fn is_waiting(&self) -> bool {
         !self.awaiting.is_empty()
+    }
+
+    /// Whether the link has carried no transaction for `idle` at `now`: nothing asked and
+    /// unanswered, no MAIL left open (its RSET would be owed), nothing left to write.
+    pub fn idle_for(&mut self, idle: Duration, now: Instant) -> bool {
+        if self.is_waiting() || self.transaction_open || self.backlog() > 0 {
+            self.last_busy = now;
+            return false;
+        }
+        now.saturating_duration_since(self.last_busy) >= idle
     }
 
     /// Answers every outstanding request with `reply` (the link is gone).

@@ -54,6 +54,7 @@ fn config() -> Config {
         bare_newline: BareNewline::Normalize,
         metrics: None,
         shutdown_grace: Duration::from_secs(30),
+        relay_idle: Duration::from_secs(10),
     }
 }
 
