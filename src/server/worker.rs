@@ -183,7 +183,7 @@ fn run_worker(
 }
 
 /// The text a panic was raised with, for the log line.
-pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&str>() {
         return (*text).to_string();
     }
