@@ -4,49 +4,31 @@
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use heloguard::config::{BareNewline, Config, DeliverTarget};
 use heloguard::dns::{Lookup, ReverseFacts};
 use heloguard::helo::policy::{HeloPolicy, RejectAt};
+use heloguard::protocol::data::BareLineFeed;
 use heloguard::session::{
-    DeliveryOutcome, Event, Now, Output, Session, SessionAction, SessionParams,
+    DeliveryMode, DeliveryOutcome, Event, Now, Output, Session, SessionAction, SessionParams,
+    SessionSettings,
 };
 
-fn config() -> Config {
-    Config {
-        listen: Vec::new(),
-        proxy_listen: Vec::new(),
-        proxy_trusted: Vec::new(),
+fn settings() -> SessionSettings {
+    SessionSettings {
         hostname: "mx.bench".into(),
-        workers: 1,
-        spool_writers: 1,
-        dns_servers: Vec::new(),
-        dns_timeout: Duration::from_secs(2),
-        deliver: DeliverTarget::Maildir,
-        spool: "spool".into(),
-        min_free_mb: 0,
         domains: vec!["example.com".into()],
         max_message_size: 26_214_400,
         max_recipients: 100,
-        max_connections: 0,
-        max_connections_per_ip: 0,
-        timeout: Duration::from_secs(300),
         min_data_rate: 500,
         max_errors: 20,
         max_junk: 100,
-        greet_delay: Duration::ZERO,
-        tls_cert: None,
-        tls_key: None,
         helo_policy: HeloPolicy::default(),
         helo_allow: Vec::new(),
         reject_at: RejectAt::Rcpt,
-        bare_newline: BareNewline::Normalize,
-        metrics: None,
-        shutdown_grace: Duration::from_secs(30),
-        relay_idle: Duration::from_secs(10),
+        bare_line_feed: BareLineFeed::Normalize,
+        delivery: DeliveryMode::Maildir,
     }
 }
 
@@ -110,11 +92,10 @@ fn run(params: &SessionParams, input: &[u8], now: Now) -> usize {
 
 fn whole_dialogue(c: &mut Criterion) {
     let params = SessionParams {
-        config: Arc::new(config()),
+        settings: Arc::new(settings()),
         client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
         session_id: 1,
         tls_available: false,
-        spool_space_low: Arc::new(AtomicBool::new(false)),
     };
     let input = dialogue();
     let now = Now {

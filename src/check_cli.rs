@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::dns::resolver::{self, ResolverSettings};
-use crate::dns::{DnsAnswer, DnsRequest, Family, Lookup, ReverseFacts};
+use crate::dns::{DnsAnswer, DnsRequest, Family, Lookup, ReverseFacts, no_observer};
 use crate::helo::VerdictKind;
 use crate::helo::checks::{CheckInput, HeloArg, parse_helo};
 use crate::helo::report;
@@ -190,7 +190,7 @@ pub fn gather(
 ) -> std::io::Result<Gathered> {
     let deadline = Instant::now() + settings.timeout.saturating_mul(2);
     let (tx, rx) = crossbeam_channel::unbounded();
-    let handle = resolver::spawn(settings, tx, None, resolver::no_observer())?;
+    let handle = resolver::spawn(settings, tx, None, no_observer())?;
     handle.submit(DnsRequest::Reverse { id: REVERSE_ID, ip });
     let want_forward = forward_name.is_some();
     if let Some(name) = forward_name {

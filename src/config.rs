@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt, parse_allow_list};
 use crate::net::Cidr;
+use crate::protocol::data::BareLineFeed;
+use crate::session::{DeliveryMode, SessionSettings};
 
 /// Where accepted mail goes (HELOGUARD_DELIVER).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,13 +30,6 @@ pub enum DeliverTarget {
     Smtp { host: String, port: u16 },
     Lmtp { host: String, port: u16 },
     LmtpUnix { path: PathBuf },
-}
-
-/// What to do with a bare LF in DATA/BDAT (HELOGUARD_BARE_NEWLINE).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BareNewline {
-    Normalize,
-    Reject,
 }
 
 /// The whole configuration, immutable once built; shared as `Arc<Config>`.
@@ -78,7 +73,8 @@ pub struct Config {
     pub helo_policy: HeloPolicy,
     pub helo_allow: Vec<AllowEntry>,
     pub reject_at: RejectAt,
-    pub bare_newline: BareNewline,
+    /// What a bare LF in DATA/BDAT does (HELOGUARD_BARE_NEWLINE).
+    pub bare_newline: BareLineFeed,
     pub metrics: Option<SocketAddr>,
     pub shutdown_grace: Duration,
     /// Relay modes: a next-hop link without a transaction for this long is closed.
@@ -105,6 +101,32 @@ impl Config {
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<(Config, Vec<String>), ConfigError> {
         build(&Env { lookup: &lookup }, &ThisMachine)
+    }
+}
+
+impl From<&Config> for SessionSettings {
+    /// The one place the session's settings are taken from the configuration.
+    fn from(config: &Config) -> Self {
+        Self {
+            hostname: config.hostname.clone(),
+            domains: config.domains.clone(),
+            max_message_size: config.max_message_size,
+            max_recipients: config.max_recipients,
+            min_data_rate: config.min_data_rate,
+            max_errors: config.max_errors,
+            max_junk: config.max_junk,
+            helo_policy: config.helo_policy.clone(),
+            helo_allow: config.helo_allow.clone(),
+            reject_at: config.reject_at,
+            bare_line_feed: config.bare_newline,
+            delivery: match config.deliver {
+                DeliverTarget::Maildir => DeliveryMode::Maildir,
+                DeliverTarget::Smtp { .. } => DeliveryMode::SmtpRelay,
+                DeliverTarget::Lmtp { .. } | DeliverTarget::LmtpUnix { .. } => {
+                    DeliveryMode::LmtpRelay
+                }
+            },
+        }
     }
 }
 
@@ -142,7 +164,13 @@ impl fmt::Display for ConfigError {
         // `{:?}` quotes the value and escapes control characters, so the message stays on one
         // line whatever the operator typed.
         match &self.value {
-            Some(value) => write!(f, "{}: {:?} {}", self.variable, value, self.reason),
+            Some(value) => write!(
+                f,
+                "{}: {:?} {}",
+                self.variable,
+                hide_url_password(value),
+                self.reason
+            ),
             None => write!(f, "{}: {}", self.variable, self.reason),
         }
     }
@@ -161,7 +189,16 @@ pub fn help_text() -> String {
         "                                        configured resolver, print each result and why,\n",
         "                                        then the verdict;\n",
         "                                        exit 0 pass, 1 fail, 2 temperror or usage error\n",
+        "  heloguard whatif --policy POLICY [--dnsbl-threshold N] FILE...\n",
+        "                                        replay `helo verdict` log lines (FILE `-` is\n",
+        "                                        stdin) under another policy and print what it\n",
+        "                                        would change; exit 0, or 2 for a bad policy or\n",
+        "                                        an unreadable file\n",
+        "  heloguard --version                   print `heloguard VERSION`\n",
         "  heloguard --help                      print this text\n",
+        "\n",
+        "`heloguard check` validates the whole configuration first: it parses every variable\n",
+        "below as the server does and exits 2 with one line naming the first bad one.\n",
         "\n",
         "Environment (an invalid value stops startup with a one-line error, exit code 2;\n",
         "for the limits 0 means unlimited; an empty value counts as unset):\n",
@@ -175,6 +212,61 @@ pub fn help_text() -> String {
         ));
     }
     text
+}
+
+/// The variables set to something other than their default, in `--help` order, for the
+/// startup line that states the effective configuration; a password in a URL is hidden.
+/// `lookup` is the environment (None = unset; an empty value counts as unset).
+pub fn non_default_settings(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Vec<(&'static str, String)> {
+    VARIABLES
+        .iter()
+        .filter_map(|variable| {
+            let value = lookup(variable.name)?;
+            let value = value.trim();
+            let is_default = match variable.default {
+                DefaultValue::Text(default) => value == default,
+                DefaultValue::Unset | DefaultValue::Machine(_) => false,
+            };
+            (!value.is_empty() && !is_default)
+                .then(|| (variable.name, hide_url_password(value).into_owned()))
+        })
+        .collect()
+}
+
+/// `value` with the password of every `scheme://user:password@host` in it replaced by `***`
+/// (a `redis://:password@host` URL, typically), so that logging a setting never leaks it.
+pub fn hide_url_password(value: &str) -> std::borrow::Cow<'_, str> {
+    let mut out = String::new();
+    let mut rest = value;
+    let mut changed = false;
+    while let Some(scheme_end) = rest.find("://") {
+        let authority_start = scheme_end + 3;
+        let authority_len = rest[authority_start..]
+            .find(|c: char| matches!(c, '/' | '?' | '#' | ',') || c.is_whitespace())
+            .unwrap_or(rest.len() - authority_start);
+        let authority = &rest[authority_start..authority_start + authority_len];
+        out.push_str(&rest[..authority_start]);
+        match authority.rfind('@').and_then(|at| {
+            let colon = authority[..at].find(':')?;
+            Some((colon, at))
+        }) {
+            Some((colon, at)) => {
+                out.push_str(&authority[..=colon]);
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+                changed = true;
+            }
+            None => out.push_str(authority),
+        }
+        rest = &rest[authority_start + authority_len..];
+    }
+    if !changed {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
 }
 
 /// One environment variable: the single source for the parser and for `--help`.
@@ -1021,11 +1113,11 @@ fn reject_at(env: &Env<'_>) -> Result<RejectAt, ConfigError> {
     }
 }
 
-fn bare_newline(env: &Env<'_>) -> Result<BareNewline, ConfigError> {
+fn bare_newline(env: &Env<'_>) -> Result<BareLineFeed, ConfigError> {
     let raw = env.value(&BARE_NEWLINE).unwrap_or_default();
     match raw.to_ascii_lowercase().as_str() {
-        "normalize" => Ok(BareNewline::Normalize),
-        "reject" => Ok(BareNewline::Reject),
+        "normalize" => Ok(BareLineFeed::Normalize),
+        "reject" => Ok(BareLineFeed::Reject),
         _ => Err(ConfigError::bad_value(
             BARE_NEWLINE.name,
             &raw,
@@ -1036,6 +1128,50 @@ fn bare_newline(env: &Env<'_>) -> Result<BareNewline, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn non_default_settings_name_what_differs_and_hide_passwords() {
+        let env = |name: &str| match name {
+            "HELOGUARD_LISTEN" => Some("127.0.0.1:2525".to_string()),
+            "HELOGUARD_HOSTNAME" => Some("mx.example.org".to_string()),
+            "HELOGUARD_DOMAINS" => Some(" ".to_string()),
+            "HELOGUARD_DELIVER" => Some("smtp://relay:pw@10.0.0.2:25".to_string()),
+            "HELOGUARD_MAX_JUNK" => Some("50".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            super::non_default_settings(env),
+            vec![
+                ("HELOGUARD_HOSTNAME", "mx.example.org".to_string()),
+                (
+                    "HELOGUARD_DELIVER",
+                    "smtp://relay:***@10.0.0.2:25".to_string()
+                ),
+                ("HELOGUARD_MAX_JUNK", "50".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn url_passwords_are_hidden_and_nothing_else_changes() {
+        for (given, shown) in [
+            (
+                "redis://:s3cret@10.0.0.5:6379/2",
+                "redis://:***@10.0.0.5:6379/2",
+            ),
+            ("redis://app:p@ss:w@host", "redis://app:***@host"),
+            ("redis://app@host:6379", "redis://app@host:6379"),
+            ("redis://host:6379/0", "redis://host:6379/0"),
+            ("lmtp:unix:/run/dovecot/lmtp", "lmtp:unix:/run/dovecot/lmtp"),
+            (
+                "smtp://a:1,redis://u:p@h/1 x",
+                "smtp://a:1,redis://u:***@h/1 x",
+            ),
+            ("", ""),
+        ] {
+            assert_eq!(super::hide_url_password(given), shown, "{given}");
+        }
+    }
+
     use std::cell::RefCell;
     use std::collections::HashMap;
 
@@ -1139,7 +1275,7 @@ mod tests {
         assert_eq!(c.helo_policy, HeloPolicy::default());
         assert!(c.helo_allow.is_empty());
         assert_eq!(c.reject_at, RejectAt::Rcpt);
-        assert_eq!(c.bare_newline, BareNewline::Normalize);
+        assert_eq!(c.bare_newline, BareLineFeed::Normalize);
         assert_eq!(c.metrics, None);
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert_eq!(c.relay_idle, Duration::from_secs(10));
@@ -1625,7 +1761,7 @@ mod tests {
             ("HELOGUARD_BARE_NEWLINE", "reject"),
         ]);
         assert_eq!(c.reject_at, RejectAt::Helo);
-        assert_eq!(c.bare_newline, BareNewline::Reject);
+        assert_eq!(c.bare_newline, BareLineFeed::Reject);
         assert_eq!(
             error(&[("HELOGUARD_REJECT_AT", "data")]),
             r#"HELOGUARD_REJECT_AT: "data" is not rcpt or helo"#

@@ -26,7 +26,8 @@ use crate::protocol::command::Command;
 use crate::protocol::line::{LineRead, LineReader};
 use crate::protocol::reply::Reply;
 use crate::session::{
-    DeliveryOutcome, Event, Now, Output, Session, SessionAction, SessionParams, TlsInfo,
+    DeliveryOutcome, Event, Now, Output, Session, SessionAction, SessionParams, SessionSettings,
+    TlsInfo,
 };
 
 /// The size limit the session driver runs under (small, so fuzzing reaches it).
@@ -158,9 +159,9 @@ pub fn line_input(data: &[u8]) {
 
 /// Sixteen configurations: the low bits of the option byte pick eight, the top bit picks
 /// relay mode (which needs a domain list).
-fn config(variant: u8) -> Arc<Config> {
-    static CONFIGS: OnceLock<Vec<Arc<Config>>> = OnceLock::new();
-    let all = CONFIGS.get_or_init(|| {
+fn settings(variant: u8) -> Arc<SessionSettings> {
+    static SETTINGS: OnceLock<Vec<Arc<SessionSettings>>> = OnceLock::new();
+    let all = SETTINGS.get_or_init(|| {
         (0..16u8)
             .map(|v| {
                 let lookup = move |name: &str| -> Option<String> {
@@ -183,7 +184,8 @@ fn config(variant: u8) -> Arc<Config> {
                     };
                     Some(value.to_string())
                 };
-                Arc::new(Config::from_lookup(lookup).expect("fuzz config").0)
+                let config = Config::from_lookup(lookup).expect("fuzz config").0;
+                Arc::new(SessionSettings::from(&config))
             })
             .collect()
     });
@@ -214,14 +216,13 @@ pub fn session_input(data: &[u8]) {
         fail_delivery: opt & 32 != 0,
         tick: if opt & 64 != 0 { 7 } else { 0 },
     };
-    let config = config(options.variant);
+    let settings = settings(options.variant);
     let client_ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
     let mut session = Session::new(SessionParams {
-        config,
+        settings,
         client_ip,
         session_id: 1,
         tls_available: options.tls,
-        spool_space_low: Arc::new(std::sync::atomic::AtomicBool::new(opt & 128 != 0)),
     });
     let start = Instant::now();
     let mut now = Now {
@@ -237,6 +238,17 @@ pub fn session_input(data: &[u8]) {
     } else {
         Event::Greet
     };
+    if opt & 128 != 0 {
+        // As the loop does for a session that starts while the spool is low.
+        step(
+            &mut session,
+            Event::SpoolSpace { low: true },
+            now,
+            &mut wire,
+            &mut pending,
+            &mut input,
+        );
+    }
     step(
         &mut session,
         greeting,

@@ -5,10 +5,13 @@
 //! - `session`: the SMTP session state machine (sans-I/O)
 //! - `helo`: the eleven HELO checks, policy, verdict and trace fields (pure)
 //! - `dns`: DNS message types, and `dns::resolver`, the resolver thread
-//! - `spool`: the envelope, trace fields and the Maildir writer threads
+//! - `message`: an accepted message, its envelope and what its trace fields are made of
+//! - `spool`: the trace field text and the Maildir writer threads
 //! - `server`: listeners, the mio event loop, connections, the worker pool, TLS
 //! - `relay`: the sans-I/O next-hop SMTP/LMTP client of the relay modes
 //! - `check_cli`: the `heloguard check` command (one HELO verdict, printed)
+//! - `whatif`: the `heloguard whatif` command (verdict log lines replayed under another policy)
+//! - `logging`: the log format (env_logger, or sd-daemon priorities under journald)
 //! - `fuzzing`: invariant-checking drivers shared by the fuzz targets and the corpus test
 //! - `config`, `net`, `proxy_protocol`, `metrics`: configuration, addresses, PROXY headers,
 //!   Prometheus counters
@@ -20,6 +23,8 @@ pub mod config;
 pub mod dns;
 pub mod fuzzing;
 pub mod helo;
+pub mod logging;
+pub mod message;
 pub mod metrics;
 pub mod net;
 pub mod protocol;
@@ -29,3 +34,5 @@ pub mod sched;
 pub mod server;
 pub mod session;
 pub mod spool;
+pub mod wake;
+pub mod whatif;

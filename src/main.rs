@@ -1,4 +1,5 @@
-//! The `heloguard` binary: `serve` (the default), `check`, `--help`. Exit codes: 0 success,
+//! The `heloguard` binary: `serve` (the default), `check`, `whatif`, `--help`,
+//! `--version`. Exit codes: 0 success,
 //! 1 runtime failure (or a `check` that fails), 2 configuration or usage error.
 
 use std::process::ExitCode;
@@ -20,18 +21,17 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         None | Some("serve") => serve(),
+        Some("--version" | "-V") => {
+            println!("heloguard {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
         Some("check") => check(&args[1..]),
+        Some("whatif") => ExitCode::from(heloguard::whatif::run(&args[1..])),
         Some(other) => {
             eprintln!("heloguard: unknown subcommand `{other}`; see `heloguard --help`");
             ExitCode::from(2)
         }
     }
-}
-
-fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
 }
 
 fn load_config() -> Result<Config, ExitCode> {
@@ -59,17 +59,20 @@ fn check(args: &[String]) -> ExitCode {
 }
 
 fn serve() -> ExitCode {
-    init_logging();
+    for warning in heloguard::logging::init() {
+        warn!("{warning}");
+    }
     let config = match load_config() {
         Ok(c) => Arc::new(c),
         Err(code) => return code,
     };
+    info!("{}", configuration_line());
     let mut passed = listener::PassedListeners::from_env();
     let bound = match listener::bind_all(&config.listen, &config.proxy_listen, &mut passed) {
         Ok(b) => b,
         Err(e) => {
+            // Once: the logger writes to stderr, which is also where eprintln would go.
             error!("{e}");
-            eprintln!("heloguard: {e}");
             return ExitCode::from(1);
         }
     };
@@ -137,4 +140,24 @@ fn serve() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// SPEC "Logs": one startup line with every variable that differs from its default.
+fn configuration_line() -> String {
+    let settings = config::non_default_settings(|name| std::env::var(name).ok());
+    if settings.is_empty() {
+        return "configuration: every variable at its default".to_string();
+    }
+    let mut line = String::from("configuration:");
+    for (name, value) in settings {
+        let plain = value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+        if plain {
+            line.push_str(&format!(" {name}={value}"));
+        } else {
+            line.push_str(&format!(" {name}={value:?}"));
+        }
+    }
+    line
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::dns::{QueryOutcome, QueryType};
 use crate::helo::policy::HeloVerdict;
 use crate::helo::{Action, Check, CheckResult, VerdictKind};
-use crate::session::Stage;
+use crate::protocol::stage::Stage;
 
 /// Which kind of listener accepted a connection (`heloguard_connections_total{listener}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +104,26 @@ impl RelayFailure {
     }
 }
 
+/// The step of a spool delivery that failed (`heloguard_spool_errors_total{stage}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpoolStage {
+    Write,
+    Fsync,
+    Rename,
+}
+
+impl SpoolStage {
+    const ALL: [SpoolStage; 3] = [SpoolStage::Write, SpoolStage::Fsync, SpoolStage::Rename];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            SpoolStage::Write => "write",
+            SpoolStage::Fsync => "fsync",
+            SpoolStage::Rename => "rename",
+        }
+    }
+}
+
 /// Every counter of SPEC's table; create once and share as `Arc<Metrics>`.
 pub struct Metrics {
     connections: [Counter; 2],
@@ -123,8 +143,16 @@ pub struct Metrics {
     /// [ok, error]
     tls_handshakes: [Counter; 2],
     relay_failures: [Counter; 4],
-    /// Worker or spool writer jobs that panicked; each one's session got 421 4.3.0.
+    spool_errors: [Counter; 3],
+    spool_bytes: Counter,
     panics: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    /// The values are for `render`; a holder's Debug output only needs to show it is there.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Default for Metrics {
@@ -148,6 +176,8 @@ impl Metrics {
             replies: counters(),
             tls_handshakes: counters(),
             relay_failures: counters(),
+            spool_errors: counters(),
+            spool_bytes: Counter::default(),
             panics: Counter::default(),
         }
     }
@@ -211,14 +241,19 @@ impl Metrics {
         self.relay_failures[failure as usize].increment();
     }
 
-    /// A worker or spool writer job panicked.
-    pub fn panicked(&self) {
-        self.panics.increment();
+    /// A spool delivery failed at `stage`; the client got 451 4.3.0.
+    pub fn spool_error(&self, stage: SpoolStage) {
+        self.spool_errors[stage as usize].increment();
     }
 
-    /// Jobs that panicked so far.
-    pub fn panics(&self) -> u64 {
-        self.panics.value()
+    /// A message of `bytes` octets reached new/.
+    pub fn spool_bytes(&self, bytes: u64) {
+        self.spool_bytes.add(bytes);
+    }
+
+    /// A worker or writer job panicked; its session got 421 4.3.0.
+    pub fn panicked(&self) {
+        self.panics.increment();
     }
 
     /// Every metric in the Prometheus text exposition format 0.0.4.
@@ -230,6 +265,7 @@ impl Metrics {
         self.render_dns(&mut out);
         self.render_replies(&mut out);
         self.render_tls_and_relay(&mut out);
+        self.render_process(&mut out);
         out.text
     }
 
@@ -396,10 +432,43 @@ impl Metrics {
                 self.relay_failures[failure as usize].value(),
             );
         }
+    }
+}
+
+impl Metrics {
+    fn render_process(&self, out: &mut Exposition) {
+        out.header(
+            "heloguard_build_info",
+            "gauge",
+            "Always 1; the version label says which build is running.",
+        );
+        out.sample(
+            "heloguard_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+            1,
+        );
+        out.header(
+            "heloguard_spool_errors_total",
+            "counter",
+            "Spool deliveries that failed (451 4.3.0), by the step that failed.",
+        );
+        for stage in SpoolStage::ALL {
+            out.sample(
+                "heloguard_spool_errors_total",
+                &[("stage", stage.name())],
+                self.spool_errors[stage as usize].value(),
+            );
+        }
+        out.header(
+            "heloguard_spool_bytes_total",
+            "counter",
+            "Bytes of messages written to the spool's new/.",
+        );
+        out.sample("heloguard_spool_bytes_total", &[], self.spool_bytes.value());
         out.header(
             "heloguard_panics_total",
             "counter",
-            "Worker or spool writer jobs that panicked; their sessions got 421 4.3.0.",
+            "Worker or writer jobs that panicked (their session got 421 4.3.0).",
         );
         out.sample("heloguard_panics_total", &[], self.panics.value());
     }
@@ -521,6 +590,10 @@ impl Counter {
     fn increment(&self) {
         // Relaxed: each counter stands alone; nothing else is published through it.
         self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
     }
 
     fn value(&self) -> u64 {
@@ -889,6 +962,10 @@ mod tests {
             "heloguard_replies_total",
             "heloguard_tls_handshakes_total",
             "heloguard_relay_failures_total",
+            "heloguard_build_info",
+            "heloguard_spool_errors_total",
+            "heloguard_spool_bytes_total",
+            "heloguard_panics_total",
         ] {
             assert_eq!(
                 lines_with(&text, &format!("# HELP {name} ")).len(),
@@ -902,6 +979,30 @@ mod tests {
             );
         }
         assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn build_spool_and_panic_metrics_render_exact_lines() {
+        let m = Metrics::new();
+        m.spool_error(SpoolStage::Fsync);
+        m.spool_error(SpoolStage::Fsync);
+        m.spool_error(SpoolStage::Rename);
+        m.spool_bytes(1000);
+        m.spool_bytes(24);
+        m.panicked();
+        let text = m.render();
+        let version = env!("CARGO_PKG_VERSION");
+        for line in [
+            format!("heloguard_build_info{{version=\"{version}\"}} 1"),
+            "# TYPE heloguard_build_info gauge".to_string(),
+            "heloguard_spool_errors_total{stage=\"write\"} 0".to_string(),
+            "heloguard_spool_errors_total{stage=\"fsync\"} 2".to_string(),
+            "heloguard_spool_errors_total{stage=\"rename\"} 1".to_string(),
+            "heloguard_spool_bytes_total 1024".to_string(),
+            "heloguard_panics_total 1".to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing line {line}");
+        }
     }
 
     #[test]

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use common::dns_server::{TestDns, TestZone};
 use crossbeam_channel::Receiver;
-use heloguard::dns::resolver::{self, QueryObserver, ResolverHandle, ResolverSettings};
+use heloguard::dns::resolver::{self, ResolverHandle, ResolverSettings};
 use heloguard::dns::{
-    DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryOutcome, QueryType, ReverseFacts,
-    TempFailure,
+    DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryObserver, QueryOutcome, QueryType,
+    ReverseFacts, TempFailure, no_observer,
 };
 use hickory_proto::rr::RecordType;
 
@@ -727,8 +727,7 @@ fn answers_wake_the_event_loop() {
         timeout: Duration::from_millis(600),
         max_in_flight: 4,
     };
-    let handle =
-        resolver::spawn(settings, tx, Some(waker), resolver::no_observer()).expect("spawn");
+    let handle = resolver::spawn(settings, tx, Some(waker), no_observer()).expect("spawn");
     handle.submit(DnsRequest::Forward {
         id: 1,
         name: "mail.example.test".into(),
@@ -758,7 +757,7 @@ fn dropping_every_handle_stops_the_thread() {
         timeout: Duration::from_secs(5),
         max_in_flight: 4,
     };
-    let handle = resolver::spawn(settings, tx, None, resolver::no_observer()).expect("spawn");
+    let handle = resolver::spawn(settings, tx, None, no_observer()).expect("spawn");
     let clone = handle.clone();
     clone.submit(DnsRequest::Forward {
         id: 1,
@@ -783,7 +782,7 @@ fn bad_settings_are_errors() {
         ResolverSettings::new(vec![], Duration::from_secs(1)),
         tx.clone(),
         None,
-        resolver::no_observer(),
+        no_observer(),
     )
     .expect_err("no servers");
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
@@ -792,7 +791,7 @@ fn bad_settings_are_errors() {
         ResolverSettings::new(vec![server], Duration::ZERO),
         tx,
         None,
-        resolver::no_observer(),
+        no_observer(),
     )
     .expect_err("zero timeout");
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);

@@ -21,8 +21,7 @@ use std::sync::PoisonError;
 use std::time::Duration;
 use std::time::Instant;
 
-use super::{Family, Lookup, QueryOutcome, QueryType, ReverseFacts};
-use crate::dns::resolver::QueryObserver;
+use super::{Family, Lookup, QueryObserver, QueryOutcome, QueryType, ReverseFacts};
 
 /// Longest time an answer is kept, whatever its TTL: a changed zone is seen within this time.
 pub const MAX_KEEP: Duration = Duration::from_secs(3600);

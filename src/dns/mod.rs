@@ -4,12 +4,15 @@
 //! temporary failure. NXDOMAIN and NODATA are answers and lead checks to `fail`; a temporary
 //! failure (timeout, SERVFAIL, REFUSED, network error) leads to `temperror`, never `fail`.
 //! This module holds types only; `resolver` owns the thread and hickory, and
-//! `answer_cache` holds the answers other threads may use without asking it.
+//! `answer_cache` holds the answers other threads may use without asking it; both report
+//! their queries through a `QueryObserver`.
 
 pub mod answer_cache;
 pub mod resolver;
 
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Identifies who asked: the event loop's connection token (slot and generation packed).
 pub type RequestId = u64;
@@ -138,6 +141,16 @@ pub enum QueryOutcome {
     ServFail,
     Timeout,
     Error,
+}
+
+/// Called once per query with its type, outcome and duration (for
+/// heloguard_dns_queries_total and heloguard_dns_seconds); the resolver thread and the
+/// answer cache both report through it.
+pub type QueryObserver = Arc<dyn Fn(QueryType, QueryOutcome, Duration) + Send + Sync>;
+
+/// An observer that records nothing.
+pub fn no_observer() -> QueryObserver {
+    Arc::new(|_, _, _| {})
 }
 
 #[cfg(test)]

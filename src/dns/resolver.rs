@@ -39,10 +39,10 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::answer_cache::{AnswerCache, Keepable, Queries, until_both};
 use super::{
-    DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryOutcome, QueryType, ReverseFacts,
-    TempFailure,
+    DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryObserver, QueryOutcome, QueryType,
+    ReverseFacts, TempFailure,
 };
-use crate::server::loop_wake::LoopWaker;
+use crate::wake::LoopWaker;
 
 /// At most this many PTR names of one client are forward-confirmed (as Postfix and the
 /// usual iprev implementations do): a hostile reverse zone must not multiply our queries.
@@ -75,15 +75,6 @@ impl ResolverSettings {
             max_in_flight: 256,
         }
     }
-}
-
-/// Called once per query with its type, outcome and duration (for
-/// heloguard_dns_queries_total and heloguard_dns_seconds).
-pub type QueryObserver = Arc<dyn Fn(QueryType, QueryOutcome, Duration) + Send + Sync>;
-
-/// An observer that records nothing.
-pub fn no_observer() -> QueryObserver {
-    Arc::new(|_, _, _| {})
 }
 
 /// The resolver could not be started.

@@ -9,6 +9,7 @@ pub mod dynamic;
 pub mod policy;
 pub mod report;
 pub mod trace;
+pub mod verdict;
 
 use std::fmt;
 

@@ -22,6 +22,9 @@ use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::checks::{self, CheckInput};
 use crate::helo::trace::sanitize_helo;
 use crate::helo::{Action, Check, CheckResult, VerdictKind};
+// The verdict types live in `verdict` so `trace` can format them without importing the
+// policy; these paths stay for the callers that name them here.
+pub use crate::helo::verdict::{Decision, HeloVerdict, IprevResult};
 use crate::net::{Cidr, canonical_ip};
 use crate::protocol::reply::Reply;
 
@@ -57,43 +60,6 @@ impl fmt::Display for PolicyError {
 }
 
 impl std::error::Error for PolicyError {}
-
-/// RFC 8601 iprev result.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IprevResult {
-    Pass,
-    Fail,
-    PermError,
-    TempError,
-}
-
-/// What the session must do with the client after the verdict.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
-    Accept,
-    /// 450 4.7.1 (defer) or 451 4.4.3 (temperror under defer/reject) or 550 5.7.1 (reject).
-    Refuse(Reply),
-}
-
-/// The verdict on one EHLO/HELO identity.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HeloVerdict {
-    pub kind: VerdictKind,
-    /// As shown in X-HELO-Check: `none` for checks whose action is off or log.
-    pub shown: [CheckResult; 11],
-    /// What each check really gave (`none` for off): what metrics count.
-    pub measured: [CheckResult; 11],
-    /// The strongest action among the failed counted checks (Off when nothing failed).
-    pub action: Action,
-    /// Failed checks whose action is tag, defer or reject, in Check order.
-    pub failed: Vec<Check>,
-    /// The HELOGUARD_HELO_ALLOW entry that matched, as written by the operator.
-    pub allowed_by: Option<String>,
-    /// The forward-confirmed PTR name, lower case, no trailing dot.
-    pub ptr: Option<String>,
-    pub iprev: IprevResult,
-    pub decision: Decision,
-}
 
 impl HeloPolicy {
     /// Parses `default=tag,localhost=reject,...`; unspecified checks take `default`, which is

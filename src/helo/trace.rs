@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use crate::helo::Check;
-use crate::helo::policy::HeloVerdict;
+use crate::helo::verdict::HeloVerdict;
 use crate::net::canonical_ip;
 
 /// SPEC: the HELO in a header is cut to 255 octets.

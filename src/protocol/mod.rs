@@ -8,11 +8,13 @@
 //! - `data`: the streaming DATA / BDAT decoder (dot-unstuffing, CRLF.CRLF only, bare LF
 //!   policy, 1000-octet text lines, SIZE, Received loop count).
 //! - `reply`: reply formatting.
+//! - `stage`: where in the dialogue a refusal happened (for metrics and log lines).
 
 pub mod command;
 pub mod data;
 pub mod line;
 pub mod reply;
+pub mod stage;
 
 /// RFC 5321 4.5.3.1.4: a command line is at most 512 octets, CRLF included.
 pub const MAX_COMMAND_LINE: usize = 512;

@@ -8,13 +8,12 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::net::IpAddr;
 
+use super::xclient::xclient_commands;
 use super::{
     MAX_REPLY_LINE, MAX_REPLY_LINES, NextHopProtocol, RelayClientParams, RelayError, RelayEvent,
-    RelayOutput, XclientAttrs, XclientName,
+    RelayOutput,
 };
-use crate::protocol::MAX_COMMAND_LINE;
 use crate::protocol::command::{Body, MailParams};
 use crate::protocol::reply::Reply;
 
@@ -36,8 +35,10 @@ impl Hello {
     }
 }
 
+/// How far the next-hop connection is set up: greeting, EHLO/LHLO, STARTTLS, XCLIENT, then
+/// ready for transactions (or closed, or failed).
 #[derive(Debug)]
-enum Phase {
+enum Setup {
     /// Waiting for the 220 greeting (RFC 5321 3.1).
     Greeting,
     Hello(Hello),
@@ -134,7 +135,7 @@ impl Await {
 #[derive(Debug)]
 pub struct RelayClient {
     params: RelayClientParams,
-    phase: Phase,
+    setup: Setup,
     ext: Extensions,
     tls_done: bool,
     xclient_done: bool,
@@ -161,7 +162,7 @@ impl RelayClient {
     pub fn new(params: RelayClientParams) -> Self {
         Self {
             params,
-            phase: Phase::Greeting,
+            setup: Setup::Greeting,
             ext: Extensions::default(),
             tls_done: false,
             xclient_done: false,
@@ -187,7 +188,7 @@ impl RelayClient {
             if self.is_dead() {
                 return input.len();
             }
-            if matches!(self.phase, Phase::AwaitTls) {
+            if matches!(self.setup, Setup::AwaitTls) {
                 // RFC 3207 6: the client MUST discard what the server said before TLS; bytes
                 // pipelined after the 220 are either garbage or an injection attempt.
                 self.fail(RelayError::DataAfterStartTls, false, out);
@@ -215,7 +216,7 @@ impl RelayClient {
     }
 
     pub fn tls_established(&mut self, out: &mut RelayOutput) {
-        if !matches!(self.phase, Phase::AwaitTls) {
+        if !matches!(self.setup, Setup::AwaitTls) {
             return;
         }
         // RFC 3207 4.2: "the client MUST discard any knowledge obtained from the server, such
@@ -343,8 +344,8 @@ impl RelayClient {
         if !self.begin_call(false, out) {
             return;
         }
-        if !matches!(self.phase, Phase::Ready) && self.queue.is_empty() {
-            self.phase = Phase::Closed;
+        if !matches!(self.setup, Setup::Ready) && self.queue.is_empty() {
+            self.setup = Setup::Closed;
             return;
         }
         self.push(Op::Quit, out);
@@ -352,7 +353,7 @@ impl RelayClient {
 
     /// Setup (greeting, EHLO/HELO, STARTTLS, XCLIENT) is complete and the connection usable.
     pub fn is_ready(&self) -> bool {
-        matches!(self.phase, Phase::Ready)
+        matches!(self.setup, Setup::Ready)
     }
 
     /// No call awaits an answer and no DATA is open (setup may still be in progress).
@@ -368,20 +369,20 @@ impl RelayClient {
 
     /// Why the connection failed, for logging.
     pub fn error(&self) -> Option<&RelayError> {
-        match &self.phase {
-            Phase::Failed(e) => Some(e),
+        match &self.setup {
+            Setup::Failed(e) => Some(e),
             _ => None,
         }
     }
 
     fn is_dead(&self) -> bool {
-        matches!(self.phase, Phase::Failed(_) | Phase::Closed)
+        matches!(self.setup, Setup::Failed(_) | Setup::Closed)
     }
 
     fn dead_reply(&self) -> Option<Reply> {
-        match &self.phase {
-            Phase::Failed(e) => Some(e.reply()),
-            Phase::Closed => Some(RelayError::Closed.reply()),
+        match &self.setup {
+            Setup::Failed(e) => Some(e.reply()),
+            Setup::Closed => Some(RelayError::Closed.reply()),
             _ => None,
         }
     }
@@ -413,7 +414,7 @@ impl RelayClient {
 
     /// Writes what may be written now.
     fn flush(&mut self, out: &mut RelayOutput) {
-        if !matches!(self.phase, Phase::Ready) {
+        if !matches!(self.setup, Setup::Ready) {
             return;
         }
         while let Some(op) = self.queue.front() {
@@ -517,7 +518,7 @@ impl RelayClient {
     fn write_hello(&mut self, hello: Hello, out: &mut RelayOutput) {
         let line = format!("{} {}", hello.verb(), self.params.hostname);
         write_command(out, &line);
-        self.phase = Phase::Hello(hello);
+        self.setup = Setup::Hello(hello);
     }
 
     fn on_line(&mut self, line: &[u8], out: &mut RelayOutput) {
@@ -545,8 +546,8 @@ impl RelayClient {
     }
 
     fn on_reply(&mut self, reply: Reply, out: &mut RelayOutput) {
-        match &mut self.phase {
-            Phase::Greeting => {
+        match &mut self.setup {
+            Setup::Greeting => {
                 if reply.code == 220 {
                     self.send_hello(out);
                 } else {
@@ -554,20 +555,20 @@ impl RelayClient {
                     self.fail(RelayError::Greeting(reply), true, out);
                 }
             }
-            Phase::Hello(hello) => {
+            Setup::Hello(hello) => {
                 let hello = *hello;
                 self.on_hello_reply(hello, reply, out);
             }
-            Phase::StartTls => {
+            Setup::StartTls => {
                 if reply.code == 220 {
-                    self.phase = Phase::AwaitTls;
+                    self.setup = Setup::AwaitTls;
                     out.events.push(RelayEvent::StartTls);
                 } else {
                     self.fail(RelayError::StartTls(reply), true, out);
                 }
             }
-            Phase::AwaitTls => self.fail(RelayError::DataAfterStartTls, false, out),
-            Phase::Xclient(rest) => {
+            Setup::AwaitTls => self.fail(RelayError::DataAfterStartTls, false, out),
+            Setup::Xclient(rest) => {
                 // XCLIENT_README: success is the 220 greeting of a fresh session (any 2yz is
                 // taken as success, as Postfix's smtpd proxy client does).
                 if reply.code / 100 != 2 {
@@ -581,8 +582,8 @@ impl RelayClient {
                     self.send_hello(out);
                 }
             }
-            Phase::Ready => self.on_transaction_reply(reply, out),
-            Phase::Closed | Phase::Failed(_) => {}
+            Setup::Ready => self.on_transaction_reply(reply, out),
+            Setup::Closed | Setup::Failed(_) => {}
         }
     }
 
@@ -612,7 +613,7 @@ impl RelayClient {
         // STARTTLS before XCLIENT, so that the client's identity travels encrypted.
         if self.params.can_tls && !self.tls_done && self.ext.starttls {
             write_command(out, "STARTTLS");
-            self.phase = Phase::StartTls;
+            self.setup = Setup::StartTls;
             return;
         }
         if !self.xclient_done
@@ -623,11 +624,11 @@ impl RelayClient {
             if let Some(first) = commands.pop_front() {
                 write_command(out, &first);
                 self.used_xclient = true;
-                self.phase = Phase::Xclient(commands);
+                self.setup = Setup::Xclient(commands);
                 return;
             }
         }
-        self.phase = Phase::Ready;
+        self.setup = Setup::Ready;
         self.flush(out);
     }
 
@@ -640,7 +641,7 @@ impl RelayClient {
         };
         if matches!(awaited, Await::Quit) {
             self.inflight.clear();
-            self.phase = Phase::Closed;
+            self.setup = Setup::Closed;
             return;
         }
         if reply.code == 421 {
@@ -737,7 +738,7 @@ impl RelayClient {
         self.in_data = false;
         self.data_open = false;
         self.data_refused = None;
-        self.phase = Phase::Failed(err);
+        self.setup = Setup::Failed(err);
     }
 }
 
@@ -781,82 +782,13 @@ fn parse_reply_line(line: &[u8]) -> Option<(u16, bool, String)> {
     Some((code, last, text))
 }
 
-/// The XCLIENT commands for the attributes the next hop offered, in the order ADDR, NAME,
-/// HELO, PROTO. XCLIENT_README: "XCLIENT attribute-name=attribute-value ...", values in
-/// xtext, and a client must send only the attribute names listed in the EHLO reply. The
-/// attributes are split over several commands when one would exceed RFC 5321's 512 octets,
-/// as Postfix's smtpd proxy does; each command gets its own 220.
-fn xclient_commands(attrs: &XclientAttrs, offered: &[String]) -> VecDeque<String> {
-    let is_offered = |name: &str| offered.iter().any(|o| o == name);
-    let mut items = Vec::new();
-    if is_offered("ADDR") {
-        // XCLIENT_README: "IPv6 addresses must be prefixed with IPV6:".
-        let addr = match attrs.addr {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => v4.to_string(),
-                None => format!("IPV6:{v6}"),
-            },
-        };
-        items.push(format!("ADDR={}", xtext(&addr)));
-    }
-    if is_offered("NAME") {
-        // XCLIENT_README: "[UNAVAILABLE]" when the name is not known, "[TEMPUNAVAIL]" when the
-        // lookup failed temporarily.
-        let name = match &attrs.name {
-            XclientName::Name(name) => xtext(name),
-            XclientName::Unavailable => "[UNAVAILABLE]".to_string(),
-            XclientName::TempUnavailable => "[TEMPUNAVAIL]".to_string(),
-        };
-        items.push(format!("NAME={name}"));
-    }
-    if is_offered("HELO") {
-        let helo = match &attrs.helo {
-            Some(helo) => xtext(helo),
-            None => "[UNAVAILABLE]".to_string(),
-        };
-        items.push(format!("HELO={helo}"));
-    }
-    if is_offered("PROTO") {
-        items.push(format!("PROTO={}", xtext(attrs.proto)));
-    }
-    let mut commands = VecDeque::new();
-    let mut line = String::new();
-    for item in items {
-        if !line.is_empty() && line.len() + 1 + item.len() + 2 > MAX_COMMAND_LINE {
-            commands.push_back(std::mem::take(&mut line));
-        }
-        if line.is_empty() {
-            line.push_str("XCLIENT");
-        }
-        line.push(' ');
-        line.push_str(&item);
-    }
-    if !line.is_empty() {
-        commands.push_back(line);
-    }
-    commands
-}
-
-/// RFC 3461 4: xtext is `xchar` (33..=126 except `+` and `=`) or `"+" 2(%x30-39 / %x41-46)`,
-/// the octet in upper-case hex.
-fn xtext(value: &str) -> String {
-    let mut s = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
-            s.push(char::from(b));
-        } else {
-            // Writing to a String cannot fail.
-            let _ = write!(s, "+{b:02X}");
-        }
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
     use super::*;
-    use std::net::Ipv4Addr;
+    use crate::protocol::MAX_COMMAND_LINE;
+    use crate::relay::{XclientAttrs, XclientName};
 
     /// One step of a conversation with a scripted next hop.
     #[derive(Clone, Copy)]
@@ -1714,15 +1646,5 @@ mod tests {
         c.receive(b"554 no\r\n", &mut out);
         assert!(matches!(c.error(), Some(RelayError::Greeting(r)) if r.code == 554));
         assert!(!c.is_ready());
-    }
-
-    #[test]
-    fn xtext_encoding() {
-        assert_eq!(xtext("abc"), "abc");
-        assert_eq!(xtext("a+b"), "a+2Bb");
-        assert_eq!(xtext("a=b"), "a+3Db");
-        assert_eq!(xtext("a b\t"), "a+20b+09");
-        assert_eq!(xtext("~!"), "~!");
-        assert_eq!(xtext("\u{7f}"), "+7F");
     }
 }

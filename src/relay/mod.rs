@@ -12,6 +12,8 @@
 //! `CRLF.CRLF` from `end_data()`, so the loop aborts by closing the connection instead.
 
 pub mod client;
+pub mod outbound;
+mod xclient;
 
 use std::fmt;
 use std::net::IpAddr;

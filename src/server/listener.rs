@@ -32,7 +32,17 @@ impl fmt::Display for BindError {
             f,
             "{}: cannot listen on {}: {}",
             self.variable, self.addr, self.source
-        )
+        )?;
+        if self.source.kind() == io::ErrorKind::AddrInUse {
+            // The usual cause on port 25: the distribution's MTA is still running.
+            write!(
+                f,
+                " (another process holds {}: another MTA such as Postfix or Exim may be \
+                 listening there; stop it or choose another HELOGUARD_LISTEN address)",
+                self.addr
+            )?;
+        }
+        Ok(())
     }
 }
 

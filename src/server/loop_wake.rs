@@ -19,19 +19,7 @@ use std::sync::atomic::Ordering;
 
 use mio::Waker;
 
-/// Wakes the event loop after a message was sent to it. The threads that answer the loop take
-/// this rather than a `LoopWake` so that they need nothing of the loop, and their tests can
-/// hand them a bare `mio::Waker`.
-pub trait LoopWaker: Send + Sync {
-    /// Call after sending, never before: a woken loop must find the message.
-    fn wake(&self) -> io::Result<()>;
-}
-
-impl LoopWaker for Waker {
-    fn wake(&self) -> io::Result<()> {
-        Waker::wake(self)
-    }
-}
+use crate::wake::LoopWaker;
 
 impl LoopWaker for LoopWake {
     fn wake(&self) -> io::Result<()> {

@@ -23,7 +23,7 @@ use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureSch
 use crate::protocol::reply::Reply;
 use crate::relay::client::RelayClient;
 use crate::relay::{RelayClientParams, RelayEvent, RelayOutput};
-use crate::server::conn::ConnId;
+use crate::server::conn_id::ConnId;
 use crate::server::tls::TlsSession;
 
 /// How long the next hop gets to accept the connection and finish the setup (greeting,

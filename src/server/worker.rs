@@ -25,7 +25,7 @@ use crate::dns::answer_cache::AnswerCache;
 use crate::dns::{Family, Lookup, ReverseFacts};
 use crate::metrics::Metrics;
 use crate::protocol::reply::Reply;
-use crate::server::conn::ConnId;
+use crate::server::conn_id::ConnId;
 use crate::server::loop_wake::LoopWake;
 use crate::session::{
     DeliveryOutcome, Event, Now, Observation, Output, Session, SessionAction, TlsInfo,
@@ -50,6 +50,9 @@ pub enum OwnedEvent {
     Shutdown,
     GraceExpired,
     RelayReply(Reply),
+    SpoolSpace {
+        low: bool,
+    },
 }
 
 impl OwnedEvent {
@@ -67,6 +70,7 @@ impl OwnedEvent {
             OwnedEvent::Shutdown => Event::Shutdown,
             OwnedEvent::GraceExpired => Event::GraceExpired,
             OwnedEvent::RelayReply(reply) => Event::RelayReply(reply),
+            OwnedEvent::SpoolSpace { low } => Event::SpoolSpace { low },
         }
     }
 }
@@ -283,10 +287,10 @@ mod tests {
     use crate::config::Config;
     use crate::dns::PtrName;
     use crate::dns::answer_cache::Keepable;
-    use crate::dns::resolver::no_observer;
-    use crate::server::startup::build_session;
+    use crate::dns::no_observer;
+    use crate::server::event_loop::startup::build_session;
+    use crate::session::SessionSettings;
     use std::net::{IpAddr, Ipv4Addr};
-    use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 
     const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
@@ -304,13 +308,7 @@ mod tests {
             _ => None,
         })
         .expect("config");
-        let session = build_session(
-            Arc::new(config),
-            CLIENT,
-            1,
-            false,
-            Arc::new(AtomicBool::new(false)),
-        );
+        let session = build_session(Arc::new(SessionSettings::from(&config)), CLIENT, 1, false);
         let facts = ReverseFacts {
             ptr: Lookup::Found(vec![PtrName {
                 name: HELO.into(),

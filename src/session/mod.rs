@@ -6,37 +6,43 @@
 //! observations for metrics. It never reads, writes, sleeps or resolves; time comes in as
 //! `Now`. When it needs something from outside (a HELO verdict, a delivery result, the TLS
 //! handshake) it stops consuming input until the matching event arrives: `wants_input` tells.
+//!
+//! It takes the settings it reads (`SessionSettings`), never the whole configuration, and
+//! learns of the world only through events (`Event::SpoolSpace` included), so it holds no
+//! shared state. The parts:
+//! - `machine`: `Session` and the plain SMTP dialogue
+//! - `identity`: EHLO/HELO identities, their DNS facts and verdicts
+//! - `delivery`: the maildir hand-off and the trace information of a message
+//! - `relay`: the before-queue relay modes, behind `Session::relaying`
+//! - `state`: what a session remembers (identity, transaction, input mode, what it waits for)
+//! - `limits`: error and junk counters, the data rate
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::config::Config;
 use crate::dns::{Lookup, ReverseFacts};
-use crate::helo::policy::HeloVerdict;
+use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt};
+use crate::helo::verdict::HeloVerdict;
+use crate::message::{Envelope, TraceInfo};
 use crate::protocol::command::MailParams;
+use crate::protocol::data::BareLineFeed;
 use crate::protocol::reply::Reply;
 use crate::relay::XclientAttrs;
-use crate::spool::{Envelope, TraceInfo};
 
+mod delivery;
+mod identity;
 mod limits;
 mod machine;
+mod relay;
 mod state;
 #[cfg(test)]
 mod tests;
 
+pub use crate::protocol::stage::Stage;
 pub use machine::Session;
-
-/// The negotiated TLS parameters, for the Received field.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TlsInfo {
-    /// `TLSv1.3` or `TLSv1.2`.
-    pub version: String,
-    /// IANA name, e.g. `TLS_AES_256_GCM_SHA384`.
-    pub cipher: String,
-    /// Symmetric key bits, e.g. 256.
-    pub bits: u16,
-}
+// Part of `Event::TlsEstablished`; the session's callers name it here.
+pub use crate::message::TlsInfo;
 
 /// The time now, from the loop: monotonic for rates and deadlines, wall for Date fields.
 #[derive(Clone, Copy, Debug)]
@@ -86,6 +92,12 @@ pub enum Event<'a> {
     Shutdown,
     /// HELOGUARD_SHUTDOWN_GRACE_SECS ran out: 421 4.3.2 now.
     GraceExpired,
+    /// The spool's filesystem went below HELOGUARD_MIN_FREE_MB (`low`), or back above it:
+    /// while low, MAIL gets 452 4.3.1. The loop sends it when the state changes, and to a
+    /// new session at once while the space is low.
+    SpoolSpace {
+        low: bool,
+    },
     /// Relay modes: the next hop's answer to `RelayMail` or `RelayRcpt` (or the loop's
     /// 451 4.4.1 when the next hop could not be reached).
     RelayReply(Reply),
@@ -130,26 +142,6 @@ pub enum SessionAction {
     /// Relay modes: the message was refused on the way: drop the next hop's transaction
     /// without its final dot.
     RelayAbort,
-}
-
-/// Where a message was refused, for `heloguard_messages_rejected_total{stage}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    Helo,
-    Mail,
-    Rcpt,
-    Data,
-}
-
-impl Stage {
-    pub const fn name(self) -> &'static str {
-        match self {
-            Stage::Helo => "helo",
-            Stage::Mail => "mail",
-            Stage::Rcpt => "rcpt",
-            Stage::Data => "data",
-        }
-    }
 }
 
 /// Something worth counting, reported with the output so the session stays free of globals.
@@ -199,13 +191,52 @@ pub struct Summary {
 /// Everything the session knows at accept time.
 #[derive(Clone, Debug)]
 pub struct SessionParams {
-    pub config: Arc<Config>,
+    /// Shared by every session of the server; built once from `Config`.
+    pub settings: Arc<SessionSettings>,
     pub client_ip: IpAddr,
     /// Unique per process run; queue IDs are derived from it.
     pub session_id: u64,
     /// HELOGUARD_TLS_CERT/KEY are loaded: EHLO advertises STARTTLS outside TLS.
     pub tls_available: bool,
-    /// Set by the loop while the spool's filesystem has less than HELOGUARD_MIN_FREE_MB free:
-    /// MAIL then gets 452 4.3.1.
-    pub spool_space_low: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the state machine reads of the configuration, and nothing else: the session depends
+/// on these fields, not on `Config` (`impl From<&Config>` in `config` builds it).
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    /// HELOGUARD_HOSTNAME: the banner, the EHLO reply, own_name, the trace fields.
+    pub hostname: String,
+    /// HELOGUARD_DOMAINS: lower case, no trailing dot; empty = every domain.
+    pub domains: Vec<String>,
+    /// HELOGUARD_MAX_MESSAGE_SIZE in octets; 0 = unlimited.
+    pub max_message_size: u64,
+    /// HELOGUARD_MAX_RECIPIENTS per transaction; 0 = unlimited.
+    pub max_recipients: usize,
+    /// HELOGUARD_MIN_DATA_RATE in octets/s; 0 = off.
+    pub min_data_rate: u64,
+    /// HELOGUARD_MAX_ERRORS; 0 = unlimited.
+    pub max_errors: u32,
+    /// HELOGUARD_MAX_JUNK; 0 = unlimited.
+    pub max_junk: u32,
+    /// HELOGUARD_HELO_POLICY.
+    pub helo_policy: HeloPolicy,
+    /// HELOGUARD_HELO_ALLOW.
+    pub helo_allow: Vec<AllowEntry>,
+    /// HELOGUARD_REJECT_AT.
+    pub reject_at: RejectAt,
+    /// HELOGUARD_BARE_NEWLINE.
+    pub bare_line_feed: BareLineFeed,
+    /// HELOGUARD_DELIVER, as far as the dialogue differs by it.
+    pub delivery: DeliveryMode,
+}
+
+/// Where accepted messages go, as far as the dialogue differs by it (HELOGUARD_DELIVER).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryMode {
+    /// Into the spool; 250 once it is durable.
+    Maildir,
+    /// Before-queue relay to an SMTP next hop.
+    SmtpRelay,
+    /// Before-queue relay to an LMTP next hop: one recipient per transaction.
+    LmtpRelay,
 }

@@ -1,17 +1,20 @@
 //! What a session remembers between events: the HELO identities, the mail transaction, the
-//! input phase and what it is parked on.
+//! input mode and what it is parked on.
 //!
 //! Stages are types, not strings (unlike Postfix's `state->where`): a transaction is a struct
-//! that RSET, EHLO and STARTTLS drop whole; the phase says how the next input bytes are read.
+//! that RSET, EHLO and STARTTLS drop whole; the input mode says how the next input bytes are
+//! read.
 
 use std::net::IpAddr;
 use std::time::SystemTime;
 
 use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::checks::{CheckInput, HeloArg};
-use crate::helo::policy::{AllowEntry, HeloPolicy, HeloVerdict};
+use crate::helo::policy::{AllowEntry, HeloPolicy};
+use crate::helo::verdict::HeloVerdict;
 use crate::protocol::command::{MailParams, Verb};
 use crate::protocol::data::DataDecoder;
+use crate::relay::outbound::OutboundMessage;
 
 /// Runs the checks and the policy on what is known of one identity.
 pub(crate) type DecideFn = fn(
@@ -104,7 +107,7 @@ pub(crate) struct Transaction {
     /// The message so far once a BDAT was accepted (RFC 3030); DATA is then refused.
     pub chunks: Option<DataDecoder>,
     /// Relay modes: the message being passed on to the next hop.
-    pub relay: Option<RelayStream>,
+    pub relay: Option<OutboundMessage>,
 }
 
 impl Transaction {
@@ -121,7 +124,7 @@ impl Transaction {
 
 /// How the next input bytes are read.
 #[derive(Debug)]
-pub(crate) enum Phase {
+pub(crate) enum InputMode {
     /// Command lines.
     Command,
     /// DATA content up to CRLF.CRLF.
@@ -154,27 +157,34 @@ pub(crate) enum Park {
     Delivery { queue_id: String },
     /// `Event::TlsEstablished` after our 220 to STARTTLS.
     Tls,
-    /// Relay modes: the reverse DNS facts (or the verdict deadline) before this MAIL is
-    /// replayed, because the next-hop link it opens carries them in XCLIENT NAME.
-    RelayMailReverse {
+    /// Relay modes: the next hop, or what must be known before it is asked.
+    Relay(RelayPark),
+}
+
+/// Relay modes: what the session waits for from the next hop, or before it can ask the next hop.
+#[derive(Debug)]
+pub(crate) enum RelayPark {
+    /// The reverse DNS facts (or the verdict deadline) before this MAIL is replayed, because
+    /// the next-hop link it opens carries them in XCLIENT NAME.
+    MailReverse {
         reverse_path: String,
         params: MailParams,
     },
-    /// Relay modes: the next hop's answer to MAIL.
-    RelayMail {
+    /// The next hop's answer to MAIL.
+    Mail {
         reverse_path: String,
         smtputf8: bool,
     },
-    /// Relay modes: the next hop's answer to RCPT.
-    RelayRcpt { recipient: String },
-    /// Relay modes: DATA (or the first BDAT) waits for the verdict, which the trace fields
-    /// carry, before the next hop is asked for its DATA.
-    RelayDataVerdict {
+    /// The next hop's answer to RCPT.
+    Rcpt { recipient: String },
+    /// DATA (or the first BDAT) waits for the verdict, which the trace fields carry, before
+    /// the next hop is asked for its DATA.
+    DataVerdict {
         chunk: Option<BdatChunk>,
         received_at: SystemTime,
     },
-    /// Relay modes: the next hop's answer to DATA (354 or a refusal).
-    RelayDataStart {
+    /// The next hop's answer to DATA (354 or a refusal).
+    DataStart {
         chunk: Option<BdatChunk>,
         queue_id: String,
     },
@@ -185,19 +195,4 @@ pub(crate) enum Park {
 pub(crate) struct BdatChunk {
     pub size: u64,
     pub last: bool,
-}
-
-/// Relay modes: a message passed on to the next hop as it arrives.
-#[derive(Debug, Default)]
-pub(crate) struct RelayStream {
-    pub queue_id: String,
-    /// The header section so far: held back until it is complete, because our own forged
-    /// fields are removed from it and its Received fields are counted (loop detection).
-    pub head: Vec<u8>,
-    pub head_sent: bool,
-    /// The next hop's transaction was dropped (no final dot); the client hears why at the
-    /// end of its data.
-    pub aborted: bool,
-    /// More than 100 Received fields (RFC 5321 6.3).
-    pub looped: bool,
 }

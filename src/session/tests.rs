@@ -4,57 +4,39 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime};
 
 use proptest::prelude::*;
 
-use crate::config::{BareNewline, Config, DeliverTarget};
 use crate::dns::{Lookup, PtrName, ReverseFacts};
 use crate::helo::checks::{CheckInput, HeloArg};
-use crate::helo::policy::{AllowEntry, Decision, HeloPolicy, HeloVerdict, IprevResult, RejectAt};
+use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt};
+use crate::helo::verdict::{Decision, HeloVerdict, IprevResult};
 use crate::helo::{Action, CheckResult, VerdictKind};
+use crate::message::{Envelope, Protocol};
+use crate::protocol::data::BareLineFeed;
 use crate::protocol::reply::Reply;
 use crate::relay::{XclientAttrs, XclientName};
 use crate::session::state::HeloJudge;
 use crate::session::{
-    DeliveryOutcome, Ending, Event, Now, Observation, Output, Session, SessionAction,
-    SessionParams, Stage, TlsInfo,
+    DeliveryMode, DeliveryOutcome, Ending, Event, Now, Observation, Output, Session, SessionAction,
+    SessionParams, SessionSettings, Stage, TlsInfo,
 };
-use crate::spool::{Envelope, Protocol};
 
-fn config() -> Config {
-    Config {
-        listen: Vec::new(),
-        proxy_listen: Vec::new(),
-        proxy_trusted: Vec::new(),
+fn config() -> SessionSettings {
+    SessionSettings {
         hostname: "mx.test".into(),
-        workers: 1,
-        spool_writers: 1,
-        dns_servers: Vec::new(),
-        dns_timeout: Duration::from_secs(2),
-        deliver: DeliverTarget::Maildir,
-        spool: "spool".into(),
-        min_free_mb: 0,
         domains: Vec::new(),
         max_message_size: 10_000_000,
         max_recipients: 100,
-        max_connections: 0,
-        max_connections_per_ip: 0,
-        timeout: Duration::from_secs(300),
         min_data_rate: 500,
         max_errors: 20,
         max_junk: 100,
-        greet_delay: Duration::ZERO,
-        tls_cert: None,
-        tls_key: None,
         helo_policy: HeloPolicy::default(),
         helo_allow: Vec::new(),
         reject_at: RejectAt::Rcpt,
-        bare_newline: BareNewline::Normalize,
-        metrics: None,
-        shutdown_grace: Duration::from_secs(30),
-        relay_idle: Duration::from_secs(10),
+        bare_line_feed: BareLineFeed::Normalize,
+        delivery: DeliveryMode::Maildir,
     }
 }
 
@@ -149,17 +131,16 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(config: Config) -> Self {
+    fn new(config: SessionSettings) -> Self {
         Self::build(config, false, true)
     }
 
-    fn build(config: Config, tls_available: bool, auto_dns: bool) -> Self {
+    fn build(config: SessionSettings, tls_available: bool, auto_dns: bool) -> Self {
         let params = SessionParams {
-            config: Arc::new(config),
+            settings: Arc::new(config),
             client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
             session_id: 0xABC,
             tls_available,
-            spool_space_low: Arc::new(AtomicBool::new(false)),
         };
         let mut h = Self {
             session: Session::with_judge(params, FAKE),
@@ -299,7 +280,7 @@ fn greeted() -> Harness {
     h
 }
 
-fn with(change: impl FnOnce(&mut Config)) -> Harness {
+fn with(change: impl FnOnce(&mut SessionSettings)) -> Harness {
     let mut c = config();
     change(&mut c);
     let mut h = Harness::new(c);
@@ -351,7 +332,10 @@ fn dialogue_table() {
         ("EXPN list", "500 5.5.2"),
         ("PROXY TCP4 1.2.3.4 5.6.7.8 1 2", "500 5.5.2"),
         ("EHLO client.example", "250-mx.test"),
-        ("EHLO bad!name", "501 5.5.2"),
+        (
+            "EHLO bad!name",
+            "501 5.5.2 HELO bad!name refused: check syntax failed: RFC 5321",
+        ),
         ("RCPT TO:<a@b.example>", "503 5.5.1"),
         ("DATA", "503 5.5.1"),
         ("MAIL FROM:<a@b.example> FOO=1", "555 5.5.4"),
@@ -479,7 +463,7 @@ fn bare_line_feed_both_modes() {
     h.input(b"a\nb\r\n.\r\n");
     assert_eq!(h.take(), "250 2.0.0 Ok: queued as ABCZ1\r\n");
     assert_eq!(h.envelopes[0].content, b"a\r\nb\r\n");
-    let mut h = with(|c| c.bare_newline = BareNewline::Reject);
+    let mut h = with(|c| c.bare_line_feed = BareLineFeed::Reject);
     h.script(TRANSACTION);
     h.input(b"a\nb\r\n.\r\n");
     assert!(h.take().starts_with("550 5.5.2"));
@@ -531,18 +515,11 @@ fn recipients_limits_domains_and_postmaster() {
 fn spool_space_low_defers_mail() {
     let mut h = greeted();
     h.cmd("EHLO client.example", "250");
-    // The loop owns the flag; the session only reads it.
-    let params_flag = h.session_flag();
-    params_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    h.event(Event::SpoolSpace { low: true });
+    assert_eq!(h.take(), "", "the state change itself is not answered");
     h.cmd("MAIL FROM:<a@b.example>", "452 4.3.1");
-    params_flag.store(false, std::sync::atomic::Ordering::Relaxed);
+    h.event(Event::SpoolSpace { low: false });
     h.cmd("MAIL FROM:<a@b.example>", "250");
-}
-
-impl Harness {
-    fn session_flag(&self) -> Arc<AtomicBool> {
-        self.session.spool_flag()
-    }
 }
 
 #[test]
@@ -570,7 +547,7 @@ fn bdat_chunks() {
     assert_eq!(h.take(), "250 2.0.0 Ok: queued as ABCZ2\r\n");
     assert_eq!(h.envelopes[1].content, b"abc\r\n");
     // The decoder's rules apply to chunks too.
-    let mut h = with(|c| c.bare_newline = BareNewline::Reject);
+    let mut h = with(|c| c.bare_line_feed = BareLineFeed::Reject);
     h.script(&TRANSACTION[..3]);
     h.input(b"BDAT 3 LAST\r\na\nb");
     let got = h.take();
@@ -619,11 +596,10 @@ fn pregreet() {
     h.take();
     let mut h2 = {
         let params = SessionParams {
-            config: Arc::new(config()),
+            settings: Arc::new(config()),
             client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             session_id: 1,
             tls_available: false,
-            spool_space_low: Arc::new(AtomicBool::new(false)),
         };
         let mut session = Session::with_judge(params, FAKE);
         let mut out = Output::default();
@@ -715,8 +691,9 @@ fn error_and_junk_limits() {
 fn gated(reject_at: RejectAt) -> Harness {
     let mut c = config();
     c.reject_at = reject_at;
+    // A check that can defer makes the verdict gate RCPT (or EHLO) at all.
+    c.helo_policy = HeloPolicy::parse("default=tag,dynamic=defer").expect("policy");
     let mut h = Harness::build(c, false, false);
-    h.session.set_policy_can_refuse(true);
     h.take();
     h
 }
@@ -869,11 +846,10 @@ proptest! {
 #[test]
 fn real_helo_module_default_policy() {
     let params = SessionParams {
-        config: Arc::new(config()),
+        settings: Arc::new(config()),
         client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
         session_id: 7,
         tls_available: false,
-        spool_space_low: Arc::new(AtomicBool::new(false)),
     };
     let now = Now {
         mono: Instant::now(),
@@ -943,10 +919,7 @@ fn no_forward_lookup_when_no_enabled_check_reads_it() {
 #[test]
 fn relay_mail_waits_for_the_reverse_facts_its_xclient_name_needs() {
     let mut c = config();
-    c.deliver = DeliverTarget::Smtp {
-        host: "127.0.0.1".into(),
-        port: 10025,
-    };
+    c.delivery = DeliveryMode::SmtpRelay;
     let mut h = Harness::build(c.clone(), false, false);
     h.take();
     h.cmd("EHLO client.example", "250");
@@ -986,10 +959,7 @@ fn relay_mail_waits_for_the_reverse_facts_its_xclient_name_needs() {
 #[test]
 fn relay_modes_answer_with_the_next_hops_replies() {
     let mut c = config();
-    c.deliver = DeliverTarget::Smtp {
-        host: "127.0.0.1".into(),
-        port: 10025,
-    };
+    c.delivery = DeliveryMode::SmtpRelay;
     let mut h = Harness::new(c);
     h.take();
     h.cmd("EHLO client.example", "250");
@@ -1021,10 +991,7 @@ fn relay_modes_answer_with_the_next_hops_replies() {
     assert!(!h.session.in_transaction());
 
     let mut c = config();
-    c.deliver = DeliverTarget::Lmtp {
-        host: "127.0.0.1".into(),
-        port: 24,
-    };
+    c.delivery = DeliveryMode::LmtpRelay;
     let mut h = Harness::new(c);
     h.take();
     h.cmd("EHLO client.example", "250");
@@ -1039,11 +1006,8 @@ fn relay_modes_answer_with_the_next_hops_replies() {
 
 fn relaying() -> Harness {
     let mut c = config();
-    c.deliver = DeliverTarget::Smtp {
-        host: "127.0.0.1".into(),
-        port: 10025,
-    };
-    c.bare_newline = BareNewline::Reject;
+    c.delivery = DeliveryMode::SmtpRelay;
+    c.bare_line_feed = BareLineFeed::Reject;
     let mut h = Harness::new(c);
     h.take();
     h.cmd("EHLO client.example", "250");

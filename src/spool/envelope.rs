@@ -28,8 +28,8 @@ use std::time::UNIX_EPOCH;
 use crate::helo::trace::authentication_results_field;
 use crate::helo::trace::sanitize_helo;
 use crate::helo::trace::x_helo_check_field;
-use crate::spool::Envelope;
-use crate::spool::TraceInfo;
+use crate::message::Envelope;
+use crate::message::TraceInfo;
 
 /// The whole `Received: ...\r\n` field (RFC 5321 4.4), folded as the module docs show.
 pub fn received_field(trace: &TraceInfo, recipients: &[String]) -> String {
@@ -173,11 +173,11 @@ mod tests {
     use crate::helo::Action;
     use crate::helo::CheckResult;
     use crate::helo::VerdictKind;
-    use crate::helo::policy::Decision;
-    use crate::helo::policy::HeloVerdict;
-    use crate::helo::policy::IprevResult;
-    use crate::session::TlsInfo;
-    use crate::spool::Protocol;
+    use crate::helo::verdict::Decision;
+    use crate::helo::verdict::HeloVerdict;
+    use crate::helo::verdict::IprevResult;
+    use crate::message::Protocol;
+    use crate::message::TlsInfo;
 
     /// 2026-11-23 13:45:01 UTC, a Monday.
     const WHEN: u64 = 1_795_441_501;

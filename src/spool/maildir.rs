@@ -21,6 +21,7 @@ use std::io;
 use std::io::IoSlice;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::path::PathBuf;
@@ -30,7 +31,8 @@ use std::time::Duration;
 use std::time::SystemTime;
 use std::time::UNIX_EPOCH;
 
-use crate::spool::Envelope;
+use crate::message::Envelope;
+use crate::metrics::{Metrics, SpoolStage};
 use crate::spool::envelope::maildir_prefix;
 use crate::spool::group_sync::GroupSync;
 use crate::spool::group_sync::copy_error;
@@ -40,8 +42,11 @@ use crate::spool::header::own_field_spans;
 /// maildir(5): a file in tmp/ untouched for 36 hours is the remains of a failed delivery.
 pub const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
 
-/// Mail files are readable by the spool's owner only; the reader runs as the same user.
-const FILE_MODE: u32 = 0o600;
+/// Mail files and directories are the spool owner's and its group's, so that a delivery agent
+/// in that group (Dovecot moving new/ to cur/) can read them and move them; the process umask
+/// (the unit's UMask=0027) still applies, so nobody else ever reads mail.
+const FILE_MODE: u32 = 0o640;
+const DIR_MODE: u32 = 0o770;
 
 /// Process-wide part of unique names: never the same twice in this process.
 static DELIVERIES: AtomicU64 = AtomicU64::new(0);
@@ -57,6 +62,18 @@ pub struct Maildir {
     new_sync: GroupSync,
     /// The host name part of unique names, already escaped.
     name_host: String,
+    metrics: Option<std::sync::Arc<Metrics>>,
+}
+
+/// See [`Maildir::panic_counter`].
+pub struct PanicCounter<'a>(&'a Maildir);
+
+impl Drop for PanicCounter<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.count(Metrics::panicked);
+        }
+    }
 }
 
 /// Which step of opening the spool or delivering a message failed. Every variant answers
@@ -110,9 +127,28 @@ impl Maildir {
             new_handle,
             new_sync: GroupSync::default(),
             name_host: escape_host(hostname),
+            metrics: None,
         };
         maildir.remove_stale_tmp(SystemTime::now(), TMP_MAX_AGE);
         Ok(maildir)
+    }
+
+    /// Counts write, fsync and rename failures and the bytes delivered into `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// A guard that counts a panic (`heloguard_panics_total`) when dropped while unwinding,
+    /// so a writer job that panics is counted whoever catches the panic.
+    pub fn panic_counter(&self) -> PanicCounter<'_> {
+        PanicCounter(self)
+    }
+
+    fn count(&self, event: impl FnOnce(&Metrics)) {
+        if let Some(metrics) = &self.metrics {
+            event(metrics);
+        }
     }
 
     /// Writes `env` durably into new/ (see the module docs); returns the file's name in new/.
@@ -154,6 +190,7 @@ impl Maildir {
             for result in &mut renamed {
                 if let Ok((_, new_path)) = result {
                     remove_quietly(new_path);
+                    self.count(|m| m.spool_error(SpoolStage::Fsync));
                     *result = Err(SpoolError::SyncDirectory {
                         path: self.new.clone(),
                         source: copy_error(&source),
@@ -163,7 +200,13 @@ impl Maildir {
         }
         renamed
             .into_iter()
-            .map(|result| result.map(|(name, _)| name))
+            .zip(messages)
+            .map(|(result, parts)| {
+                let bytes = parts.iter().map(|part| part.len() as u64).sum();
+                result
+                    .map(|(name, _)| name)
+                    .inspect(|_| self.count(|m| m.spool_bytes(bytes)))
+            })
             .collect()
     }
 
@@ -180,25 +223,31 @@ impl Maildir {
             .map_err(|source| SpoolError::Create {
                 path: tmp_path.clone(),
                 source,
-            })?;
+            })
+            .inspect_err(|_| self.count(|m| m.spool_error(SpoolStage::Write)))?;
         let written = write_all_parts(&mut file, parts)
             .map_err(|source| SpoolError::Write {
                 path: tmp_path.clone(),
                 source,
             })
+            .inspect_err(|_| self.count(|m| m.spool_error(SpoolStage::Write)))
             .and_then(|()| {
-                file.sync_all().map_err(|source| SpoolError::SyncFile {
-                    path: tmp_path.clone(),
-                    source,
-                })
+                file.sync_all()
+                    .map_err(|source| SpoolError::SyncFile {
+                        path: tmp_path.clone(),
+                        source,
+                    })
+                    .inspect_err(|_| self.count(|m| m.spool_error(SpoolStage::Fsync)))
             });
         drop(file);
         let new_path = self.new.join(&name);
         let renamed = written.and_then(|()| {
-            fs::rename(&tmp_path, &new_path).map_err(|source| SpoolError::Rename {
-                path: new_path.clone(),
-                source,
-            })
+            fs::rename(&tmp_path, &new_path)
+                .map_err(|source| SpoolError::Rename {
+                    path: new_path.clone(),
+                    source,
+                })
+                .inspect_err(|_| self.count(|m| m.spool_error(SpoolStage::Rename)))
         });
         if let Err(err) = renamed {
             remove_quietly(&tmp_path);
@@ -328,7 +377,7 @@ impl std::error::Error for SpoolError {
 
 /// Creates the directory `path` (its parent must exist); true when it did not exist before.
 fn create_dir(path: &Path) -> Result<bool, SpoolError> {
-    match fs::create_dir(path) {
+    match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
         Ok(()) => Ok(true),
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(false),
         Err(source) => Err(SpoolError::Directory {
@@ -516,6 +565,71 @@ mod tests {
             assert!(stored.starts_with(b"Return-Path: "));
         }
         assert!(names_in(&dir.0.join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn spool_metrics_count_bytes_delivered_and_failed_steps() {
+        let dir = TestDir::new("metrics");
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let maildir = Maildir::open(&dir.0, "mx")
+            .expect("open")
+            .with_metrics(metrics.clone());
+        maildir
+            .store(&[b"Subject: s\r\n", b"\r\nbody\r\n"])
+            .expect("store");
+        fs::remove_dir(dir.0.join("tmp")).expect("rmdir tmp");
+        File::create(dir.0.join("tmp")).expect("tmp as a file");
+        let parts: [&[u8]; 1] = [b"Subject: s\r\n\r\n"];
+        let _ = maildir.store_all(&[&parts, &parts]);
+        let text = metrics.render();
+        for line in [
+            "heloguard_spool_bytes_total 20",
+            "heloguard_spool_errors_total{stage=\"write\"} 2",
+            "heloguard_spool_errors_total{stage=\"fsync\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}");
+        }
+    }
+
+    #[test]
+    fn a_panic_under_the_counter_is_counted() {
+        let dir = TestDir::new("panic");
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let maildir = Maildir::open(&dir.0, "mx")
+            .expect("open")
+            .with_metrics(metrics.clone());
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _counted = maildir.panic_counter();
+            panic!("a writer job failing");
+        }));
+        assert!(caught.is_err());
+        drop(maildir.panic_counter());
+        assert!(
+            metrics
+                .render()
+                .lines()
+                .any(|l| l == "heloguard_panics_total 1")
+        );
+    }
+
+    #[test]
+    fn files_and_directories_are_open_to_the_group_within_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TestDir::new("modes");
+        let maildir = Maildir::open(&dir.0, "mx").expect("open");
+        let name = maildir.store(&[b"Subject: s\r\n\r\n"]).expect("store");
+        // Read, not set: setting the umask to read it back would race the other test threads.
+        let status = fs::read_to_string("/proc/self/status").expect("status");
+        let umask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            .expect("Umask line");
+        let mode = |path: &Path| fs::metadata(path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.0.join("new").join(name)), 0o640 & !umask);
+        for sub in ["tmp", "new", "cur"] {
+            assert_eq!(mode(&dir.0.join(sub)), 0o770 & !umask, "{sub}");
+        }
     }
 
     #[test]

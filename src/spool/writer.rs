@@ -27,10 +27,10 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Receiver;
 use crossbeam_channel::Sender;
 
-use crate::server::loop_wake::LoopWaker;
-use crate::spool::Envelope;
+use crate::message::Envelope;
 use crate::spool::maildir::Maildir;
 use crate::spool::maildir::SpoolError;
+use crate::wake::LoopWaker;
 
 /// Most messages one writer delivers together.
 pub const MAX_BATCH: usize = 8;
@@ -65,7 +65,10 @@ pub fn spawn_writers(
     done: Sender<SpoolDone>,
     waker: Option<Arc<dyn LoopWaker>>,
 ) -> io::Result<SpoolWriters> {
-    spawn_with(threads, done, waker, move |envs| maildir.deliver_all(envs))
+    spawn_with(threads, done, waker, move |envs| {
+        let _counted = maildir.panic_counter();
+        maildir.deliver_all(envs)
+    })
 }
 
 impl SpoolWriters {

@@ -8,14 +8,14 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
 use crate::config::DeliverTarget;
 use crate::metrics::RefuseReason;
-use crate::server::conn::{ConnId, ConnState, Transport};
+use crate::server::conn::{ConnState, Transport};
+use crate::server::conn_id::ConnId;
 use crate::server::event_loop::Server;
 use crate::server::worker::OwnedEvent;
 use crate::spool::maildir;
@@ -79,10 +79,12 @@ impl Timers {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.heap.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()
     }
@@ -180,6 +182,21 @@ impl Server {
         }
     }
 
+    /// Every session hears of the change: the answer to its next MAIL depends on it.
+    fn tell_spool_space(&mut self, low: bool) {
+        let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
+        for slot in slots {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            // A session still in its greeting delay finds the event queued when it starts.
+            if conn.state.is_serving() || matches!(conn.state, ConnState::DelayingGreeting { .. }) {
+                conn.pending.push(OwnedEvent::SpoolSpace { low });
+                self.pump(slot);
+            }
+        }
+    }
+
     /// Measures the spool's free space against HELOGUARD_MIN_FREE_MB and re-arms itself.
     pub(super) fn check_spool_space(&mut self, now: Instant) {
         if self.config.deliver != DeliverTarget::Maildir || self.config.min_free_mb == 0 {
@@ -192,8 +209,9 @@ impl Server {
                 false
             }
         };
-        let was_low = self.spool_space_low.swap(low, Ordering::Relaxed);
-        if low != was_low {
+        if low != self.spool_space_low {
+            self.spool_space_low = low;
+            self.tell_spool_space(low);
             if low {
                 warn!(
                     "spool below HELOGUARD_MIN_FREE_MB={}: MAIL gets 452 4.3.1",

@@ -18,10 +18,11 @@ use crate::dns::DnsRequest;
 use crate::metrics::{Listener as MetricListener, RefuseReason};
 use crate::net::{ClientKey, canonical_ip};
 use crate::proxy_protocol::{self, ProxyParse};
-use crate::server::conn::{Conn, ConnId, ConnState, ReadSide};
+use crate::server::conn::{Conn, ConnState, ReadSide};
+use crate::server::conn_id::ConnId;
+use crate::server::event_loop::timers::{ConnTimer, TimerKind};
 use crate::server::event_loop::{FIRST_CONN, Server};
 use crate::server::listener::ListenerKind;
-use crate::server::timers::{ConnTimer, TimerKind};
 use crate::server::worker::OwnedEvent;
 
 /// How soon a listener is tried again after accept failed (e.g. out of file descriptors).
@@ -89,6 +90,7 @@ impl Admission {
     }
 
     /// Clients with at least one counted session.
+    #[cfg(test)]
     pub fn clients(&self) -> usize {
         self.per_client.len()
     }
@@ -192,6 +194,9 @@ impl Server {
             return;
         };
         conn.counted_as = Some(key);
+        if self.spool_space_low {
+            conn.pending.push(OwnedEvent::SpoolSpace { low: true });
+        }
 
         conn.dns.reverse_started = Some(now);
         let known_reverse = self.resolver.as_ref().and_then(|r| {

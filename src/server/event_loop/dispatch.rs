@@ -11,12 +11,13 @@ use log::{debug, error, warn};
 use crate::dns::{DnsAnswer, DnsRequest, Family};
 use crate::metrics::RelayFailure;
 use crate::protocol::reply::Reply;
-use crate::server::conn::{ConnId, INBUF_CAP, ReadSide, Transport};
+use crate::server::conn::{INBUF_CAP, ReadSide, Transport};
+use crate::server::conn_id::ConnId;
+use crate::server::event_loop::Handoff;
 use crate::server::event_loop::Server;
-use crate::server::next_hop::next_hop_unavailable;
-use crate::server::session_log::log_verdict;
-use crate::server::startup::Handoff;
-use crate::server::timers::{ConnTimer, TimerKind};
+use crate::server::event_loop::next_hop::next_hop_unavailable;
+use crate::server::event_loop::session_log::log_verdict;
+use crate::server::event_loop::timers::{ConnTimer, TimerKind};
 use crate::server::worker::{Done, OwnedEvent, WorkerReport};
 use crate::session::{DeliveryOutcome, Observation, SessionAction};
 use crate::spool::envelope::trace_fields;
@@ -378,7 +379,13 @@ mod tests {
         let rest = read_to_eof(&mut server, &mut client);
         assert!(rest.starts_with("421 4.3.0 "), "{rest:?}");
         assert_eq!(rest.lines().count(), 1, "{rest:?}");
-        assert_eq!(server.server.metrics.panics(), 1);
+        assert!(
+            server
+                .server
+                .metrics
+                .render()
+                .contains("heloguard_panics_total 1\n")
+        );
         assert!(server.server.conns.is_empty());
         assert_eq!(server.server.admission.clients(), 0, "per-IP slot released");
 

@@ -12,9 +12,9 @@ use log::{info, warn};
 
 use crate::metrics::RefuseReason;
 use crate::server::conn::ConnState;
+use crate::server::event_loop::Handoff;
 use crate::server::event_loop::Server;
 use crate::server::sd_notify;
-use crate::server::startup::Handoff;
 use crate::server::worker::OwnedEvent;
 
 /// After the shutdown grace, sessions get this long to flush their 421 before exit.

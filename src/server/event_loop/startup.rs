@@ -4,10 +4,8 @@
 //! Everything that can fail at startup fails here, as a [`StartError`] that names the
 //! variable at fault, before the first connection is accepted.
 
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpListener;
@@ -19,61 +17,22 @@ use crate::config::{Config, DeliverTarget};
 use crate::dns::resolver::{self, ResolverSettings};
 use crate::metrics::Metrics;
 use crate::relay::NextHopProtocol;
-use crate::server::admission::Admission;
 use crate::server::conn::READ_CHUNK;
-use crate::server::event_loop::{FIRST_LISTENER, SIGNALS, Server, WAKER};
+use crate::server::event_loop::admission::Admission;
+use crate::server::event_loop::next_hop::NextHop;
+use crate::server::event_loop::shutdown::Lifecycle;
+use crate::server::event_loop::timers::Timers;
+use crate::server::event_loop::{
+    FIRST_LISTENER, Handoff, SIGNALS, Server, ServerOptions, StartError, WAKER,
+};
 use crate::server::listener::{BoundListener, ListenerKind};
 use crate::server::loop_wake::LoopWake;
-use crate::server::next_hop::NextHop;
 use crate::server::relay_link::opportunistic_tls_config;
-use crate::server::shutdown::Lifecycle;
-use crate::server::timers::Timers;
 use crate::server::tls::TlsAcceptor;
 use crate::server::worker::WorkerPool;
-use crate::session::{Session, SessionParams};
+use crate::session::{Session, SessionParams, SessionSettings};
 use crate::spool::maildir::Maildir;
-use crate::spool::writer::{self, SpoolWriters};
-
-/// Why the server could not start.
-#[derive(Debug)]
-pub enum StartError {
-    Io(&'static str, io::Error),
-    Spool(String),
-    Tls(String),
-    Relay(String),
-}
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StartError::Io(what, e) => write!(f, "{what}: {e}"),
-            StartError::Spool(e) => write!(f, "HELOGUARD_SPOOL: {e}"),
-            StartError::Tls(e) => write!(f, "{e}"),
-            StartError::Relay(e) => write!(f, "HELOGUARD_DELIVER: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for StartError {}
-
-/// Options that differ between the binary and an embedded server.
-#[derive(Clone, Copy, Debug)]
-pub struct ServerOptions {
-    /// Handle SIGTERM, SIGINT and SIGHUP. Only the binary should: signal handlers are
-    /// process-wide, and an embedded server's owner decides when it stops.
-    pub handle_signals: bool,
-}
-
-/// Where accepted mail goes.
-pub enum Handoff {
-    Maildir(SpoolWriters),
-    /// Before-queue relay to the next hop (HELOGUARD_DELIVER smtp:// or lmtp://), with the
-    /// TLS configuration every link's STARTTLS shares (built once, not per link).
-    Relay {
-        next_hop: NextHop,
-        tls: Arc<ClientConfig>,
-    },
-}
+use crate::spool::writer;
 
 /// The TLS configuration for STARTTLS toward the next hop.
 fn next_hop_tls() -> Result<Arc<ClientConfig>, StartError> {
@@ -130,7 +89,8 @@ impl Server {
         let handoff = match &config.deliver {
             DeliverTarget::Maildir => {
                 let maildir = Maildir::open(&config.spool, &config.hostname)
-                    .map_err(|e| StartError::Spool(e.to_string()))?;
+                    .map_err(|e| StartError::Spool(e.to_string()))?
+                    .with_metrics(metrics.clone());
                 let writers = writer::spawn_writers(
                     Arc::new(maildir),
                     config.spool_writers,
@@ -171,6 +131,7 @@ impl Server {
             .map(|d| d.as_secs())
             .unwrap_or(0);
 
+        let session_settings = Arc::new(SessionSettings::from(config.as_ref()));
         let mut server = Self {
             poll,
             admission: Admission::new(config.max_connections, config.max_connections_per_ip),
@@ -192,7 +153,8 @@ impl Server {
             tls,
             metrics,
             signals,
-            spool_space_low: Arc::new(AtomicBool::new(false)),
+            spool_space_low: false,
+            session_settings,
             relays: Slab::new(),
             relay_check_armed: false,
             read_buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
@@ -214,29 +176,26 @@ impl Server {
         self.sessions_started += 1;
         let session_id = (self.run_id << 24) ^ self.sessions_started;
         build_session(
-            self.config.clone(),
+            self.session_settings.clone(),
             client_ip,
             session_id,
             self.tls.is_some(),
-            self.spool_space_low.clone(),
         )
     }
 }
 
 /// The one place a session is built, for the server and for tests alike.
 pub fn build_session(
-    config: Arc<Config>,
+    settings: Arc<SessionSettings>,
     client_ip: IpAddr,
     session_id: u64,
     tls_available: bool,
-    spool_space_low: Arc<AtomicBool>,
 ) -> Box<Session> {
     Box::new(Session::new(SessionParams {
-        config,
+        settings,
         client_ip,
         session_id,
         tls_available,
-        spool_space_low,
     }))
 }
 
@@ -281,11 +240,10 @@ pub mod tests {
 
     pub fn test_session() -> Box<Session> {
         build_session(
-            Arc::new(test_config(&[])),
+            Arc::new(SessionSettings::from(&test_config(&[]))),
             "192.0.2.1".parse().expect("address"),
             1,
             false,
-            Arc::new(AtomicBool::new(false)),
         )
     }
 }

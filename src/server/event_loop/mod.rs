@@ -20,7 +20,6 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -28,27 +27,36 @@ use log::{debug, info};
 use mio::event::Event;
 use mio::net::TcpListener;
 use mio::{Events, Poll, Token};
+use rustls::ClientConfig;
 use slab::Slab;
 
 use crate::config::Config;
 use crate::dns::DnsAnswer;
 use crate::dns::resolver::ResolverHandle;
 use crate::metrics::Metrics;
-use crate::server::admission::Admission;
-use crate::server::conn::{Conn, ConnId, ConnState, ReadSide, Transport, live_slot};
+use crate::server::conn::{Conn, ConnState, ReadSide, Transport};
+use crate::server::conn_id::{ConnId, live_slot};
+use crate::server::event_loop::admission::Admission;
+use crate::server::event_loop::next_hop::NextHop;
+use crate::server::event_loop::session_log::log_session_end;
+use crate::server::event_loop::shutdown::Lifecycle;
+use crate::server::event_loop::timers::Timers;
 use crate::server::listener::ListenerKind;
 use crate::server::loop_wake::LoopWake;
 use crate::server::relay_link::RelayLink;
-use crate::server::session_log::log_session_end;
-use crate::server::shutdown::Lifecycle;
-use crate::server::startup::Handoff;
-use crate::server::timers::Timers;
 use crate::server::tls::TlsAcceptor;
 use crate::server::worker::{Job, OwnedEvent, WorkerPool, WorkerReport};
+use crate::session::SessionSettings;
 use crate::spool::writer::SpoolDone;
+use crate::spool::writer::SpoolWriters;
 
-// Built in `startup`; named here too because callers start a server from this module.
-pub use crate::server::startup::{ServerOptions, StartError};
+mod admission;
+mod dispatch;
+mod next_hop;
+mod session_log;
+mod shutdown;
+pub(crate) mod startup;
+mod timers;
 
 pub(super) const WAKER: Token = Token(0);
 pub(super) const SIGNALS: Token = Token(1);
@@ -57,6 +65,47 @@ pub(super) const FIRST_LISTENER: usize = 2;
 pub(super) const FIRST_CONN: usize = 1024;
 /// Next-hop link tokens start here (relay modes); client connections sit below.
 pub(super) const FIRST_RELAY: usize = 1 << 30;
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    Io(&'static str, io::Error),
+    Spool(String),
+    Tls(String),
+    Relay(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Io(what, e) => write!(f, "{what}: {e}"),
+            StartError::Spool(e) => write!(f, "HELOGUARD_SPOOL: {e}"),
+            StartError::Tls(e) => write!(f, "{e}"),
+            StartError::Relay(e) => write!(f, "HELOGUARD_DELIVER: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Options that differ between the binary and an embedded server.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerOptions {
+    /// Handle SIGTERM, SIGINT and SIGHUP. Only the binary should: signal handlers are
+    /// process-wide, and an embedded server's owner decides when it stops.
+    pub handle_signals: bool,
+}
+
+/// Where accepted mail goes.
+pub enum Handoff {
+    Maildir(SpoolWriters),
+    /// Before-queue relay to the next hop (HELOGUARD_DELIVER smtp:// or lmtp://), with the
+    /// TLS configuration every link's STARTTLS shares (built once, not per link).
+    Relay {
+        next_hop: NextHop,
+        tls: Arc<ClientConfig>,
+    },
+}
 
 /// The server: listeners, connections, timers and the threads that serve them.
 pub struct Server {
@@ -83,8 +132,11 @@ pub struct Server {
     pub(super) tls: Option<Arc<TlsAcceptor>>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) signals: Option<signal_hook_mio::v1_0::Signals>,
-    /// The spool's filesystem is below HELOGUARD_MIN_FREE_MB; sessions read it at MAIL.
-    pub(super) spool_space_low: Arc<AtomicBool>,
+    /// The spool's filesystem is below HELOGUARD_MIN_FREE_MB; every session is told when
+    /// this changes (`Event::SpoolSpace`), and a new one at its start while it holds.
+    pub(super) spool_space_low: bool,
+    /// What every session reads of the configuration, built once.
+    pub(super) session_settings: Arc<SessionSettings>,
     pub(super) relays: Slab<RelayLink>,
     pub(super) relay_check_armed: bool,
     /// Scratch for socket reads, shared by every connection.
@@ -328,8 +380,8 @@ pub mod tests {
     use std::path::PathBuf;
 
     use crate::server::conn::{INBUF_CAP, OUTBUF_CAP};
+    use crate::server::event_loop::startup::tests::test_config;
     use crate::server::listener::{self, BoundListener};
-    use crate::server::startup::tests::test_config;
 
     /// How long a test waits for something the loop should do at once.
     const PATIENCE: Duration = Duration::from_secs(20);

@@ -15,11 +15,11 @@ use mio::{Interest, Token};
 use crate::metrics::RelayFailure;
 use crate::protocol::reply::Reply;
 use crate::relay::{NextHopProtocol, RelayClientParams, XclientAttrs};
-use crate::server::conn::ConnId;
+use crate::server::conn_id::ConnId;
+use crate::server::event_loop::timers::TimerKind;
 use crate::server::event_loop::{FIRST_RELAY, Server};
+use crate::server::event_loop::{Handoff, StartError};
 use crate::server::relay_link::{LinkAnswer, LinkFailure, NextHopSocket, RelayLink};
-use crate::server::startup::{Handoff, StartError};
-use crate::server::timers::TimerKind;
 use crate::server::worker::OwnedEvent;
 use crate::session::DeliveryOutcome;
 
