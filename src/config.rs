@@ -79,6 +79,8 @@ pub struct Config {
     pub bare_newline: BareLineFeed,
     pub metrics: Option<SocketAddr>,
     pub shutdown_grace: Duration,
+    /// Relay modes: a next-hop link without a transaction for this long is closed.
+    pub relay_idle: Duration,
 }
 
 impl Config {
@@ -459,6 +461,11 @@ const SHUTDOWN_GRACE_SECS: Variable = Variable {
     meaning: "seconds open transactions get to finish on SIGTERM",
     default: DefaultValue::Text("30"),
 };
+const RELAY_IDLE_SECS: Variable = Variable {
+    name: "HELOGUARD_RELAY_IDLE_SECS",
+    meaning: "relay modes: a next-hop connection with no transaction for this long is closed",
+    default: DefaultValue::Text("10"),
+};
 /// Read by env_logger, not by this module; listed so that `--help` names it.
 const RUST_LOG: Variable = Variable {
     name: "RUST_LOG",
@@ -498,6 +505,7 @@ const VARIABLES: &[&Variable] = &[
     &BARE_NEWLINE,
     &METRICS,
     &SHUTDOWN_GRACE_SECS,
+    &RELAY_IDLE_SECS,
     &RUST_LOG,
 ];
 
@@ -616,6 +624,7 @@ fn build(env: &Env<'_>, machine: &dyn Machine) -> Result<(Config, Vec<String>), 
         bare_newline: bare_newline(env)?,
         metrics: listeners.metrics,
         shutdown_grace: Duration::from_secs(within_a_year(env, &SHUTDOWN_GRACE_SECS, whole, 1)?),
+        relay_idle: Duration::from_secs(within_a_year(env, &RELAY_IDLE_SECS, whole, 1)?),
     };
     Ok((config, warnings))
 }
@@ -1282,6 +1291,7 @@ mod tests {
         assert_eq!(c.bare_newline, BareLineFeed::Normalize);
         assert_eq!(c.metrics, None);
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.relay_idle, Duration::from_secs(10));
         assert_eq!(
             warnings(&[]),
             vec!["HELOGUARD_DOMAINS is empty: mail for every domain is accepted"]
@@ -1622,6 +1632,7 @@ mod tests {
             ("HELOGUARD_MAX_JUNK", "7"),
             ("HELOGUARD_DNS_BUDGET", "0"),
             ("HELOGUARD_SHUTDOWN_GRACE_SECS", "5"),
+            ("HELOGUARD_RELAY_IDLE_SECS", "30"),
         ];
         for (name, value) in cases {
             assert_eq!(
@@ -1677,6 +1688,7 @@ mod tests {
             "HELOGUARD_MAX_JUNK" => u64::from(c.max_junk),
             "HELOGUARD_DNS_BUDGET" => u64::from(c.dns_budget),
             "HELOGUARD_SHUTDOWN_GRACE_SECS" => c.shutdown_grace.as_secs(),
+            "HELOGUARD_RELAY_IDLE_SECS" => c.relay_idle.as_secs(),
             other => panic!("{other} is not a numeric limit"),
         }
     }

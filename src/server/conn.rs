@@ -265,6 +265,14 @@ pub struct Conn {
     pub dns_work: DnsWork,
     /// Relay modes: the slot of this session's link to the next hop.
     pub relay: Option<usize>,
+    /// Relay modes: the next hop lags behind this session's message (its link holds more
+    /// than the cap), so the session gets no input until it catches up.
+    pub relay_lagging: bool,
+    /// A message of this session is with the spool writers; its `SpoolDone` has not come.
+    pub spooling: bool,
+    /// The shutdown grace ended while `spooling`: the 421 waits until the message's own
+    /// reply has gone out, so a stored message is never reported failed.
+    pub grace_held: bool,
 }
 
 impl Conn {
@@ -296,6 +304,9 @@ impl Conn {
             dns: DnsTiming::default(),
             dns_work: DnsWork::default(),
             relay: None,
+            relay_lagging: false,
+            spooling: false,
+            grace_held: false,
         }
     }
 
@@ -418,6 +429,7 @@ impl Conn {
             return true;
         }
         self.outbuf.len() < OUTBUF_CAP
+            && !self.relay_lagging
             && self.unseen_input
             && !self.inbuf.is_empty()
             && session.wants_input()
