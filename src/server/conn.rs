@@ -28,11 +28,6 @@ pub const INBUF_CAP: usize = 64 * 1024;
 /// gets no more input until the client catches up.
 pub const OUTBUF_CAP: usize = 256 * 1024;
 
-/// Relay modes: content waiting for a next hop that does not keep up is capped here; past
-/// it the session gets no more input until the next hop catches up, so a fast client never
-/// piles its message up in memory (SPEC "Memory").
-pub const RELAY_BACKLOG_CAP: usize = 256 * 1024;
-
 /// A PROXY v2 header is at most 16 + 65535 octets; v1 at most 107.
 pub const PROXY_HEADER_CAP: usize = 16 + 65_535;
 
@@ -211,6 +206,23 @@ pub struct ReadOutcome {
     pub tls_established: bool,
 }
 
+/// A session's DNS work as the loop sees it.
+#[derive(Clone, Debug, Default)]
+pub struct DnsWork {
+    /// Queries the resolver reported for this session's answers so far.
+    pub queries: u32,
+    /// The HELO name whose A/AAAA answer the session still waits for; an answer for another
+    /// name is for an identity the session has replaced.
+    pub forward_wanted: Option<String>,
+}
+
+impl DnsWork {
+    /// HELOGUARD_DNS_BUDGET (0 = unlimited) is spent: no more lookups for this session.
+    pub fn over_budget(&self, budget: u32) -> bool {
+        budget != 0 && self.queries >= budget
+    }
+}
+
 /// Time spent waiting for DNS, for the verdict log line.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DnsTiming {
@@ -249,10 +261,18 @@ pub struct Conn {
     pub last_input: Instant,
     pub started: Instant,
     pub dns: DnsTiming,
+    /// What DNS work this session caused and still waits for (HELOGUARD_DNS_BUDGET).
+    pub dns_work: DnsWork,
     /// Relay modes: the slot of this session's link to the next hop.
     pub relay: Option<usize>,
-    /// Relay modes: the link holds RELAY_BACKLOG_CAP or more unsent: input waits.
-    pub relay_backlogged: bool,
+    /// Relay modes: the next hop lags behind this session's message (its link holds more
+    /// than the cap), so the session gets no input until it catches up.
+    pub relay_lagging: bool,
+    /// A message of this session is with the spool writers; its `SpoolDone` has not come.
+    pub spooling: bool,
+    /// The shutdown grace ended while `spooling`: the 421 waits until the message's own
+    /// reply has gone out, so a stored message is never reported failed.
+    pub grace_held: bool,
 }
 
 impl Conn {
@@ -282,8 +302,11 @@ impl Conn {
             last_input: now,
             started: now,
             dns: DnsTiming::default(),
+            dns_work: DnsWork::default(),
             relay: None,
-            relay_backlogged: false,
+            relay_lagging: false,
+            spooling: false,
+            grace_held: false,
         }
     }
 
@@ -392,15 +415,12 @@ impl Conn {
     pub fn finished_after_eof(&self) -> bool {
         !matches!(self.state, ConnState::AtWorker)
             && !self.has_work()
-            // Input held back for a slow next hop is still to be read, however long it takes.
-            && (!self.relay_backlogged || self.inbuf.is_empty())
             && !self.state.session().is_some_and(|s| s.awaits_loop())
     }
 
     /// The session may be handed to a worker: it is here and has something to do. Events
     /// always go; input waits while the client leaves OUTBUF_CAP of replies unread, so a
-    /// client that never reads cannot make the session produce without bound, and while the
-    /// next hop has RELAY_BACKLOG_CAP of its message unsent.
+    /// client that never reads cannot make the session produce without bound.
     pub fn has_work(&self) -> bool {
         let ConnState::Waiting { session } = &self.state else {
             return false;
@@ -409,7 +429,7 @@ impl Conn {
             return true;
         }
         self.outbuf.len() < OUTBUF_CAP
-            && !self.relay_backlogged
+            && !self.relay_lagging
             && self.unseen_input
             && !self.inbuf.is_empty()
             && session.wants_input()

@@ -24,6 +24,7 @@ use crate::protocol::reply::Reply;
 use crate::relay::client::RelayClient;
 use crate::relay::{RelayClientParams, RelayEvent, RelayOutput};
 use crate::server::conn_id::ConnId;
+use crate::server::tls::TlsSession;
 
 /// How long the next hop gets to accept the connection and finish the setup (greeting,
 /// EHLO, STARTTLS, XCLIENT).
@@ -31,8 +32,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the next hop gets for each reply (RFC 5321 4.5.3.2 suggests minutes for a
 /// queueing MTA; a before-queue proxy holds a client meanwhile, so we wait less).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
-
-const READ_CHUNK: usize = 16 * 1024;
 
 /// TCP or a Unix socket (`lmtp:unix:/PATH`).
 pub enum NextHopSocket {
@@ -152,18 +151,26 @@ pub struct RelayLink {
     /// The client connection this link serves.
     pub owner: ConnId,
     client: RelayClient,
-    tls: Option<ClientConnection>,
+    tls: Option<TlsSession<ClientConnection>>,
+    /// The next hops' TLS configuration, built once at startup.
+    tls_config: Arc<ClientConfig>,
     /// Server name for the next hop's TLS (SNI); the certificate is not verified.
     tls_name: ServerName<'static>,
+    /// Handing bytes to TLS failed: the link is unusable (reported at the next `ready`).
+    broken: bool,
     connected: bool,
     /// `tls_established` was reported to the protocol after the handshake.
     tls_announced: bool,
+    /// Bytes for the socket before TLS (after it, `tls` keeps what waits).
     outbuf: Vec<u8>,
     inbuf: Vec<u8>,
     awaiting: VecDeque<Awaiting>,
     /// A MAIL was accepted and its transaction has not ended: RSET before the next MAIL.
     transaction_open: bool,
     pub deadline: Instant,
+    /// When the link last had a request outstanding or a transaction open; with neither for
+    /// HELOGUARD_RELAY_IDLE_SECS it closes, so an idle client holds no next-hop slot.
+    last_busy: Instant,
 }
 
 impl RelayLink {
@@ -172,6 +179,7 @@ impl RelayLink {
         owner: ConnId,
         params: RelayClientParams,
         tls_host: &str,
+        tls_config: Arc<ClientConfig>,
         now: Instant,
     ) -> Self {
         let tls_name = ServerName::try_from(tls_host.to_string())
@@ -181,7 +189,9 @@ impl RelayLink {
             owner,
             client: RelayClient::new(params),
             tls: None,
+            tls_config,
             tls_name,
+            broken: false,
             connected: false,
             tls_announced: false,
             outbuf: Vec::new(),
@@ -189,6 +199,7 @@ impl RelayLink {
             awaiting: VecDeque::new(),
             transaction_open: false,
             deadline: now + CONNECT_TIMEOUT,
+            last_busy: now,
         }
     }
 
@@ -227,11 +238,6 @@ impl RelayLink {
         self.absorb_output(out);
     }
 
-    /// Octets queued for the next hop and not yet written.
-    pub fn backlog(&self) -> usize {
-        self.outbuf.len()
-    }
-
     /// The final dot; its reply is the delivery's answer.
     pub fn end_data(&mut self) {
         let mut out = RelayOutput::default();
@@ -244,14 +250,25 @@ impl RelayLink {
     pub fn quit(&mut self) {
         let mut out = RelayOutput::default();
         self.client.quit(&mut out);
-        self.absorb_output(out);
+        self.queue(&out.bytes);
+        if let Some(tls) = self.tls.as_mut() {
+            tls.send_close_notify();
+        }
         let _ = self.flush();
+    }
+
+    /// Bytes accepted for the next hop and not yet written to its socket (what rustls holds
+    /// is bounded by its own limit and not counted). The loop stops feeding the session
+    /// while this is high: the client is not read while the next hop lags.
+    pub fn backlog(&self) -> usize {
+        self.outbuf.len() + self.tls.as_ref().map_or(0, |t| t.unsent())
     }
 
     /// Queues what the next reply answers. The reply clock starts when a request is the
     /// only one outstanding on a ready link: time spent idle between transactions is not
     /// the next hop's.
     fn expect(&mut self, awaiting: Awaiting) {
+        self.last_busy = Instant::now();
         if self.awaiting.is_empty() && self.client.is_ready() {
             self.deadline = Instant::now() + REPLY_TIMEOUT;
         }
@@ -260,6 +277,16 @@ impl RelayLink {
 
     pub fn is_waiting(&self) -> bool {
         !self.awaiting.is_empty()
+    }
+
+    /// Whether the link has carried no transaction for `idle` at `now`: nothing asked and
+    /// unanswered, no MAIL left open (its RSET would be owed), nothing left to write.
+    pub fn idle_for(&mut self, idle: Duration, now: Instant) -> bool {
+        if self.is_waiting() || self.transaction_open || self.backlog() > 0 {
+            self.last_busy = now;
+            return false;
+        }
+        now.saturating_duration_since(self.last_busy) >= idle
     }
 
     /// Answers every outstanding request with `reply` (the link is gone).
@@ -276,8 +303,13 @@ impl RelayLink {
     }
 
     /// Handles readiness: finishes the connect, writes, reads and runs the protocol.
-    pub fn ready(&mut self, now: Instant) -> LinkProgress {
+    /// `chunk` is the loop's read scratch buffer, shared with the client connections.
+    pub fn ready(&mut self, now: Instant, chunk: &mut [u8]) -> LinkProgress {
         let mut progress = LinkProgress::default();
+        if self.broken {
+            progress.failed = Some(LinkFailure::Refused);
+            return progress;
+        }
         if !self.connected {
             match self.socket.check_connected() {
                 Ok(true) => {
@@ -297,7 +329,7 @@ impl RelayLink {
             progress.failed = Some(LinkFailure::Connect);
             return progress;
         }
-        match self.read_available() {
+        match self.read_available(chunk) {
             Ok(eof) => {
                 self.run_protocol(&mut progress, now);
                 if eof && progress.failed.is_none() {
@@ -306,37 +338,34 @@ impl RelayLink {
             }
             Err(_) => progress.failed = Some(LinkFailure::Refused),
         }
-        if progress.failed.is_none() && self.flush().is_err() {
+        if progress.failed.is_none() && (self.broken || self.flush().is_err()) {
             progress.failed = Some(LinkFailure::Refused);
         }
         progress
     }
 
-    fn read_available(&mut self) -> io::Result<bool> {
-        let mut chunk = [0u8; READ_CHUNK];
+    fn read_available(&mut self, chunk: &mut [u8]) -> io::Result<bool> {
         loop {
-            let n = match self.socket.read(&mut chunk) {
+            let n = match self.socket.read(chunk) {
                 Ok(0) => return Ok(true),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            match self.tls.as_mut() {
-                None => self.inbuf.extend_from_slice(&chunk[..n]),
-                Some(tls) => {
-                    let mut slice = &chunk[..n];
-                    while !slice.is_empty() {
-                        tls.read_tls(&mut slice)?;
-                        tls.process_new_packets().map_err(io::Error::other)?;
-                    }
-                    match tls.reader().read_to_end(&mut self.inbuf) {
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
-                    }
-                    tls.write_tls(&mut self.outbuf)?;
-                }
+            let Some(tls) = self.tls.as_mut() else {
+                self.inbuf.extend_from_slice(&chunk[..n]);
+                continue;
+            };
+            if let Err(e) = tls.receive_ciphertext(&chunk[..n]) {
+                // Send the alert, if any, once before the link closes.
+                let _ = tls.write_tls_to(&mut self.socket);
+                return Err(io::Error::other(e));
+            }
+            tls.take_plaintext(&mut self.inbuf)
+                .map_err(io::Error::other)?;
+            if tls.peer_closed() {
+                return Ok(true);
             }
         }
     }
@@ -407,10 +436,8 @@ impl RelayLink {
     }
 
     fn start_tls(&mut self, progress: &mut LinkProgress) {
-        let started = opportunistic_tls_config()
-            .and_then(|config| ClientConnection::new(config, self.tls_name.clone()));
-        let mut conn = match started {
-            Ok(c) => c,
+        let tls = match TlsSession::connect(self.tls_config.clone(), self.tls_name.clone()) {
+            Ok(tls) => tls,
             Err(_) => {
                 let mut out = RelayOutput::default();
                 self.client.tls_failed(&mut out);
@@ -420,8 +447,8 @@ impl RelayLink {
         };
         // Anything after the 220 in plaintext is not trusted (RFC 3207 4.2).
         self.inbuf.clear();
-        let _ = conn.write_tls(&mut self.outbuf);
-        self.tls = Some(conn);
+        // The ClientHello goes out with the next flush.
+        self.tls = Some(tls);
     }
 
     fn absorb_output(&mut self, out: RelayOutput) {
@@ -436,21 +463,20 @@ impl RelayLink {
         }
         match self.tls.as_mut() {
             None => self.outbuf.extend_from_slice(bytes),
+            // What rustls does not take now waits in the session and counts in `backlog`.
             Some(tls) => {
-                let _ = tls.writer().write_all(bytes);
-                let _ = tls.write_tls(&mut self.outbuf);
+                if tls.send_plaintext(bytes).is_err() {
+                    self.broken = true;
+                }
             }
         }
     }
 
+    /// Writes until the socket would block: plaintext queued before TLS first, then TLS
+    /// records (and the plaintext waiting behind them).
     fn flush(&mut self) -> io::Result<()> {
         if !self.connected {
             return Ok(());
-        }
-        if let Some(tls) = self.tls.as_mut() {
-            while tls.wants_write() {
-                tls.write_tls(&mut self.outbuf)?;
-            }
         }
         let mut written = 0;
         while written < self.outbuf.len() {
@@ -463,7 +489,13 @@ impl RelayLink {
             }
         }
         self.outbuf.drain(..written);
-        Ok(())
+        if !self.outbuf.is_empty() {
+            return Ok(());
+        }
+        match self.tls.as_mut() {
+            Some(tls) => tls.write_tls_to(&mut self.socket),
+            None => Ok(()),
+        }
     }
 }
 
@@ -471,7 +503,7 @@ impl RelayLink {
 /// protects against passive listeners on the way; the next hop is usually local and its
 /// certificate often self-signed, so the certificate is not verified (the handshake
 /// signature still is).
-fn opportunistic_tls_config() -> Result<Arc<ClientConfig>, rustls::Error> {
+pub fn opportunistic_tls_config() -> Result<Arc<ClientConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(AnyCertificate(provider.clone()));
     let config = ClientConfig::builder_with_provider(provider)

@@ -10,14 +10,16 @@
 //!   the new files load completely, so a bad reload (SIGHUP) keeps serving the old pair. A
 //!   session that already started TLS keeps the configuration it began with.
 //! - [`TlsSession`] owns no socket, in the style of rustls-test's `transfer()`: the caller hands
-//!   in ciphertext it read, takes out plaintext, hands in plaintext replies and takes out
-//!   ciphertext to write.
+//!   in ciphertext it read, takes out plaintext, hands in plaintext replies and writes out
+//!   ciphertext. The same type serves the server side of STARTTLS and, as
+//!   `TlsSession<ClientConnection>`, the relay link's STARTTLS toward the next hop.
 //!
 //! Limits: rustls refuses to decrypt more once 16 KiB of plaintext wait unread; this wrapper then
 //! moves that plaintext aside and carries on, so the plaintext held between two calls is at most
 //! the ciphertext handed to one [`TlsSession::receive_ciphertext`] call plus 16 KiB. The event loop
-//! bounds its reads, so this bounds memory. Outgoing TLS records are bounded by
-//! [`SEND_BUFFER_LIMIT`] per [`TlsSession::send_plaintext`] call before the caller drains them.
+//! bounds its reads, so this bounds memory. rustls holds at most [`SEND_BUFFER_LIMIT`] of
+//! outgoing records; plaintext beyond that waits in the session, is never dropped, and is
+//! counted by [`TlsSession::unsent`] so that the caller stops producing while it grows.
 //!
 //! Failure: every error is a [`TlsError`]. A protocol error from the peer leaves the alert to
 //! send in the session: the caller should call [`TlsSession::take_ciphertext`] once, write the
@@ -26,15 +28,21 @@
 use std::fmt;
 use std::io;
 use std::io::{Read, Write};
+use std::ops::Deref;
+use std::ops::DerefMut;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::ServerConnection;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
-use rustls::{CipherSuite, InconsistentKeys, ProtocolVersion, ServerConfig};
+use rustls::{
+    CipherSuite, ClientConfig, ClientConnection, ConnectionCommon, InconsistentKeys,
+    ProtocolVersion, ServerConfig,
+};
 
 use crate::session::TlsInfo;
 
@@ -90,8 +98,6 @@ pub enum TlsError {
     Protocol(rustls::Error),
     /// Moving bytes through rustls failed.
     Io(io::Error),
-    /// More plaintext was sent than the outgoing buffer holds; drain ciphertext first.
-    SendBufferFull,
 }
 
 impl TlsError {
@@ -105,10 +111,7 @@ impl TlsError {
             | TlsError::UnsupportedKey { path, .. }
             | TlsError::BadCertificate { path, .. } => Some(path),
             TlsError::KeyMismatch { key, .. } => Some(key),
-            TlsError::Config(_)
-            | TlsError::Protocol(_)
-            | TlsError::Io(_)
-            | TlsError::SendBufferFull => None,
+            TlsError::Config(_) | TlsError::Protocol(_) | TlsError::Io(_) => None,
         }
     }
 }
@@ -141,7 +144,6 @@ impl fmt::Display for TlsError {
             Self::Config(e) => write!(f, "TLS configuration refused: {e}"),
             Self::Protocol(e) => write!(f, "TLS protocol error: {e}"),
             Self::Io(e) => write!(f, "TLS I/O error: {e}"),
-            Self::SendBufferFull => f.write_str("TLS send buffer full"),
         }
     }
 }
@@ -216,122 +218,35 @@ impl TlsAcceptor {
     }
 }
 
-/// One server-side TLS connection with no socket inside; the caller moves the bytes.
-pub struct TlsSession {
+/// One TLS connection with no socket inside; the caller moves the bytes. The server side of
+/// STARTTLS is `TlsSession` (`ServerConnection`); the relay link's side toward the next hop is
+/// `TlsSession<ClientConnection>`. Both take and give bytes the same way:
+///
+/// - ciphertext in: [`Self::receive_ciphertext`], then [`Self::take_plaintext`];
+/// - plaintext out: [`Self::send_plaintext`] hands rustls what it takes and keeps the rest in
+///   this session's own buffer (never dropped; [`Self::unsent`] says how much waits, so the
+///   caller can stop producing);
+/// - ciphertext out: [`Self::write_tls_to`] writes records to a socket until it would block,
+///   and refills rustls from the kept plaintext each time records have gone out;
+///   [`Self::take_ciphertext`] does the same into a `Vec`, which takes everything.
+pub struct TlsSession<C = ServerConnection> {
     /// The rustls state machine.
-    conn: ServerConnection,
+    conn: C,
     /// Plaintext taken out of rustls early because its 16 KiB receive buffer was full.
     plaintext: Vec<u8>,
-    /// Ciphertext taken out of rustls early because its send buffer was full.
-    ciphertext: Vec<u8>,
+    /// Plaintext for the peer that rustls did not take yet (its outgoing buffer was at
+    /// SEND_BUFFER_LIMIT); it goes, in order, as records are written out.
+    unsent: Vec<u8>,
     /// The peer sent close_notify: no more plaintext will come.
     peer_closed: bool,
 }
 
-impl TlsSession {
+impl TlsSession<ServerConnection> {
     /// Starts a server connection with `config`.
     pub fn new(config: Arc<ServerConfig>) -> Result<Self, TlsError> {
-        let mut conn = ServerConnection::new(config).map_err(TlsError::Config)?;
-        conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
-        Ok(Self {
-            conn,
-            plaintext: Vec::new(),
-            ciphertext: Vec::new(),
-            peer_closed: false,
-        })
-    }
-
-    /// Feeds ciphertext read from the socket; all of `data` is consumed or an error returned.
-    ///
-    /// On [`TlsError::Protocol`] the alert for the peer is already queued: call
-    /// [`Self::take_ciphertext`] once, write it, then close.
-    pub fn receive_ciphertext(&mut self, data: &[u8]) -> Result<(), TlsError> {
-        let mut rest = data;
-        // Never call read_tls with an empty slice: rustls takes a zero-length read as EOF.
-        while !rest.is_empty() {
-            match self.conn.read_tls(&mut rest) {
-                // Only after close_notify: whatever follows it is ignored, as RFC 8446 6.1 allows.
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    // rustls stops reading while 16 KiB of plaintext wait unread; moving it
-                    // aside lets the rest of `data` through. Any other error stays an error.
-                    let before = self.plaintext.len();
-                    let mut out = std::mem::take(&mut self.plaintext);
-                    let drained = read_plaintext(&mut self.conn, &mut out, &mut self.peer_closed);
-                    self.plaintext = out;
-                    drained?;
-                    if self.plaintext.len() > before {
-                        continue;
-                    }
-                    return Err(TlsError::Io(e));
-                }
-            }
-            // Process after every read: the deframer holds at most one record's worth.
-            self.conn
-                .process_new_packets()
-                .map_err(TlsError::Protocol)?;
-        }
-        Ok(())
-    }
-
-    /// Appends all plaintext decrypted so far to `into`.
-    pub fn take_plaintext(&mut self, into: &mut Vec<u8>) -> Result<(), TlsError> {
-        into.append(&mut self.plaintext);
-        read_plaintext(&mut self.conn, into, &mut self.peer_closed)
-    }
-
-    /// Encrypts `data` for the peer; take the records with [`Self::take_ciphertext`].
-    pub fn send_plaintext(&mut self, data: &[u8]) -> Result<(), TlsError> {
-        let mut rest = data;
-        while !rest.is_empty() {
-            let n = self.conn.writer().write(rest).map_err(TlsError::Io)?;
-            if n == 0 {
-                // The outgoing buffer is at its limit. After the handshake, moving the records
-                // out makes room; before it, plaintext cannot be encrypted yet.
-                if !self.conn.wants_write() {
-                    return Err(TlsError::SendBufferFull);
-                }
-                let mut out = std::mem::take(&mut self.ciphertext);
-                self.take_ciphertext(&mut out);
-                self.ciphertext = out;
-                continue;
-            }
-            rest = &rest[n..];
-        }
-        Ok(())
-    }
-
-    /// Appends every TLS record waiting to be sent to `into`.
-    pub fn take_ciphertext(&mut self, into: &mut Vec<u8>) {
-        into.append(&mut self.ciphertext);
-        while self.conn.wants_write() {
-            // Writing into a Vec cannot fail; a zero-length write means nothing is left.
-            match self.conn.write_tls(into) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    }
-
-    /// Queues a close_notify alert (a clean TLS close before the socket closes).
-    pub fn send_close_notify(&mut self) {
-        self.conn.send_close_notify();
-    }
-
-    /// The handshake has not finished yet.
-    pub fn is_handshaking(&self) -> bool {
-        self.conn.is_handshaking()
-    }
-
-    /// Ciphertext waits to be taken.
-    pub fn wants_write(&self) -> bool {
-        !self.ciphertext.is_empty() || self.conn.wants_write()
-    }
-
-    /// The peer sent close_notify; seen by [`Self::take_plaintext`].
-    pub fn peer_closed(&self) -> bool {
-        self.peer_closed
+        ServerConnection::new(config)
+            .map(Self::wrap)
+            .map_err(TlsError::Config)
     }
 
     /// The negotiated version and cipher, once the handshake is done.
@@ -354,44 +269,196 @@ impl TlsSession {
     }
 }
 
-impl fmt::Debug for TlsSession {
+impl TlsSession<ClientConnection> {
+    /// Starts a client connection to `name` with `config` (the relay link's STARTTLS).
+    pub fn connect(config: Arc<ClientConfig>, name: ServerName<'static>) -> Result<Self, TlsError> {
+        ClientConnection::new(config, name)
+            .map(Self::wrap)
+            .map_err(TlsError::Config)
+    }
+}
+
+impl<C, D> TlsSession<C>
+where
+    C: DerefMut<Target = ConnectionCommon<D>>,
+{
+    fn wrap(mut conn: C) -> Self {
+        conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
+        Self {
+            conn,
+            plaintext: Vec::new(),
+            unsent: Vec::new(),
+            peer_closed: false,
+        }
+    }
+
+    /// Feeds ciphertext read from the socket; all of `data` is consumed or an error returned.
+    ///
+    /// On [`TlsError::Protocol`] the alert for the peer is already queued: call
+    /// [`Self::take_ciphertext`] once, write it, then close.
+    pub fn receive_ciphertext(&mut self, data: &[u8]) -> Result<(), TlsError> {
+        let mut rest = data;
+        // Never call read_tls with an empty slice: rustls takes a zero-length read as EOF.
+        while !rest.is_empty() {
+            match self.conn.read_tls(&mut rest) {
+                // Only after close_notify: whatever follows it is ignored, as RFC 8446 6.1 allows.
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    // rustls stops reading while 16 KiB of plaintext wait unread; moving it
+                    // aside lets the rest of `data` through. Any other error stays an error.
+                    let before = self.plaintext.len();
+                    let drained =
+                        read_plaintext(&mut self.conn, &mut self.plaintext, &mut self.peer_closed);
+                    drained?;
+                    if self.plaintext.len() > before {
+                        continue;
+                    }
+                    return Err(TlsError::Io(e));
+                }
+            }
+            // Process after every read: the deframer holds at most one record's worth.
+            self.conn
+                .process_new_packets()
+                .map_err(TlsError::Protocol)?;
+        }
+        Ok(())
+    }
+
+    /// Appends all plaintext decrypted so far to `into`.
+    pub fn take_plaintext(&mut self, into: &mut Vec<u8>) -> Result<(), TlsError> {
+        into.append(&mut self.plaintext);
+        read_plaintext(&mut self.conn, into, &mut self.peer_closed)
+    }
+
+    /// Encrypts `data` for the peer as far as rustls' outgoing buffer allows, and keeps the
+    /// rest, in order, for [`Self::write_tls_to`] / [`Self::take_ciphertext`] to hand over
+    /// once records have gone out. Returns how many bytes now wait in that buffer.
+    pub fn send_plaintext(&mut self, data: &[u8]) -> Result<usize, TlsError> {
+        if self.unsent.is_empty() {
+            let taken = write_plaintext(&mut self.conn, data)?;
+            self.unsent.extend_from_slice(&data[taken..]);
+        } else {
+            // Older bytes wait: these go behind them.
+            self.unsent.extend_from_slice(data);
+            self.refill()?;
+        }
+        Ok(self.unsent.len())
+    }
+
+    /// Plaintext handed to [`Self::send_plaintext`] that rustls has not taken yet.
+    pub fn unsent(&self) -> usize {
+        self.unsent.len()
+    }
+
+    /// Writes TLS records to `sink` until it would block or nothing is left, handing rustls
+    /// the kept plaintext as its buffer empties. `WouldBlock` is not an error: the rest waits
+    /// for the next writable event.
+    pub fn write_tls_to(&mut self, sink: &mut dyn io::Write) -> io::Result<()> {
+        loop {
+            while self.conn.wants_write() {
+                match self.conn.write_tls(sink) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.unsent.is_empty() {
+                return Ok(());
+            }
+            let before = self.unsent.len();
+            self.refill().map_err(io::Error::other)?;
+            if self.unsent.len() == before {
+                // Before the handshake ends rustls holds plaintext back; the handshake's own
+                // records will make room.
+                return Ok(());
+            }
+        }
+    }
+
+    /// Appends every TLS record waiting to be sent to `into`, with the kept plaintext
+    /// encrypted too (a `Vec` takes all of it).
+    pub fn take_ciphertext(&mut self, into: &mut Vec<u8>) {
+        // Writing into a Vec cannot block; an error here can only come from rustls refusing
+        // plaintext, and then what it refused stays kept for a later call.
+        let _ = self.write_tls_to(into);
+    }
+
+    /// Queues a close_notify alert (a clean TLS close before the socket closes).
+    pub fn send_close_notify(&mut self) {
+        self.conn.send_close_notify();
+    }
+
+    /// The handshake has not finished yet.
+    pub fn is_handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
+    /// Ciphertext waits to be written, or plaintext to be encrypted.
+    pub fn wants_write(&self) -> bool {
+        !self.unsent.is_empty() || self.conn.wants_write()
+    }
+
+    /// The peer sent close_notify; seen by [`Self::take_plaintext`].
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed
+    }
+
+    /// Moves kept plaintext into rustls as far as its outgoing buffer allows.
+    fn refill(&mut self) -> Result<(), TlsError> {
+        let taken = write_plaintext(&mut self.conn, &self.unsent)?;
+        self.unsent.drain(..taken);
+        Ok(())
+    }
+}
+
+impl<C, D> fmt::Debug for TlsSession<C>
+where
+    C: Deref<Target = ConnectionCommon<D>>,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsSession")
             .field("handshaking", &self.conn.is_handshaking())
             .field("plaintext", &self.plaintext.len())
-            .field("ciphertext", &self.ciphertext.len())
+            .field("unsent", &self.unsent.len())
             .field("peer_closed", &self.peer_closed)
             .finish()
     }
 }
 
+/// Hands rustls as much of `data` as its outgoing buffer takes; returns how much that was.
+fn write_plaintext<D>(conn: &mut ConnectionCommon<D>, data: &[u8]) -> Result<usize, TlsError> {
+    let mut taken = 0;
+    while taken < data.len() {
+        match conn.writer().write(&data[taken..]) {
+            // At SEND_BUFFER_LIMIT: the rest waits until records have been written out.
+            Ok(0) => break,
+            Ok(n) => taken += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(TlsError::Io(e)),
+        }
+    }
+    Ok(taken)
+}
+
 /// Drains rustls' plaintext reader into `into` until it would block.
-fn read_plaintext(
-    conn: &mut ServerConnection,
+fn read_plaintext<D>(
+    conn: &mut ConnectionCommon<D>,
     into: &mut Vec<u8>,
     peer_closed: &mut bool,
 ) -> Result<(), TlsError> {
-    const CHUNK: usize = 4096;
-    loop {
-        let start = into.len();
-        into.resize(start + CHUNK, 0);
-        let read = conn.reader().read(&mut into[start..]);
-        let n = match read {
-            Ok(n) => n,
-            Err(e) => {
-                into.truncate(start);
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    return Ok(());
-                }
-                return Err(TlsError::Io(e));
-            }
-        };
-        into.truncate(start + n);
-        // Ok(0) from the reader means close_notify arrived and everything before it was read.
-        if n == 0 {
+    // read_to_end grows `into` without zeroing the spare room on every call, and keeps what
+    // it read when it stops with an error.
+    match conn.reader().read_to_end(into) {
+        // Ok means close_notify arrived and everything before it was read.
+        Ok(_) => {
             *peer_closed = true;
-            return Ok(());
+            Ok(())
         }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(TlsError::Io(e)),
     }
 }
 
@@ -498,5 +565,108 @@ fn certified_key(
             path: cert_path.to_path_buf(),
             reason: e.to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::relay_link::opportunistic_tls_config;
+
+    /// A socket that takes at most `per_write` bytes per call and then would block, until
+    /// the test lets it take more.
+    struct SlowSink {
+        got: Vec<u8>,
+        room: usize,
+        per_write: usize,
+    }
+
+    impl io::Write for SlowSink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.per_write).min(self.room);
+            self.got.extend_from_slice(&buf[..n]);
+            self.room -= n;
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn server_config() -> Arc<ServerConfig> {
+        let dir = std::env::temp_dir().join(format!("heloguard-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["hop.test".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let (cert_path, key_path) = (dir.join("hop.crt"), dir.join("hop.key"));
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        load_server_config(&cert_path, &key_path).expect("server config")
+    }
+
+    fn handshake(client: &mut TlsSession<ClientConnection>, server: &mut TlsSession) {
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            client.take_ciphertext(&mut wire);
+            server.receive_ciphertext(&wire).expect("server receives");
+            let mut wire = Vec::new();
+            server.take_ciphertext(&mut wire);
+            client.receive_ciphertext(&wire).expect("client receives");
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return;
+            }
+        }
+        panic!("no handshake");
+    }
+
+    #[test]
+    fn plaintext_beyond_the_send_limit_is_kept_and_sent_as_the_socket_drains() {
+        let name = ServerName::try_from("hop.test").expect("name");
+        let config = opportunistic_tls_config().expect("client config");
+        let mut client = TlsSession::connect(config, name).expect("client");
+        let mut server = TlsSession::new(server_config()).expect("server");
+        handshake(&mut client, &mut server);
+
+        let message: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let waiting = client.send_plaintext(&message).expect("send");
+        assert!(
+            waiting >= message.len() - SEND_BUFFER_LIMIT,
+            "rustls took more than its limit: {waiting} wait"
+        );
+        assert_eq!(client.unsent(), waiting);
+        // More goes behind what waits, never ahead of it.
+        client.send_plaintext(b"END").expect("send");
+
+        let mut sink = SlowSink {
+            got: Vec::new(),
+            room: 0,
+            per_write: 7000,
+        };
+        let mut received = Vec::new();
+        let mut rounds = 0;
+        while client.wants_write() {
+            rounds += 1;
+            assert!(rounds < 1000, "stuck with {} unsent", client.unsent());
+            sink.room = 20_000;
+            client.write_tls_to(&mut sink).expect("write");
+            server
+                .receive_ciphertext(&std::mem::take(&mut sink.got))
+                .expect("server receives");
+            server.take_plaintext(&mut received).expect("plaintext");
+        }
+        assert!(
+            rounds > 10,
+            "the sink took it all too fast to show anything"
+        );
+        assert_eq!(received.len(), message.len() + 3);
+        assert!(received[..message.len()] == message[..]);
+        assert_eq!(&received[message.len()..], b"END");
     }
 }

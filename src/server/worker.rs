@@ -11,7 +11,10 @@
 //! already knows it (`AnswerCache`): the worker hands it over and goes on with the session's
 //! input, so a repeat sender's EHLO costs no trip through the loop and the resolver thread.
 
+use std::any::Any;
 use std::io;
+use std::panic;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime};
@@ -91,6 +94,15 @@ pub struct Done {
     pub output: Output,
 }
 
+/// What a worker sends back for one job.
+pub enum WorkerReport {
+    /// The job ran; the session comes back.
+    Finished(Done),
+    /// The job panicked and its session is lost: the loop closes the connection with
+    /// 421 4.3.0. The thread lives on for the next job.
+    Panicked { conn_id: ConnId, message: String },
+}
+
 /// The running pool.
 pub struct WorkerPool {
     jobs: Option<Sender<Job>>,
@@ -102,7 +114,7 @@ impl WorkerPool {
     /// answer HELO lookups from `known` when they can.
     pub fn start(
         count: usize,
-        done: Sender<Done>,
+        done: Sender<WorkerReport>,
         waker: Arc<LoopWake>,
         metrics: Arc<Metrics>,
         known: Arc<AnswerCache>,
@@ -148,19 +160,47 @@ impl WorkerPool {
 
 fn run_worker(
     jobs: &Receiver<Job>,
-    done: &Sender<Done>,
+    done: &Sender<WorkerReport>,
     waker: &LoopWake,
     metrics: &Metrics,
     known: &AnswerCache,
 ) {
     while let Ok(job) = jobs.recv() {
-        let finished = process(job, metrics, Some(known));
-        if done.send(finished).is_err() {
+        let conn_id = job.conn_id;
+        // A bug hit by one session's input must cost that session only: without this, the
+        // thread would die and the loop would wait for the session for ever, holding its
+        // descriptor and per-IP slot. The session is dropped with the job; the state it was
+        // in when the panic struck is not trusted further.
+        let report =
+            match panic::catch_unwind(AssertUnwindSafe(|| process(job, metrics, Some(known)))) {
+                Ok(finished) => WorkerReport::Finished(finished),
+                Err(payload) => WorkerReport::Panicked {
+                    conn_id,
+                    message: panic_message(payload.as_ref()),
+                },
+            };
+        if done.send(report).is_err() {
             return;
         }
         let _ = waker.wake();
     }
 }
+
+/// The text a panic was raised with, for the log line.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        return (*text).to_string();
+    }
+    if let Some(text) = payload.downcast_ref::<String>() {
+        return text.clone();
+    }
+    "panic with a non-text payload".to_string()
+}
+
+/// Tests only: input containing this makes the job panic, so the loop's recovery can be
+/// exercised end to end. Not compiled into the server.
+#[cfg(test)]
+pub const PANIC_TRIGGER: &[u8] = b"X-TEST-WORKER-PANIC";
 
 /// Runs one job: every queued event in order, then as much input as the session takes,
 /// answering from `known` the lookups it can.
@@ -175,6 +215,13 @@ pub fn process(job: Job, metrics: &Metrics, known: Option<&AnswerCache>) -> Done
         mono: Instant::now(),
         wall: SystemTime::now(),
     };
+    #[cfg(test)]
+    if input
+        .windows(PANIC_TRIGGER.len())
+        .any(|w| w == PANIC_TRIGGER)
+    {
+        panic!("injected worker panic");
+    }
     let mut output = Output::default();
     let family = Family::of(session.client_ip());
     for event in events {

@@ -77,6 +77,9 @@ impl Session {
         match outcome {
             DeliveryOutcome::Accepted => {
                 self.messages += 1;
+                // SPEC HELOGUARD_MAX_ERRORS / MAX_JUNK: a sender reusing a connection for
+                // many messages starts each one with a clean slate.
+                self.counters.restart();
                 out.observations.push(Observation::MessageAccepted);
                 self.reply(
                     out,

@@ -105,6 +105,14 @@ impl Session {
         } else {
             self.adopt(identity, out);
         }
+        // An identity replaced within this batch of pipelined commands needs neither its
+        // lookup nor its deadline: only those of the identities still held go to the loop.
+        let live =
+            [self.current.as_ref(), self.candidate.as_ref()].map(|id| id.map(|i| i.generation));
+        out.actions.retain(|action| match action {
+            SessionAction::HeloAccepted { generation, .. } => live.contains(&Some(*generation)),
+            _ => true,
+        });
         self.evaluate(out);
     }
 

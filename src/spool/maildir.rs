@@ -109,6 +109,8 @@ pub enum SpoolError {
     },
     /// The writer threads are gone; nothing was written.
     WritersGone,
+    /// Every writer is busy and the job queue is full; nothing was written.
+    QueueFull,
     /// The writer panicked while on this message; whether a file reached new/ is unknown.
     WriterPanicked,
 }
@@ -457,6 +459,7 @@ impl fmt::Display for SpoolError {
                 );
             }
             SpoolError::WritersGone => return f.write_str("spool writer threads are gone"),
+            SpoolError::QueueFull => return f.write_str("spool writer queue is full"),
             SpoolError::WriterPanicked => return f.write_str("spool writer panicked"),
         };
         write!(f, "spool: {step} {}: {source}", path.display())
@@ -474,6 +477,7 @@ impl std::error::Error for SpoolError {
             | SpoolError::SyncDirectory { source, .. } => Some(source),
             SpoolError::InsufficientSpace { .. }
             | SpoolError::WritersGone
+            | SpoolError::QueueFull
             | SpoolError::WriterPanicked => None,
         }
     }

@@ -6,22 +6,22 @@
 
 use std::time::Instant;
 
-use log::{debug, warn};
+use log::{debug, error, warn};
 
 use crate::dns::{DnsAnswer, DnsRequest, Family};
 use crate::metrics::RelayFailure;
 use crate::protocol::reply::Reply;
-use crate::server::conn::{INBUF_CAP, RELAY_BACKLOG_CAP, ReadSide, Transport};
+use crate::server::conn::{INBUF_CAP, ReadSide, Transport};
 use crate::server::conn_id::ConnId;
 use crate::server::event_loop::Handoff;
 use crate::server::event_loop::Server;
 use crate::server::event_loop::next_hop::next_hop_unavailable;
 use crate::server::event_loop::session_log::log_verdict;
 use crate::server::event_loop::timers::{ConnTimer, TimerKind};
-use crate::server::worker::{Done, OwnedEvent};
+use crate::server::worker::{Done, OwnedEvent, WorkerReport};
 use crate::session::{DeliveryOutcome, Observation, SessionAction};
-use crate::spool::SpoolError;
 use crate::spool::envelope::trace_fields;
+use crate::spool::maildir::SpoolError;
 use crate::spool::writer::{SpoolDone, SpoolJob};
 
 impl Server {
@@ -29,8 +29,13 @@ impl Server {
     /// channel; the wake is rearmed first so a message sent during the drain wakes us again.
     pub(super) fn drain_channels(&mut self) {
         self.wake.rearm();
-        while let Ok(done) = self.done_rx.try_recv() {
-            self.on_done(done);
+        while let Ok(report) = self.done_rx.try_recv() {
+            match report {
+                WorkerReport::Finished(done) => self.on_done(done),
+                WorkerReport::Panicked { conn_id, message } => {
+                    self.on_worker_panic(conn_id, &message)
+                }
+            }
         }
         while let Ok(answer) = self.dns_rx.try_recv() {
             self.on_dns(answer);
@@ -91,6 +96,47 @@ impl Server {
         self.flush_or_close(slot);
     }
 
+    /// A worker panicked on this connection's job: its session is gone, so the connection
+    /// ends with 421 4.3.0 and gives back its per-IP slot like any other close.
+    fn on_worker_panic(&mut self, conn_id: ConnId, message: &str) {
+        self.metrics.panicked();
+        let Some(slot) = self.slot_of(conn_id) else {
+            error!(
+                "session {}: worker panicked after the client left: {message}",
+                conn_id.raw()
+            );
+            return;
+        };
+        if let Some(conn) = self.conns.get(slot) {
+            error!(
+                "session {} ip={}: worker panicked: {message}",
+                conn_id.raw(),
+                conn.client_ip
+            );
+        }
+        self.close_for_internal_error(slot);
+    }
+
+    /// Ends a connection whose session can no longer be trusted to answer: 421 4.3.0, then
+    /// close once it is flushed. Input and events still waiting are dropped with it.
+    fn close_for_internal_error(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        conn.inbuf.clear();
+        conn.pending.clear();
+        conn.state.start_closing();
+        let mut reply = Vec::new();
+        Reply::new(421, "4.3.0", "Internal error, closing connection").write_to(&mut reply);
+        self.metrics.reply(421);
+        if let Err(e) = conn.queue_output(&reply) {
+            debug!("{}: TLS write failed: {e}", conn.client_ip);
+            self.close(slot, "internal error");
+            return;
+        }
+        self.flush_or_close(slot);
+    }
+
     /// Carries out one thing a session asked for.
     fn on_action(&mut self, slot: usize, action: SessionAction, now: Instant) {
         let Some(conn) = self.conns.get_mut(slot) else {
@@ -102,14 +148,24 @@ impl Server {
                 // No lookup left: none was needed, or the worker answered it from the
                 // resolver's known answers (in no time).
                 conn.dns.forward_took = None;
+                conn.dns_work.forward_wanted.clone_from(&lookup);
                 if let Some(name) = lookup {
                     conn.dns.forward_started = Some(now);
-                    if let Some(r) = &self.resolver {
-                        r.submit(DnsRequest::Forward {
-                            id: id.raw(),
-                            name,
-                            family: Family::of(conn.client_ip),
-                        });
+                    let request = DnsRequest::Forward {
+                        id: id.raw(),
+                        name,
+                        family: Family::of(conn.client_ip),
+                    };
+                    if conn.dns_work.over_budget(self.config.dns_budget) {
+                        // SPEC HELOGUARD_DNS_BUDGET: past it, what is still undecided is
+                        // temperror; the answer comes now instead of at the deadline.
+                        if let Some(DnsAnswer::Forward { name, addrs, .. }) = request.unavailable()
+                        {
+                            conn.dns_work.forward_wanted = None;
+                            conn.pending.push(OwnedEvent::Forward { name, addrs });
+                        }
+                    } else if let Some(r) = &self.resolver {
+                        r.submit(request);
                     }
                 }
                 let deadline = now + self.config.dns_timeout * 2;
@@ -119,12 +175,25 @@ impl Server {
                 );
             }
             SessionAction::Deliver(envelope) => match &self.handoff {
-                Some(Handoff::Maildir(w)) => w.submit(SpoolJob {
-                    id: conn.id.raw(),
-                    envelope,
-                }),
+                Some(Handoff::Maildir(w)) => {
+                    conn.spooling = true;
+                    // The grace may have ended while this job was at a worker: its 421 waits
+                    // for the message's answer (see `end_grace`).
+                    if let Some(i) = conn
+                        .pending
+                        .iter()
+                        .position(|e| matches!(e, OwnedEvent::GraceExpired))
+                    {
+                        conn.pending.remove(i);
+                        conn.grace_held = true;
+                    }
+                    w.submit(SpoolJob {
+                        id: conn.id.raw(),
+                        envelope,
+                    })
+                }
                 // Relay modes stream the message (RelayData/RelayChunk/RelayEndData).
-                Some(Handoff::Relay(_)) => {
+                Some(Handoff::Relay { .. }) => {
                     conn.pending
                         .push(OwnedEvent::Delivered(DeliveryOutcome::Failed(
                             next_hop_unavailable(),
@@ -162,9 +231,11 @@ impl Server {
             }
             SessionAction::RelayChunk(bytes) => {
                 // Without a link the chunk has nowhere to go; the end of data answers 451.
-                if let Some(link) = conn.relay.and_then(|r| self.relays.get_mut(r)) {
+                if let Some(key) = conn.relay
+                    && let Some(link) = self.relays.get_mut(key)
+                {
                     link.data_chunk(&bytes);
-                    conn.relay_backlogged = link.backlog() >= RELAY_BACKLOG_CAP;
+                    self.note_relay_backlog(key);
                 }
             }
             SessionAction::RelayEndData => match conn.relay.and_then(|r| self.relays.get_mut(r)) {
@@ -177,7 +248,6 @@ impl Server {
             },
             SessionAction::RelayAbort => {
                 // No final dot: closing the connection is the only way out of DATA.
-                conn.relay_backlogged = false;
                 if let Some(r) = conn.relay.take() {
                     self.metrics.relay_failure(RelayFailure::Aborted);
                     self.close_relay(r, false);
@@ -219,12 +289,23 @@ impl Server {
             return;
         };
         let now = Instant::now();
+        conn.dns_work.queries = conn.dns_work.queries.saturating_add(answer.queries());
         let event = match answer {
             DnsAnswer::Reverse { facts, .. } => {
                 conn.dns.reverse_took = conn.dns.reverse_started.map(|t| now - t);
                 OwnedEvent::Reverse(facts)
             }
             DnsAnswer::Forward { name, addrs, .. } => {
+                let wanted = conn
+                    .dns_work
+                    .forward_wanted
+                    .as_deref()
+                    .is_some_and(|w| w.eq_ignore_ascii_case(&name));
+                if !wanted {
+                    // For an identity the session has replaced: it would only ignore it.
+                    return;
+                }
+                conn.dns_work.forward_wanted = None;
                 conn.dns.forward_took = conn.dns.forward_started.map(|t| now - t);
                 OwnedEvent::Forward { name, addrs }
             }
@@ -241,8 +322,21 @@ impl Server {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
+        conn.spooling = false;
+        let grace_held = std::mem::take(&mut conn.grace_held);
         let outcome = match done.result {
             Ok(_) => DeliveryOutcome::Accepted,
+            Err(SpoolError::WriterPanicked) => {
+                // Whether the file reached new/ is unknown, so neither 250 nor 451 is true:
+                // the session ends as after a worker panic. The writer has logged the job.
+                error!(
+                    "session {} ip={}: spool writer panicked on its message",
+                    done.id, conn.client_ip
+                );
+                self.metrics.panicked();
+                self.close_for_internal_error(slot);
+                return;
+            }
             // SPEC "Memory": a message that would take the spool below HELOGUARD_MIN_FREE_MB.
             Err(e @ SpoolError::InsufficientSpace { .. }) => {
                 warn!("{}: {e}", conn.client_ip);
@@ -258,6 +352,11 @@ impl Server {
             }
         };
         conn.pending.push(OwnedEvent::Delivered(outcome));
+        if grace_held {
+            // After the message's own reply, never before it.
+            conn.pending.push(OwnedEvent::GraceExpired);
+            self.lifecycle.extend_flush(Instant::now());
+        }
         self.pump(slot);
         self.flush_or_close(slot);
     }
@@ -268,6 +367,69 @@ mod tests {
     use super::*;
     use crate::dns::{Lookup, ReverseFacts};
     use crate::server::event_loop::tests::{TestServer, connect};
+
+    /// Turns the loop until the server has closed the client's connection; what came before
+    /// the close is returned.
+    fn read_to_eof(server: &mut TestServer, client: &mut std::net::TcpStream) -> String {
+        use std::io::Read;
+        client
+            .set_read_timeout(Some(std::time::Duration::from_millis(5)))
+            .expect("timeout");
+        let deadline = Instant::now() + std::time::Duration::from_secs(20);
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 512];
+        loop {
+            assert!(Instant::now() < deadline, "never closed: {got:?}");
+            match client.read(&mut chunk) {
+                Ok(0) => return String::from_utf8_lossy(&got).into_owned(),
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(_) => server.turn(),
+            }
+        }
+    }
+
+    #[test]
+    fn a_worker_panic_ends_its_session_with_421_and_frees_its_slot_and_thread() {
+        use crate::server::worker::PANIC_TRIGGER;
+        use std::io::Write;
+        let mut server = TestServer::start(&[
+            ("HELOGUARD_WORKERS", "1"),
+            ("HELOGUARD_MAX_CONNECTIONS_PER_IP", "1"),
+        ]);
+        let mut client = connect(&mut server);
+        assert!(server.read_reply(&mut client).starts_with("220 "));
+        let mut line = b"NOOP ".to_vec();
+        line.extend_from_slice(PANIC_TRIGGER);
+        line.extend_from_slice(b"\r\n");
+        client.write_all(&line).expect("write");
+        let rest = read_to_eof(&mut server, &mut client);
+        assert!(rest.starts_with("421 4.3.0 "), "{rest:?}");
+        assert_eq!(rest.lines().count(), 1, "{rest:?}");
+        assert!(
+            server
+                .server
+                .metrics
+                .render()
+                .contains("heloguard_panics_total 1\n")
+        );
+        assert!(server.server.conns.is_empty());
+        assert_eq!(server.server.admission.clients(), 0, "per-IP slot released");
+
+        // Same IP, limit 1, one worker: served as if nothing had happened.
+        let mut again = connect(&mut server);
+        let banner = server.read_reply(&mut again);
+        assert!(banner.starts_with("220 "), "{banner}");
+        again.write_all(b"NOOP\r\n").expect("write");
+        let reply = server.read_reply(&mut again);
+        assert!(reply.starts_with("250 "), "{reply}");
+        assert!(
+            server
+                .server
+                .metrics
+                .render()
+                .contains("heloguard_panics_total 1\n")
+        );
+    }
 
     #[test]
     fn a_late_dns_answer_for_a_reused_slot_is_dropped() {
@@ -286,6 +448,7 @@ mod tests {
             facts: ReverseFacts {
                 ptr: Lookup::NxDomain,
             },
+            queries: 1,
         };
         server.server.on_dns(answer(first_id));
         assert_eq!(server.pending_events(second_id), pending_before);

@@ -27,11 +27,12 @@ use log::{debug, info};
 use mio::event::Event;
 use mio::net::TcpListener;
 use mio::{Events, Poll, Token};
+use rustls::ClientConfig;
 use slab::Slab;
 
 use crate::config::Config;
-use crate::dns::DnsAnswer;
 use crate::dns::resolver::ResolverHandle;
+use crate::dns::{DnsAnswer, DnsRequest};
 use crate::metrics::Metrics;
 use crate::server::conn::{Conn, ConnState, ReadSide, Transport};
 use crate::server::conn_id::{ConnId, live_slot};
@@ -44,7 +45,7 @@ use crate::server::listener::ListenerKind;
 use crate::server::loop_wake::LoopWake;
 use crate::server::relay_link::RelayLink;
 use crate::server::tls::TlsAcceptor;
-use crate::server::worker::{Done, Job, OwnedEvent, WorkerPool};
+use crate::server::worker::{Job, OwnedEvent, WorkerPool, WorkerReport};
 use crate::session::SessionSettings;
 use crate::spool::writer::SpoolDone;
 use crate::spool::writer::SpoolWriters;
@@ -98,8 +99,12 @@ pub struct ServerOptions {
 /// Where accepted mail goes.
 pub enum Handoff {
     Maildir(SpoolWriters),
-    /// Before-queue relay to the next hop (HELOGUARD_DELIVER smtp:// or lmtp://).
-    Relay(NextHop),
+    /// Before-queue relay to the next hop (HELOGUARD_DELIVER smtp:// or lmtp://), with the
+    /// TLS configuration every link's STARTTLS shares (built once, not per link).
+    Relay {
+        next_hop: NextHop,
+        tls: Arc<ClientConfig>,
+    },
 }
 
 /// The server: listeners, connections, timers and the threads that serve them.
@@ -119,7 +124,7 @@ pub struct Server {
     /// How workers, spool writers and the resolver wake us; rearmed before every drain.
     pub(super) wake: Arc<LoopWake>,
     pub(super) workers: Option<WorkerPool>,
-    pub(super) done_rx: Receiver<Done>,
+    pub(super) done_rx: Receiver<WorkerReport>,
     pub(super) resolver: Option<ResolverHandle>,
     pub(super) dns_rx: Receiver<DnsAnswer>,
     pub(super) handoff: Option<Handoff>,
@@ -363,6 +368,10 @@ impl Server {
         if let Some(key) = conn.counted_as {
             self.admission.release(key);
         }
+        // Lookups only this connection waited for are dropped or stopped.
+        if let Some(r) = &self.resolver {
+            r.submit(DnsRequest::Forget { id: conn.id.raw() });
+        }
         self.metrics.session_closed();
         log_session_end(&conn, why);
     }
@@ -387,7 +396,7 @@ pub mod tests {
     pub struct TestServer {
         pub server: Server,
         events: Events,
-        spool: PathBuf,
+        pub spool: PathBuf,
     }
 
     impl TestServer {

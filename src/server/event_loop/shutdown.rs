@@ -79,6 +79,14 @@ impl Lifecycle {
         }
     }
 
+    /// Gives the final flush at least FINAL_FLUSH from `now`: a session held past the grace
+    /// for its message's answer needs the time to send that answer and its 421.
+    pub fn extend_flush(&mut self, now: Instant) {
+        if let Lifecycle::Flushing { exit_at } = self {
+            *exit_at = (*exit_at).max(now + FINAL_FLUSH);
+        }
+    }
+
     /// When [`Self::advance`] has something to do next.
     pub fn deadline(&self) -> Option<Instant> {
         match *self {
@@ -145,6 +153,10 @@ impl Server {
 
     /// Takes the lifecycle step due at `now`, if any.
     pub(super) fn advance_lifecycle(&mut self, now: Instant) {
+        if self.awaits_spool() {
+            // The final flush starts over once the writers have answered (`on_spooled`).
+            self.lifecycle.extend_flush(now);
+        }
         match self.lifecycle.advance(now) {
             Some(StopStep::EndGrace) => self.end_grace(),
             Some(StopStep::BeginDraining | StopStep::ExitNow) | None => {}
@@ -178,14 +190,28 @@ impl Server {
         }
     }
 
+    /// Tells every session its grace is over. A session whose message is being written keeps
+    /// waiting for it: a 421 now could tell the client a message failed that then lands in
+    /// new/, and the client would send it again. It gets its 250 (or 451) first, then the 421
+    /// (`on_spooled`); only a second stop request cuts that wait short.
     fn end_grace(&mut self) {
         let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for slot in slots {
-            if let Some(conn) = self.conns.get_mut(slot) {
-                conn.pending.push(OwnedEvent::GraceExpired);
-                self.pump(slot);
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if conn.spooling {
+                conn.grace_held = true;
+                continue;
             }
+            conn.pending.push(OwnedEvent::GraceExpired);
+            self.pump(slot);
         }
+    }
+
+    /// Whether some session still waits for the spool writers to answer for its message.
+    fn awaits_spool(&self) -> bool {
+        self.conns.iter().any(|(_, c)| c.spooling)
     }
 
     /// Closes what is left and stops the threads.
@@ -265,6 +291,97 @@ mod tests {
         life.request_stop(t0, Duration::ZERO);
         assert_eq!(life.deadline(), Some(t0));
         assert_eq!(life.advance(t0), Some(StopStep::EndGrace));
+    }
+
+    /// Sends `line` and returns the one reply line it gets.
+    fn command(server: &mut TestServer, client: &mut std::net::TcpStream, line: &str) -> String {
+        use std::io::Write;
+        client.write_all(line.as_bytes()).expect("write");
+        server.read_reply(client)
+    }
+
+    #[test]
+    fn a_message_being_written_when_the_grace_ends_gets_its_250_before_the_421() {
+        use std::io::{Read, Write};
+        let mut server = TestServer::start(&[
+            ("HELOGUARD_SHUTDOWN_GRACE_SECS", "1"),
+            ("HELOGUARD_DNS_TIMEOUT_MS", "100"),
+        ]);
+        // The writers' answers go to the test, which hands them on late: a slow fsync as the
+        // loop sees it, the file in new/ before the answer.
+        let (late_tx, late_rx) = crossbeam_channel::unbounded();
+        let writers_rx = std::mem::replace(&mut server.server.spool_rx, late_rx);
+
+        let mut client = connect(&mut server);
+        assert!(server.read_reply(&mut client).starts_with("220 "));
+        client.write_all(b"EHLO client.example\r\n").expect("write");
+        loop {
+            let line = server.read_reply(&mut client);
+            assert!(line.starts_with("250"), "{line}");
+            if line.starts_with("250 ") {
+                break;
+            }
+        }
+        for (line, code) in [
+            ("MAIL FROM:<a@example.org>\r\n", "250 "),
+            ("RCPT TO:<b@example.net>\r\n", "250 "),
+            ("DATA\r\n", "354 "),
+        ] {
+            let reply = command(&mut server, &mut client, line);
+            assert!(reply.starts_with(code), "{line}: {reply}");
+        }
+        client
+            .write_all(b"Subject: late\r\n\r\nbody\r\n.\r\n")
+            .expect("write");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let written = loop {
+            assert!(Instant::now() < deadline, "the writer never answered");
+            server.turn();
+            if let Ok(done) = writers_rx.try_recv() {
+                break done;
+            }
+        };
+        let file = written.result.as_ref().expect("written").clone();
+        assert!(server.spool.join("new").join(&file).exists(), "{file}");
+
+        server.server.request_stop(Instant::now());
+        // Past the grace and past the final flush: still waiting for the message's answer.
+        let until = Instant::now() + Duration::from_millis(2500);
+        client.set_nonblocking(true).expect("nonblocking");
+        let mut byte = [0u8; 1];
+        while Instant::now() < until {
+            server.turn();
+            assert!(
+                client.read(&mut byte).is_err(),
+                "the client heard something before its message's answer"
+            );
+        }
+        assert!(!server.server.lifecycle.is_over(server.server.conns.len()));
+        client.set_nonblocking(false).expect("blocking");
+
+        late_tx.send(written).expect("send");
+        let reply = server.read_reply(&mut client);
+        assert!(reply.starts_with("250 2.0.0"), "{reply}");
+        let reply = server.read_reply(&mut client);
+        assert!(reply.starts_with("421 4.3.2"), "{reply}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !server.server.lifecycle.is_over(server.server.conns.len()) {
+            assert!(Instant::now() < deadline, "the session never closed");
+            server.turn();
+        }
+    }
+
+    #[test]
+    fn a_second_stop_does_not_wait_for_the_spool() {
+        let mut server = TestServer::start(&[("HELOGUARD_SHUTDOWN_GRACE_SECS", "1")]);
+        let _client = connect(&mut server);
+        let id = server.only_conn_id();
+        if let Some(conn) = server.server.conns.get_mut(id.slot()) {
+            conn.spooling = true;
+        }
+        server.server.request_stop(Instant::now());
+        server.server.request_stop(Instant::now());
+        assert!(server.server.lifecycle.is_over(server.server.conns.len()));
     }
 
     #[test]

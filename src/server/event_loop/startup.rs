@@ -10,6 +10,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpListener;
 use mio::{Interest, Poll, Token, Waker};
+use rustls::ClientConfig;
 use slab::Slab;
 
 use crate::config::{Config, DeliverTarget};
@@ -27,11 +28,17 @@ use crate::server::event_loop::{
 };
 use crate::server::listener::{BoundListener, ListenerKind};
 use crate::server::loop_wake::LoopWake;
+use crate::server::relay_link::opportunistic_tls_config;
 use crate::server::tls::TlsAcceptor;
 use crate::server::worker::WorkerPool;
 use crate::session::{Session, SessionParams, SessionSettings};
 use crate::spool::maildir::Maildir;
 use crate::spool::writer;
+
+/// The TLS configuration for STARTTLS toward the next hop.
+fn next_hop_tls() -> Result<Arc<ClientConfig>, StartError> {
+    opportunistic_tls_config().map_err(|e| StartError::Tls(format!("next hop TLS: {e}")))
+}
 
 impl Server {
     /// Starts the threads (workers, resolver, spool writers) and registers the listeners.
@@ -100,15 +107,18 @@ impl Server {
                 .map_err(|e| StartError::Io("HELOGUARD_SPOOL_WRITERS", e))?;
                 Handoff::Maildir(writers)
             }
-            DeliverTarget::Smtp { host, port } => {
-                Handoff::Relay(NextHop::resolve(host, *port, NextHopProtocol::Smtp)?)
-            }
-            DeliverTarget::Lmtp { host, port } => {
-                Handoff::Relay(NextHop::resolve(host, *port, NextHopProtocol::Lmtp)?)
-            }
-            DeliverTarget::LmtpUnix { path } => {
-                Handoff::Relay(NextHop::Unix { path: path.clone() })
-            }
+            DeliverTarget::Smtp { host, port } => Handoff::Relay {
+                next_hop: NextHop::resolve(host, *port, NextHopProtocol::Smtp)?,
+                tls: next_hop_tls()?,
+            },
+            DeliverTarget::Lmtp { host, port } => Handoff::Relay {
+                next_hop: NextHop::resolve(host, *port, NextHopProtocol::Lmtp)?,
+                tls: next_hop_tls()?,
+            },
+            DeliverTarget::LmtpUnix { path } => Handoff::Relay {
+                next_hop: NextHop::Unix { path: path.clone() },
+                tls: next_hop_tls()?,
+            },
         };
 
         let signals = if options.handle_signals {
