@@ -22,6 +22,11 @@ use common::server::{Client, TestServer};
 /// field, the allocator's slack. 1,000 of them are about 200 MiB.
 const PER_SESSION_KIB: u64 = 200;
 
+/// What a busy server holds beyond an idle one whatever the number of sessions: the malloc
+/// arenas of the worker and writer threads, the connection table grown. With 1,000 sessions
+/// the bound stays under the SPEC's 256 MiB.
+const BUSY_KIB: u64 = 8 * 1024;
+
 fn scale(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -124,7 +129,7 @@ fn files_in(dir: &Path) -> usize {
 }
 
 fn bound_kib(baseline: u64, sessions: u64) -> u64 {
-    baseline + sessions * PER_SESSION_KIB
+    baseline + BUSY_KIB + sessions * PER_SESSION_KIB
 }
 
 #[test]
@@ -298,10 +303,7 @@ fn a_next_hop_that_stops_reading_stops_the_client_not_the_memory() {
         last >> 10
     );
     assert!(last < mib * 1024 * 1024 / 2, "sent {last}");
-    assert!(
-        peak <= bound_kib(baseline, 1) + 4 * 1024,
-        "peak RSS {peak} KiB"
-    );
+    assert!(peak <= bound_kib(baseline, 1), "peak RSS {peak} KiB");
     drop(srv);
     let _ = client.join();
     let _ = TcpStream::connect(hop);
