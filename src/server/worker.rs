@@ -230,6 +230,8 @@ fn record(observations: &[Observation], metrics: &Metrics) {
             Observation::MessageRejected(stage) => metrics.message_rejected(*stage),
             // The loop logs the verdict: it knows the client and the DNS times.
             Observation::Verdict(verdict) => metrics.helo_verdict(verdict),
+            // Only logged (by the loop); MessageAccepted and MessageRejected count them.
+            Observation::Refused(_) | Observation::Accepted(_) => {}
         }
     }
 }

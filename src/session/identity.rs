@@ -11,11 +11,11 @@ use std::net::IpAddr;
 use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::checks::{CheckInput, HeloArg, name_key};
 use crate::helo::policy::{RejectAt, syntax_refusal};
-use crate::helo::verdict::Decision;
-use crate::helo::{Action, Check};
+use crate::helo::verdict::{Decision, HeloVerdict};
+use crate::helo::{Action, Check, CheckResult};
 use crate::protocol::command::Verb;
 use crate::protocol::reply::Reply;
-use crate::session::machine::Session;
+use crate::session::machine::{Session, Subject};
 use crate::session::state::{Identity, Park};
 use crate::session::{Observation, Output, SessionAction, Stage};
 
@@ -80,14 +80,29 @@ impl Session {
             let reply = reply.clone();
             out.observations
                 .push(Observation::MessageRejected(Stage::Helo));
-            self.reply(out, reply);
+            self.refuse(out, Stage::Helo, Subject::Helo(&arg), reply);
             return;
         }
         let parsed = (self.judge.parse)(&arg);
         let settings = &self.params.settings;
         if parsed == HeloArg::Invalid && settings.helo_policy.rejects_bad_syntax() {
             // RFC 5321 4.1.4: a refused EHLO leaves the session as it was.
-            self.reply(out, syntax_refusal(&arg));
+            let reply = syntax_refusal(&arg);
+            self.refuse(out, Stage::Helo, Subject::Helo(&arg), reply);
+            return;
+        }
+        let before_tls = self.before_tls.take();
+        let kept = [self.current.as_ref(), before_tls.as_ref()]
+            .into_iter()
+            .flatten()
+            .find_map(|old| decided_verdict_of(old, &key));
+        if let Some(kept) = kept {
+            // SPEC "Logs": the same name, judged without a temperror, would be judged the
+            // same: one verdict (and one count) per identity, however often it is repeated.
+            let mut identity = Identity::new(verb, arg, parsed, kept.generation, false);
+            identity.forward = kept.forward;
+            identity.verdict = Some(kept.verdict);
+            self.adopt(identity, out);
             return;
         }
         self.generation = self.generation.wrapping_add(1);
@@ -163,7 +178,32 @@ impl Session {
         }
         self.resume(out);
     }
+}
 
+/// What an identity's verdict is built from, when it was decided (no `temperror` in it) and
+/// the identity has the name `key`.
+fn decided_verdict_of(identity: &Identity, key: &str) -> Option<KeptVerdict> {
+    let verdict = identity.verdict.as_ref()?;
+    let undecided = verdict.measured.contains(&CheckResult::TempError)
+        || verdict.shown.contains(&CheckResult::TempError);
+    if undecided || name_key(&identity.arg) != key {
+        return None;
+    }
+    Some(KeptVerdict {
+        generation: identity.generation,
+        forward: identity.forward.clone(),
+        verdict: verdict.clone(),
+    })
+}
+
+/// The parts of a judged identity that a repeat of its name keeps.
+struct KeptVerdict {
+    generation: u32,
+    forward: Option<Lookup<Vec<IpAddr>>>,
+    verdict: HeloVerdict,
+}
+
+impl Session {
     pub(super) fn current_decision(&self) -> Option<Decision> {
         let verdict = self.current.as_ref()?.verdict.as_ref()?;
         Some(verdict.decision.clone())
@@ -190,7 +230,7 @@ impl Session {
                 }
                 out.observations
                     .push(Observation::MessageRejected(Stage::Helo));
-                self.reply(out, reply);
+                self.refuse(out, Stage::Helo, Subject::Helo(&identity.arg), reply);
             }
             (_, candidate) => {
                 self.candidate = candidate;
