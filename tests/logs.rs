@@ -250,6 +250,8 @@ fn each_session_is_one_grep_by_its_sid() {
     let sid = sid_of(&log, 0);
     assert_eq!(field(&accepted[0], "ip"), CLIENT);
     assert_eq!(field(&accepted[0], "listener"), "proxy");
+    // The client's port is the PROXY header's, as its address is.
+    assert_eq!(field(&accepted[0], "port"), "40000");
     let verdict = &accepted[1];
     assert_eq!(field(verdict, "helo"), "mail.example.org");
     assert_eq!(field(verdict, "ptr"), "mail.example.org");
@@ -298,6 +300,9 @@ fn each_session_is_one_grep_by_its_sid() {
         field(line, "reply").starts_with("\"501 5.5.2 HELO bad!name refused"),
         "{line}"
     );
+    // No identity was accepted: the session end shows the HELO that was sent.
+    assert_eq!(field(&bad[2], "helo"), "bad!name");
+    assert_eq!(field(&bad[2], "verdict"), "none");
 
     let tls = session(&log, &sid_of(&log, 3));
     assert_events(

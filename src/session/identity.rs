@@ -73,6 +73,7 @@ impl Session {
 
     pub(super) fn on_helo(&mut self, verb: Verb, arg: &[u8], out: &mut Output) {
         let arg = helo_text(arg);
+        self.helo_sent = Some(arg.clone());
         // SPEC: a refused identity stays refused when repeated, or sent with the other verb
         // (names compare case-insensitively and without a trailing dot).
         let key = name_key(&arg);
@@ -172,8 +173,10 @@ impl Session {
                 &settings.helo_policy,
                 &settings.helo_allow,
             );
-            out.observations
-                .push(Observation::Verdict(Box::new(verdict.clone())));
+            out.observations.push(Observation::Verdict {
+                verdict: Box::new(verdict.clone()),
+                helo: identity.arg.clone(),
+            });
             identity.verdict = Some(verdict);
         }
         self.resume(out);

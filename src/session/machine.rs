@@ -75,6 +75,9 @@ pub struct Session {
     /// The identity STARTTLS cleared (RFC 3207 4.2), whose verdict the EHLO inside TLS keeps
     /// when it repeats the name.
     pub(super) before_tls: Option<Identity>,
+    /// The argument of the latest EHLO/HELO, accepted or not: the session-end line shows it
+    /// when no identity was accepted.
+    pub(super) helo_sent: Option<String>,
     /// REJECT_AT=helo: an identity whose EHLO/HELO waits for its verdict.
     pub(super) candidate: Option<Identity>,
     /// Identities refused at EHLO/HELO (as `name_key`), with their reply (RFC 5321 4.1.4: the
@@ -124,6 +127,7 @@ impl Session {
             ending: Ending::Open,
             current: None,
             before_tls: None,
+            helo_sent: None,
             candidate: None,
             refused: Vec::new(),
             reverse: None,
@@ -242,7 +246,9 @@ impl Session {
         let current = self.current.as_ref();
         Summary {
             sid: self.params.session_id,
-            helo: current.map(|id| id.arg.clone()),
+            helo: current
+                .map(|id| id.arg.clone())
+                .or_else(|| self.helo_sent.clone()),
             verdict: current.and_then(|id| id.verdict.as_ref()).map(|v| v.kind),
             messages: self.messages,
             bytes: self.bytes,

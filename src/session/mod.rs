@@ -154,7 +154,11 @@ pub enum Observation {
     MessageRejected(Stage),
     /// A verdict was reached (once per accepted EHLO/HELO whose verdict was evaluated; an
     /// EHLO that repeats a decided name keeps its verdict and reports none).
-    Verdict(Box<HeloVerdict>),
+    Verdict {
+        verdict: Box<HeloVerdict>,
+        /// The EHLO/HELO argument judged (with REJECT_AT=helo, not yet the current one).
+        helo: String,
+    },
     /// A 4xx/5xx reply that turned the client's identity, sender, recipient or message away
     /// (protocol errors are not refusals): the `refused` log line.
     Refused(Box<Refusal>),

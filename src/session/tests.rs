@@ -706,7 +706,7 @@ fn gated(reject_at: RejectAt) -> Harness {
 fn verdicts(h: &Harness) -> usize {
     h.observations
         .iter()
-        .filter(|o| matches!(o, Observation::Verdict(_)))
+        .filter(|o| matches!(o, Observation::Verdict { .. }))
         .count()
 }
 
@@ -890,7 +890,7 @@ fn real_helo_module_default_policy() {
     assert!(
         out.observations
             .iter()
-            .any(|o| matches!(o, Observation::Verdict(_)))
+            .any(|o| matches!(o, Observation::Verdict { .. }))
     );
 }
 

@@ -268,6 +268,7 @@ impl Server {
             ProxyParse::Done { source, consumed } => {
                 if let Some(src) = source {
                     conn.client_ip = canonical_ip(src.ip());
+                    conn.client_port = src.port();
                 }
                 conn.inbuf.drain(..consumed);
                 conn.unseen_input = !conn.inbuf.is_empty();

@@ -27,7 +27,7 @@ pub fn log_connect(conn: &Conn, sid: u64) {
     };
     let line = LogLine::new("connect", sid)
         .field("ip", conn.client_ip.to_string())
-        .field("port", conn.peer.port().to_string())
+        .field("port", conn.client_port.to_string())
         .field("listener", listener);
     info!("{line}");
 }
@@ -39,7 +39,7 @@ pub fn log_observations(conn: &Conn, observations: &[Observation]) {
     };
     for obs in observations {
         match obs {
-            Observation::Verdict(v) => log_verdict(conn, sid, v),
+            Observation::Verdict { verdict, helo } => log_verdict(conn, sid, helo, verdict),
             Observation::Refused(r) => log_refused(conn, sid, r),
             Observation::Accepted(m) => log_accepted(conn, sid, m),
             Observation::Reply(_)
@@ -51,12 +51,7 @@ pub fn log_observations(conn: &Conn, observations: &[Observation]) {
 
 /// `helo verdict ...`: every check's real result (`log` checks included, which is what
 /// `heloguard whatif` replays), the action in the metric's words, and how long DNS took.
-fn log_verdict(conn: &Conn, sid: u64, verdict: &HeloVerdict) {
-    let helo = conn
-        .state
-        .session()
-        .and_then(|s| s.summary().helo)
-        .unwrap_or_default();
+fn log_verdict(conn: &Conn, sid: u64, helo: &str, verdict: &HeloVerdict) {
     let results: Vec<String> = Check::ALL
         .into_iter()
         .map(|c| format!("{}:{}", c.name(), verdict.measured[c.index()].name()))
