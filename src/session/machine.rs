@@ -539,16 +539,7 @@ impl Session {
         let max = settings.max_recipients;
         if max != 0 && tx.recipients.len() >= max {
             let reply = Reply::new(452, "4.5.3", "Too many recipients");
-            // A client may send hundreds of RCPTs past the limit: one line says it all.
-            let noted = self
-                .tx
-                .as_mut()
-                .map(|tx| std::mem::replace(&mut tx.too_many_noted, true));
-            if noted == Some(false) {
-                self.refuse(out, Stage::Rcpt, Subject::Rcpt(to.mailbox), reply);
-            } else {
-                self.reply(out, reply);
-            }
+            self.refuse_recipient_over_limit(out, to.mailbox, reply);
             return;
         }
         // RFC 5321 4.5.1: <postmaster> is accepted whatever the domain list says.
@@ -808,6 +799,20 @@ impl Session {
                 reply: reply.clone(),
             })));
         self.reply(out, reply);
+    }
+
+    /// A 452 for a recipient over the transaction's limit: refused as any other, but reported
+    /// once per transaction, since a client may send hundreds of RCPTs past the limit.
+    pub(super) fn refuse_recipient_over_limit(&mut self, out: &mut Output, to: &str, reply: Reply) {
+        let noted = self
+            .tx
+            .as_mut()
+            .map(|tx| std::mem::replace(&mut tx.too_many_noted, true));
+        if noted == Some(false) {
+            self.refuse(out, Stage::Rcpt, Subject::Rcpt(to), reply);
+        } else {
+            self.reply(out, reply);
+        }
     }
 
     /// A reply to a command or a message: 5xx counts toward HELOGUARD_MAX_ERRORS.

@@ -61,14 +61,12 @@ impl Session {
         // expects one reply: one recipient per transaction keeps the two in step. RFC 5321
         // 4.5.3.1.10: clients retry the others in a new one.
         if self.params.settings.delivery == DeliveryMode::LmtpRelay && has_recipient {
-            self.reply(
-                out,
-                Reply::new(
-                    452,
-                    "4.5.3",
-                    "One recipient per transaction, send the rest later",
-                ),
+            let reply = Reply::new(
+                452,
+                "4.5.3",
+                "One recipient per transaction, send the rest later",
             );
+            self.refuse_recipient_over_limit(out, &recipient, reply);
             return;
         }
         out.actions.push(SessionAction::RelayRcpt {
