@@ -45,6 +45,8 @@ pub struct Config {
     pub dns_servers: Vec<SocketAddr>,
     /// Total time for one lookup, retries included.
     pub dns_timeout: Duration,
+    /// HELOGUARD_DNS_BUDGET: queries one session may cause; 0 = unlimited.
+    pub dns_budget: u32,
     pub deliver: DeliverTarget,
     pub spool: PathBuf,
     pub min_free_mb: u64,
@@ -336,6 +338,12 @@ const DNS_TIMEOUT_MS: Variable = Variable {
     meaning: "total time for one lookup in milliseconds, retries included (more than 0)",
     default: DefaultValue::Text("2000"),
 };
+const DNS_BUDGET: Variable = Variable {
+    name: "HELOGUARD_DNS_BUDGET",
+    meaning: "DNS queries one session may cause in all (every check, every EHLO); past it, \
+              checks still undecided are temperror (0 = unlimited)",
+    default: DefaultValue::Text("100"),
+};
 const DELIVER: Variable = Variable {
     name: "HELOGUARD_DELIVER",
     meaning: "hand-off: maildir (into HELOGUARD_SPOOL), smtp://HOST:PORT, lmtp://HOST:PORT or \
@@ -385,8 +393,8 @@ const TIMEOUT_SECS: Variable = Variable {
 };
 const MIN_DATA_RATE: Variable = Variable {
     name: "HELOGUARD_MIN_DATA_RATE",
-    meaning: "bytes/s a DATA or BDAT transfer must keep up on average after its first 30 s, \
-              else 421 4.4.2",
+    meaning: "bytes/s a DATA or BDAT transfer must keep up over the last 30 s once it has run \
+              30 s, else 421 4.4.2",
     default: DefaultValue::Text("500"),
 };
 const MAX_ERRORS: Variable = Variable {
@@ -396,7 +404,9 @@ const MAX_ERRORS: Variable = Variable {
 };
 const MAX_JUNK: Variable = Variable {
     name: "HELOGUARD_MAX_JUNK",
-    meaning: "NOOP/RSET/VRFY/HELP commands allowed per session; the next gets 421 4.7.0",
+    meaning: "NOOP/RSET/VRFY/HELP commands, and EHLO/HELO beyond the first after connect and \
+              after STARTTLS, allowed per session; the next gets 421 4.7.0; the count restarts \
+              after each accepted message",
     default: DefaultValue::Text("100"),
 };
 const GREET_DELAY_MS: Variable = Variable {
@@ -466,6 +476,7 @@ const VARIABLES: &[&Variable] = &[
     &SPOOL_WRITERS,
     &DNS,
     &DNS_TIMEOUT_MS,
+    &DNS_BUDGET,
     &DELIVER,
     &SPOOL,
     &MIN_FREE_MB,
@@ -583,6 +594,7 @@ fn build(env: &Env<'_>, machine: &dyn Machine) -> Result<(Config, Vec<String>), 
         spool_writers: thread_count(env, &SPOOL_WRITERS, 8)?,
         dns_servers: dns_servers(env, machine)?,
         dns_timeout: Duration::from_millis(within_a_year(env, &DNS_TIMEOUT_MS, positive, 1000)?),
+        dns_budget: small_count(env, &DNS_BUDGET)?,
         deliver,
         spool: spool(env)?,
         min_free_mb: whole(env, &MIN_FREE_MB)?,
@@ -1261,6 +1273,7 @@ mod tests {
         assert_eq!(c.min_data_rate, 500);
         assert_eq!(c.max_errors, 20);
         assert_eq!(c.max_junk, 100);
+        assert_eq!(c.dns_budget, 100);
         assert_eq!(c.greet_delay, Duration::ZERO);
         assert_eq!((c.tls_cert, c.tls_key), (None, None));
         assert_eq!(c.helo_policy, HeloPolicy::default());
@@ -1607,6 +1620,7 @@ mod tests {
             ("HELOGUARD_MIN_DATA_RATE", "0"),
             ("HELOGUARD_MAX_ERRORS", "3"),
             ("HELOGUARD_MAX_JUNK", "7"),
+            ("HELOGUARD_DNS_BUDGET", "0"),
             ("HELOGUARD_SHUTDOWN_GRACE_SECS", "5"),
         ];
         for (name, value) in cases {
@@ -1661,6 +1675,7 @@ mod tests {
             "HELOGUARD_MIN_DATA_RATE" => c.min_data_rate,
             "HELOGUARD_MAX_ERRORS" => u64::from(c.max_errors),
             "HELOGUARD_MAX_JUNK" => u64::from(c.max_junk),
+            "HELOGUARD_DNS_BUDGET" => u64::from(c.dns_budget),
             "HELOGUARD_SHUTDOWN_GRACE_SECS" => c.shutdown_grace.as_secs(),
             other => panic!("{other} is not a numeric limit"),
         }

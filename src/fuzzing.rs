@@ -25,10 +25,14 @@ use crate::protocol::MAX_COMMAND_LINE;
 use crate::protocol::command::Command;
 use crate::protocol::line::{LineRead, LineReader};
 use crate::protocol::reply::Reply;
+use crate::proxy_protocol;
 use crate::session::{
     DeliveryOutcome, Event, Now, Output, Session, SessionAction, SessionParams, SessionSettings,
     TlsInfo,
 };
+use crate::spool::header;
+
+pub mod header_reader;
 
 /// The size limit the session driver runs under (small, so fuzzing reaches it).
 pub const FUZZ_MAX_MESSAGE_SIZE: u64 = 4096;
@@ -430,6 +434,144 @@ fn after(
             SessionAction::RelayAbort => {}
         }
     }
+}
+
+/// Checks a stored message whose header starts with `ours` (the fields we prepend) under every
+/// reading of `header_reader`: our fields come out whole (nothing the client sent folds into
+/// them), and no other field claims `host`.
+pub fn check_stored_header(stored: &[u8], ours: &[&[u8]], host: &str) -> Result<(), String> {
+    for reading in header_reader::READINGS {
+        let fields = header_reader::fields(stored, reading);
+        if fields.len() < ours.len() || fields[..ours.len()] != *ours {
+            return Err(format!("{reading:?}: our fields altered: {fields:?}"));
+        }
+        if let Some(forged) = fields[ours.len()..]
+            .iter()
+            .find(|field| header_reader::claims(field, host))
+        {
+            return Err(format!(
+                "{reading:?}: a field claims {host}: {:?}",
+                String::from_utf8_lossy(forged)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The hostname the `header` driver and the header tests filter for.
+pub const HEADER_HOST: &str = "mx.example.net";
+
+/// The fields the `header` driver puts before the filtered message, as the spool and the relay
+/// do: a folded Received, then the two fields the filter protects.
+pub const OUR_FIELDS: [&[u8]; 3] = [
+    b"Received: from a.example (a.example [192.0.2.1])\r\n\tby mx.example.net (heloguard) with ESMTP id X;\r\n\tMon, 7 Dec 2026 02:00:00 +0000\r\n",
+    b"Authentication-Results: mx.example.net; iprev=pass policy.iprev=192.0.2.1\r\n",
+    b"X-HELO-Check: mx.example.net; pass helo=a.example ip=192.0.2.1\r\n",
+];
+
+/// The header filter on an arbitrary message cut into arbitrary chunks: the output is the same
+/// as in one piece, the body is passed on untouched, no more than one bounded field is held,
+/// and after our fields no reading of the stored header finds a field claiming our name or
+/// anything folded into our fields.
+pub fn header_input(data: &[u8]) {
+    let (seed, message) = match data {
+        [s, rest @ ..] => (*s, rest),
+        [] => return,
+    };
+    let whole = header::filter_message(message, HEADER_HOST);
+    let mut filter = header::HeaderFilter::new(HEADER_HOST);
+    let mut chunked = Vec::new();
+    let mut offset = 0;
+    for chunk in reads(message, seed) {
+        let body_from = filter.feed(chunk, &mut chunked);
+        assert!(body_from <= chunk.len(), "body starts past the chunk");
+        assert!(
+            body_from == chunk.len() || filter.in_body(),
+            "body given back while still in the header"
+        );
+        assert!(
+            filter.held() <= header::FIELD_HOLD_LIMIT,
+            "holds {} octets",
+            filter.held()
+        );
+        if body_from < chunk.len() {
+            assert_eq!(
+                &chunk[body_from..],
+                &message[offset + body_from..offset + chunk.len()],
+                "body altered"
+            );
+        }
+        chunked.extend_from_slice(&chunk[body_from..]);
+        offset += chunk.len();
+    }
+    filter.finish(&mut chunked);
+    let mut one_piece = whole.header.clone();
+    one_piece.extend_from_slice(whole.body);
+    assert_eq!(chunked, one_piece, "chunked output differs from the whole");
+    assert_eq!(filter.received(), whole.received, "Received count differs");
+    assert!(
+        message.ends_with(whole.body),
+        "the body is not the message's tail"
+    );
+    let mut stored = OUR_FIELDS.concat();
+    stored.extend_from_slice(&chunked);
+    if let Err(why) = check_stored_header(&stored, &OUR_FIELDS, HEADER_HOST) {
+        panic!("{why}");
+    }
+}
+
+/// The PROXY header parser on arbitrary bytes, asked at arbitrary cuts as a listener's reads
+/// arrive: no panic; an answer other than `Incomplete` stays the same for every longer input
+/// (an invalid one may change its reason);
+/// `Done` never consumes more than it was given nor more than `MAX_HEADER_LEN`; and the answer
+/// never depends on a byte past `MAX_HEADER_LEN` (the most a caller buffers).
+pub fn proxy_input(data: &[u8]) {
+    let (seed, bytes) = match data {
+        [s, rest @ ..] => (*s, rest),
+        [] => return,
+    };
+    let mut seen = 0;
+    let mut settled: Option<proxy_protocol::ProxyParse> = None;
+    for chunk in reads(bytes, seed) {
+        seen += chunk.len();
+        let answer = proxy_protocol::parse(&bytes[..seen]);
+        if let proxy_protocol::ProxyParse::Done { consumed, .. } = answer {
+            assert!(consumed <= seen, "consumed {consumed} of {seen}");
+            assert!(
+                consumed <= proxy_protocol::MAX_HEADER_LEN,
+                "consumed {consumed}"
+            );
+        }
+        match &settled {
+            Some(before) => assert!(
+                same_outcome(before, &answer),
+                "answer changed with more input: {before:?} then {answer:?}"
+            ),
+            None if answer != proxy_protocol::ProxyParse::Incomplete => settled = Some(answer),
+            None => {}
+        }
+    }
+    // Past the cap: whatever follows, the first MAX_HEADER_LEN bytes decide.
+    let mut long = bytes.to_vec();
+    long.resize(proxy_protocol::MAX_HEADER_LEN + 64, seed);
+    let capped = proxy_protocol::parse(&long[..proxy_protocol::MAX_HEADER_LEN]);
+    assert_ne!(
+        capped,
+        proxy_protocol::ProxyParse::Incomplete,
+        "undecided after MAX_HEADER_LEN bytes"
+    );
+    let full = proxy_protocol::parse(&long);
+    assert!(
+        same_outcome(&capped, &full),
+        "a byte past the cap changed the answer: {capped:?} then {full:?}"
+    );
+}
+
+/// The same decision: the same header, or invalid (the reason given may depend on how much
+/// was seen, as the first check to fail names it).
+fn same_outcome(a: &proxy_protocol::ProxyParse, b: &proxy_protocol::ProxyParse) -> bool {
+    use proxy_protocol::ProxyParse::Invalid;
+    matches!((a, b), (Invalid(_), Invalid(_))) || a == b
 }
 
 #[cfg(test)]

@@ -167,7 +167,7 @@ fn gather_gives_up_at_twice_the_timeout() {
         Some(Lookup::TempError(TempFailure::Timeout))
     );
     assert!(
-        took < Duration::from_millis(2 * TIMEOUT_MS) + Duration::from_millis(500),
+        took < Duration::from_millis(2 * TIMEOUT_MS) + Duration::from_millis(1500),
         "took {took:?}"
     );
 }

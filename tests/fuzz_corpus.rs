@@ -1,4 +1,4 @@
-//! Replays the fuzz corpus (tests/fuzz-corpus/{line,session}/*), crash cases included,
+//! Replays the fuzz corpus (tests/fuzz-corpus/{line,session,header,proxy}/*), crash cases included,
 //! through the same invariant-checking drivers as the fuzz targets in fuzz/.
 
 use std::path::Path;
@@ -29,4 +29,14 @@ fn line_corpus_keeps_every_invariant() {
 #[test]
 fn session_corpus_keeps_every_invariant() {
     replay("session", heloguard::fuzzing::session_input);
+}
+
+#[test]
+fn header_corpus_keeps_every_invariant() {
+    replay("header", heloguard::fuzzing::header_input);
+}
+
+#[test]
+fn proxy_corpus_keeps_every_invariant() {
+    replay("proxy", heloguard::fuzzing::proxy_input);
 }

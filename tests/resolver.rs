@@ -79,6 +79,7 @@ impl Harness {
                 id: got,
                 name: n,
                 addrs,
+                ..
             } => {
                 assert_eq!((got, n.as_str()), (id, name));
                 addrs
@@ -91,7 +92,9 @@ impl Harness {
         let id = self.id();
         self.handle.submit(DnsRequest::Reverse { id, ip: addr });
         match self.answers.recv_timeout(PROMPT).expect("reverse answer") {
-            DnsAnswer::Reverse { id: got, ip, facts } => {
+            DnsAnswer::Reverse {
+                id: got, ip, facts, ..
+            } => {
                 assert_eq!((got, ip), (id, addr));
                 facts
             }
@@ -795,4 +798,122 @@ fn bad_settings_are_errors() {
     )
     .expect_err("zero timeout");
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+}
+
+#[test]
+fn identical_requests_share_one_lookup_and_each_answer_counts_its_queries() {
+    let dns = TestDns::start(
+        TestZone::new()
+            .blackhole("slow.example.test")
+            .a("mail.example.test", "192.0.2.1"),
+    );
+    let h = Harness::new(vec![dns.addr()], Duration::from_millis(1500), 1);
+    // The slot is taken, so the three requests for mail.example.test wait together.
+    h.handle.submit(DnsRequest::Forward {
+        id: 1,
+        name: "slow.example.test".into(),
+        family: Family::V4,
+    });
+    for id in 2..5 {
+        h.handle.submit(DnsRequest::Forward {
+            id,
+            name: "mail.example.test".into(),
+            family: Family::V4,
+        });
+    }
+    let mut answers: Vec<DnsAnswer> = (0..4)
+        .map(|_| h.answers.recv_timeout(PROMPT).expect("answer"))
+        .collect();
+    answers.sort_by_key(DnsAnswer::id);
+    let ids: Vec<u64> = answers.iter().map(DnsAnswer::id).collect();
+    assert_eq!(ids, [1, 2, 3, 4]);
+    for answer in &answers[1..] {
+        assert!(
+            matches!(answer, DnsAnswer::Forward { addrs: Lookup::Found(v), queries: 1, .. }
+                if v == &[ip("192.0.2.1")]),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(dns.count("mail.example.test", RecordType::A), 1);
+}
+
+#[test]
+fn a_superseded_forward_is_never_asked() {
+    let dns = TestDns::start(
+        TestZone::new()
+            .blackhole("slow.example.test")
+            .a("old.example.test", "192.0.2.1")
+            .a("new.example.test", "192.0.2.2"),
+    );
+    let h = Harness::new(vec![dns.addr()], Duration::from_millis(800), 1);
+    h.handle.submit(DnsRequest::Forward {
+        id: 1,
+        name: "slow.example.test".into(),
+        family: Family::V4,
+    });
+    // Connection 2 says EHLO old, then EHLO new while old still waits for a slot.
+    for name in ["old.example.test", "new.example.test"] {
+        h.handle.submit(DnsRequest::Forward {
+            id: 2,
+            name: name.into(),
+            family: Family::V4,
+        });
+    }
+    // Connection 3 asks for a name, then closes.
+    h.handle.submit(DnsRequest::Forward {
+        id: 3,
+        name: "gone.example.test".into(),
+        family: Family::V4,
+    });
+    h.handle.submit(DnsRequest::Forget { id: 3 });
+    let mut answers: Vec<DnsAnswer> = (0..2)
+        .map(|_| h.answers.recv_timeout(PROMPT).expect("answer"))
+        .collect();
+    answers.sort_by_key(DnsAnswer::id);
+    assert!(
+        matches!(&answers[1], DnsAnswer::Forward { id: 2, name, .. } if name == "new.example.test"),
+        "{:?}",
+        answers[1]
+    );
+    assert!(h.answers.recv_timeout(Duration::from_millis(300)).is_err());
+    assert_eq!(dns.count("old.example.test", RecordType::A), 0);
+    assert_eq!(dns.count("gone.example.test", RecordType::A), 0);
+}
+
+#[test]
+fn a_full_queue_answers_at_once_as_undecided() {
+    let dns = TestDns::start(TestZone::new().blackhole("slow.example.test"));
+    let h = Harness::new(vec![dns.addr()], Duration::from_secs(5), 1);
+    h.handle.submit(DnsRequest::Forward {
+        id: 0,
+        name: "slow.example.test".into(),
+        family: Family::V4,
+    });
+    let flood = 2 * resolver::QUEUE_BOUND + 100;
+    for id in 1..=flood as u64 {
+        h.handle.submit(DnsRequest::Forward {
+            id,
+            name: format!("n{id}.example.test"),
+            family: Family::V4,
+        });
+    }
+    // Everything past the queue is answered now, not after the slow lookup's 5 s.
+    let started = Instant::now();
+    let mut undecided = 0;
+    while let Ok(answer) = h.answers.recv_timeout(Duration::from_millis(500)) {
+        assert!(
+            matches!(
+                answer,
+                DnsAnswer::Forward {
+                    addrs: Lookup::TempError(TempFailure::Other),
+                    queries: 0,
+                    ..
+                }
+            ),
+            "{answer:?}"
+        );
+        undecided += 1;
+    }
+    assert!(undecided >= 100, "{undecided} answered at once");
+    assert!(started.elapsed() < Duration::from_secs(4));
 }

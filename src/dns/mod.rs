@@ -87,6 +87,11 @@ impl Family {
 }
 
 /// A request to the resolver thread.
+///
+/// Identical requests in flight (the same name and family, or the same address) are one
+/// lookup whose answer goes to every requester. A requester waits for at most one `Forward`:
+/// a new one from the same `id` replaces the one before, which is then dropped (or stopped)
+/// once nobody else waits for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DnsRequest {
     /// PTR of the client, then the addresses of each PTR name (at most 10), for FCrDNS.
@@ -97,6 +102,34 @@ pub enum DnsRequest {
         name: String,
         family: Family,
     },
+    /// `id` wants no answer any more (its connection closed): what only it waits for is
+    /// dropped. No answer comes for this request.
+    Forget { id: RequestId },
+}
+
+impl DnsRequest {
+    /// The answer when the resolver cannot take the request (its queue is full, or it is
+    /// gone): undecided, so the checks it feeds are `temperror`, and no query was made.
+    pub fn unavailable(&self) -> Option<DnsAnswer> {
+        let undecided = TempFailure::Other;
+        match self {
+            Self::Reverse { id, ip } => Some(DnsAnswer::Reverse {
+                id: *id,
+                ip: *ip,
+                facts: ReverseFacts {
+                    ptr: Lookup::TempError(undecided),
+                },
+                queries: 0,
+            }),
+            Self::Forward { id, name, .. } => Some(DnsAnswer::Forward {
+                id: *id,
+                name: name.clone(),
+                addrs: Lookup::TempError(undecided),
+                queries: 0,
+            }),
+            Self::Forget { .. } => None,
+        }
+    }
 }
 
 /// An answer from the resolver thread.
@@ -106,6 +139,8 @@ pub enum DnsAnswer {
         id: RequestId,
         ip: IpAddr,
         facts: ReverseFacts,
+        /// DNS queries sent to get it (HELOGUARD_DNS_BUDGET); 0 when it was known.
+        queries: u32,
     },
     Forward {
         id: RequestId,
@@ -113,6 +148,8 @@ pub enum DnsAnswer {
         /// identity it has since replaced.
         name: String,
         addrs: Lookup<Vec<IpAddr>>,
+        /// DNS queries sent to get it (HELOGUARD_DNS_BUDGET); 0 when it was known.
+        queries: u32,
     },
 }
 
@@ -120,6 +157,13 @@ impl DnsAnswer {
     pub fn id(&self) -> RequestId {
         match self {
             Self::Reverse { id, .. } | Self::Forward { id, .. } => *id,
+        }
+    }
+
+    /// DNS queries sent to get this answer.
+    pub fn queries(&self) -> u32 {
+        match self {
+            Self::Reverse { queries, .. } | Self::Forward { queries, .. } => *queries,
         }
     }
 }

@@ -2,10 +2,17 @@
 //!
 //! The server core has no async runtime; DNS is the one place where concurrency over many
 //! slow network round trips pays off, so a single std thread owns a tokio current_thread
-//! runtime and a hickory `TokioResolver`. Requests arrive over a tokio unbounded channel
-//! (its `send` is synchronous and never blocks the event loop), every request runs as its own
-//! task (bounded by `max_in_flight`), and each answer goes back over crossbeam followed by a
-//! wake-up of the event loop (`LoopWaker`).
+//! runtime and a hickory `TokioResolver`. Requests arrive over a bounded tokio channel
+//! (`try_send` never blocks the event loop; a full queue answers at once, as the resolver being
+//! unavailable: SPEC "Memory"), every distinct lookup runs as its own task (bounded by
+//! `max_in_flight`), and each answer goes back over crossbeam followed by a wake-up of the
+//! event loop (`LoopWaker`).
+//!
+//! The thread keeps a book of who waits for what (`Book`): identical requests share one
+//! lookup (as postscreen shares DNSBL lookups), a HELO name a connection no longer waits for
+//! is dropped before it starts or stopped while it runs, and a lookup nobody waits for
+//! anymore never holds a slot. Each answer says how many queries it took, for the per-session
+//! HELOGUARD_DNS_BUDGET the event loop keeps.
 //!
 //! Every single query (A, AAAA, PTR) is bounded by the configured total timeout: hickory's
 //! per-try timeout times its number of tries fits inside it, and a `tokio::time::timeout`
@@ -19,6 +26,7 @@
 //! and `*.invalid` is NXDOMAIN. There is no switch for this; it is also what a mail operator
 //! expects.
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -35,12 +43,13 @@ use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData};
 use hickory_resolver::{Resolver, TokioResolver};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinError, JoinSet};
 
 use super::answer_cache::{AnswerCache, Keepable, Queries, until_both};
 use super::{
     DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryObserver, QueryOutcome, QueryType,
-    ReverseFacts, TempFailure,
+    RequestId, ReverseFacts, TempFailure,
 };
 use crate::wake::LoopWaker;
 
@@ -54,6 +63,11 @@ const CACHE_SIZE: u64 = 4096;
 
 /// Answers in the `AnswerCache` that other threads read before asking this one.
 const KNOWN_ANSWERS: usize = 4096;
+
+/// Requests waiting to be read by the thread, and lookups waiting for a free slot, at most
+/// (each). Past it a request is answered as undecided at once: a flood of lookups must cost
+/// a bounded amount of memory and must not push honest clients' lookups past their deadline.
+pub const QUEUE_BOUND: usize = 4096;
 
 /// How the resolver thread talks to DNS.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,7 +140,10 @@ impl From<SpawnError> for io::Error {
 /// The submitting side of the resolver thread. Clones share the thread; once every clone is
 /// dropped the thread cancels what is still in flight and exits.
 pub struct ResolverHandle {
-    requests: mpsc::UnboundedSender<DnsRequest>,
+    requests: mpsc::Sender<DnsRequest>,
+    /// Where a request the thread cannot take is answered at once.
+    answers: crossbeam_channel::Sender<DnsAnswer>,
+    waker: Option<Arc<dyn LoopWaker>>,
     known: Arc<AnswerCache>,
     /// Only the handle returned by `spawn` owns the thread, so exactly one can join it.
     thread: Option<JoinHandle<()>>,
@@ -136,6 +153,8 @@ impl Clone for ResolverHandle {
     fn clone(&self) -> Self {
         Self {
             requests: self.requests.clone(),
+            answers: self.answers.clone(),
+            waker: self.waker.clone(),
             known: self.known.clone(),
             thread: None,
         }
@@ -152,12 +171,23 @@ impl fmt::Debug for ResolverHandle {
 
 impl ResolverHandle {
     /// Queues a request; never blocks. The answer arrives on the `answers` channel given to
-    /// `spawn`. If the thread is gone (it only stops when every handle is dropped, or if it
-    /// panicked) the request is dropped and logged: the caller's own verdict deadline turns
-    /// the missing answer into `temperror`.
+    /// `spawn`. When the queue is full, or the thread is gone (it only stops when every
+    /// handle is dropped, or if it panicked), the answer comes at once, undecided
+    /// (`DnsRequest::unavailable`).
     pub fn submit(&self, req: DnsRequest) {
-        if let Err(e) = self.requests.send(req) {
-            log::warn!("DNS resolver thread is gone; dropped {:?}", e.0);
+        let unsent = match self.requests.try_send(req) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(req)) => {
+                log::debug!("DNS request queue full; answered {req:?} as undecided");
+                req
+            }
+            Err(mpsc::error::TrySendError::Closed(req)) => {
+                log::warn!("DNS resolver thread is gone; answered {req:?} as undecided");
+                req
+            }
+        };
+        if let Some(answer) = unsent.unavailable() {
+            send_then_wake(&self.answers, self.waker.as_deref(), answer);
         }
     }
 
@@ -171,8 +201,12 @@ impl ResolverHandle {
     /// panicked.
     pub fn join(self) -> bool {
         let Self {
-            requests, thread, ..
+            requests,
+            answers,
+            thread,
+            ..
         } = self;
+        drop(answers);
         drop(requests);
         match thread {
             Some(t) => t.join().is_ok(),
@@ -208,13 +242,13 @@ pub fn try_spawn(
         .enable_all()
         .build()
         .map_err(SpawnError::Io)?;
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(QUEUE_BOUND);
     let known = Arc::new(AnswerCache::new(KNOWN_ANSWERS, observer.clone()));
     let ctx = Arc::new(Context {
         resolver,
         timeout: settings.timeout,
-        answers,
-        waker,
+        answers: answers.clone(),
+        waker: waker.clone(),
         observer,
         known: known.clone(),
     });
@@ -225,6 +259,8 @@ pub fn try_spawn(
         .map_err(SpawnError::Io)?;
     Ok(ResolverHandle {
         requests: tx,
+        answers,
+        waker,
         known,
         thread: Some(thread),
     })
@@ -287,66 +323,272 @@ struct Context {
 
 impl Context {
     fn deliver(&self, answer: DnsAnswer) {
-        // The answer goes first, the wake-up second: a woken loop must find it.
-        if self.answers.send(answer).is_err() {
-            // The receiver is gone: the server is shutting down.
+        send_then_wake(&self.answers, self.waker.as_deref(), answer);
+    }
+}
+
+/// Sends an answer, then wakes the loop: a woken loop must find it.
+fn send_then_wake(
+    answers: &crossbeam_channel::Sender<DnsAnswer>,
+    waker: Option<&dyn LoopWaker>,
+    answer: DnsAnswer,
+) {
+    if answers.send(answer).is_err() {
+        // The receiver is gone: the server is shutting down.
+        return;
+    }
+    if let Some(waker) = waker
+        && let Err(e) = waker.wake()
+    {
+        log::warn!("DNS answer queued but the event loop could not be woken: {e}");
+    }
+}
+
+/// One distinct lookup: requests for the same one share it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Work {
+    Forward { name: String, family: Family },
+    Reverse(IpAddr),
+}
+
+/// What a finished lookup found, and the queries it took.
+enum Found {
+    Forward(Lookup<Vec<IpAddr>>),
+    Reverse(ReverseFacts),
+}
+
+/// A lookup someone waits for.
+struct Pending {
+    /// The requesters, in the order they asked.
+    waiters: Vec<RequestId>,
+    /// Set once it runs: its task, to stop it when nobody waits any more.
+    running: Option<AbortHandle>,
+}
+
+/// Who waits for what, on the resolver thread only (so no lock).
+#[derive(Default)]
+struct Book {
+    pending: HashMap<Work, Pending>,
+    /// Lookups waiting for a slot, oldest first. An entry whose lookup was dropped meanwhile
+    /// is skipped when its turn comes.
+    queue: VecDeque<Work>,
+    /// The lookups each requester waits for (a Reverse and at most one Forward).
+    asked: HashMap<RequestId, Vec<Work>>,
+}
+
+impl Book {
+    /// Takes one request: joins a lookup in flight, replaces the requester's older Forward,
+    /// or queues a new lookup (answering at once when the queue is full).
+    fn take(&mut self, ctx: &Context, req: DnsRequest) {
+        let (id, work) = match req {
+            DnsRequest::Forget { id } => {
+                for work in self.asked.remove(&id).unwrap_or_default() {
+                    self.withdraw(id, &work);
+                }
+                return;
+            }
+            DnsRequest::Reverse { id, ip } => (id, Work::Reverse(ip)),
+            DnsRequest::Forward {
+                id,
+                ref name,
+                family,
+            } => (
+                id,
+                Work::Forward {
+                    name: name.clone(),
+                    family,
+                },
+            ),
+        };
+        let asked = self.asked.entry(id).or_default();
+        if asked.contains(&work) {
+            // Already waiting for exactly this.
             return;
         }
-        if let Some(waker) = &self.waker
-            && let Err(e) = waker.wake()
+        if let Work::Forward { .. } = work
+            && let Some(i) = asked.iter().position(|w| matches!(w, Work::Forward { .. }))
         {
-            log::warn!("DNS answer queued but the event loop could not be woken: {e}");
+            // SPEC "Memory": a superseded EHLO's pending work is dropped.
+            let old = asked.swap_remove(i);
+            self.withdraw(id, &old);
         }
-    }
-}
-
-async fn serve(ctx: Arc<Context>, mut rx: mpsc::UnboundedReceiver<DnsRequest>, limit: usize) {
-    // tokio's semaphore is fair, and permits are taken here, in arrival order, so excess
-    // requests wait their turn instead of overtaking each other.
-    let slots = Arc::new(Semaphore::new(limit));
-    let mut tasks = tokio::task::JoinSet::new();
-    while let Some(req) = rx.recv().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            // The semaphore is never closed; nothing sensible to do but stop.
-            break;
-        };
-        let ctx = ctx.clone();
-        tasks.spawn(async move {
-            let answer = resolve(&ctx, req).await;
-            ctx.deliver(answer);
-            drop(permit);
-        });
-        // Reap finished tasks so the set does not grow with the server's uptime.
-        while tasks.try_join_next().is_some() {}
-    }
-    // Every handle is gone: nobody waits for the rest. Dropping the set cancels them.
-}
-
-async fn resolve(ctx: &Arc<Context>, req: DnsRequest) -> DnsAnswer {
-    match req {
-        DnsRequest::Forward { id, name, family } => {
-            let addrs = match fqdn(&name) {
-                Some(n) => {
-                    let (addrs, queries) = forward(ctx, n, family).await;
-                    ctx.known.keep_forward(&name, family, &addrs, queries);
-                    addrs.value
-                }
-                // parse_helo only lets through names that DNS can carry; anything else was
-                // never asked, so it is undecided rather than nonexistent.
-                None => Lookup::TempError(TempFailure::Other),
-            };
-            DnsAnswer::Forward { id, name, addrs }
+        if let Some(pending) = self.pending.get_mut(&work) {
+            pending.waiters.push(id);
+            self.asked.entry(id).or_default().push(work);
+            return;
         }
-        DnsRequest::Reverse { id, ip } => {
-            let (facts, queries) = reverse(ctx, ip).await;
-            ctx.known.keep_reverse(ip, &facts, queries);
-            DnsAnswer::Reverse {
-                id,
-                ip,
-                facts: facts.value,
+        if self.queue.len() >= QUEUE_BOUND {
+            self.forget_if_idle(id);
+            if let Some(answer) = req.unavailable() {
+                ctx.deliver(answer);
             }
+            return;
+        }
+        self.pending.insert(
+            work.clone(),
+            Pending {
+                waiters: vec![id],
+                running: None,
+            },
+        );
+        self.queue.push_back(work.clone());
+        self.asked.entry(id).or_default().push(work);
+    }
+
+    /// `id` no longer waits for `work`; a lookup nobody waits for is dropped, or stopped.
+    fn withdraw(&mut self, id: RequestId, work: &Work) {
+        let Some(pending) = self.pending.get_mut(work) else {
+            return;
+        };
+        pending.waiters.retain(|w| *w != id);
+        if !pending.waiters.is_empty() {
+            return;
+        }
+        if let Some(task) = self.pending.remove(work).and_then(|p| p.running) {
+            task.abort();
         }
     }
+
+    fn forget_if_idle(&mut self, id: RequestId) {
+        if self.asked.get(&id).is_some_and(Vec::is_empty) {
+            self.asked.remove(&id);
+        }
+    }
+
+    /// Starts queued lookups while fewer than `limit` run.
+    fn start(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<(Work, Found, u32)>, limit: usize) {
+        while tasks.len() < limit {
+            let Some(work) = self.queue.pop_front() else {
+                return;
+            };
+            let Some(pending) = self.pending.get_mut(&work) else {
+                continue;
+            };
+            if pending.running.is_some() {
+                continue;
+            }
+            let ctx = ctx.clone();
+            let task = work.clone();
+            pending.running = Some(tasks.spawn(async move { resolve(&ctx, task).await }));
+        }
+    }
+
+    /// A lookup task ended: its answer goes to everyone still waiting for it.
+    fn finish(
+        &mut self,
+        ctx: &Context,
+        joined: Result<(tokio::task::Id, (Work, Found, u32)), JoinError>,
+    ) {
+        let (task_id, work, found, queries) = match joined {
+            Ok((task_id, (work, found, queries))) => (task_id, work, found, queries),
+            // Stopped because nobody waited for it any more.
+            Err(e) if e.is_cancelled() => return,
+            Err(e) => {
+                // A lookup task cannot panic short of a bug in hickory; its waiters get an
+                // undecided answer rather than waiting for their deadline.
+                log::error!("DNS lookup task failed: {e}");
+                let failed = self
+                    .pending
+                    .iter()
+                    .find(|(_, p)| p.running.as_ref().is_some_and(|t| t.id() == e.id()))
+                    .map(|(work, _)| work.clone());
+                if let Some(work) = failed {
+                    let found = match &work {
+                        Work::Forward { .. } => {
+                            Found::Forward(Lookup::TempError(TempFailure::Other))
+                        }
+                        Work::Reverse(_) => Found::Reverse(ReverseFacts {
+                            ptr: Lookup::TempError(TempFailure::Other),
+                        }),
+                    };
+                    self.answer(ctx, work, found, 0);
+                }
+                return;
+            }
+        };
+        // Stopped too late to be cancelled, and asked for again since: the new lookup answers.
+        let current = self
+            .pending
+            .get(&work)
+            .and_then(|p| p.running.as_ref())
+            .is_some_and(|t| t.id() == task_id);
+        if current {
+            self.answer(ctx, work, found, queries);
+        }
+    }
+
+    fn answer(&mut self, ctx: &Context, work: Work, found: Found, queries: u32) {
+        let Some(pending) = self.pending.remove(&work) else {
+            return;
+        };
+        for id in pending.waiters {
+            if let Some(asked) = self.asked.get_mut(&id) {
+                asked.retain(|w| *w != work);
+            }
+            self.forget_if_idle(id);
+            let answer = match (&work, &found) {
+                (Work::Forward { name, .. }, Found::Forward(addrs)) => DnsAnswer::Forward {
+                    id,
+                    name: name.clone(),
+                    addrs: addrs.clone(),
+                    queries,
+                },
+                (Work::Reverse(ip), Found::Reverse(facts)) => DnsAnswer::Reverse {
+                    id,
+                    ip: *ip,
+                    facts: facts.clone(),
+                    queries,
+                },
+                // `resolve` answers each kind of work in kind.
+                _ => continue,
+            };
+            ctx.deliver(answer);
+        }
+    }
+}
+
+async fn serve(ctx: Arc<Context>, mut rx: mpsc::Receiver<DnsRequest>, limit: usize) {
+    let mut book = Book::default();
+    let mut tasks = JoinSet::new();
+    loop {
+        book.start(&ctx, &mut tasks, limit);
+        tokio::select! {
+            // Answers first: they free slots and memory.
+            biased;
+            Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                book.finish(&ctx, joined);
+            }
+            req = rx.recv() => match req {
+                Some(req) => book.take(&ctx, req),
+                // Every handle is gone: nobody waits for the rest. Dropping the set cancels
+                // them.
+                None => break,
+            },
+        }
+    }
+}
+
+async fn resolve(ctx: &Arc<Context>, work: Work) -> (Work, Found, u32) {
+    let (found, queries) = match &work {
+        Work::Forward { name, family } => match fqdn(name) {
+            Some(n) => {
+                let (addrs, queries) = forward(ctx, n, *family).await;
+                let count = queries.len();
+                ctx.known.keep_forward(name, *family, &addrs, queries);
+                (Found::Forward(addrs.value), count)
+            }
+            // parse_helo only lets through names that DNS can carry; anything else was
+            // never asked, so it is undecided rather than nonexistent.
+            None => (Found::Forward(Lookup::TempError(TempFailure::Other)), 0),
+        },
+        Work::Reverse(ip) => {
+            let (facts, queries) = reverse(ctx, *ip).await;
+            let count = queries.len();
+            ctx.known.keep_reverse(*ip, &facts, queries);
+            (Found::Reverse(facts.value), count)
+        }
+    };
+    (work, found, u32::try_from(queries).unwrap_or(u32::MAX))
 }
 
 /// The name as an absolute DNS name, so no search list or ndots rule applies.

@@ -1,25 +1,21 @@
 //! The client's message on its way to the next hop (SPEC "Relay modes", "What an accepted
-//! message carries"): the header section is held back until it is complete, because the
-//! fields that claim our name are removed from it and its Received fields are counted (more
-//! than 100 is a loop, RFC 5321 6.3); the body then passes as it comes.
+//! message carries"): the header streams through a `HeaderFilter`, which removes the fields
+//! that claim our name and counts Received fields over the whole header however long (more
+//! than 100 is a loop, RFC 5321 6.3), holding back at most one field; the body then passes as
+//! it comes.
 //!
 //! Sans-I/O: `push` says what to send, and the session turns that into its actions. A message
 //! is dropped at the next hop at most once, and never finished with a dot after that.
 
-use crate::protocol::data::{MAX_RECEIVED_FIELDS, count_received};
-use crate::spool::header::strip_own_fields;
-
-/// The largest header section held back before it is passed on anyway.
-const HEAD_LIMIT: usize = 64 * 1024;
+use crate::spool::header::HeaderFilter;
 
 /// One message being passed on to the next hop.
 #[derive(Debug)]
 pub struct OutboundMessage {
     /// The queue ID of the client's transaction (Received, the 250 reply).
     pub queue_id: String,
-    /// The header section so far, until it is complete.
-    head: Vec<u8>,
-    head_sent: bool,
+    /// Made at the first content, when the hostname is at hand.
+    header: Option<HeaderFilter>,
     /// The next hop's transaction was dropped (no final dot); the client hears why at the end
     /// of its data.
     aborted: bool,
@@ -42,33 +38,35 @@ impl OutboundMessage {
     pub fn new(queue_id: String) -> Self {
         Self {
             queue_id,
-            head: Vec::new(),
-            head_sent: false,
+            header: None,
             aborted: false,
             looped: false,
         }
     }
 
-    /// Takes decoded content (dot-unstuffed, CRLF lines); `last` flushes a message that has
-    /// no body. `hostname` is HELOGUARD_HOSTNAME, whose fields are removed from the header.
+    /// Takes decoded content (dot-unstuffed, CRLF lines); `last` flushes a message that ends
+    /// in its header. `hostname` is HELOGUARD_HOSTNAME, whose fields are removed.
     pub fn push(&mut self, content: Vec<u8>, last: bool, hostname: &str) -> Outbound {
         if self.aborted {
             return Outbound::Nothing;
         }
-        if self.head_sent {
-            if content.is_empty() {
-                return Outbound::Nothing;
-            }
-            return Outbound::Send(content);
+        let filter = self
+            .header
+            .get_or_insert_with(|| HeaderFilter::new(hostname));
+        if filter.in_body() && !last {
+            // The common case past the header: the content moves on whole, uncopied.
+            return if content.is_empty() {
+                Outbound::Nothing
+            } else {
+                Outbound::Send(content)
+            };
         }
-        self.head.extend_from_slice(&content);
-        let head = &self.head;
-        let complete =
-            head.starts_with(b"\r\n") || memchr::memmem::find(head, b"\r\n\r\n").is_some();
-        if !(complete || last || head.len() > HEAD_LIMIT) {
-            return Outbound::Nothing;
+        let mut kept = Vec::new();
+        let body_from = filter.feed(&content, &mut kept);
+        if last {
+            filter.finish(&mut kept);
         }
-        if count_received(head) > MAX_RECEIVED_FIELDS {
+        if filter.loop_detected() {
             self.looped = true;
             return if self.abort() {
                 Outbound::Abort
@@ -76,9 +74,19 @@ impl OutboundMessage {
                 Outbound::Nothing
             };
         }
-        let head = std::mem::take(&mut self.head);
-        self.head_sent = true;
-        Outbound::Send(strip_own_fields(&head, hostname).into_owned())
+        if kept.is_empty() && body_from == 0 {
+            return if content.is_empty() {
+                Outbound::Nothing
+            } else {
+                Outbound::Send(content)
+            };
+        }
+        kept.extend_from_slice(&content[body_from..]);
+        if kept.is_empty() {
+            Outbound::Nothing
+        } else {
+            Outbound::Send(kept)
+        }
     }
 
     /// Marks the message dropped; true the first time, when the next hop must be told.
@@ -96,15 +104,28 @@ impl OutboundMessage {
 mod tests {
     use super::*;
 
+    /// Everything sent for `pushes`, joined.
+    fn sent(m: &mut OutboundMessage, pushes: &[(&[u8], bool)]) -> Vec<u8> {
+        let mut all = Vec::new();
+        for (content, last) in pushes {
+            if let Outbound::Send(bytes) = m.push(content.to_vec(), *last, "mx.test") {
+                all.extend_from_slice(&bytes);
+            }
+        }
+        all
+    }
+
     #[test]
-    fn the_header_waits_until_complete_then_loses_our_fields() {
+    fn the_header_loses_our_fields_as_it_streams() {
         let mut m = OutboundMessage::new("Q1".into());
-        let own = b"X-HELO-Check: mx.test; pass\r\nSubject: hi\r\n".to_vec();
-        assert_eq!(m.push(own, false, "mx.test"), Outbound::Nothing);
-        assert_eq!(
-            m.push(b"\r\nbody\r\n".to_vec(), false, "mx.test"),
-            Outbound::Send(b"Subject: hi\r\n\r\nbody\r\n".to_vec())
+        let got = sent(
+            &mut m,
+            &[
+                (b"X-HELO-Check: mx.test; pass\r\nSubject: hi\r\n", false),
+                (b"\r\nbody\r\n", false),
+            ],
         );
+        assert_eq!(got, b"Subject: hi\r\n\r\nbody\r\n");
         assert_eq!(
             m.push(b"more\r\n".to_vec(), true, "mx.test"),
             Outbound::Send(b"more\r\n".to_vec())
@@ -113,9 +134,29 @@ mod tests {
     }
 
     #[test]
+    fn a_header_past_64_kib_is_still_stripped_and_counted() {
+        let mut m = OutboundMessage::new("Q1".into());
+        let padding = b"X-Pad: 0123456789012345678901234567890123456789\r\n".repeat(2000);
+        let forged = b"Authentication-Results: mx.test; dkim=pass\r\n";
+        let got = sent(
+            &mut m,
+            &[(&padding, false), (forged, false), (b"\r\nbody\r\n", true)],
+        );
+        assert!(got.len() > 64 * 1024);
+        assert!(memchr::memmem::find(&got, b"dkim=pass").is_none());
+        assert!(got.ends_with(b"\r\n\r\nbody\r\n"));
+
+        let mut m = OutboundMessage::new("Q2".into());
+        let mut head = padding.clone();
+        head.extend(b"Received: x\r\n".repeat(101));
+        assert_eq!(m.push(head, false, "mx.test"), Outbound::Abort);
+        assert!(m.looped());
+    }
+
+    #[test]
     fn a_loop_aborts_once_and_sends_nothing_after() {
         let mut m = OutboundMessage::new("Q1".into());
-        let head = b"Received: x\r\n".repeat(MAX_RECEIVED_FIELDS + 1);
+        let head = b"Received: x\r\n".repeat(crate::protocol::data::MAX_RECEIVED_FIELDS + 1);
         assert_eq!(m.push(head, true, "mx.test"), Outbound::Abort);
         assert!(m.looped());
         assert!(!m.abort());

@@ -206,6 +206,23 @@ pub struct ReadOutcome {
     pub tls_established: bool,
 }
 
+/// A session's DNS work as the loop sees it.
+#[derive(Clone, Debug, Default)]
+pub struct DnsWork {
+    /// Queries the resolver reported for this session's answers so far.
+    pub queries: u32,
+    /// The HELO name whose A/AAAA answer the session still waits for; an answer for another
+    /// name is for an identity the session has replaced.
+    pub forward_wanted: Option<String>,
+}
+
+impl DnsWork {
+    /// HELOGUARD_DNS_BUDGET (0 = unlimited) is spent: no more lookups for this session.
+    pub fn over_budget(&self, budget: u32) -> bool {
+        budget != 0 && self.queries >= budget
+    }
+}
+
 /// Time spent waiting for DNS, for the verdict log line.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DnsTiming {
@@ -246,6 +263,8 @@ pub struct Conn {
     pub last_input: Instant,
     pub started: Instant,
     pub dns: DnsTiming,
+    /// What DNS work this session caused and still waits for (HELOGUARD_DNS_BUDGET).
+    pub dns_work: DnsWork,
     /// Relay modes: the slot of this session's link to the next hop.
     pub relay: Option<usize>,
 }
@@ -278,6 +297,7 @@ impl Conn {
             last_input: now,
             started: now,
             dns: DnsTiming::default(),
+            dns_work: DnsWork::default(),
             relay: None,
         }
     }

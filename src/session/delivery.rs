@@ -105,6 +105,9 @@ impl Session {
             }
         };
         self.messages += 1;
+        // SPEC HELOGUARD_MAX_ERRORS / MAX_JUNK: a sender reusing a connection for
+        // many messages starts each one with a clean slate.
+        self.counters.restart();
         out.observations.push(Observation::MessageAccepted);
         let reply = Reply::new(250, "2.0.0", &format!("Ok: queued as {}", message.id));
         message.relay = relay;

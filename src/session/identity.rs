@@ -104,23 +104,31 @@ impl Session {
             identity.forward = kept.forward;
             identity.verdict = Some(kept.verdict);
             self.adopt(identity, out);
-            return;
-        }
-        self.generation = self.generation.wrapping_add(1);
-        let needs_forward = [Check::Localhost, Check::Forward, Check::ForwardMatch]
-            .into_iter()
-            .any(|check| settings.helo_policy.action(check) != Action::Off);
-        let identity = Identity::new(verb, arg, parsed, self.generation, needs_forward);
-        out.actions.push(SessionAction::HeloAccepted {
-            generation: self.generation,
-            lookup: identity.lookup_name().map(str::to_string),
-        });
-        if settings.reject_at == RejectAt::Helo && self.policy_can_refuse {
-            self.candidate = Some(identity);
-            self.park = Some(Park::HeloVerdict);
         } else {
-            self.adopt(identity, out);
+            self.generation = self.generation.wrapping_add(1);
+            let needs_forward = [Check::Localhost, Check::Forward, Check::ForwardMatch]
+                .into_iter()
+                .any(|check| settings.helo_policy.action(check) != Action::Off);
+            let identity = Identity::new(verb, arg, parsed, self.generation, needs_forward);
+            out.actions.push(SessionAction::HeloAccepted {
+                generation: self.generation,
+                lookup: identity.lookup_name().map(str::to_string),
+            });
+            if settings.reject_at == RejectAt::Helo && self.policy_can_refuse {
+                self.candidate = Some(identity);
+                self.park = Some(Park::HeloVerdict);
+            } else {
+                self.adopt(identity, out);
+            }
         }
+        // An identity replaced within this batch of pipelined commands needs neither its
+        // lookup nor its deadline: only those of the identities still held go to the loop.
+        let live =
+            [self.current.as_ref(), self.candidate.as_ref()].map(|id| id.map(|i| i.generation));
+        out.actions.retain(|action| match action {
+            SessionAction::HeloAccepted { generation, .. } => live.contains(&Some(*generation)),
+            _ => true,
+        });
         self.evaluate(out);
     }
 

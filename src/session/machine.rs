@@ -90,6 +90,8 @@ pub struct Session {
     pub(super) tx: Option<Transaction>,
     pub(super) tls: Option<TlsInfo>,
     pub(super) counters: Counters,
+    /// No EHLO/HELO yet since connect or STARTTLS: the next one is free of the junk count.
+    pub(super) helo_free: bool,
     /// The DATA/BDAT transfer in progress, for HELOGUARD_MIN_DATA_RATE.
     pub(super) rate: Option<DataRate>,
     /// SIGTERM came during a transaction: close after it.
@@ -135,6 +137,7 @@ impl Session {
             tx: None,
             tls: None,
             counters: Counters::default(),
+            helo_free: true,
             rate: None,
             draining: false,
             spool_space_low: false,
@@ -306,12 +309,12 @@ impl Session {
                         else {
                             unreachable!("matched InputMode::Data above")
                         };
-                        self.count_data(feed.consumed);
+                        self.count_data(feed.consumed, now);
                         self.end_of_message(decoder.finish(), now, out);
                         pos += feed.consumed;
                         continue;
                     }
-                    self.count_data(feed.consumed);
+                    self.count_data(feed.consumed, now);
                     self.relay_forward(out);
                     feed.consumed
                 }
@@ -333,7 +336,7 @@ impl Session {
                     {
                         decoder.feed(&rest[..n]);
                     }
-                    self.count_data(n);
+                    self.count_data(n, now);
                     self.relay_forward(out);
                     n
                 }
@@ -358,10 +361,10 @@ impl Session {
         pos
     }
 
-    fn count_data(&mut self, octets: usize) {
+    fn count_data(&mut self, octets: usize, now: Now) {
         self.bytes = self.bytes.saturating_add(octets as u64);
         if let Some(rate) = self.rate.as_mut() {
-            rate.add(octets);
+            rate.add(now.mono, octets);
         }
     }
 
@@ -384,7 +387,12 @@ impl Session {
             Err(error) => error.verb(),
         };
         if let Some(verb) = verb {
-            if verb.counts_as_junk() && self.counters.junk_over(self.params.settings.max_junk) {
+            // SPEC: EHLO/HELO is junk beyond the first after connect and after STARTTLS, so a
+            // client cannot make a session start DNS work for name after name.
+            let repeated_helo = matches!(verb, Verb::Ehlo | Verb::Helo)
+                && !std::mem::replace(&mut self.helo_free, false);
+            let junk = verb.counts_as_junk() || repeated_helo;
+            if junk && self.counters.junk_over(self.params.settings.max_junk) {
                 self.close(
                     out,
                     421,
@@ -734,6 +742,7 @@ impl Session {
         }
         self.park = None;
         self.tls = Some(info);
+        self.helo_free = true;
         self.before_tls = self.current.take();
         self.candidate = None;
         self.drop_transaction(out);

@@ -692,6 +692,91 @@ fn error_and_junk_limits() {
     assert_eq!(h.session.summary().ending, Ending::TooManyJunk);
 }
 
+#[test]
+fn ehlo_beyond_the_first_counts_as_junk() {
+    let mut h = with(|c| c.max_junk = 2);
+    h.script(&[
+        ("EHLO a.example", "250-mx.test"),
+        ("EHLO b.example", "250-mx.test"),
+        ("HELO c.example", "250 mx.test"),
+        ("EHLO d.example", "421 4.7.0"),
+    ]);
+    assert!(h.close_seen);
+    assert_eq!(h.session.summary().ending, Ending::TooManyJunk);
+}
+
+#[test]
+fn the_first_ehlo_after_starttls_is_free() {
+    let mut c = config();
+    c.max_junk = 1;
+    let mut h = Harness::build(c, true, true);
+    h.take();
+    h.script(&[
+        ("EHLO a.example", "250-mx.test"),
+        ("STARTTLS", "220 2.0.0"),
+        ("EHLO b.example", "250-mx.test"),
+        ("EHLO c.example", "250-mx.test"),
+        ("EHLO d.example", "421 4.7.0"),
+    ]);
+    assert_eq!(h.session.summary().ending, Ending::TooManyJunk);
+}
+
+#[test]
+fn an_accepted_message_restarts_the_junk_and_error_counts() {
+    let mut h = with(|c| {
+        c.max_junk = 1;
+        c.max_errors = 1;
+    });
+    h.script(&[("NOOP", "250"), ("BOGUS", "500 5.5.2")]);
+    h.script(TRANSACTION);
+    h.cmd("Subject: x\r\n\r\nbody\r\n.", "250 2.0.0");
+    h.script(&[
+        ("NOOP", "250"),
+        ("BOGUS", "500 5.5.2"),
+        ("EHLO e.example", "421 4.7.0"),
+    ]);
+    assert_eq!(h.session.summary().ending, Ending::TooManyJunk);
+}
+
+#[test]
+fn pipelined_ehlos_ask_only_for_the_last_name() {
+    let mut h = Harness::build(config(), false, false);
+    h.take();
+    h.input(b"EHLO a.example\r\nEHLO b.example\r\nEHLO c.example\r\n");
+    assert_eq!(h.take().matches("250 CHUNKING").count(), 3);
+    assert_eq!(h.lookups, [(3, Some("c.example".to_string()))]);
+}
+
+#[test]
+fn a_superseded_names_late_answer_is_ignored_and_not_waited_for() {
+    let mut h = gated(RejectAt::Rcpt);
+    h.event(Event::Reverse(ReverseFacts {
+        ptr: Lookup::NxDomain,
+    }));
+    h.cmd("EHLO old.example", "250");
+    h.cmd("EHLO new.example", "250");
+    h.cmd("MAIL FROM:<a@b.example>", "250");
+    h.input(b"RCPT TO:<c@d.example>\r\n");
+    assert!(h.take().is_empty(), "RCPT waits for new.example's verdict");
+    h.event(Event::Forward {
+        name: "old.example".into(),
+        addrs: Lookup::NxDomain,
+    });
+    assert!(
+        h.take().is_empty() && verdicts(&h) == 0,
+        "old.example's answer is ignored"
+    );
+    // The old identity's deadline does not judge the new one either.
+    h.event(Event::VerdictDeadline { generation: 1 });
+    assert!(h.take().is_empty() && verdicts(&h) == 0);
+    h.event(Event::Forward {
+        name: "new.example".into(),
+        addrs: Lookup::NxDomain,
+    });
+    assert!(h.take().starts_with("250 2.1.5"));
+    assert_eq!(verdicts(&h), 1);
+}
+
 /// Harness without automatic DNS, for the verdict gates.
 fn gated(reject_at: RejectAt) -> Harness {
     let mut c = config();
@@ -1025,8 +1110,8 @@ fn relaying() -> Harness {
     h
 }
 
-/// Relay modes stream the message: the 354 is the next hop's, the header goes once it is
-/// complete (our forged fields removed), the body as it arrives, the final dot last.
+/// Relay modes stream the message: the 354 is the next hop's, each header field goes once it
+/// is complete (our forged fields removed), the body as it arrives, the final dot last.
 #[test]
 fn relayed_data_streams_as_it_arrives() {
     let mut h = relaying();
@@ -1037,17 +1122,14 @@ fn relayed_data_streams_as_it_arrives() {
     assert!(h.take().starts_with("354 "));
     h.input(b"Subject: s\r\nX-HELO-Check: mx.test; pass forged\r\n");
     assert_eq!(
-        h.relayed.len(),
-        1,
-        "the header is held until it is complete"
+        h.relayed[1..],
+        ["CHUNK Subject: s\r\n"],
+        "a field goes once the next line shows it complete"
     );
     h.input(b"\r\nfirst line\r\n..dotted\r\n");
-    assert_eq!(
-        h.relayed[1..],
-        ["CHUNK Subject: s\r\n\r\nfirst line\r\n.dotted\r\n"]
-    );
+    assert_eq!(h.relayed[2..], ["CHUNK \r\nfirst line\r\n.dotted\r\n"]);
     h.input(b"second line\r\n.\r\n");
-    assert_eq!(h.relayed[2..], ["CHUNK second line\r\n", "END"]);
+    assert_eq!(h.relayed[3..], ["CHUNK second line\r\n", "END"]);
     h.event(Event::Delivered(DeliveryOutcome::Accepted));
     assert_eq!(h.take(), "250 2.0.0 Ok: queued as ABCZ1\r\n");
 }

@@ -36,8 +36,8 @@ use crate::metrics::{Metrics, SpoolStage};
 use crate::spool::envelope::maildir_prefix;
 use crate::spool::group_sync::GroupSync;
 use crate::spool::group_sync::copy_error;
-use crate::spool::header::kept_slices;
-use crate::spool::header::own_field_spans;
+use crate::spool::header::Filtered;
+use crate::spool::header::filter_message;
 
 /// maildir(5): a file in tmp/ untouched for 36 hours is the remains of a failed delivery.
 pub const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
@@ -94,6 +94,8 @@ pub enum SpoolError {
     SyncDirectory { path: PathBuf, source: io::Error },
     /// The writer threads are gone; nothing was written.
     WritersGone,
+    /// Every writer is busy and the job queue is full; nothing was written.
+    QueueFull,
     /// The writer panicked while on this message; whether a file reached new/ is unknown.
     WriterPanicked,
 }
@@ -162,12 +164,13 @@ impl Maildir {
     /// message; the results are in the order of `envs`.
     pub fn deliver_all(&self, envs: &[&Envelope]) -> Vec<Result<String, SpoolError>> {
         let prefixes: Vec<Vec<u8>> = envs.iter().map(|env| maildir_prefix(env)).collect();
-        let messages: Vec<Vec<&[u8]>> = envs
+        let filtered: Vec<Filtered<'_>> = envs.iter().map(|env| without_own_fields(env)).collect();
+        let messages: Vec<[&[u8]; 3]> = prefixes
             .iter()
-            .zip(&prefixes)
-            .map(|(env, prefix)| without_own_fields(prefix, env))
+            .zip(&filtered)
+            .map(|(prefix, message)| stored_parts(prefix, message))
             .collect();
-        let refs: Vec<&[&[u8]]> = messages.iter().map(Vec::as_slice).collect();
+        let refs: Vec<&[&[u8]]> = messages.iter().map(|parts| parts.as_slice()).collect();
         self.store_all(&refs)
     }
 
@@ -304,14 +307,14 @@ impl Maildir {
     }
 }
 
-/// The message as stored: `prefix`, then `env`'s content without the trace fields that
-/// claim to be ours (forged).
-fn without_own_fields<'a>(prefix: &'a [u8], env: &'a Envelope) -> Vec<&'a [u8]> {
-    let removed = own_field_spans(&env.content, &env.trace.hostname);
-    let mut parts = Vec::with_capacity(removed.len() + 2);
-    parts.push(prefix);
-    parts.extend(kept_slices(&env.content, &removed));
-    parts
+/// `env`'s content without the trace fields that claim to be ours (forged).
+fn without_own_fields(env: &Envelope) -> Filtered<'_> {
+    filter_message(&env.content, &env.trace.hostname)
+}
+
+/// The message as stored: `prefix`, then the filtered header, then the body as received.
+fn stored_parts<'a>(prefix: &'a [u8], message: &'a Filtered<'a>) -> [&'a [u8]; 3] {
+    [prefix, &message.header, message.body]
 }
 
 /// The single result of a one-message batch (which always has one).
@@ -355,6 +358,7 @@ impl fmt::Display for SpoolError {
             SpoolError::Rename { path, source } => ("cannot rename into", path, source),
             SpoolError::SyncDirectory { path, source } => ("cannot fsync directory", path, source),
             SpoolError::WritersGone => return f.write_str("spool writer threads are gone"),
+            SpoolError::QueueFull => return f.write_str("spool writer queue is full"),
             SpoolError::WriterPanicked => return f.write_str("spool writer panicked"),
         };
         write!(f, "spool: {step} {}: {source}", path.display())
@@ -370,7 +374,7 @@ impl std::error::Error for SpoolError {
             | SpoolError::SyncFile { source, .. }
             | SpoolError::Rename { source, .. }
             | SpoolError::SyncDirectory { source, .. } => Some(source),
-            SpoolError::WritersGone | SpoolError::WriterPanicked => None,
+            SpoolError::WritersGone | SpoolError::QueueFull | SpoolError::WriterPanicked => None,
         }
     }
 }
@@ -530,10 +534,11 @@ mod tests {
         let dir = TestDir::new("deliver-prefix");
         let maildir = Maildir::open(&dir.0, "mx.example.net").expect("open");
         let env = envelope(FORGED);
+        let filtered = without_own_fields(&env);
         let name = maildir
-            .store(&without_own_fields(
+            .store(&stored_parts(
                 b"Return-Path: <a@example.org>\r\n",
-                &env,
+                &filtered,
             ))
             .expect("deliver");
         let stored = fs::read(dir.0.join("new").join(name)).expect("read");

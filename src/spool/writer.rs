@@ -2,8 +2,9 @@
 //! threads, sized for the disk, not the cores, so that fsync latency never stalls protocol
 //! work).
 //!
-//! Jobs come in on one unbounded crossbeam channel shared by every writer: `submit` never
-//! blocks the event loop, and with N threads up to N fsyncs are in flight at once, which is what
+//! Jobs come in on one bounded crossbeam channel shared by every writer: `submit` never
+//! blocks the event loop (a full queue answers the job at once with `SpoolError::QueueFull`,
+//! which the client sees as 451 4.3.0, rather than letting messages pile up in memory), and with N threads up to N fsyncs are in flight at once, which is what
 //! lets a disk with a write cache or several queues commit them together. Each result goes back
 //! on the `done` channel, *then* the loop's waker is woken: mio coalesces wakes (several wakes
 //! before a poll make one event, `mio/tests/waker.rs`), so the loop drains `done` until empty on
@@ -26,6 +27,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::Receiver;
 use crossbeam_channel::Sender;
+use crossbeam_channel::TrySendError;
 
 use crate::message::Envelope;
 use crate::spool::maildir::Maildir;
@@ -34,6 +36,10 @@ use crate::wake::LoopWaker;
 
 /// Most messages one writer delivers together.
 pub const MAX_BATCH: usize = 8;
+
+/// Jobs waiting for a writer at most. Each holds a whole message, so the bound is what keeps
+/// a disk slower than the clients from turning into memory.
+pub const JOB_QUEUE: usize = 1024;
 
 /// One message to write; `id` is the caller's, returned unchanged in `SpoolDone`.
 pub struct SpoolJob {
@@ -75,13 +81,16 @@ impl SpoolWriters {
     /// Queues `job`; never blocks. Should every writer be gone, the job is answered at once
     /// with `SpoolError::WritersGone`, so the session still gets its 451.
     pub fn submit(&self, job: SpoolJob) {
-        if let Err(unsent) = self.jobs.send(job) {
-            let done = SpoolDone {
-                id: unsent.0.id,
-                result: Err(SpoolError::WritersGone),
-            };
-            report(&self.done, self.waker.as_deref(), done);
-        }
+        let (id, error) = match self.jobs.try_send(job) {
+            Ok(()) => return,
+            Err(TrySendError::Full(job)) => (job.id, SpoolError::QueueFull),
+            Err(TrySendError::Disconnected(job)) => (job.id, SpoolError::WritersGone),
+        };
+        let done = SpoolDone {
+            id,
+            result: Err(error),
+        };
+        report(&self.done, self.waker.as_deref(), done);
     }
 
     /// Stops taking jobs and waits until every job already submitted is written and answered.
@@ -106,8 +115,22 @@ fn spawn_with<F>(
 where
     F: Fn(&[&Envelope]) -> Vec<Result<String, SpoolError>> + Send + Sync + 'static,
 {
+    spawn_bounded(JOB_QUEUE, threads, done, waker, deliver)
+}
+
+/// `spawn_with` with at most `bound` jobs waiting.
+fn spawn_bounded<F>(
+    bound: usize,
+    threads: usize,
+    done: Sender<SpoolDone>,
+    waker: Option<Arc<dyn LoopWaker>>,
+    deliver: F,
+) -> io::Result<SpoolWriters>
+where
+    F: Fn(&[&Envelope]) -> Vec<Result<String, SpoolError>> + Send + Sync + 'static,
+{
     let deliver = Arc::new(deliver);
-    let (jobs, queue) = crossbeam_channel::unbounded::<SpoolJob>();
+    let (jobs, queue) = crossbeam_channel::bounded::<SpoolJob>(bound.max(1));
     let mut writers = SpoolWriters {
         jobs,
         done,
@@ -406,6 +429,45 @@ mod tests {
         assert_eq!(sizes.iter().sum::<usize>(), 20);
         assert!(sizes.iter().all(|&n| n <= MAX_BATCH), "{sizes:?}");
         assert!(sizes.len() < 20, "queued jobs were batched: {sizes:?}");
+    }
+
+    #[test]
+    fn a_full_queue_answers_at_once_without_blocking() {
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(0);
+        let (busy_tx, busy_rx) = crossbeam_channel::bounded::<()>(1);
+        let writers = spawn_bounded(2, 1, done_tx, None, move |envs| {
+            let _ = busy_tx.try_send(());
+            let _ = gate_rx.recv_timeout(Duration::from_secs(60));
+            envs.iter()
+                .map(|env| Ok(env.trace.queue_id.clone()))
+                .collect()
+        })
+        .expect("spawn");
+        writers.submit(SpoolJob {
+            id: 0,
+            envelope: envelope(0),
+        });
+        // The writer holds job 0; two more fill the queue, the fourth finds it full.
+        busy_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("writer busy");
+        for id in 1..4 {
+            writers.submit(SpoolJob {
+                id,
+                envelope: envelope(id),
+            });
+        }
+        let refused = done_rx
+            .recv_timeout(Duration::from_secs(1))
+            .expect("answered at once");
+        assert_eq!(refused.id, 3);
+        assert!(matches!(refused.result, Err(SpoolError::QueueFull)));
+        // Closing the gate lets every later batch through.
+        drop(gate_tx);
+        writers.shutdown();
+        let ids: Vec<u64> = done_rx.try_iter().map(|d| d.id).collect();
+        assert_eq!(ids, [0, 1, 2]);
     }
 
     #[test]

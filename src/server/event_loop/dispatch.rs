@@ -97,14 +97,24 @@ impl Server {
                 // No lookup left: none was needed, or the worker answered it from the
                 // resolver's known answers (in no time).
                 conn.dns.forward_took = None;
+                conn.dns_work.forward_wanted.clone_from(&lookup);
                 if let Some(name) = lookup {
                     conn.dns.forward_started = Some(now);
-                    if let Some(r) = &self.resolver {
-                        r.submit(DnsRequest::Forward {
-                            id: id.raw(),
-                            name,
-                            family: Family::of(conn.client_ip),
-                        });
+                    let request = DnsRequest::Forward {
+                        id: id.raw(),
+                        name,
+                        family: Family::of(conn.client_ip),
+                    };
+                    if conn.dns_work.over_budget(self.config.dns_budget) {
+                        // SPEC HELOGUARD_DNS_BUDGET: past it, what is still undecided is
+                        // temperror; the answer comes now instead of at the deadline.
+                        if let Some(DnsAnswer::Forward { name, addrs, .. }) = request.unavailable()
+                        {
+                            conn.dns_work.forward_wanted = None;
+                            conn.pending.push(OwnedEvent::Forward { name, addrs });
+                        }
+                    } else if let Some(r) = &self.resolver {
+                        r.submit(request);
                     }
                 }
                 let deadline = now + self.config.dns_timeout * 2;
@@ -212,12 +222,23 @@ impl Server {
             return;
         };
         let now = Instant::now();
+        conn.dns_work.queries = conn.dns_work.queries.saturating_add(answer.queries());
         let event = match answer {
             DnsAnswer::Reverse { facts, .. } => {
                 conn.dns.reverse_took = conn.dns.reverse_started.map(|t| now - t);
                 OwnedEvent::Reverse(facts)
             }
             DnsAnswer::Forward { name, addrs, .. } => {
+                let wanted = conn
+                    .dns_work
+                    .forward_wanted
+                    .as_deref()
+                    .is_some_and(|w| w.eq_ignore_ascii_case(&name));
+                if !wanted {
+                    // For an identity the session has replaced: it would only ignore it.
+                    return;
+                }
+                conn.dns_work.forward_wanted = None;
                 conn.dns.forward_took = conn.dns.forward_started.map(|t| now - t);
                 OwnedEvent::Forward { name, addrs }
             }
@@ -274,6 +295,7 @@ mod tests {
             facts: ReverseFacts {
                 ptr: Lookup::NxDomain,
             },
+            queries: 1,
         };
         server.server.on_dns(answer(first_id));
         assert_eq!(server.pending_events(second_id), pending_before);

@@ -30,8 +30,8 @@ use mio::{Events, Poll, Token};
 use slab::Slab;
 
 use crate::config::Config;
-use crate::dns::DnsAnswer;
 use crate::dns::resolver::ResolverHandle;
+use crate::dns::{DnsAnswer, DnsRequest};
 use crate::metrics::Metrics;
 use crate::server::conn::{Conn, ConnState, ReadSide, Transport};
 use crate::server::conn_id::{ConnId, live_slot};
@@ -360,6 +360,10 @@ impl Server {
         }
         if let Some(key) = conn.counted_as {
             self.admission.release(key);
+        }
+        // Lookups only this connection waited for are dropped or stopped.
+        if let Some(r) = &self.resolver {
+            r.submit(DnsRequest::Forget { id: conn.id.raw() });
         }
         self.metrics.session_closed();
         log_session_end(&conn, why);
