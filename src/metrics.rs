@@ -533,6 +533,12 @@ const fn verdict_index(kind: VerdictKind) -> usize {
 }
 
 /// Index into `ACTION_LABELS`.
+/// The `action` label of heloguard_helo_verdicts_total for `action`; the `helo verdict` log
+/// line uses the same words.
+pub const fn action_label(action: Action) -> &'static str {
+    ACTION_LABELS[action_index(action)]
+}
+
 const fn action_index(action: Action) -> usize {
     match action {
         Action::Off | Action::Log => 0,

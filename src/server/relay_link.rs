@@ -125,8 +125,9 @@ pub enum Awaiting {
 pub enum LinkAnswer {
     /// For `Event::RelayReply` (MAIL, RCPT).
     Command(Reply),
-    /// For `Event::Delivered`: accepted (`Ok`) or the reply to pass on.
-    Delivery(Result<(), Reply>),
+    /// For `Event::Delivered`: accepted (`Ok`, with the next hop's reply for the log) or the
+    /// reply to pass on.
+    Delivery(Result<Reply, Reply>),
 }
 
 /// What happened on the link during one round of I/O.
@@ -427,7 +428,7 @@ impl RelayLink {
             }
             Some(Awaiting::EndOfData) => {
                 self.transaction_open = false;
-                let result = if accepted { Ok(()) } else { Err(reply) };
+                let result = if accepted { Ok(reply) } else { Err(reply) };
                 progress.answers.push(LinkAnswer::Delivery(result));
             }
             // A reply nobody asked for (e.g. to RSET): nothing waits on it.

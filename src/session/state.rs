@@ -15,6 +15,7 @@ use crate::helo::verdict::HeloVerdict;
 use crate::protocol::command::{MailParams, Verb};
 use crate::protocol::data::DataDecoder;
 use crate::relay::outbound::OutboundMessage;
+use crate::session::AcceptedMessage;
 
 /// Runs the checks and the policy on what is known of one identity.
 pub(crate) type DecideFn = fn(
@@ -108,6 +109,10 @@ pub(crate) struct Transaction {
     pub chunks: Option<DataDecoder>,
     /// Relay modes: the message being passed on to the next hop.
     pub relay: Option<OutboundMessage>,
+    /// The session's DATA/BDAT octets before this transaction, for the message's size.
+    pub octets_before: u64,
+    /// A 452 for too many recipients was logged (once per transaction is enough).
+    pub too_many_noted: bool,
 }
 
 impl Transaction {
@@ -118,6 +123,8 @@ impl Transaction {
             recipients: Vec::new(),
             chunks: None,
             relay: None,
+            octets_before: 0,
+            too_many_noted: false,
         }
     }
 }
@@ -153,8 +160,8 @@ pub(crate) enum Park {
         content: Vec<u8>,
         received_at: SystemTime,
     },
-    /// `Event::Delivered` for this queue ID.
-    Delivery { queue_id: String },
+    /// `Event::Delivered` for this message (its queue ID and what the log says of it).
+    Delivery(Box<AcceptedMessage>),
     /// `Event::TlsEstablished` after our 220 to STARTTLS.
     Tls,
     /// Relay modes: the next hop, or what must be known before it is asked.
