@@ -807,7 +807,7 @@ async fn query<T: FromRecords>(
         Err(_elapsed) => Keepable::fleeting(Lookup::TempError(TempFailure::Timeout)),
     };
     let outcome = outcome_of(&result.value);
-    (ctx.observer)(qtype, outcome, started.elapsed());
+    (ctx.observer)(qtype, outcome, Some(started.elapsed()));
     (result, (qtype, outcome))
 }
 
