@@ -8,6 +8,7 @@
 //! their queries through a `QueryObserver`.
 
 pub mod answer_cache;
+mod records;
 pub mod resolver;
 
 use std::net::IpAddr;
