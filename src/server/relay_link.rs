@@ -40,8 +40,12 @@ pub enum NextHopSocket {
 }
 
 impl NextHopSocket {
+    /// With TCP_NODELAY: the link writes whole commands and message pieces itself, and a
+    /// final `.` left waiting for the next hop's delayed ACK (Nagle) costs tens of ms per message.
     pub fn connect_tcp(addr: SocketAddr) -> io::Result<Self> {
-        TcpStream::connect(addr).map(NextHopSocket::Tcp)
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        Ok(NextHopSocket::Tcp(stream))
     }
 
     pub fn connect_unix(path: &Path) -> io::Result<Self> {
