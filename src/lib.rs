@@ -12,6 +12,7 @@
 //! - `check_cli`: the `heloguard check` command (one HELO verdict, printed)
 //! - `whatif`: the `heloguard whatif` command (verdict log lines replayed under another policy)
 //! - `logging`: the log format (env_logger, or sd-daemon priorities under journald)
+//! - `logfmt`: one session event as one `key=value` log line, client text escaped
 //! - `fuzzing`: invariant-checking drivers shared by the fuzz targets and the corpus test
 //! - `config`, `net`, `proxy_protocol`, `metrics`: configuration, addresses, PROXY headers,
 //!   Prometheus counters
@@ -23,6 +24,7 @@ pub mod config;
 pub mod dns;
 pub mod fuzzing;
 pub mod helo;
+pub mod logfmt;
 pub mod logging;
 pub mod message;
 pub mod metrics;

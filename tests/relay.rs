@@ -51,6 +51,21 @@ fn relayed_messages_arrive_byte_exact_with_our_trace_fields_once() {
     let files = hop.new_messages();
     assert_eq!(files.len(), 1, "{}", relay.log());
     assert!(relay.new_messages().is_empty(), "relay mode keeps no spool");
+    // The log's `accepted` line carries the next hop's own reply to the end of data.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !relay.log().contains("session end ") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let log = relay.log();
+    let accepted = log
+        .lines()
+        .find(|l| l.contains("] accepted sid="))
+        .unwrap_or_else(|| panic!("no accepted line: {log}"));
+    assert!(
+        accepted.contains(" from=<alice@example.org> to=<bob@example.net> "),
+        "{accepted}"
+    );
+    assert!(accepted.contains(" relay=\"250 2.0.0 "), "{accepted}");
     let msg = String::from_utf8(std::fs::read(&files[0]).unwrap()).unwrap();
     // Next hop's fields first, then ours (once), then the message as sent minus the forgery.
     let hop_received = msg.find("by nexthop.heloguard.test (heloguard)").unwrap();

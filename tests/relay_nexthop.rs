@@ -622,6 +622,29 @@ fn lmtp_over_a_unix_socket_delivers_and_its_reply_is_the_answer() {
         body.ends_with("Subject: over a unix socket\r\n\r\n..dot\r\nend\r\n"),
         "{body}"
     );
+    // The log has the LMTP 452 and the next hop's refusal of the message, by stage.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !relay.log().contains("session end ") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = relay.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split_once("] refused sid=").map(|(_, rest)| rest))
+        .collect();
+    assert_eq!(refused.len(), 2, "{log}");
+    assert!(
+        refused[0].contains(
+            " stage=rcpt from=<alice@example.org> to=<dave@example.net> reply=\"452 4.5.3 "
+        ),
+        "{log}"
+    );
+    assert!(
+        refused[1].contains(
+            " stage=data from=<alice@example.org> to=<carol@example.net> reply=\"550 5.1.1 "
+        ),
+        "{log}"
+    );
 }
 
 #[test]

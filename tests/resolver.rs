@@ -22,7 +22,7 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("IP literal in test")
 }
 
-type Seen = Arc<Mutex<Vec<(QueryType, QueryOutcome, Duration)>>>;
+type Seen = Arc<Mutex<Vec<(QueryType, QueryOutcome, Option<Duration>)>>>;
 
 struct Harness {
     handle: ResolverHandle,

@@ -161,7 +161,7 @@ impl AnswerCache {
         let queries = entry.queries.clone();
         drop(table);
         for (qtype, outcome) in queries {
-            (self.observer)(qtype, outcome, Duration::ZERO);
+            (self.observer)(qtype, outcome, None);
         }
         Some(answer)
     }

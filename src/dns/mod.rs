@@ -8,6 +8,7 @@
 //! their queries through a `QueryObserver`.
 
 pub mod answer_cache;
+mod records;
 pub mod resolver;
 
 use std::net::IpAddr;
@@ -187,10 +188,11 @@ pub enum QueryOutcome {
     Error,
 }
 
-/// Called once per query with its type, outcome and duration (for
-/// heloguard_dns_queries_total and heloguard_dns_seconds); the resolver thread and the
-/// answer cache both report through it.
-pub type QueryObserver = Arc<dyn Fn(QueryType, QueryOutcome, Duration) + Send + Sync>;
+/// Called once per query with its type, outcome and, for a query that went to the network, how
+/// long it took (heloguard_dns_queries_total counts every query, heloguard_dns_seconds only the
+/// network's latency); the resolver thread reports with `Some`, a known answer from the answer
+/// cache with `None`, so known answers never pull the latency figures toward zero.
+pub type QueryObserver = Arc<dyn Fn(QueryType, QueryOutcome, Option<Duration>) + Send + Sync>;
 
 /// An observer that records nothing.
 pub fn no_observer() -> QueryObserver {

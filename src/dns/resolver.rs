@@ -38,24 +38,21 @@ use std::time::{Duration, Instant};
 use hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };
+use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::net::{DnsError, NetError};
-use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{Name, RData};
+use hickory_resolver::proto::rr::Name;
 use hickory_resolver::{Resolver, TokioResolver};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 
 use super::answer_cache::{AnswerCache, Keepable, Queries, until_both};
+pub use super::records::MAX_PTR_NAMES;
+use super::records::{FromRecords, classify, fqdn, negative_ttl, outcome_of};
 use super::{
     DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryObserver, QueryOutcome, QueryType,
     RequestId, ReverseFacts, TempFailure,
 };
 use crate::wake::LoopWaker;
-
-/// At most this many PTR names of one client are forward-confirmed (as Postfix and the
-/// usual iprev implementations do): a hostile reverse zone must not multiply our queries.
-pub const MAX_PTR_NAMES: usize = 10;
 
 /// Entries in hickory's answer cache. HELO names and client PTRs repeat a lot across
 /// connections from the same senders, so a modest cache saves most round trips.
@@ -591,17 +588,6 @@ async fn resolve(ctx: &Arc<Context>, work: Work) -> (Work, Found, u32) {
     (work, found, u32::try_from(queries).unwrap_or(u32::MAX))
 }
 
-/// The name as an absolute DNS name, so no search list or ndots rule applies.
-fn fqdn(name: &str) -> Option<Name> {
-    let trimmed = name.strip_suffix('.').unwrap_or(name);
-    if trimmed.is_empty() {
-        return None;
-    }
-    let mut n = Name::from_ascii(trimmed).ok()?;
-    n.set_fqdn(true);
-    Some(n)
-}
-
 /// The addresses of a name for a client of `family`, and the queries behind the answer.
 ///
 /// The checks ask whether the name's addresses include the client's (forward_match, FCrDNS),
@@ -741,40 +727,6 @@ async fn reverse(ctx: &Arc<Context>, ip: IpAddr) -> (Keepable<ReverseFacts>, Que
     (facts, queries)
 }
 
-/// Record data a query can yield, extracted from an answer.
-trait FromRecords: Sized {
-    fn extract(rdata: &RData, out: &mut Vec<Self>);
-}
-
-impl FromRecords for IpAddr {
-    fn extract(rdata: &RData, out: &mut Vec<Self>) {
-        match rdata {
-            RData::A(a) => out.push(IpAddr::V4(a.0)),
-            RData::AAAA(a) => out.push(IpAddr::V6(a.0)),
-            _ => {}
-        }
-    }
-}
-
-/// A PTR name as reported (lower case, no trailing dot) and as asked next.
-impl FromRecords for (String, Name) {
-    fn extract(rdata: &RData, out: &mut Vec<Self>) {
-        if let RData::PTR(p) = rdata {
-            if out.len() >= MAX_PTR_NAMES {
-                return;
-            }
-            let mut name = p.0.to_lowercase();
-            name.set_fqdn(true);
-            let ascii = name.to_ascii();
-            let shown = ascii.strip_suffix('.').unwrap_or(&ascii).to_string();
-            // A zone may list the same name twice (or in two cases); ask it once.
-            if !out.iter().any(|(s, _)| *s == shown) {
-                out.push((shown, name));
-            }
-        }
-    }
-}
-
 /// Runs one query under the total timeout, classifies it and reports it to the observer.
 /// Returns the answer with how long DNS lets it be kept (see `answer_cache`), and the query.
 async fn query<T: FromRecords>(
@@ -807,48 +759,8 @@ async fn query<T: FromRecords>(
         Err(_elapsed) => Keepable::fleeting(Lookup::TempError(TempFailure::Timeout)),
     };
     let outcome = outcome_of(&result.value);
-    (ctx.observer)(qtype, outcome, started.elapsed());
+    (ctx.observer)(qtype, outcome, Some(started.elapsed()));
     (result, (qtype, outcome))
-}
-
-/// How long a negative answer may be kept: the SOA's negative TTL (RFC 2308); without an SOA,
-/// not at all.
-fn negative_ttl(e: &NetError) -> Option<u32> {
-    match e {
-        NetError::Dns(DnsError::NoRecordsFound(no_records)) => no_records.negative_ttl,
-        _ => None,
-    }
-}
-
-/// Maps hickory's error to the closed set of outcomes.
-fn classify<T>(e: &NetError) -> Lookup<T> {
-    if e.is_nx_domain() {
-        return Lookup::NxDomain;
-    }
-    if e.is_no_records_found() {
-        return Lookup::NoData;
-    }
-    let failure = match e {
-        NetError::Timeout => TempFailure::Timeout,
-        NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail)) => TempFailure::ServFail,
-        NetError::Dns(DnsError::ResponseCode(ResponseCode::Refused)) => TempFailure::Refused,
-        other => {
-            log::debug!("DNS query failed: {other}");
-            TempFailure::Other
-        }
-    };
-    Lookup::TempError(failure)
-}
-
-fn outcome_of<T>(result: &Lookup<T>) -> QueryOutcome {
-    match result {
-        Lookup::Found(_) => QueryOutcome::Ok,
-        Lookup::NxDomain => QueryOutcome::NxDomain,
-        Lookup::NoData => QueryOutcome::NoData,
-        Lookup::TempError(TempFailure::Timeout) => QueryOutcome::Timeout,
-        Lookup::TempError(TempFailure::ServFail) => QueryOutcome::ServFail,
-        Lookup::TempError(TempFailure::Refused | TempFailure::Other) => QueryOutcome::Error,
-    }
 }
 
 #[cfg(test)]

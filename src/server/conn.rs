@@ -240,6 +240,8 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// The client IP of SPEC "Who the client is": PROXY source or socket peer, canonical.
     pub client_ip: IpAddr,
+    /// The client's port, from the same source as `client_ip` (for the `connect` log line).
+    pub client_port: u16,
     /// Set once this connection is counted against HELOGUARD_MAX_CONNECTIONS_PER_IP.
     pub counted_as: Option<ClientKey>,
     /// Where the connection is in its life, with the session when it is here.
@@ -290,6 +292,7 @@ impl Conn {
             listener,
             peer,
             client_ip,
+            client_port: peer.port(),
             counted_as: None,
             state: ConnState::AwaitingProxy,
             read: ReadSide::Open,

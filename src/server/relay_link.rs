@@ -40,8 +40,12 @@ pub enum NextHopSocket {
 }
 
 impl NextHopSocket {
+    /// With TCP_NODELAY: the link writes whole commands and message pieces itself, and a
+    /// final `.` left waiting for the next hop's delayed ACK (Nagle) costs tens of ms per message.
     pub fn connect_tcp(addr: SocketAddr) -> io::Result<Self> {
-        TcpStream::connect(addr).map(NextHopSocket::Tcp)
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        Ok(NextHopSocket::Tcp(stream))
     }
 
     pub fn connect_unix(path: &Path) -> io::Result<Self> {
@@ -125,8 +129,9 @@ pub enum Awaiting {
 pub enum LinkAnswer {
     /// For `Event::RelayReply` (MAIL, RCPT).
     Command(Reply),
-    /// For `Event::Delivered`: accepted (`Ok`) or the reply to pass on.
-    Delivery(Result<(), Reply>),
+    /// For `Event::Delivered`: accepted (`Ok`, with the next hop's reply for the log) or the
+    /// reply to pass on.
+    Delivery(Result<Reply, Reply>),
 }
 
 /// What happened on the link during one round of I/O.
@@ -427,7 +432,7 @@ impl RelayLink {
             }
             Some(Awaiting::EndOfData) => {
                 self.transaction_open = false;
-                let result = if accepted { Ok(()) } else { Err(reply) };
+                let result = if accepted { Ok(reply) } else { Err(reply) };
                 progress.answers.push(LinkAnswer::Delivery(result));
             }
             // A reply nobody asked for (e.g. to RSET): nothing waits on it.

@@ -276,7 +276,9 @@ fn record(observations: &[Observation], metrics: &Metrics) {
             Observation::MessageAccepted => metrics.message_accepted(),
             Observation::MessageRejected(stage) => metrics.message_rejected(*stage),
             // The loop logs the verdict: it knows the client and the DNS times.
-            Observation::Verdict(verdict) => metrics.helo_verdict(verdict),
+            Observation::Verdict { verdict, .. } => metrics.helo_verdict(verdict),
+            // Only logged (by the loop); MessageAccepted and MessageRejected count them.
+            Observation::Refused(_) | Observation::Accepted(_) => {}
         }
     }
 }
@@ -360,7 +362,7 @@ mod tests {
             done.output
                 .observations
                 .iter()
-                .any(|o| matches!(o, Observation::Verdict(_)))
+                .any(|o| matches!(o, Observation::Verdict { .. }))
         );
     }
 

@@ -11,11 +11,11 @@ use std::net::IpAddr;
 use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::checks::{CheckInput, HeloArg, name_key};
 use crate::helo::policy::{RejectAt, syntax_refusal};
-use crate::helo::verdict::Decision;
-use crate::helo::{Action, Check};
+use crate::helo::verdict::{Decision, HeloVerdict};
+use crate::helo::{Action, Check, CheckResult};
 use crate::protocol::command::Verb;
 use crate::protocol::reply::Reply;
-use crate::session::machine::Session;
+use crate::session::machine::{Session, Subject};
 use crate::session::state::{Identity, Park};
 use crate::session::{Observation, Output, SessionAction, Stage};
 
@@ -73,6 +73,7 @@ impl Session {
 
     pub(super) fn on_helo(&mut self, verb: Verb, arg: &[u8], out: &mut Output) {
         let arg = helo_text(arg);
+        self.helo_sent = Some(arg.clone());
         // SPEC: a refused identity stays refused when repeated, or sent with the other verb
         // (names compare case-insensitively and without a trailing dot).
         let key = name_key(&arg);
@@ -80,30 +81,45 @@ impl Session {
             let reply = reply.clone();
             out.observations
                 .push(Observation::MessageRejected(Stage::Helo));
-            self.reply(out, reply);
+            self.refuse(out, Stage::Helo, Subject::Helo(&arg), reply);
             return;
         }
         let parsed = (self.judge.parse)(&arg);
         let settings = &self.params.settings;
         if parsed == HeloArg::Invalid && settings.helo_policy.rejects_bad_syntax() {
             // RFC 5321 4.1.4: a refused EHLO leaves the session as it was.
-            self.reply(out, syntax_refusal(&arg));
+            let reply = syntax_refusal(&arg);
+            self.refuse(out, Stage::Helo, Subject::Helo(&arg), reply);
             return;
         }
-        self.generation = self.generation.wrapping_add(1);
-        let needs_forward = [Check::Localhost, Check::Forward, Check::ForwardMatch]
+        let before_tls = self.before_tls.take();
+        let kept = [self.current.as_ref(), before_tls.as_ref()]
             .into_iter()
-            .any(|check| settings.helo_policy.action(check) != Action::Off);
-        let identity = Identity::new(verb, arg, parsed, self.generation, needs_forward);
-        out.actions.push(SessionAction::HeloAccepted {
-            generation: self.generation,
-            lookup: identity.lookup_name().map(str::to_string),
-        });
-        if settings.reject_at == RejectAt::Helo && self.policy_can_refuse {
-            self.candidate = Some(identity);
-            self.park = Some(Park::HeloVerdict);
-        } else {
+            .flatten()
+            .find_map(|old| decided_verdict_of(old, &key));
+        if let Some(kept) = kept {
+            // SPEC "Logs": the same name, judged without a temperror, would be judged the
+            // same: one verdict (and one count) per identity, however often it is repeated.
+            let mut identity = Identity::new(verb, arg, parsed, kept.generation, false);
+            identity.forward = kept.forward;
+            identity.verdict = Some(kept.verdict);
             self.adopt(identity, out);
+        } else {
+            self.generation = self.generation.wrapping_add(1);
+            let needs_forward = [Check::Localhost, Check::Forward, Check::ForwardMatch]
+                .into_iter()
+                .any(|check| settings.helo_policy.action(check) != Action::Off);
+            let identity = Identity::new(verb, arg, parsed, self.generation, needs_forward);
+            out.actions.push(SessionAction::HeloAccepted {
+                generation: self.generation,
+                lookup: identity.lookup_name().map(str::to_string),
+            });
+            if settings.reject_at == RejectAt::Helo && self.policy_can_refuse {
+                self.candidate = Some(identity);
+                self.park = Some(Park::HeloVerdict);
+            } else {
+                self.adopt(identity, out);
+            }
         }
         // An identity replaced within this batch of pipelined commands needs neither its
         // lookup nor its deadline: only those of the identities still held go to the loop.
@@ -165,13 +181,40 @@ impl Session {
                 &settings.helo_policy,
                 &settings.helo_allow,
             );
-            out.observations
-                .push(Observation::Verdict(Box::new(verdict.clone())));
+            out.observations.push(Observation::Verdict {
+                verdict: Box::new(verdict.clone()),
+                helo: identity.arg.clone(),
+            });
             identity.verdict = Some(verdict);
         }
         self.resume(out);
     }
+}
 
+/// What an identity's verdict is built from, when it was decided (no `temperror` in it) and
+/// the identity has the name `key`.
+fn decided_verdict_of(identity: &Identity, key: &str) -> Option<KeptVerdict> {
+    let verdict = identity.verdict.as_ref()?;
+    let undecided = verdict.measured.contains(&CheckResult::TempError)
+        || verdict.shown.contains(&CheckResult::TempError);
+    if undecided || name_key(&identity.arg) != key {
+        return None;
+    }
+    Some(KeptVerdict {
+        generation: identity.generation,
+        forward: identity.forward.clone(),
+        verdict: verdict.clone(),
+    })
+}
+
+/// The parts of a judged identity that a repeat of its name keeps.
+struct KeptVerdict {
+    generation: u32,
+    forward: Option<Lookup<Vec<IpAddr>>>,
+    verdict: HeloVerdict,
+}
+
+impl Session {
     pub(super) fn current_decision(&self) -> Option<Decision> {
         let verdict = self.current.as_ref()?.verdict.as_ref()?;
         Some(verdict.decision.clone())
@@ -198,7 +241,7 @@ impl Session {
                 }
                 out.observations
                     .push(Observation::MessageRejected(Stage::Helo));
-                self.reply(out, reply);
+                self.refuse(out, Stage::Helo, Subject::Helo(&identity.arg), reply);
             }
             (_, candidate) => {
                 self.candidate = candidate;

@@ -33,8 +33,21 @@ use crate::protocol::reply::Reply;
 use crate::session::limits::{Counters, DataRate};
 use crate::session::state::{BdatChunk, HeloJudge, Identity, InputMode, Park, Transaction};
 use crate::session::{
-    Ending, Event, Now, Observation, Output, SessionAction, SessionParams, Stage, Summary, TlsInfo,
+    Ending, Event, Now, Observation, Output, Refusal, SessionAction, SessionParams, Stage, Summary,
+    TlsInfo,
 };
+
+/// What a refusal turned away, as far as the log names it.
+pub(super) enum Subject<'a> {
+    /// An EHLO/HELO argument.
+    Helo(&'a str),
+    /// A MAIL reverse path.
+    Mail(&'a str),
+    /// A RCPT forward path, in the open transaction.
+    Rcpt(&'a str),
+    /// A message: its sender and recipients.
+    Message { from: &'a str, to: &'a [String] },
+}
 
 /// Whether the banner went out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +73,12 @@ pub struct Session {
     pub(super) ending: Ending,
     /// The identity of the latest accepted EHLO/HELO.
     pub(super) current: Option<Identity>,
+    /// The identity STARTTLS cleared (RFC 3207 4.2), whose verdict the EHLO inside TLS keeps
+    /// when it repeats the name.
+    pub(super) before_tls: Option<Identity>,
+    /// The argument of the latest EHLO/HELO, accepted or not: the session-end line shows it
+    /// when no identity was accepted.
+    pub(super) helo_sent: Option<String>,
     /// REJECT_AT=helo: an identity whose EHLO/HELO waits for its verdict.
     pub(super) candidate: Option<Identity>,
     /// Identities refused at EHLO/HELO (as `name_key`), with their reply (RFC 5321 4.1.4: the
@@ -110,6 +129,8 @@ impl Session {
             closed: false,
             ending: Ending::Open,
             current: None,
+            before_tls: None,
+            helo_sent: None,
             candidate: None,
             refused: Vec::new(),
             reverse: None,
@@ -223,10 +244,18 @@ impl Session {
         data + chunks + content + parked
     }
 
+    /// The id the loop gave the session, unique in this run; queue IDs start with it.
+    pub fn id(&self) -> u64 {
+        self.params.session_id
+    }
+
     pub fn summary(&self) -> Summary {
         let current = self.current.as_ref();
         Summary {
-            helo: current.map(|id| id.arg.clone()),
+            sid: self.params.session_id,
+            helo: current
+                .map(|id| id.arg.clone())
+                .or_else(|| self.helo_sent.clone()),
             verdict: current.and_then(|id| id.verdict.as_ref()).map(|v| v.kind),
             messages: self.messages,
             bytes: self.bytes,
@@ -499,36 +528,35 @@ impl Session {
         if self.spool_space_low {
             out.observations
                 .push(Observation::MessageRejected(Stage::Mail));
-            self.reply(out, Reply::new(452, "4.3.1", "Insufficient system storage"));
+            let reply = Reply::new(452, "4.3.1", "Insufficient system storage");
+            self.refuse(out, Stage::Mail, Subject::Mail(from.mailbox), reply);
             return;
         }
         // RFC 6531 3.4: UTF-8 addresses only in an SMTPUTF8 transaction.
         if !params.smtputf8 && !from.mailbox.is_ascii() {
-            self.reply(
-                out,
-                Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"),
-            );
+            let reply = Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
+            self.refuse(out, Stage::Mail, Subject::Mail(from.mailbox), reply);
             return;
         }
         let max = settings.max_message_size;
         if max != 0 && params.size.is_some_and(|size| size > max) {
             out.observations
                 .push(Observation::MessageRejected(Stage::Mail));
-            self.reply(
-                out,
-                Reply::new(
-                    552,
-                    "5.3.4",
-                    "Message size exceeds fixed maximum message size",
-                ),
+            let reply = Reply::new(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
             );
+            self.refuse(out, Stage::Mail, Subject::Mail(from.mailbox), reply);
             return;
         }
         if self.relaying() {
             self.relay_on_mail(from.mailbox.to_string(), params, out);
             return;
         }
-        self.tx = Some(Transaction::new(from.mailbox, params.smtputf8));
+        let mut tx = Transaction::new(from.mailbox, params.smtputf8);
+        tx.octets_before = self.bytes;
+        self.tx = Some(tx);
         self.reply(out, Reply::new(250, "2.1.0", "Ok"));
     }
 
@@ -543,15 +571,14 @@ impl Session {
             return;
         }
         if !tx.smtputf8 && !to.mailbox.is_ascii() {
-            self.reply(
-                out,
-                Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"),
-            );
+            let reply = Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
+            self.refuse(out, Stage::Rcpt, Subject::Rcpt(to.mailbox), reply);
             return;
         }
         let max = settings.max_recipients;
         if max != 0 && tx.recipients.len() >= max {
-            self.reply(out, Reply::new(452, "4.5.3", "Too many recipients"));
+            let reply = Reply::new(452, "4.5.3", "Too many recipients");
+            self.refuse_recipient_over_limit(out, to.mailbox, reply);
             return;
         }
         // RFC 5321 4.5.1: <postmaster> is accepted whatever the domain list says.
@@ -564,14 +591,12 @@ impl Session {
             {
                 out.observations
                     .push(Observation::MessageRejected(Stage::Rcpt));
-                self.reply(
-                    out,
-                    Reply::new(
-                        550,
-                        "5.7.1",
-                        "Recipient domain not accepted here: relay access denied",
-                    ),
+                let reply = Reply::new(
+                    550,
+                    "5.7.1",
+                    "Recipient domain not accepted here: relay access denied",
                 );
+                self.refuse(out, Stage::Rcpt, Subject::Rcpt(to.mailbox), reply);
                 return;
             }
         }
@@ -600,7 +625,7 @@ impl Session {
             (Decision::Refuse(reply), _) => {
                 out.observations
                     .push(Observation::MessageRejected(Stage::Rcpt));
-                self.reply(out, reply);
+                self.refuse(out, Stage::Rcpt, Subject::Rcpt(&recipient), reply);
             }
         }
     }
@@ -721,10 +746,13 @@ impl Session {
         };
         match content {
             Err(reply) => {
-                self.tx = None;
+                let tx = self.tx.take();
                 out.observations
                     .push(Observation::MessageRejected(Stage::Data));
-                self.reply(out, reply);
+                let (from, to) = tx.as_ref().map_or(("", &[][..]), |tx| {
+                    (tx.reverse_path.as_str(), &tx.recipients[..])
+                });
+                self.refuse(out, Stage::Data, Subject::Message { from, to }, reply);
             }
             Ok(content) => {
                 self.park = Some(Park::DataVerdict {
@@ -765,7 +793,7 @@ impl Session {
         self.park = None;
         self.tls = Some(info);
         self.helo_free = true;
-        self.current = None;
+        self.before_tls = self.current.take();
         self.candidate = None;
         self.drop_transaction(out);
         self.input_mode = InputMode::Command;
@@ -802,6 +830,48 @@ impl Session {
         self.closed = true;
         self.ending = ending;
         self.park = None;
+    }
+
+    /// A reply that turns `subject` away at `stage`: reported for the `refused` log line, then
+    /// sent as any reply.
+    pub(super) fn refuse(
+        &mut self,
+        out: &mut Output,
+        stage: Stage,
+        subject: Subject<'_>,
+        reply: Reply,
+    ) {
+        let current_helo = || self.current.as_ref().map(|id| id.arg.clone());
+        let tx_from = || self.tx.as_ref().map(|tx| tx.reverse_path.clone());
+        let (helo, from, to) = match subject {
+            Subject::Helo(arg) => (Some(arg.to_string()), None, Vec::new()),
+            Subject::Mail(from) => (current_helo(), Some(from.to_string()), Vec::new()),
+            Subject::Rcpt(to) => (current_helo(), tx_from(), vec![to.to_string()]),
+            Subject::Message { from, to } => (current_helo(), Some(from.to_string()), to.to_vec()),
+        };
+        out.observations
+            .push(Observation::Refused(Box::new(Refusal {
+                stage,
+                helo,
+                from,
+                to,
+                reply: reply.clone(),
+            })));
+        self.reply(out, reply);
+    }
+
+    /// A 452 for a recipient over the transaction's limit: refused as any other, but reported
+    /// once per transaction, since a client may send hundreds of RCPTs past the limit.
+    pub(super) fn refuse_recipient_over_limit(&mut self, out: &mut Output, to: &str, reply: Reply) {
+        let noted = self
+            .tx
+            .as_mut()
+            .map(|tx| std::mem::replace(&mut tx.too_many_noted, true));
+        if noted == Some(false) {
+            self.refuse(out, Stage::Rcpt, Subject::Rcpt(to), reply);
+        } else {
+            self.reply(out, reply);
+        }
     }
 
     /// A reply to a command or a message: 5xx counts toward HELOGUARD_MAX_ERRORS.

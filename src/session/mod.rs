@@ -25,7 +25,7 @@ use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt};
 use crate::helo::verdict::HeloVerdict;
 use crate::message::content::SpillStore;
-use crate::message::{Envelope, TraceInfo};
+use crate::message::{Envelope, Protocol, TraceInfo};
 use crate::protocol::command::MailParams;
 use crate::protocol::data::BareLineFeed;
 use crate::protocol::reply::Reply;
@@ -57,6 +57,8 @@ pub struct Now {
 pub enum DeliveryOutcome {
     /// Stored durably (or taken by the next hop): the client gets 250.
     Accepted,
+    /// Relay modes: the next hop took the message with this reply; the client gets our 250.
+    Relayed(Reply),
     /// Not stored: the client gets exactly this reply (451 4.3.0 for a spool error, 452 4.3.1
     /// below HELOGUARD_MIN_FREE_MB, the next hop's reply in relay modes).
     Failed(Reply),
@@ -151,8 +153,46 @@ pub enum Observation {
     Reply(u16),
     MessageAccepted,
     MessageRejected(Stage),
-    /// A verdict was reached (once per accepted EHLO/HELO whose verdict was evaluated).
-    Verdict(Box<HeloVerdict>),
+    /// A verdict was reached (once per accepted EHLO/HELO whose verdict was evaluated; an
+    /// EHLO that repeats a decided name keeps its verdict and reports none).
+    Verdict {
+        verdict: Box<HeloVerdict>,
+        /// The EHLO/HELO argument judged (with REJECT_AT=helo, not yet the current one).
+        helo: String,
+    },
+    /// A 4xx/5xx reply that turned the client's identity, sender, recipient or message away
+    /// (protocol errors are not refusals): the `refused` log line.
+    Refused(Box<Refusal>),
+    /// A message was accepted (stored, or taken by the next hop): the `accepted` log line.
+    Accepted(Box<AcceptedMessage>),
+}
+
+/// What a refusal turned away, for the `refused` log line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub stage: Stage,
+    /// The EHLO/HELO argument: the refused one at stage `helo`, else the current one.
+    pub helo: Option<String>,
+    /// The reverse path (empty for `<>`); none at stage `helo`.
+    pub from: Option<String>,
+    /// The refused recipient at stage `rcpt`, the transaction's recipients at stage `data`.
+    pub to: Vec<String>,
+    pub reply: Reply,
+}
+
+/// A message the session accepted, for the `accepted` log line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcceptedMessage {
+    /// The queue ID of the Received field and the 250 reply.
+    pub id: String,
+    pub from: String,
+    pub to: Vec<String>,
+    /// DATA/BDAT octets as received.
+    pub size: u64,
+    /// The Received field's `with` word.
+    pub proto: Protocol,
+    /// Relay modes: the next hop's reply to the end of data.
+    pub relay: Option<Reply>,
 }
 
 /// What one call to `Session::handle` produced.
@@ -182,6 +222,8 @@ pub enum Ending {
 /// Numbers for the session-end log line.
 #[derive(Clone, Debug)]
 pub struct Summary {
+    /// `Session::id`, for the log's `sid=`.
+    pub sid: u64,
     pub helo: Option<String>,
     pub verdict: Option<crate::helo::VerdictKind>,
     pub messages: u32,

@@ -22,9 +22,11 @@ use crate::protocol::reply::Reply;
 use crate::relay::outbound::{Outbound, OutboundMessage};
 use crate::relay::{XclientAttrs, XclientName};
 use crate::session::limits::DataRate;
-use crate::session::machine::Session;
+use crate::session::machine::{Session, Subject};
 use crate::session::state::{BdatChunk, InputMode, Park, RelayPark, Transaction};
-use crate::session::{DeliveryMode, Now, Observation, Output, SessionAction, Stage};
+use crate::session::{
+    AcceptedMessage, DeliveryMode, Now, Observation, Output, SessionAction, Stage,
+};
 
 impl Session {
     /// Messages go to a next hop, not into the spool.
@@ -59,14 +61,12 @@ impl Session {
         // expects one reply: one recipient per transaction keeps the two in step. RFC 5321
         // 4.5.3.1.10: clients retry the others in a new one.
         if self.params.settings.delivery == DeliveryMode::LmtpRelay && has_recipient {
-            self.reply(
-                out,
-                Reply::new(
-                    452,
-                    "4.5.3",
-                    "One recipient per transaction, send the rest later",
-                ),
+            let reply = Reply::new(
+                452,
+                "4.5.3",
+                "One recipient per transaction, send the rest later",
             );
+            self.refuse_recipient_over_limit(out, &recipient, reply);
             return;
         }
         out.actions.push(SessionAction::RelayRcpt {
@@ -159,12 +159,15 @@ impl Session {
         if reply.code != 354 {
             out.observations
                 .push(Observation::MessageRejected(Stage::Data));
-            self.tx = None;
+            let tx = self.tx.take();
             if let Some(c) = chunk {
                 // RFC 3030 3: the chunk's octets follow whatever the answer.
                 self.input_mode = InputMode::SkipChunk { remaining: c.size };
             }
-            self.reply(out, reply);
+            let (from, to) = tx.as_ref().map_or(("", &[][..]), |tx| {
+                (tx.reverse_path.as_str(), &tx.recipients[..])
+            });
+            self.refuse(out, Stage::Data, Subject::Message { from, to }, reply);
             return;
         }
         let Some(tx) = self.tx.as_mut() else {
@@ -269,12 +272,14 @@ impl Session {
                 smtputf8,
             })) => {
                 if accepted {
-                    self.tx = Some(Transaction::new(&reverse_path, smtputf8));
+                    let mut tx = Transaction::new(&reverse_path, smtputf8);
+                    tx.octets_before = self.bytes;
+                    self.tx = Some(tx);
                     self.reply(out, Reply::new(250, "2.1.0", "Ok"));
                 } else {
                     out.observations
                         .push(Observation::MessageRejected(Stage::Mail));
-                    self.reply(out, reply);
+                    self.refuse(out, Stage::Mail, Subject::Mail(&reverse_path), reply);
                 }
             }
             Some(Park::Relay(RelayPark::Rcpt { recipient })) => {
@@ -286,7 +291,7 @@ impl Session {
                     _ => {
                         out.observations
                             .push(Observation::MessageRejected(Stage::Rcpt));
-                        self.reply(out, reply);
+                        self.refuse(out, Stage::Rcpt, Subject::Rcpt(&recipient), reply);
                     }
                 }
             }
@@ -312,18 +317,29 @@ impl Session {
             }
             Err(refusal) => Some(refusal),
         };
-        self.tx = None;
+        let Some(tx) = self.tx.take() else {
+            return;
+        };
         if let Some(refusal) = refusal {
             abort_relay(message, out);
             out.observations
                 .push(Observation::MessageRejected(Stage::Data));
-            self.reply(out, refusal.reply());
+            let subject = Subject::Message {
+                from: &tx.reverse_path,
+                to: &tx.recipients,
+            };
+            self.refuse(out, Stage::Data, subject, refusal.reply());
             return;
         }
         out.actions.push(SessionAction::RelayEndData);
-        self.park = Some(Park::Delivery {
-            queue_id: std::mem::take(&mut message.queue_id),
-        });
+        self.park = Some(Park::Delivery(Box::new(AcceptedMessage {
+            id: std::mem::take(&mut message.queue_id),
+            size: self.bytes.saturating_sub(tx.octets_before),
+            proto: self.protocol(tx.smtputf8),
+            from: tx.reverse_path,
+            to: tx.recipients,
+            relay: None,
+        })));
     }
 }
 

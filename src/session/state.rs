@@ -17,6 +17,7 @@ use crate::message::content::ContentBuilder;
 use crate::protocol::command::{MailParams, Verb};
 use crate::protocol::data::DataDecoder;
 use crate::relay::outbound::OutboundMessage;
+use crate::session::AcceptedMessage;
 
 /// Runs the checks and the policy on what is known of one identity.
 pub(crate) type DecideFn = fn(
@@ -113,6 +114,10 @@ pub(crate) struct Transaction {
     /// Maildir mode: the message so far, filtered, in memory or spilled. Dropped with the
     /// transaction, which removes its spill.
     pub content: Option<ContentBuilder>,
+    /// The session's DATA/BDAT octets before this transaction, for the message's size.
+    pub octets_before: u64,
+    /// A 452 for too many recipients was logged (once per transaction is enough).
+    pub too_many_noted: bool,
 }
 
 impl Transaction {
@@ -124,6 +129,8 @@ impl Transaction {
             chunks: None,
             relay: None,
             content: None,
+            octets_before: 0,
+            too_many_noted: false,
         }
     }
 }
@@ -159,8 +166,8 @@ pub(crate) enum Park {
         content: MessageContent,
         received_at: SystemTime,
     },
-    /// `Event::Delivered` for this queue ID.
-    Delivery { queue_id: String },
+    /// `Event::Delivered` for this message (its queue ID and what the log says of it).
+    Delivery(Box<AcceptedMessage>),
     /// `Event::TlsEstablished` after our 220 to STARTTLS.
     Tls,
     /// Relay modes: the next hop, or what must be known before it is asked.

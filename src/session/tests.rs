@@ -20,8 +20,8 @@ use crate::protocol::reply::Reply;
 use crate::relay::{XclientAttrs, XclientName};
 use crate::session::state::HeloJudge;
 use crate::session::{
-    DeliveryMode, DeliveryOutcome, Ending, Event, Now, Observation, Output, Session, SessionAction,
-    SessionParams, SessionSettings, Stage, TlsInfo,
+    AcceptedMessage, DeliveryMode, DeliveryOutcome, Ending, Event, Now, Observation, Output,
+    Refusal, Session, SessionAction, SessionParams, SessionSettings, Stage, TlsInfo,
 };
 
 fn config() -> SessionSettings {
@@ -80,6 +80,11 @@ fn fake_decide(
     } else {
         Decision::Accept
     };
+    // A 451 comes from an undecided check: the verdict says so, as the real one does.
+    let mut measured = [CheckResult::None; 11];
+    if input.helo.starts_with("tempfail") {
+        measured[0] = CheckResult::TempError;
+    }
     HeloVerdict {
         kind: if decision == Decision::Accept {
             VerdictKind::Pass
@@ -87,7 +92,7 @@ fn fake_decide(
             VerdictKind::Fail
         },
         shown: [CheckResult::None; 11],
-        measured: [CheckResult::None; 11],
+        measured,
         action: Action::Off,
         failed: Vec::new(),
         allowed_by: None,
@@ -792,7 +797,7 @@ fn gated(reject_at: RejectAt) -> Harness {
 fn verdicts(h: &Harness) -> usize {
     h.observations
         .iter()
-        .filter(|o| matches!(o, Observation::Verdict(_)))
+        .filter(|o| matches!(o, Observation::Verdict { .. }))
         .count()
 }
 
@@ -977,7 +982,7 @@ fn real_helo_module_default_policy() {
     assert!(
         out.observations
             .iter()
-            .any(|o| matches!(o, Observation::Verdict(_)))
+            .any(|o| matches!(o, Observation::Verdict { .. }))
     );
 }
 
@@ -1360,4 +1365,114 @@ fn a_loop_is_judged_on_the_whole_header_however_it_arrives() {
         }
         assert!(h.take().starts_with("554 5.4.6"), "pieces of {piece}");
     }
+}
+
+fn refusals(h: &Harness) -> Vec<Refusal> {
+    h.observations
+        .iter()
+        .filter_map(|o| match o {
+            Observation::Refused(r) => Some((**r).clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_ehlo_after_starttls_keeps_the_verdict_of_its_name() {
+    let mut h = Harness::build(config(), true, true);
+    h.take();
+    h.cmd("EHLO client.example", "250");
+    assert_eq!(verdicts(&h), 1);
+    h.cmd("STARTTLS", "220");
+    h.cmd("EHLO Client.Example.", "250");
+    // No new checks, DNS work or verdict: the same name, judged without a temperror.
+    assert_eq!(verdicts(&h), 1);
+    assert_eq!(h.lookups.len(), 1);
+    h.script(&TRANSACTION[1..]);
+    h.cmd(".", "250 2.0.0");
+    assert_eq!(h.envelopes[0].trace.protocol, Protocol::Esmtps);
+    // Another name is another identity, judged anew.
+    h.cmd("EHLO other.example", "250");
+    assert_eq!(verdicts(&h), 2);
+}
+
+#[test]
+fn a_verdict_with_a_temperror_is_judged_again() {
+    let mut h = Harness::build(config(), true, true);
+    h.take();
+    h.cmd("EHLO tempfail.example", "250");
+    h.cmd("EHLO tempfail.example", "250");
+    assert_eq!(verdicts(&h), 2);
+}
+
+#[test]
+fn refusals_are_reported_with_what_they_turned_away() {
+    let mut c = config();
+    c.helo_policy = HeloPolicy::parse("syntax=reject,dynamic=defer").expect("policy");
+    c.max_recipients = 1;
+    let mut h = Harness::build(c, false, true);
+    h.take();
+    h.cmd("EHLO bad_name", "501 5.5.2");
+    h.cmd("EHLO refuse.example", "250");
+    h.cmd("MAIL FROM:<a@b.example>", "250");
+    h.cmd("RCPT TO:<c@d.example>", "550 5.7.1");
+    let got = refusals(&h);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].stage, Stage::Helo);
+    assert_eq!(got[0].helo.as_deref(), Some("bad_name"));
+    assert_eq!((got[0].from.as_ref(), got[0].to.len()), (None, 0));
+    assert_eq!(got[0].reply.code, 501);
+    assert_eq!(got[1].stage, Stage::Rcpt);
+    assert_eq!(got[1].helo.as_deref(), Some("refuse.example"));
+    assert_eq!(got[1].from.as_deref(), Some("a@b.example"));
+    assert_eq!(got[1].to, ["c@d.example"]);
+    assert_eq!(got[1].reply, Reply::new(550, "5.7.1", "HELO refused"));
+}
+
+#[test]
+fn too_many_recipients_is_reported_once_per_transaction() {
+    let mut c = config();
+    c.max_recipients = 1;
+    let mut h = Harness::new(c);
+    h.take();
+    h.script(&TRANSACTION[..3]);
+    for _ in 0..3 {
+        h.cmd("RCPT TO:<e@d.example>", "452 4.5.3");
+    }
+    assert_eq!(refusals(&h).len(), 1);
+    h.cmd("RSET", "250");
+    h.cmd("MAIL FROM:<a@b.example>", "250");
+    h.cmd("RCPT TO:<c@d.example>", "250");
+    h.cmd("RCPT TO:<e@d.example>", "452 4.5.3");
+    assert_eq!(refusals(&h).len(), 2);
+    // A protocol error is no refusal.
+    h.cmd("MAIL FROM:<a@b.example>", "503");
+    assert_eq!(refusals(&h).len(), 2);
+}
+
+#[test]
+fn an_accepted_message_is_reported_with_its_queue_id() {
+    let mut h = greeted();
+    h.script(TRANSACTION);
+    h.input(b"Subject: x\r\n\r\nhi\r\n");
+    h.cmd(".", "250 2.0.0 Ok: queued as ABCZ1");
+    let accepted: Vec<&AcceptedMessage> = h
+        .observations
+        .iter()
+        .filter_map(|o| match o {
+            Observation::Accepted(m) => Some(&**m),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        accepted,
+        [&AcceptedMessage {
+            id: "ABCZ1".into(),
+            from: "a@b.example".into(),
+            to: vec!["c@d.example".into()],
+            size: 21,
+            proto: Protocol::Esmtp,
+            relay: None,
+        }]
+    );
 }

@@ -20,6 +20,7 @@ use crate::net::{ClientKey, canonical_ip};
 use crate::proxy_protocol::{self, ProxyParse};
 use crate::server::conn::{Conn, ConnState, ReadSide};
 use crate::server::conn_id::ConnId;
+use crate::server::event_loop::session_log::log_connect;
 use crate::server::event_loop::timers::{ConnTimer, TimerKind};
 use crate::server::event_loop::{FIRST_CONN, Server};
 use crate::server::listener::ListenerKind;
@@ -193,6 +194,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
+        log_connect(conn, session.id());
         conn.counted_as = Some(key);
         if self.spool_space_low {
             conn.pending.push(OwnedEvent::SpoolSpace { low: true });
@@ -266,6 +268,7 @@ impl Server {
             ProxyParse::Done { source, consumed } => {
                 if let Some(src) = source {
                     conn.client_ip = canonical_ip(src.ip());
+                    conn.client_port = src.port();
                 }
                 conn.inbuf.drain(..consumed);
                 conn.unseen_input = !conn.inbuf.is_empty();

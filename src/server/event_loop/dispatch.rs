@@ -16,10 +16,10 @@ use crate::server::conn_id::ConnId;
 use crate::server::event_loop::Handoff;
 use crate::server::event_loop::Server;
 use crate::server::event_loop::next_hop::next_hop_unavailable;
-use crate::server::event_loop::session_log::log_verdict;
+use crate::server::event_loop::session_log::log_observations;
 use crate::server::event_loop::timers::{ConnTimer, TimerKind};
 use crate::server::worker::{Done, OwnedEvent, WorkerReport};
-use crate::session::{DeliveryOutcome, Observation, SessionAction};
+use crate::session::{DeliveryOutcome, SessionAction};
 use crate::spool::envelope::trace_fields;
 use crate::spool::maildir::SpoolError;
 use crate::spool::writer::{SpoolDone, SpoolJob};
@@ -70,11 +70,7 @@ impl Server {
             self.close(slot, "TLS error");
             return;
         }
-        for obs in &output.observations {
-            if let Observation::Verdict(v) = obs {
-                log_verdict(conn, v);
-            }
-        }
+        log_observations(conn, &output.observations);
         for action in output.actions {
             self.on_action(slot, action, now);
         }

@@ -188,7 +188,9 @@ impl Server {
         for answer in answers {
             conn.pending.push(match answer {
                 LinkAnswer::Command(reply) => OwnedEvent::RelayReply(reply),
-                LinkAnswer::Delivery(Ok(())) => OwnedEvent::Delivered(DeliveryOutcome::Accepted),
+                LinkAnswer::Delivery(Ok(reply)) => {
+                    OwnedEvent::Delivered(DeliveryOutcome::Relayed(reply))
+                }
                 LinkAnswer::Delivery(Err(reply)) => {
                     OwnedEvent::Delivered(DeliveryOutcome::Failed(reply))
                 }

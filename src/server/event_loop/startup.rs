@@ -133,10 +133,13 @@ impl Server {
             None
         };
 
+        // Session ids (the log's `sid=`, the prefix of queue IDs) must not repeat across runs:
+        // two processes started in the same second differ by their pid.
         let run_id = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
-            .unwrap_or(0);
+            .unwrap_or(0)
+            ^ (u64::from(std::process::id()) << 16);
 
         let session_settings = Arc::new(SessionSettings::from(config.as_ref()));
         let mut server = Self {
