@@ -19,22 +19,24 @@
 //! - `sched`: scheduling hints for the threads (short slices for the loop and the workers,
 //!   nice 10 for the spool writers)
 
+#![warn(unreachable_pub)]
+
 pub mod check_cli;
 pub mod config;
 pub mod dns;
 pub mod fuzzing;
 pub mod helo;
-pub mod logfmt;
+pub(crate) mod logfmt;
 pub mod logging;
 pub mod message;
 pub mod metrics;
-pub mod net;
+pub(crate) mod net;
 pub mod protocol;
-pub mod proxy_protocol;
-pub mod relay;
-pub mod sched;
+pub(crate) mod proxy_protocol;
+pub(crate) mod relay;
+pub(crate) mod sched;
 pub mod server;
 pub mod session;
-pub mod spool;
-pub mod wake;
+pub(crate) mod spool;
+pub(crate) mod wake;
 pub mod whatif;

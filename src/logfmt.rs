@@ -14,14 +14,14 @@ use std::fmt::Write;
 
 /// A log line being built: the event words, then fields in the order they are added.
 #[derive(Clone, Debug)]
-pub struct LogLine {
+pub(crate) struct LogLine {
     text: String,
 }
 
 impl LogLine {
     /// Starts a line with its event words (ours, never a client's) and the session id, so
     /// `grep sid=ID` shows a whole session.
-    pub fn new(event: &'static str, sid: u64) -> Self {
+    pub(crate) fn new(event: &'static str, sid: u64) -> Self {
         let mut line = Self {
             text: String::with_capacity(128),
         };
@@ -30,7 +30,7 @@ impl LogLine {
     }
 
     /// Appends ` key=value`, the value escaped as the module says.
-    pub fn field(mut self, key: &'static str, value: impl AsRef<[u8]>) -> Self {
+    pub(crate) fn field(mut self, key: &'static str, value: impl AsRef<[u8]>) -> Self {
         self.text.push(' ');
         self.text.push_str(key);
         self.text.push('=');
@@ -39,7 +39,7 @@ impl LogLine {
     }
 
     /// Appends the field only when there is a value.
-    pub fn field_opt(self, key: &'static str, value: Option<impl AsRef<[u8]>>) -> Self {
+    pub(crate) fn field_opt(self, key: &'static str, value: Option<impl AsRef<[u8]>>) -> Self {
         match value {
             Some(value) => self.field(key, value),
             None => self,
@@ -56,7 +56,7 @@ impl fmt::Display for LogLine {
 /// A session id as the log writes it: upper-case hex, the prefix of the session's queue IDs
 /// (`id=` of `accepted`), so one grep finds a message's session too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sid(pub u64);
+pub(crate) struct Sid(pub u64);
 
 impl fmt::Display for Sid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -65,7 +65,7 @@ impl fmt::Display for Sid {
 }
 
 /// Writes `value` as one field value.
-pub fn push_value(out: &mut String, value: &[u8]) {
+pub(crate) fn push_value(out: &mut String, value: &[u8]) {
     let quoted = value.is_empty() || value.iter().any(|&b| matches!(b, b' ' | b'"' | b'\\'));
     if quoted {
         out.push('"');
@@ -88,7 +88,7 @@ pub fn push_value(out: &mut String, value: &[u8]) {
 
 /// An address in angle brackets, as `from=<...>` and `to=<...>` show it (`<>` is the null
 /// reverse path).
-pub fn angle(address: &str) -> String {
+pub(crate) fn angle(address: &str) -> String {
     format!("<{address}>")
 }
 

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 /// Turns `::ffff:a.b.c.d` into `a.b.c.d`; every other address is returned as it is.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
@@ -20,7 +20,7 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 }
 
 /// True for 127.0.0.0/8 and ::1, the only addresses SPEC calls local.
-pub fn is_local(ip: IpAddr) -> bool {
+pub(crate) fn is_local(ip: IpAddr) -> bool {
     match canonical_ip(ip) {
         IpAddr::V4(v4) => v4.octets()[0] == 127,
         IpAddr::V6(v6) => v6 == Ipv6Addr::LOCALHOST,
@@ -29,13 +29,13 @@ pub fn is_local(ip: IpAddr) -> bool {
 
 /// The key the per-client connection limit counts by: the IPv4 address, or the IPv6 /64.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ClientKey {
+pub(crate) enum ClientKey {
     V4(Ipv4Addr),
     V6Prefix64(u64),
 }
 
 impl ClientKey {
-    pub fn of(ip: IpAddr) -> Self {
+    pub(crate) fn of(ip: IpAddr) -> Self {
         match canonical_ip(ip) {
             IpAddr::V4(v4) => Self::V4(v4),
             IpAddr::V6(v6) => Self::V6Prefix64((u128::from(v6) >> 64) as u64),

@@ -26,18 +26,18 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Largest v1 header, CRLF included (proxy-protocol.txt 2.1).
-pub const V1_MAX_LEN: usize = 107;
+pub(crate) const V1_MAX_LEN: usize = 107;
 
 /// Largest v2 address-and-TLV block accepted; real TLVs (ALPN, authority, SSL, AWS VPC id)
 /// fit many times over.
-pub const V2_MAX_PAYLOAD: usize = 4096;
+pub(crate) const V2_MAX_PAYLOAD: usize = 4096;
 
 /// The most bytes a header can take, v1 or v2: what the caller must be ready to buffer.
-pub const MAX_HEADER_LEN: usize = V2_FIXED_LEN + V2_MAX_PAYLOAD;
+pub(crate) const MAX_HEADER_LEN: usize = V2_FIXED_LEN + V2_MAX_PAYLOAD;
 
 /// The outcome of looking at the start of a PROXY listener's input.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ProxyParse {
+pub(crate) enum ProxyParse {
     /// Could still become a valid header: read more.
     Incomplete,
     /// A complete, valid header of `consumed` bytes.
@@ -52,7 +52,7 @@ pub enum ProxyParse {
 
 /// Why the input is not a valid PROXY header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     /// The first bytes are neither `PROXY ` nor the v2 signature.
     NoSignature,
     /// No CRLF within the first 107 octets.
@@ -86,7 +86,7 @@ impl fmt::Display for ProxyError {
 impl std::error::Error for ProxyError {}
 
 /// Parses the PROXY header at the start of `buf` (see the module docs for the contract).
-pub fn parse(buf: &[u8]) -> ProxyParse {
+pub(crate) fn parse(buf: &[u8]) -> ProxyParse {
     match buf.first() {
         None => ProxyParse::Incomplete,
         Some(b'P') => parse_v1(buf),

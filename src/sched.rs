@@ -20,16 +20,16 @@ use std::io;
 use std::time::Duration;
 
 /// Slice asked for by the threads that answer clients (EEVDF accepts 0.1 to 100 ms).
-pub const ANSWER_SLICE: Duration = Duration::from_micros(100);
+pub(crate) const ANSWER_SLICE: Duration = Duration::from_micros(100);
 
 /// How much lower than the protocol threads a spool writer runs (nice levels).
-pub const WRITER_NICENESS: libc::c_int = 10;
+pub(crate) const WRITER_NICENESS: libc::c_int = 10;
 
 /// Policies whose slice EEVDF sets from `sched_runtime` (SCHED_OTHER, SCHED_BATCH).
 const FAIR_POLICIES: [u32; 2] = [0, 3];
 
 /// Asks for `ANSWER_SLICE` for the calling thread (the event loop, a worker).
-pub fn prefer_short_slices() {
+pub(crate) fn prefer_short_slices() {
     if let Err(err) = set_own_slice(ANSWER_SLICE) {
         log::debug!("thread keeps the default time slice: {err}");
     }
@@ -37,7 +37,7 @@ pub fn prefer_short_slices() {
 
 /// Lowers the calling thread's CPU priority to `WRITER_NICENESS` (a spool writer). Linux gives
 /// each thread its own nice value.
-pub fn yield_cpu_to_protocol_work() {
+pub(crate) fn yield_cpu_to_protocol_work() {
     // SAFETY: gettid has no preconditions; setpriority only reads its arguments.
     let result = unsafe {
         let who = libc::id_t::try_from(libc::gettid()).unwrap_or_default();

@@ -24,10 +24,10 @@ use std::time::Instant;
 use super::{Family, Lookup, QueryObserver, QueryOutcome, QueryType, ReverseFacts};
 
 /// Longest time an answer is kept, whatever its TTL: a changed zone is seen within this time.
-pub const MAX_KEEP: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_KEEP: Duration = Duration::from_secs(3600);
 
 /// The queries behind one answer, reported again on every hit.
-pub type Queries = Vec<(QueryType, QueryOutcome)>;
+pub(crate) type Queries = Vec<(QueryType, QueryOutcome)>;
 
 /// An answer with the time until which it may be used, or `None` when it must not be kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,7 +44,7 @@ impl<T> Keepable<T> {
 }
 
 /// Combines two answers' lifetimes: kept only while both may be.
-pub fn until_both(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+pub(crate) fn until_both(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     Some(a?.min(b?))
 }
 

@@ -7,7 +7,7 @@
 //! `answer_cache` holds the answers other threads may use without asking it; both report
 //! their queries through a `QueryObserver`.
 
-pub mod answer_cache;
+pub(crate) mod answer_cache;
 mod records;
 pub mod resolver;
 

@@ -133,7 +133,7 @@ impl Await {
 
 /// The next-hop client. See the module documentation.
 #[derive(Debug)]
-pub struct RelayClient {
+pub(crate) struct RelayClient {
     params: RelayClientParams,
     setup: Setup,
     ext: Extensions,
@@ -159,7 +159,7 @@ pub struct RelayClient {
 }
 
 impl RelayClient {
-    pub fn new(params: RelayClientParams) -> Self {
+    pub(crate) fn new(params: RelayClientParams) -> Self {
         Self {
             params,
             setup: Setup::Greeting,
@@ -182,7 +182,7 @@ impl RelayClient {
     /// Bytes from the next hop (plaintext; after TLS the loop decrypts first). Returns how
     /// many were used: a partial reply line stays with the caller for the next call. Once the
     /// connection has failed or closed, everything is used and ignored.
-    pub fn receive(&mut self, input: &[u8], out: &mut RelayOutput) -> usize {
+    pub(crate) fn receive(&mut self, input: &[u8], out: &mut RelayOutput) -> usize {
         let mut used = 0;
         while used < input.len() {
             if self.is_dead() {
@@ -215,7 +215,7 @@ impl RelayClient {
         used
     }
 
-    pub fn tls_established(&mut self, out: &mut RelayOutput) {
+    pub(crate) fn tls_established(&mut self, out: &mut RelayOutput) {
         if !matches!(self.setup, Setup::AwaitTls) {
             return;
         }
@@ -228,7 +228,7 @@ impl RelayClient {
     }
 
     /// The TLS handshake failed: the connection is half in TLS and cannot go on in plaintext.
-    pub fn tls_failed(&mut self, out: &mut RelayOutput) {
+    pub(crate) fn tls_failed(&mut self, out: &mut RelayOutput) {
         if !self.is_dead() {
             self.fail(RelayError::TlsHandshake, false, out);
         }
@@ -237,7 +237,7 @@ impl RelayClient {
     /// `MAIL FROM:<reverse_path>`; `reverse_path` is the mailbox without angle brackets,
     /// empty for the null path. SIZE, BODY and SMTPUTF8 are replayed only to a next hop that
     /// advertised SIZE (RFC 1870), 8BITMIME (RFC 6152) and SMTPUTF8 (RFC 6531).
-    pub fn mail(&mut self, reverse_path: &str, params: &MailParams, out: &mut RelayOutput) {
+    pub(crate) fn mail(&mut self, reverse_path: &str, params: &MailParams, out: &mut RelayOutput) {
         if !self.begin_call(true, out) {
             return;
         }
@@ -255,7 +255,7 @@ impl RelayClient {
     }
 
     /// `RCPT TO:<forward_path>`; `forward_path` without angle brackets.
-    pub fn rcpt(&mut self, forward_path: &str, out: &mut RelayOutput) {
+    pub(crate) fn rcpt(&mut self, forward_path: &str, out: &mut RelayOutput) {
         if !self.begin_call(true, out) {
             return;
         }
@@ -267,7 +267,7 @@ impl RelayClient {
     }
 
     /// DATA; its reply is 354 when the next hop is ready for the content.
-    pub fn data(&mut self, out: &mut RelayOutput) {
+    pub(crate) fn data(&mut self, out: &mut RelayOutput) {
         if !self.begin_call(true, out) {
             return;
         }
@@ -279,7 +279,7 @@ impl RelayClient {
 
     /// Message bytes (dot-unstuffed, CRLF lines) after a 354; lines may be split across
     /// calls. Bytes given before the 354 arrives are held until it does.
-    pub fn data_chunk(&mut self, bytes: &[u8], out: &mut RelayOutput) {
+    pub(crate) fn data_chunk(&mut self, bytes: &[u8], out: &mut RelayOutput) {
         if self.is_dead() || self.data_refused.is_some() || bytes.is_empty() {
             return;
         }
@@ -305,7 +305,7 @@ impl RelayClient {
 
     /// Ends the data with CRLF.CRLF (RFC 5321 4.1.1.4), adding the CRLF that ends the last
     /// line if the content did not end with one.
-    pub fn end_data(&mut self, out: &mut RelayOutput) {
+    pub(crate) fn end_data(&mut self, out: &mut RelayOutput) {
         if let Some(reply) = self.data_refused.take() {
             out.events.push(RelayEvent::Reply(reply));
             return;
@@ -331,7 +331,7 @@ impl RelayClient {
 
     /// RSET between transactions; a 2yz reply is consumed silently, anything else fails the
     /// connection (its transaction state would be unknown).
-    pub fn rset(&mut self, out: &mut RelayOutput) {
+    pub(crate) fn rset(&mut self, out: &mut RelayOutput) {
         if !self.begin_call(false, out) {
             return;
         }
@@ -340,7 +340,7 @@ impl RelayClient {
 
     /// QUIT after whatever is outstanding. Before setup is done with nothing queued, there is
     /// no point in finishing it: the client just closes.
-    pub fn quit(&mut self, out: &mut RelayOutput) {
+    pub(crate) fn quit(&mut self, out: &mut RelayOutput) {
         if !self.begin_call(false, out) {
             return;
         }
@@ -352,23 +352,26 @@ impl RelayClient {
     }
 
     /// Setup (greeting, EHLO/HELO, STARTTLS, XCLIENT) is complete and the connection usable.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         matches!(self.setup, Setup::Ready)
     }
 
     /// No call awaits an answer and no DATA is open (setup may still be in progress).
-    pub fn is_idle(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_idle(&self) -> bool {
         self.queue.is_empty() && self.inflight.is_empty() && !self.in_data && !self.data_open
     }
 
     /// This connection carried XCLIENT, so it speaks for one client and is never reused for
     /// another.
-    pub fn used_xclient(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn used_xclient(&self) -> bool {
         self.used_xclient
     }
 
     /// Why the connection failed, for logging.
-    pub fn error(&self) -> Option<&RelayError> {
+    #[cfg(test)]
+    pub(crate) fn error(&self) -> Option<&RelayError> {
         match &self.setup {
             Setup::Failed(e) => Some(e),
             _ => None,

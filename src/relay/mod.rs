@@ -11,8 +11,8 @@
 //! next-hop transaction without the final dot ever reaching the wire: the client only sends
 //! `CRLF.CRLF` from `end_data()`, so the loop aborts by closing the connection instead.
 
-pub mod client;
-pub mod outbound;
+pub(crate) mod client;
+pub(crate) mod outbound;
 mod xclient;
 
 use std::fmt;
@@ -20,16 +20,14 @@ use std::net::IpAddr;
 
 use crate::protocol::reply::Reply;
 
-pub use client::RelayClient;
-
 /// A reply line from the next hop longer than this (CRLF included) makes the connection
 /// unusable: RFC 5321 4.5.3.1.5 allows 512 octets; Postfix reads up to 2048
 /// (`line_length_limit`), and so do we before giving up.
-pub const MAX_REPLY_LINE: usize = 2048;
+pub(crate) const MAX_REPLY_LINE: usize = 2048;
 
 /// A multi-line reply with more lines than this is treated as garbage (EHLO replies in the
 /// wild have a few dozen lines at most; this bounds memory per next-hop connection).
-pub const MAX_REPLY_LINES: usize = 100;
+pub(crate) const MAX_REPLY_LINES: usize = 100;
 
 /// The protocol spoken to the next hop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +60,7 @@ pub struct XclientAttrs {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RelayClientParams {
+pub(crate) struct RelayClientParams {
     /// HELOGUARD_HOSTNAME, sent in EHLO/LHLO/HELO.
     pub hostname: String,
     pub protocol: NextHopProtocol,
@@ -73,7 +71,7 @@ pub struct RelayClientParams {
 
 /// What the loop must act on after a call.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RelayEvent {
+pub(crate) enum RelayEvent {
     /// The next hop sent 220 to our STARTTLS: the loop wraps the connection in client TLS,
     /// then calls `tls_established()` (or `tls_failed()`).
     StartTls,
@@ -89,7 +87,7 @@ pub enum RelayEvent {
 
 /// Bytes to write to the next hop and events for the loop, appended to by every call.
 #[derive(Debug, Default)]
-pub struct RelayOutput {
+pub(crate) struct RelayOutput {
     pub bytes: Vec<u8>,
     pub events: Vec<RelayEvent>,
 }
@@ -97,7 +95,7 @@ pub struct RelayOutput {
 /// Why a next-hop connection became unusable. The replies kept here are the next hop's own,
 /// with their text already reduced to printable ASCII.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RelayError {
+pub(crate) enum RelayError {
     /// The greeting was not 220 (RFC 5321 3.1: 554 means "no service here").
     Greeting(Reply),
     /// EHLO/LHLO refused (and HELO too, or HELO was not allowed).
@@ -133,7 +131,7 @@ pub enum RelayError {
 
 impl RelayError {
     /// The next hop's reply behind this error, if any.
-    pub fn their_reply(&self) -> Option<&Reply> {
+    pub(crate) fn their_reply(&self) -> Option<&Reply> {
         match self {
             RelayError::Greeting(r)
             | RelayError::Hello(r)
@@ -149,7 +147,7 @@ impl RelayError {
     /// The reply the loop gives for every call left outstanding. Temporary (4yz), whatever
     /// the next hop said: its refusal was of us, not of the client's message (SPEC: next hop
     /// down or slow is 451 4.4.1, never 250).
-    pub fn reply(&self) -> Reply {
+    pub(crate) fn reply(&self) -> Reply {
         let why = match self.their_reply() {
             Some(r) => summary(r),
             None => self.to_string(),

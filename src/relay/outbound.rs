@@ -11,7 +11,7 @@ use crate::message::header::HeaderFilter;
 
 /// One message being passed on to the next hop.
 #[derive(Debug)]
-pub struct OutboundMessage {
+pub(crate) struct OutboundMessage {
     /// The queue ID of the client's transaction (Received, the 250 reply).
     pub queue_id: String,
     /// Made at the first content, when the hostname is at hand.
@@ -25,7 +25,7 @@ pub struct OutboundMessage {
 
 /// What the next hop gets after a `push`.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outbound {
+pub(crate) enum Outbound {
     /// Nothing yet (a header still incomplete), or nothing any more (dropped).
     Nothing,
     /// These octets: the header without our forged fields, or body content.
@@ -35,7 +35,7 @@ pub enum Outbound {
 }
 
 impl OutboundMessage {
-    pub fn new(queue_id: String) -> Self {
+    pub(crate) fn new(queue_id: String) -> Self {
         Self {
             queue_id,
             header: None,
@@ -46,7 +46,7 @@ impl OutboundMessage {
 
     /// Takes decoded content (dot-unstuffed, CRLF lines); `last` flushes a message that ends
     /// in its header. `hostname` is HELOGUARD_HOSTNAME, whose fields are removed.
-    pub fn push(&mut self, content: Vec<u8>, last: bool, hostname: &str) -> Outbound {
+    pub(crate) fn push(&mut self, content: Vec<u8>, last: bool, hostname: &str) -> Outbound {
         if self.aborted {
             return Outbound::Nothing;
         }
@@ -90,12 +90,12 @@ impl OutboundMessage {
     }
 
     /// Marks the message dropped; true the first time, when the next hop must be told.
-    pub fn abort(&mut self) -> bool {
+    pub(crate) fn abort(&mut self) -> bool {
         !std::mem::replace(&mut self.aborted, true)
     }
 
     /// More than 100 Received fields were found in the header.
-    pub fn looped(&self) -> bool {
+    pub(crate) fn looped(&self) -> bool {
         self.looped
     }
 }

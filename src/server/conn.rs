@@ -22,20 +22,20 @@ use crate::session::Session;
 /// Plaintext waiting for the session is capped here; past it the socket is not read until
 /// the session has consumed some (backpressure). A command line is at most 512 octets and
 /// the DATA decoder consumes whatever it gets, so this only holds back floods.
-pub const INBUF_CAP: usize = 64 * 1024;
+pub(crate) const INBUF_CAP: usize = 64 * 1024;
 
 /// Replies waiting for a client that does not read are capped here; past it the session
 /// gets no more input until the client catches up.
-pub const OUTBUF_CAP: usize = 256 * 1024;
+pub(crate) const OUTBUF_CAP: usize = 256 * 1024;
 
 /// A PROXY v2 header is at most 16 + 65535 octets; v1 at most 107.
-pub const PROXY_HEADER_CAP: usize = 16 + 65_535;
+pub(crate) const PROXY_HEADER_CAP: usize = 16 + 65_535;
 
 /// Size of the loop's read scratch buffer: one read takes at most this much.
-pub const READ_CHUNK: usize = 16 * 1024;
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
 
 /// Where a connection is in its life, and where its session is.
-pub enum ConnState {
+pub(crate) enum ConnState {
     /// PROXY listener: the header has not arrived yet, so the client IP is not known and
     /// there is no session.
     AwaitingProxy,
@@ -76,7 +76,7 @@ impl std::fmt::Debug for ConnState {
 
 impl ConnState {
     /// The session, when it is in the loop.
-    pub fn session(&self) -> Option<&Session> {
+    pub(crate) fn session(&self) -> Option<&Session> {
         match self {
             ConnState::DelayingGreeting { session, .. } | ConnState::Waiting { session } => {
                 Some(session)
@@ -87,12 +87,12 @@ impl ConnState {
     }
 
     /// The session is running: it is in the loop ready to be fed, or at a worker.
-    pub fn is_serving(&self) -> bool {
+    pub(crate) fn is_serving(&self) -> bool {
         matches!(self, ConnState::Waiting { .. } | ConnState::AtWorker)
     }
 
     /// Hands the session over for a worker: `Waiting` becomes `AtWorker`.
-    pub fn send_to_worker(&mut self) -> Option<Box<Session>> {
+    pub(crate) fn send_to_worker(&mut self) -> Option<Box<Session>> {
         match std::mem::replace(self, ConnState::AtWorker) {
             ConnState::Waiting { session } => Some(session),
             other => {
@@ -104,7 +104,7 @@ impl ConnState {
 
     /// Takes the session back from a worker. A connection that began closing meanwhile keeps
     /// closing, with its session for the log line.
-    pub fn back_from_worker(&mut self, returned: Box<Session>) {
+    pub(crate) fn back_from_worker(&mut self, returned: Box<Session>) {
         *self = match std::mem::replace(self, ConnState::AtWorker) {
             ConnState::Closing { .. } => ConnState::Closing {
                 session: Some(returned),
@@ -115,7 +115,7 @@ impl ConnState {
 
     /// The greeting delay ended: the session runs. Returns whether the client pregreeted, or
     /// `None` when no greeting delay was running.
-    pub fn end_greeting_delay(&mut self) -> Option<bool> {
+    pub(crate) fn end_greeting_delay(&mut self) -> Option<bool> {
         match std::mem::replace(self, ConnState::AtWorker) {
             ConnState::DelayingGreeting {
                 session,
@@ -132,14 +132,14 @@ impl ConnState {
     }
 
     /// Marks a pregreet: the client sent bytes during the greeting delay.
-    pub fn note_early_talk(&mut self) {
+    pub(crate) fn note_early_talk(&mut self) {
         if let ConnState::DelayingGreeting { pregreeted, .. } = self {
             *pregreeted = true;
         }
     }
 
     /// Stops serving; the connection closes once its output is flushed.
-    pub fn start_closing(&mut self) {
+    pub(crate) fn start_closing(&mut self) {
         let session = match std::mem::replace(self, ConnState::Closing { session: None }) {
             ConnState::DelayingGreeting { session, .. } | ConnState::Waiting { session } => {
                 Some(session)
@@ -153,7 +153,7 @@ impl ConnState {
 
 /// What reading the socket has shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReadSide {
+pub(crate) enum ReadSide {
     /// Read until `WouldBlock`; the next readable event brings more.
     Open,
     /// Reading stopped because `inbuf` is full. Readiness is edge-triggered, so no event will
@@ -165,7 +165,7 @@ pub enum ReadSide {
 
 /// How bytes pass between the socket and the session.
 #[derive(Debug)]
-pub enum Transport {
+pub(crate) enum Transport {
     Plain,
     /// STARTTLS was answered; the handshake runs.
     Handshaking(TlsSession),
@@ -197,7 +197,7 @@ impl Transport {
 
 /// What one round of reading produced.
 #[derive(Debug, Default)]
-pub struct ReadOutcome {
+pub(crate) struct ReadOutcome {
     /// New plaintext was appended to `inbuf`.
     pub got_data: bool,
     /// The peer closed its side (or sent TLS close_notify).
@@ -208,7 +208,7 @@ pub struct ReadOutcome {
 
 /// A session's DNS work as the loop sees it.
 #[derive(Clone, Debug, Default)]
-pub struct DnsWork {
+pub(crate) struct DnsWork {
     /// Queries the resolver reported for this session's answers so far.
     pub queries: u32,
     /// The HELO name whose A/AAAA answer the session still waits for; an answer for another
@@ -218,14 +218,14 @@ pub struct DnsWork {
 
 impl DnsWork {
     /// HELOGUARD_DNS_BUDGET (0 = unlimited) is spent: no more lookups for this session.
-    pub fn over_budget(&self, budget: u32) -> bool {
+    pub(crate) fn over_budget(&self, budget: u32) -> bool {
         budget != 0 && self.queries >= budget
     }
 }
 
 /// Time spent waiting for DNS, for the verdict log line.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct DnsTiming {
+pub(crate) struct DnsTiming {
     pub reverse_started: Option<Instant>,
     pub reverse_took: Option<Duration>,
     pub forward_started: Option<Instant>,
@@ -233,7 +233,7 @@ pub struct DnsTiming {
 }
 
 /// One client connection.
-pub struct Conn {
+pub(crate) struct Conn {
     pub socket: TcpStream,
     pub id: ConnId,
     pub listener: ListenerKind,
@@ -278,7 +278,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(
+    pub(crate) fn new(
         socket: TcpStream,
         id: ConnId,
         listener: ListenerKind,
@@ -327,7 +327,7 @@ impl Conn {
     ///
     /// `chunk` is the loop's scratch buffer: one for all connections, so no read pays for
     /// zeroing a fresh one.
-    pub fn read_available(&mut self, chunk: &mut [u8]) -> io::Result<ReadOutcome> {
+    pub(crate) fn read_available(&mut self, chunk: &mut [u8]) -> io::Result<ReadOutcome> {
         let mut outcome = ReadOutcome::default();
         loop {
             let room = self.inbuf_cap().saturating_sub(self.inbuf.len());
@@ -376,7 +376,7 @@ impl Conn {
     }
 
     /// Queues bytes for the client, through TLS when it is on.
-    pub fn queue_output(&mut self, bytes: &[u8]) -> io::Result<()> {
+    pub(crate) fn queue_output(&mut self, bytes: &[u8]) -> io::Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
@@ -391,7 +391,7 @@ impl Conn {
     }
 
     /// Writes until `outbuf` is empty or the socket would block.
-    pub fn flush(&mut self) -> io::Result<()> {
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
         let mut written = 0;
         while written < self.outbuf.len() {
             match self.socket.write(&self.outbuf[written..]) {
@@ -415,7 +415,7 @@ impl Conn {
 
     /// Nothing is left to do for a client that has closed its side: no work, and the session
     /// (here, not at a worker) is not waiting for an answer the loop will bring.
-    pub fn finished_after_eof(&self) -> bool {
+    pub(crate) fn finished_after_eof(&self) -> bool {
         !matches!(self.state, ConnState::AtWorker)
             && !self.has_work()
             && !self.state.session().is_some_and(|s| s.awaits_loop())
@@ -424,7 +424,7 @@ impl Conn {
     /// The session may be handed to a worker: it is here and has something to do. Events
     /// always go; input waits while the client leaves OUTBUF_CAP of replies unread, so a
     /// client that never reads cannot make the session produce without bound.
-    pub fn has_work(&self) -> bool {
+    pub(crate) fn has_work(&self) -> bool {
         let ConnState::Waiting { session } = &self.state else {
             return false;
         };

@@ -6,30 +6,30 @@
 /// writer, timer) addressed to a slot alone could reach the wrong client. The generation makes
 /// a late answer for a reused slot miss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ConnId(u64);
+pub(crate) struct ConnId(u64);
 
 impl ConnId {
-    pub fn new(slot: usize, generation: u32) -> Self {
+    pub(crate) fn new(slot: usize, generation: u32) -> Self {
         debug_assert!(u32::try_from(slot).is_ok(), "slots stay below 2^32");
         ConnId((u64::from(generation) << 32) | (slot as u64 & 0xffff_ffff))
     }
 
     /// The id as other threads carry it (DNS requests, spool jobs).
-    pub fn from_raw(raw: u64) -> Self {
+    pub(crate) fn from_raw(raw: u64) -> Self {
         ConnId(raw)
     }
 
-    pub fn raw(self) -> u64 {
+    pub(crate) fn raw(self) -> u64 {
         self.0
     }
 
-    pub fn slot(self) -> usize {
+    pub(crate) fn slot(self) -> usize {
         (self.0 & 0xffff_ffff) as usize
     }
 }
 
 /// The slot of connection `id`, unless it closed (and its slot may hold another by now).
-pub fn live_slot<T>(
+pub(crate) fn live_slot<T>(
     slab: &slab::Slab<T>,
     id: ConnId,
     id_of: impl Fn(&T) -> ConnId,

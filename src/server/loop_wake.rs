@@ -29,13 +29,13 @@ impl LoopWaker for LoopWake {
 
 /// A `mio::Waker` shared by threads that send to the loop, with coalescing.
 #[derive(Debug)]
-pub struct LoopWake {
+pub(crate) struct LoopWake {
     waker: Arc<Waker>,
     pending: AtomicBool,
 }
 
 impl LoopWake {
-    pub fn new(waker: Arc<Waker>) -> Self {
+    pub(crate) fn new(waker: Arc<Waker>) -> Self {
         LoopWake {
             waker,
             pending: AtomicBool::new(false),
@@ -43,7 +43,7 @@ impl LoopWake {
     }
 
     /// Call after sending: wakes the loop unless a wake is already pending.
-    pub fn wake(&self) -> io::Result<()> {
+    pub(crate) fn wake(&self) -> io::Result<()> {
         if self.pending.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -51,7 +51,7 @@ impl LoopWake {
     }
 
     /// The loop calls this right before it drains the channels.
-    pub fn rearm(&self) {
+    pub(crate) fn rearm(&self) {
         self.pending.swap(false, Ordering::AcqRel);
     }
 }

@@ -2,12 +2,12 @@
 //!
 //! `event_loop` is the poll loop itself; each concern it drives has its own module below.
 
-pub mod conn;
-pub mod conn_id;
+pub(crate) mod conn;
+pub(crate) mod conn_id;
 pub mod event_loop;
 pub mod listener;
-pub mod loop_wake;
-pub mod relay_link;
+pub(crate) mod loop_wake;
+pub(crate) mod relay_link;
 pub mod sd_notify;
 pub mod tls;
-pub mod worker;
+pub(crate) mod worker;

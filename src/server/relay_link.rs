@@ -28,13 +28,13 @@ use crate::server::tls::TlsSession;
 
 /// How long the next hop gets to accept the connection and finish the setup (greeting,
 /// EHLO, STARTTLS, XCLIENT).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the next hop gets for each reply (RFC 5321 4.5.3.2 suggests minutes for a
 /// queueing MTA; a before-queue proxy holds a client meanwhile, so we wait less).
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// TCP or a Unix socket (`lmtp:unix:/PATH`).
-pub enum NextHopSocket {
+pub(crate) enum NextHopSocket {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
@@ -42,13 +42,13 @@ pub enum NextHopSocket {
 impl NextHopSocket {
     /// With TCP_NODELAY: the link writes whole commands and message pieces itself, and a
     /// final `.` left waiting for the next hop's delayed ACK (Nagle) costs tens of ms per message.
-    pub fn connect_tcp(addr: SocketAddr) -> io::Result<Self> {
+    pub(crate) fn connect_tcp(addr: SocketAddr) -> io::Result<Self> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
         Ok(NextHopSocket::Tcp(stream))
     }
 
-    pub fn connect_unix(path: &Path) -> io::Result<Self> {
+    pub(crate) fn connect_unix(path: &Path) -> io::Result<Self> {
         UnixStream::connect(path).map(NextHopSocket::Unix)
     }
 
@@ -116,7 +116,7 @@ impl Source for NextHopSocket {
 }
 
 /// What a reply from the next hop answers.
-pub enum Awaiting {
+pub(crate) enum Awaiting {
     Mail,
     Rcpt,
     /// DATA; on 354 these trace fields go first, then the client's content as it arrives.
@@ -126,7 +126,7 @@ pub enum Awaiting {
 }
 
 /// A reply routed back to the owning session.
-pub enum LinkAnswer {
+pub(crate) enum LinkAnswer {
     /// For `Event::RelayReply` (MAIL, RCPT).
     Command(Reply),
     /// For `Event::Delivered`: accepted (`Ok`, with the next hop's reply for the log) or the
@@ -136,7 +136,7 @@ pub enum LinkAnswer {
 
 /// What happened on the link during one round of I/O.
 #[derive(Default)]
-pub struct LinkProgress {
+pub(crate) struct LinkProgress {
     pub answers: Vec<LinkAnswer>,
     /// The link can no longer be used: the loop closes it.
     pub failed: Option<LinkFailure>,
@@ -144,14 +144,14 @@ pub struct LinkProgress {
 
 /// Why a link failed, for `heloguard_relay_failures_total{reason}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LinkFailure {
+pub(crate) enum LinkFailure {
     Connect,
     Timeout,
     Refused,
 }
 
 /// The client side of the connection to the next hop.
-pub struct RelayLink {
+pub(crate) struct RelayLink {
     pub socket: NextHopSocket,
     /// The client connection this link serves.
     pub owner: ConnId,
@@ -179,7 +179,7 @@ pub struct RelayLink {
 }
 
 impl RelayLink {
-    pub fn new(
+    pub(crate) fn new(
         socket: NextHopSocket,
         owner: ConnId,
         params: RelayClientParams,
@@ -209,7 +209,11 @@ impl RelayLink {
     }
 
     /// Replays MAIL, resetting a transaction left open before (no final dot for it).
-    pub fn mail(&mut self, reverse_path: &str, params: &crate::protocol::command::MailParams) {
+    pub(crate) fn mail(
+        &mut self,
+        reverse_path: &str,
+        params: &crate::protocol::command::MailParams,
+    ) {
         let mut out = RelayOutput::default();
         if self.transaction_open {
             self.client.rset(&mut out);
@@ -220,7 +224,7 @@ impl RelayLink {
         self.absorb_output(out);
     }
 
-    pub fn rcpt(&mut self, forward_path: &str) {
+    pub(crate) fn rcpt(&mut self, forward_path: &str) {
         let mut out = RelayOutput::default();
         self.client.rcpt(forward_path, &mut out);
         self.expect(Awaiting::Rcpt);
@@ -229,7 +233,7 @@ impl RelayLink {
 
     /// Sends DATA; `trace` (our Received, Authentication-Results, X-HELO-Check) goes first
     /// once the next hop says 354.
-    pub fn start_data(&mut self, trace: Vec<u8>) {
+    pub(crate) fn start_data(&mut self, trace: Vec<u8>) {
         let mut out = RelayOutput::default();
         self.client.data(&mut out);
         self.expect(Awaiting::Data(trace));
@@ -237,14 +241,14 @@ impl RelayLink {
     }
 
     /// Message content as the client sends it (the protocol dot-stuffs it).
-    pub fn data_chunk(&mut self, bytes: &[u8]) {
+    pub(crate) fn data_chunk(&mut self, bytes: &[u8]) {
         let mut out = RelayOutput::default();
         self.client.data_chunk(bytes, &mut out);
         self.absorb_output(out);
     }
 
     /// The final dot; its reply is the delivery's answer.
-    pub fn end_data(&mut self) {
+    pub(crate) fn end_data(&mut self) {
         let mut out = RelayOutput::default();
         self.client.end_data(&mut out);
         self.expect(Awaiting::EndOfData);
@@ -252,7 +256,7 @@ impl RelayLink {
     }
 
     /// Ends the session with the next hop politely (best effort).
-    pub fn quit(&mut self) {
+    pub(crate) fn quit(&mut self) {
         let mut out = RelayOutput::default();
         self.client.quit(&mut out);
         self.queue(&out.bytes);
@@ -265,7 +269,7 @@ impl RelayLink {
     /// Bytes accepted for the next hop and not yet written to its socket (what rustls holds
     /// is bounded by its own limit and not counted). The loop stops feeding the session
     /// while this is high: the client is not read while the next hop lags.
-    pub fn backlog(&self) -> usize {
+    pub(crate) fn backlog(&self) -> usize {
         self.outbuf.len() + self.tls.as_ref().map_or(0, |t| t.unsent())
     }
 
@@ -280,13 +284,13 @@ impl RelayLink {
         self.awaiting.push_back(awaiting);
     }
 
-    pub fn is_waiting(&self) -> bool {
+    pub(crate) fn is_waiting(&self) -> bool {
         !self.awaiting.is_empty()
     }
 
     /// Whether the link has carried no transaction for `idle` at `now`: nothing asked and
     /// unanswered, no MAIL left open (its RSET would be owed), nothing left to write.
-    pub fn idle_for(&mut self, idle: Duration, now: Instant) -> bool {
+    pub(crate) fn idle_for(&mut self, idle: Duration, now: Instant) -> bool {
         if self.is_waiting() || self.transaction_open || self.backlog() > 0 {
             self.last_busy = now;
             return false;
@@ -295,7 +299,7 @@ impl RelayLink {
     }
 
     /// Answers every outstanding request with `reply` (the link is gone).
-    pub fn fail_all(&mut self, reply: &Reply) -> Vec<LinkAnswer> {
+    pub(crate) fn fail_all(&mut self, reply: &Reply) -> Vec<LinkAnswer> {
         self.awaiting
             .drain(..)
             .map(|a| match a {
@@ -309,7 +313,7 @@ impl RelayLink {
 
     /// Handles readiness: finishes the connect, writes, reads and runs the protocol.
     /// `chunk` is the loop's read scratch buffer, shared with the client connections.
-    pub fn ready(&mut self, now: Instant, chunk: &mut [u8]) -> LinkProgress {
+    pub(crate) fn ready(&mut self, now: Instant, chunk: &mut [u8]) -> LinkProgress {
         let mut progress = LinkProgress::default();
         if self.broken {
             progress.failed = Some(LinkFailure::Refused);
@@ -508,7 +512,7 @@ impl RelayLink {
 /// protects against passive listeners on the way; the next hop is usually local and its
 /// certificate often self-signed, so the certificate is not verified (the handshake
 /// signature still is).
-pub fn opportunistic_tls_config() -> Result<Arc<ClientConfig>, rustls::Error> {
+pub(crate) fn opportunistic_tls_config() -> Result<Arc<ClientConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(AnyCertificate(provider.clone()));
     let config = ClientConfig::builder_with_provider(provider)

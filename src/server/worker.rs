@@ -33,7 +33,7 @@ use crate::session::{
 
 /// An event for a session that owns no borrowed bytes, so it can wait in a queue.
 #[derive(Debug)]
-pub enum OwnedEvent {
+pub(crate) enum OwnedEvent {
     Greet,
     Pregreeted,
     Reverse(ReverseFacts),
@@ -76,7 +76,7 @@ impl OwnedEvent {
 }
 
 /// Work for one session: its queued events in order, then its unread input.
-pub struct Job {
+pub(crate) struct Job {
     pub conn_id: ConnId,
     pub session: Box<Session>,
     pub events: Vec<OwnedEvent>,
@@ -85,7 +85,7 @@ pub struct Job {
 }
 
 /// A session coming back from a worker.
-pub struct Done {
+pub(crate) struct Done {
     pub conn_id: ConnId,
     pub session: Box<Session>,
     /// The part of `Job::input` the session did not consume (it is parked or the line is
@@ -95,7 +95,7 @@ pub struct Done {
 }
 
 /// What a worker sends back for one job.
-pub enum WorkerReport {
+pub(crate) enum WorkerReport {
     /// The job ran; the session comes back.
     Finished(Done),
     /// The job panicked and its session is lost: the loop closes the connection with
@@ -104,7 +104,7 @@ pub enum WorkerReport {
 }
 
 /// The running pool.
-pub struct WorkerPool {
+pub(crate) struct WorkerPool {
     jobs: Option<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -112,7 +112,7 @@ pub struct WorkerPool {
 impl WorkerPool {
     /// Starts `count` workers that send finished jobs on `done` and then wake the loop, and
     /// answer HELO lookups from `known` when they can.
-    pub fn start(
+    pub(crate) fn start(
         count: usize,
         done: Sender<WorkerReport>,
         waker: Arc<LoopWake>,
@@ -142,7 +142,7 @@ impl WorkerPool {
     }
 
     /// Queues a job; never blocks.
-    pub fn submit(&self, job: Job) {
+    pub(crate) fn submit(&self, job: Job) {
         if let Some(jobs) = &self.jobs {
             // Fails only when every worker has exited, which happens only at shutdown.
             let _ = jobs.send(job);
@@ -150,7 +150,7 @@ impl WorkerPool {
     }
 
     /// Lets the workers finish what is queued and joins them.
-    pub fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.jobs = None;
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -200,11 +200,11 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 /// Tests only: input containing this makes the job panic, so the loop's recovery can be
 /// exercised end to end. Not compiled into the server.
 #[cfg(test)]
-pub const PANIC_TRIGGER: &[u8] = b"X-TEST-WORKER-PANIC";
+pub(crate) const PANIC_TRIGGER: &[u8] = b"X-TEST-WORKER-PANIC";
 
 /// Runs one job: every queued event in order, then as much input as the session takes,
 /// answering from `known` the lookups it can.
-pub fn process(job: Job, metrics: &Metrics, known: Option<&AnswerCache>) -> Done {
+pub(crate) fn process(job: Job, metrics: &Metrics, known: Option<&AnswerCache>) -> Done {
     let Job {
         conn_id,
         mut session,

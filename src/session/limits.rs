@@ -16,18 +16,18 @@ pub(crate) struct Counters {
 
 impl Counters {
     /// Both counts start over (after an accepted message).
-    pub fn restart(&mut self) {
+    pub(super) fn restart(&mut self) {
         *self = Self::default();
     }
 
     /// Counts one 5xx reply; true when that takes the session past the limit.
-    pub fn error_over(&mut self, max: u32) -> bool {
+    pub(super) fn error_over(&mut self, max: u32) -> bool {
         self.errors = self.errors.saturating_add(1);
         max != 0 && self.errors > max
     }
 
     /// Counts one junk command; true when it is the one past the limit (it is not answered).
-    pub fn junk_over(&mut self, max: u32) -> bool {
+    pub(super) fn junk_over(&mut self, max: u32) -> bool {
         if max != 0 && self.junk >= max {
             return true;
         }
@@ -52,14 +52,14 @@ pub(crate) struct DataRate {
 }
 
 impl DataRate {
-    pub fn start(now: Instant) -> Self {
+    pub(super) fn start(now: Instant) -> Self {
         Self {
             started: now,
             slots: [(0, 0); WINDOW_SECS],
         }
     }
 
-    pub fn add(&mut self, now: Instant, octets: usize) {
+    pub(super) fn add(&mut self, now: Instant, octets: usize) {
         let second = now.saturating_duration_since(self.started).as_secs();
         let slot = &mut self.slots[(second % WINDOW_SECS as u64) as usize];
         if slot.0 != second {
@@ -69,7 +69,7 @@ impl DataRate {
     }
 
     /// Below `min` octets/s over the last 30 s, once past the grace time; `min` 0 = off.
-    pub fn too_slow(&self, now: Instant, min: u64) -> bool {
+    pub(super) fn too_slow(&self, now: Instant, min: u64) -> bool {
         let elapsed = now.saturating_duration_since(self.started);
         if min == 0 || elapsed < DATA_RATE_GRACE {
             return false;

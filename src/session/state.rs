@@ -37,7 +37,7 @@ pub(crate) struct HeloJudge {
 
 impl HeloJudge {
     /// The checks and policy of `crate::helo`.
-    pub const STANDARD: Self = Self {
+    pub(crate) const STANDARD: Self = Self {
         parse: crate::helo::checks::parse_helo,
         decide: crate::helo::policy::decide,
     };
@@ -64,7 +64,7 @@ pub(crate) struct Identity {
 }
 
 impl Identity {
-    pub fn new(
+    pub(super) fn new(
         verb: Verb,
         arg: String,
         parsed: HeloArg,
@@ -84,7 +84,7 @@ impl Identity {
     }
 
     /// The name whose A/AAAA records the checks need, if any.
-    pub fn lookup_name(&self) -> Option<&str> {
+    pub(super) fn lookup_name(&self) -> Option<&str> {
         match &self.parsed {
             HeloArg::Domain(name) if self.needs_forward => Some(name),
             _ => None,
@@ -92,7 +92,7 @@ impl Identity {
     }
 
     /// Every fact the checks need is in (or the deadline made the missing ones temperror).
-    pub fn ready_to_judge(&self, reverse_known: bool) -> bool {
+    pub(super) fn ready_to_judge(&self, reverse_known: bool) -> bool {
         self.deadline_passed
             || (reverse_known && (self.lookup_name().is_none() || self.forward.is_some()))
     }
@@ -121,7 +121,7 @@ pub(crate) struct Transaction {
 }
 
 impl Transaction {
-    pub fn new(reverse_path: &str, smtputf8: bool) -> Self {
+    pub(super) fn new(reverse_path: &str, smtputf8: bool) -> Self {
         Self {
             reverse_path: reverse_path.to_string(),
             smtputf8,

@@ -32,7 +32,7 @@ use crate::message::Envelope;
 use crate::message::TraceInfo;
 
 /// The whole `Received: ...\r\n` field (RFC 5321 4.4), folded as the module docs show.
-pub fn received_field(trace: &TraceInfo, recipients: &[String]) -> String {
+pub(crate) fn received_field(trace: &TraceInfo, recipients: &[String]) -> String {
     format_received(&sanitize_helo(&trace.helo), trace, recipients)
 }
 
@@ -70,7 +70,7 @@ fn format_received(helo: &str, trace: &TraceInfo, recipients: &[String]) -> Stri
 }
 
 /// Received, Authentication-Results and X-HELO-Check: the whole prefix in relay modes.
-pub fn trace_fields(trace: &TraceInfo, recipients: &[String]) -> Vec<u8> {
+pub(crate) fn trace_fields(trace: &TraceInfo, recipients: &[String]) -> Vec<u8> {
     let received = received_field(trace, recipients);
     let auth = authentication_results_field(&trace.hostname, trace.client_ip, &trace.verdict);
     let check = x_helo_check_field(
@@ -87,7 +87,7 @@ pub fn trace_fields(trace: &TraceInfo, recipients: &[String]) -> Vec<u8> {
 }
 
 /// Return-Path, one X-Envelope-To per recipient, then `trace_fields`: the maildir prefix.
-pub fn maildir_prefix(env: &Envelope) -> Vec<u8> {
+pub(crate) fn maildir_prefix(env: &Envelope) -> Vec<u8> {
     let mut out = envelope_fields(env).into_bytes();
     out.extend_from_slice(&trace_fields(&env.trace, &env.recipients));
     out
@@ -119,7 +119,7 @@ const MONTHS: [&str; 12] = [
 
 /// RFC 5322 3.3 date-time in UTC, e.g. `Mon, 23 Nov 2026 13:45:01 +0000`. The day is always
 /// two digits (`1*2DIGIT` allows it) so the field has one width.
-pub fn rfc5322_date(time: SystemTime) -> String {
+pub(crate) fn rfc5322_date(time: SystemTime) -> String {
     let secs = unix_seconds(time);
     let days = secs.div_euclid(86_400);
     let of_day = secs.rem_euclid(86_400);

@@ -19,7 +19,7 @@ use std::sync::PoisonError;
 
 /// Shares directory fsyncs between the threads that need one.
 #[derive(Debug, Default)]
-pub struct GroupSync {
+pub(crate) struct GroupSync {
     state: Mutex<SyncState>,
     /// Signalled when an fsync ends: its round has an outcome, and the next round may start.
     finished: Condvar,
@@ -40,7 +40,7 @@ struct Round {
 }
 
 /// An equal error for each of several callers (`io::Error` is not `Clone`).
-pub fn copy_error(err: &io::Error) -> io::Error {
+pub(crate) fn copy_error(err: &io::Error) -> io::Error {
     match err.raw_os_error() {
         Some(code) => io::Error::from_raw_os_error(code),
         None => io::Error::new(err.kind(), err.to_string()),
@@ -64,7 +64,7 @@ impl GroupSync {
     /// Returns once an fsync (`sync`, run by this thread or another one) that started after
     /// this call began has finished, with that fsync's result. Call it after the rename that
     /// must be made durable has returned.
-    pub fn sync<F>(&self, sync: F) -> io::Result<()>
+    pub(crate) fn sync<F>(&self, sync: F) -> io::Result<()>
     where
         F: FnOnce() -> io::Result<()>,
     {

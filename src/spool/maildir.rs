@@ -45,7 +45,7 @@ use crate::spool::group_sync::GroupSync;
 use crate::spool::group_sync::copy_error;
 
 /// maildir(5): a file in tmp/ untouched for 36 hours is the remains of a failed delivery.
-pub const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
+pub(crate) const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
 
 /// Mail files and directories are the spool owner's and its group's, so that a delivery agent
 /// in that group (Dovecot moving new/ to cur/) can read them and move them; the process umask
@@ -58,7 +58,7 @@ static DELIVERIES: AtomicU64 = AtomicU64::new(0);
 
 /// One Maildir: its three directories, and an open handle on `new/` to fsync after a rename.
 #[derive(Debug)]
-pub struct Maildir {
+pub(crate) struct Maildir {
     tmp: PathBuf,
     new: PathBuf,
     /// Opened once: fsync on a directory handle makes the renames into it durable.
@@ -73,7 +73,7 @@ pub struct Maildir {
 }
 
 /// See [`Maildir::panic_counter`].
-pub struct PanicCounter<'a>(&'a Maildir);
+pub(crate) struct PanicCounter<'a>(&'a Maildir);
 
 impl Drop for PanicCounter<'_> {
     fn drop(&mut self) {
@@ -87,7 +87,7 @@ impl Drop for PanicCounter<'_> {
 /// `InsufficientSpace` (452 4.3.1) answers 451 4.3.0 to the client (SPEC "Spool": never 250
 /// after a write or fsync error).
 #[derive(Debug)]
-pub enum SpoolError {
+pub(crate) enum SpoolError {
     /// Creating or opening one of the Maildir directories.
     Directory { path: PathBuf, source: io::Error },
     /// Creating the file in tmp/.
@@ -118,7 +118,7 @@ pub enum SpoolError {
 impl Maildir {
     /// Opens (creating as needed) the Maildir at `dir` and removes stale files from its tmp/.
     /// `hostname` is the last part of every unique file name.
-    pub fn open(dir: &Path, hostname: &str) -> Result<Maildir, SpoolError> {
+    pub(crate) fn open(dir: &Path, hostname: &str) -> Result<Maildir, SpoolError> {
         let tmp = dir.join("tmp");
         let new = dir.join("new");
         let created_root = create_dir(dir)?;
@@ -152,14 +152,14 @@ impl Maildir {
     }
 
     /// Counts write, fsync and rename failures and the bytes delivered into `metrics`.
-    pub fn with_metrics(mut self, metrics: std::sync::Arc<Metrics>) -> Self {
+    pub(crate) fn with_metrics(mut self, metrics: std::sync::Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
     }
 
     /// Refuses (`SpoolError::InsufficientSpace`) a message that would leave less than
     /// `min_free_mb` MiB free on the spool's filesystem; 0 = never.
-    pub fn with_min_free_mb(mut self, min_free_mb: u64) -> Self {
+    pub(crate) fn with_min_free_mb(mut self, min_free_mb: u64) -> Self {
         self.min_free = min_free_mb.saturating_mul(1024 * 1024);
         self
     }
@@ -198,7 +198,7 @@ impl Maildir {
 
     /// A guard that counts a panic (`heloguard_panics_total`) when dropped while unwinding,
     /// so a writer job that panics is counted whoever catches the panic.
-    pub fn panic_counter(&self) -> PanicCounter<'_> {
+    pub(crate) fn panic_counter(&self) -> PanicCounter<'_> {
         PanicCounter(self)
     }
 
@@ -210,14 +210,15 @@ impl Maildir {
 
     /// Writes `env` durably into new/ (see the module docs); returns the file's name in new/.
     /// The file is `maildir_prefix` followed by the message without the forged trace fields.
-    pub fn deliver(&self, env: &Envelope) -> Result<String, SpoolError> {
+    #[cfg(test)]
+    pub(crate) fn deliver(&self, env: &Envelope) -> Result<String, SpoolError> {
         one(self.deliver_all(&[env]))
     }
 
     /// `deliver` for several messages at once: each is written, fsync'd and renamed on its
     /// own, and one fsync of new/ then covers all the renames. A failure stays with its
     /// message; the results are in the order of `envs`.
-    pub fn deliver_all(&self, envs: &[&Envelope]) -> Vec<Result<String, SpoolError>> {
+    pub(crate) fn deliver_all(&self, envs: &[&Envelope]) -> Vec<Result<String, SpoolError>> {
         let prefixes: Vec<Vec<u8>> = envs.iter().map(|env| maildir_prefix(env)).collect();
         let parts: Vec<[&[u8]; 2]> = prefixes
             .iter()
@@ -236,12 +237,14 @@ impl Maildir {
     }
 
     /// Writes the concatenation of `parts` durably into new/ under a fresh unique name.
-    pub fn store(&self, parts: &[&[u8]]) -> Result<String, SpoolError> {
+    #[cfg(test)]
+    pub(crate) fn store(&self, parts: &[&[u8]]) -> Result<String, SpoolError> {
         one(self.store_all(&[parts]))
     }
 
     /// `store` for several messages, sharing the fsync of new/ as `deliver_all` does.
-    pub fn store_all(&self, messages: &[&[&[u8]]]) -> Vec<Result<String, SpoolError>> {
+    #[cfg(test)]
+    pub(crate) fn store_all(&self, messages: &[&[&[u8]]]) -> Vec<Result<String, SpoolError>> {
         let messages: Vec<Outgoing<'_>> = messages
             .iter()
             .map(|parts| Outgoing { parts, spill: None })
@@ -334,7 +337,7 @@ impl Maildir {
     /// Failures are logged, not fatal: a stale file costs disk space, not correctness. The
     /// modification time is used rather than maildir(5)'s access time, which relatime and
     /// noatime mounts do not keep up to date.
-    pub fn remove_stale_tmp(&self, now: SystemTime, max_age: Duration) -> usize {
+    pub(crate) fn remove_stale_tmp(&self, now: SystemTime, max_age: Duration) -> usize {
         let entries = match fs::read_dir(&self.tmp) {
             Ok(entries) => entries,
             Err(err) => {
@@ -407,6 +410,7 @@ fn copy_spill(file: &File, spill: Option<&dyn ContentSpill>) -> io::Result<()> {
 }
 
 /// The single result of a one-message batch (which always has one).
+#[cfg(test)]
 fn one(results: Vec<Result<String, SpoolError>>) -> Result<String, SpoolError> {
     results
         .into_iter()
@@ -416,12 +420,12 @@ fn one(results: Vec<Result<String, SpoolError>>) -> Result<String, SpoolError> {
 
 /// Free space for an unprivileged user on the filesystem holding `dir`, in MiB
 /// (HELOGUARD_MIN_FREE_MB: below it MAIL gets 452 4.3.1).
-pub fn free_space_mb(dir: &Path) -> io::Result<u64> {
+pub(crate) fn free_space_mb(dir: &Path) -> io::Result<u64> {
     Ok(free_space_bytes(dir)? / (1024 * 1024))
 }
 
 /// Free space for an unprivileged user on the filesystem holding `dir`, in octets.
-pub fn free_space_bytes(dir: &Path) -> io::Result<u64> {
+pub(crate) fn free_space_bytes(dir: &Path) -> io::Result<u64> {
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
     let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();

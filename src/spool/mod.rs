@@ -6,13 +6,11 @@
 //! writes on the spool writer threads; `spill` holds the content of messages still arriving in
 //! tmp/, past what a session keeps in memory.
 
-pub mod envelope;
-pub mod group_sync;
-pub mod maildir;
-pub mod spill;
-pub mod writer;
-
-pub use maildir::SpoolError;
+pub(crate) mod envelope;
+pub(crate) mod group_sync;
+pub(crate) mod maildir;
+pub(crate) mod spill;
+pub(crate) mod writer;
 
 /// A plain accepted message for the spool's unit tests: one recipient, a passing verdict;
 /// `content` goes through the header filter as the session's would.

@@ -29,7 +29,7 @@ const WRITE_BUFFER: usize = 8 * 1024;
 
 /// One spill file in tmp/; removed on drop.
 #[derive(Debug)]
-pub struct TmpSpill {
+pub(crate) struct TmpSpill {
     file: BufWriter<File>,
     path: PathBuf,
     len: u64,

@@ -35,11 +35,11 @@ use crate::spool::maildir::SpoolError;
 use crate::wake::LoopWaker;
 
 /// Most messages one writer delivers together.
-pub const MAX_BATCH: usize = 8;
+pub(crate) const MAX_BATCH: usize = 8;
 
 /// Jobs waiting for a writer at most. Each holds a whole message, so the bound is what keeps
 /// a disk slower than the clients from turning into memory.
-pub const JOB_QUEUE: usize = 1024;
+pub(crate) const JOB_QUEUE: usize = 1024;
 
 /// One message to write; `id` is the caller's, returned unchanged in `SpoolDone`.
 pub struct SpoolJob {
@@ -49,7 +49,7 @@ pub struct SpoolJob {
 
 /// The outcome of one `SpoolJob`: the file name in new/, or why it failed (451 4.3.0).
 #[derive(Debug)]
-pub struct SpoolDone {
+pub(crate) struct SpoolDone {
     pub id: u64,
     pub result: Result<String, SpoolError>,
 }
@@ -65,7 +65,7 @@ pub struct SpoolWriters {
 
 /// Starts `threads` writers (at least one) that deliver into `maildir`, send each result on
 /// `done` and then wake `waker`.
-pub fn spawn_writers(
+pub(crate) fn spawn_writers(
     maildir: Arc<Maildir>,
     threads: usize,
     done: Sender<SpoolDone>,

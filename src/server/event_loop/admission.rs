@@ -33,7 +33,7 @@ const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a connection was turned away by a limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// HELOGUARD_MAX_CONNECTIONS sessions are open.
     Total,
     /// HELOGUARD_MAX_CONNECTIONS_PER_IP sessions of this client are open.
@@ -43,14 +43,14 @@ pub enum Refusal {
 /// The connection limits and the per-client counts they are checked against. A limit of 0
 /// means unlimited.
 #[derive(Debug)]
-pub struct Admission {
+pub(crate) struct Admission {
     max_total: usize,
     max_per_client: usize,
     per_client: HashMap<ClientKey, usize>,
 }
 
 impl Admission {
-    pub fn new(max_total: usize, max_per_client: usize) -> Self {
+    pub(crate) fn new(max_total: usize, max_per_client: usize) -> Self {
         Admission {
             max_total,
             max_per_client,
@@ -59,7 +59,7 @@ impl Admission {
     }
 
     /// Whether one more connection fits beside the `open` ones.
-    pub fn has_room(&self, open: usize) -> Result<(), Refusal> {
+    pub(crate) fn has_room(&self, open: usize) -> Result<(), Refusal> {
         if self.max_total > 0 && open >= self.max_total {
             return Err(Refusal::Total);
         }
@@ -68,7 +68,7 @@ impl Admission {
 
     /// Counts one more session of `ip`'s client, or refuses it. The key returned is what
     /// [`Self::release`] takes when the session ends.
-    pub fn count(&mut self, ip: IpAddr) -> Result<ClientKey, Refusal> {
+    pub(crate) fn count(&mut self, ip: IpAddr) -> Result<ClientKey, Refusal> {
         let key = ClientKey::of(ip);
         let count = self.per_client.entry(key).or_insert(0);
         if self.max_per_client > 0 && *count >= self.max_per_client {
@@ -79,7 +79,7 @@ impl Admission {
     }
 
     /// A counted session ended.
-    pub fn release(&mut self, key: ClientKey) {
+    pub(crate) fn release(&mut self, key: ClientKey) {
         let Some(n) = self.per_client.get_mut(&key) else {
             return;
         };
@@ -92,7 +92,7 @@ impl Admission {
 
     /// Clients with at least one counted session.
     #[cfg(test)]
-    pub fn clients(&self) -> usize {
+    pub(crate) fn clients(&self) -> usize {
         self.per_client.len()
     }
 }

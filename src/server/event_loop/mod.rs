@@ -442,13 +442,13 @@ pub mod tests {
         }
 
         /// The id of the one open connection.
-        pub fn only_conn_id(&self) -> ConnId {
+        pub(crate) fn only_conn_id(&self) -> ConnId {
             let ids: Vec<ConnId> = self.server.conns.iter().map(|(_, c)| c.id).collect();
             assert_eq!(ids.len(), 1, "one connection is open");
             ids[0]
         }
 
-        pub fn pending_events(&self, id: ConnId) -> usize {
+        pub(crate) fn pending_events(&self, id: ConnId) -> usize {
             self.server
                 .conns
                 .get(id.slot())

@@ -60,7 +60,7 @@ impl NextHop {
 }
 
 /// What a client hears when the next hop cannot take its mail: try again later.
-pub fn next_hop_unavailable() -> Reply {
+pub(super) fn next_hop_unavailable() -> Reply {
     Reply::new(451, "4.4.1", "Next hop not available, try again later")
 }
 

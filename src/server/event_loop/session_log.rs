@@ -20,7 +20,7 @@ use crate::session::{AcceptedMessage, Ending, Observation, Refusal, Stage};
 const NOT_RUN: [&str; 4] = ["spf", "rhsbl", "dnsbl", "helo_churn"];
 
 /// `connect ...`, once the client's IP is known (after a PROXY header).
-pub fn log_connect(conn: &Conn, sid: u64) {
+pub(super) fn log_connect(conn: &Conn, sid: u64) {
     let listener = match conn.listener {
         ListenerKind::Plain => "plain",
         ListenerKind::Proxy => "proxy",
@@ -33,7 +33,7 @@ pub fn log_connect(conn: &Conn, sid: u64) {
 }
 
 /// The lines for what a session reported with its output, in the order it happened.
-pub fn log_observations(conn: &Conn, observations: &[Observation]) {
+pub(super) fn log_observations(conn: &Conn, observations: &[Observation]) {
     let Some(sid) = conn.state.session().map(|s| s.id()) else {
         return;
     };
@@ -111,7 +111,7 @@ fn log_accepted(conn: &Conn, sid: u64, message: &AcceptedMessage) {
 
 /// `session end ...` when the session is in the loop at the end; otherwise (refused before
 /// it started, or closed while it was at a worker) a debug line without session facts.
-pub fn log_session_end(conn: &Conn, why: &str) {
+pub(super) fn log_session_end(conn: &Conn, why: &str) {
     let duration = conn.started.elapsed().as_secs_f64();
     let Some(s) = conn.state.session().map(|s| s.summary()) else {
         debug!(

@@ -22,7 +22,7 @@ const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
 /// Where the server is between start and exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Lifecycle {
+pub(crate) enum Lifecycle {
     /// Accepting and serving.
     Running,
     /// A stop was requested: no new connections; open transactions may finish until
@@ -36,7 +36,7 @@ pub enum Lifecycle {
 
 /// What the loop must do after a lifecycle step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopStep {
+pub(crate) enum StopStep {
     /// Stop accepting, and tell every session the server is going away.
     BeginDraining,
     /// Nothing more to tell anyone: exit.
@@ -47,7 +47,7 @@ pub enum StopStep {
 
 impl Lifecycle {
     /// A stop was requested (SIGTERM, SIGINT): the first drains, any later one stops at once.
-    pub fn request_stop(&mut self, now: Instant, grace: Duration) -> StopStep {
+    pub(crate) fn request_stop(&mut self, now: Instant, grace: Duration) -> StopStep {
         match self {
             Lifecycle::Running => {
                 *self = Lifecycle::Draining {
@@ -63,7 +63,7 @@ impl Lifecycle {
     }
 
     /// The step due at `now`, if any, taken.
-    pub fn advance(&mut self, now: Instant) -> Option<StopStep> {
+    pub(crate) fn advance(&mut self, now: Instant) -> Option<StopStep> {
         match *self {
             Lifecycle::Draining { grace_ends } if grace_ends <= now => {
                 *self = Lifecycle::Flushing {
@@ -81,14 +81,14 @@ impl Lifecycle {
 
     /// Gives the final flush at least FINAL_FLUSH from `now`: a session held past the grace
     /// for its message's answer needs the time to send that answer and its 421.
-    pub fn extend_flush(&mut self, now: Instant) {
+    pub(crate) fn extend_flush(&mut self, now: Instant) {
         if let Lifecycle::Flushing { exit_at } = self {
             *exit_at = (*exit_at).max(now + FINAL_FLUSH);
         }
     }
 
     /// When [`Self::advance`] has something to do next.
-    pub fn deadline(&self) -> Option<Instant> {
+    pub(crate) fn deadline(&self) -> Option<Instant> {
         match *self {
             Lifecycle::Draining { grace_ends } => Some(grace_ends),
             Lifecycle::Flushing { exit_at } => Some(exit_at),
@@ -96,12 +96,12 @@ impl Lifecycle {
         }
     }
 
-    pub fn is_accepting(&self) -> bool {
+    pub(crate) fn is_accepting(&self) -> bool {
         matches!(self, Lifecycle::Running)
     }
 
     /// The loop is done: told to stop, or shutting down with no connection left.
-    pub fn is_over(&self, open_connections: usize) -> bool {
+    pub(crate) fn is_over(&self, open_connections: usize) -> bool {
         match self {
             Lifecycle::Running => false,
             Lifecycle::Stopped => true,

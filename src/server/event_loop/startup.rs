@@ -197,7 +197,7 @@ impl Server {
 }
 
 /// The one place a session is built, for the server and for tests alike.
-pub fn build_session(
+pub(crate) fn build_session(
     settings: Arc<SessionSettings>,
     client_ip: IpAddr,
     session_id: u64,
@@ -230,11 +230,11 @@ fn tls_acceptor(config: &Config) -> Result<Option<Arc<TlsAcceptor>>, StartError>
 }
 
 #[cfg(test)]
-pub mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A configuration for tests: nothing is looked up or written unless `extra` says so.
-    pub fn test_config(extra: &[(&str, &str)]) -> Config {
+    pub(crate) fn test_config(extra: &[(&str, &str)]) -> Config {
         let (config, _) = Config::from_lookup(|name| {
             if let Some((_, value)) = extra.iter().find(|(k, _)| *k == name) {
                 return Some(value.to_string());
@@ -252,7 +252,7 @@ pub mod tests {
         config
     }
 
-    pub fn test_session() -> Box<Session> {
+    pub(crate) fn test_session() -> Box<Session> {
         build_session(
             Arc::new(SessionSettings::from(&test_config(&[]))),
             "192.0.2.1".parse().expect("address"),

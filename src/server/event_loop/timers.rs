@@ -21,13 +21,13 @@ use crate::server::worker::OwnedEvent;
 use crate::spool::maildir;
 
 /// SPEC "Pregreet": 503 to everything until QUIT or 10 s, then close.
-pub const PREGREET_LINGER: Duration = Duration::from_secs(10);
+pub(super) const PREGREET_LINGER: Duration = Duration::from_secs(10);
 /// How often the spool's free space is measured against HELOGUARD_MIN_FREE_MB.
 const SPACE_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// What a timer does when it fires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum TimerKind {
+pub(crate) enum TimerKind {
     /// Something due for one connection.
     Conn(ConnId, ConnTimer),
     /// Measure the spool's free space.
@@ -40,7 +40,7 @@ pub enum TimerKind {
 
 /// A deadline of one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ConnTimer {
+pub(crate) enum ConnTimer {
     /// SPEC "PROXY protocol": the header must have arrived.
     ProxyHeader,
     /// HELOGUARD_GREET_DELAY_MS is over: greet, or refuse a pregreet.
@@ -55,24 +55,24 @@ pub enum ConnTimer {
 
 /// The pending deadlines, earliest first.
 #[derive(Debug, Default)]
-pub struct Timers {
+pub(crate) struct Timers {
     heap: BinaryHeap<Reverse<(Instant, TimerKind)>>,
 }
 
 impl Timers {
-    pub fn push(&mut self, at: Instant, kind: TimerKind) {
+    pub(crate) fn push(&mut self, at: Instant, kind: TimerKind) {
         self.heap.push(Reverse((at, kind)));
     }
 
     /// How long the loop may sleep: until the earliest deadline, or for ever without one.
-    pub fn timeout(&self, now: Instant) -> Option<Duration> {
+    pub(crate) fn timeout(&self, now: Instant) -> Option<Duration> {
         self.heap
             .peek()
             .map(|Reverse((at, _))| at.saturating_duration_since(now))
     }
 
     /// The earliest timer due at `now`, removed.
-    pub fn pop_due(&mut self, now: Instant) -> Option<TimerKind> {
+    pub(crate) fn pop_due(&mut self, now: Instant) -> Option<TimerKind> {
         match self.heap.peek() {
             Some(Reverse((at, _))) if *at <= now => self.heap.pop().map(|Reverse((_, k))| k),
             _ => None,
@@ -80,12 +80,12 @@ impl Timers {
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.heap.len()
     }
 
     #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.heap.is_empty()
     }
 }
