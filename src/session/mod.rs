@@ -31,6 +31,7 @@ use crate::protocol::data::BareLineFeed;
 use crate::protocol::reply::Reply;
 use crate::relay::XclientAttrs;
 
+mod data;
 mod delivery;
 mod identity;
 mod limits;
