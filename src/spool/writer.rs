@@ -190,7 +190,11 @@ fn run_writer<F>(
             if let Err(err) = &result {
                 log::error!("spool: message {} not written: {err}", job.id);
             }
-            report(done, waker, SpoolDone { id: job.id, result });
+            let SpoolJob { id, envelope } = job;
+            // The message's spill file in tmp/ goes before the client hears the answer, so a
+            // client that sees 250 finds nothing of its message left in tmp/.
+            drop(envelope);
+            report(done, waker, SpoolDone { id, result });
         }
     }
 }
