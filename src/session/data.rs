@@ -6,7 +6,7 @@ use crate::protocol::data::{DataDecoder, DataLimits, DataRefusal, Framing};
 use crate::protocol::reply::Reply;
 use crate::session::limits::DataRate;
 use crate::session::machine::{Session, Subject};
-use crate::session::state::{BdatChunk, InputMode, Park};
+use crate::session::state::{BdatChunk, InputMode, Park, content_decoder};
 use crate::session::{Now, Observation, Output, Stage};
 
 impl Session {
@@ -20,11 +20,7 @@ impl Session {
         let Some(tx) = self.tx.as_mut() else {
             return;
         };
-        let decoder = match &mut self.input_mode {
-            InputMode::Data(decoder) => Some(decoder),
-            _ => tx.chunks.as_mut(),
-        };
-        let Some(decoder) = decoder else {
+        let Some(decoder) = content_decoder(&mut self.input_mode, &mut tx.chunks) else {
             return;
         };
         if decoder.is_refused() {

@@ -23,7 +23,7 @@ use crate::relay::outbound::{Outbound, OutboundMessage};
 use crate::relay::{XclientAttrs, XclientName};
 use crate::session::limits::DataRate;
 use crate::session::machine::{Session, Subject};
-use crate::session::state::{BdatChunk, InputMode, Park, RelayPark, Transaction};
+use crate::session::state::{BdatChunk, InputMode, Park, RelayPark, Transaction, content_decoder};
 use crate::session::{
     AcceptedMessage, DeliveryMode, Now, Observation, Output, SessionAction, Stage,
 };
@@ -204,11 +204,7 @@ impl Session {
         let Some(message) = tx.relay.as_mut() else {
             return;
         };
-        let decoder = match &mut self.input_mode {
-            InputMode::Data(decoder) => Some(decoder),
-            _ => tx.chunks.as_mut(),
-        };
-        let Some(decoder) = decoder else {
+        let Some(decoder) = content_decoder(&mut self.input_mode, &mut tx.chunks) else {
             return;
         };
         if decoder.is_refused() {

@@ -135,6 +135,18 @@ impl Transaction {
     }
 }
 
+/// The decoder of the message being received: DATA's own, or the transaction's BDAT decoder
+/// that every chunk feeds.
+pub(crate) fn content_decoder<'a>(
+    mode: &'a mut InputMode,
+    chunks: &'a mut Option<DataDecoder>,
+) -> Option<&'a mut DataDecoder> {
+    match mode {
+        InputMode::Data(decoder) => Some(decoder),
+        _ => chunks.as_mut(),
+    }
+}
+
 /// How the next input bytes are read.
 #[derive(Debug)]
 pub(crate) enum InputMode {
