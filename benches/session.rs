@@ -29,6 +29,7 @@ fn settings() -> SessionSettings {
         reject_at: RejectAt::Rcpt,
         bare_line_feed: BareLineFeed::Normalize,
         delivery: DeliveryMode::Maildir,
+        sender_checks: Default::default(),
     }
 }
 

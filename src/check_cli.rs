@@ -4,6 +4,7 @@
 //!
 //! Exit codes (SPEC "Running it"): 0 pass, 1 fail, 2 temperror or usage error.
 
+use crate::helo::sender::SenderFacts;
 use std::fmt;
 use std::io::Write;
 use std::net::IpAddr;
@@ -141,6 +142,7 @@ pub fn run(args: &[String], config: &Config) -> i32 {
         &input,
         helo_addrs.as_ref(),
         reverse.as_ref(),
+        &SenderFacts::default(),
         &config.helo_policy,
         &config.helo_allow,
     );

@@ -380,7 +380,9 @@ fn after(
     wire.extend_from_slice(&out.bytes);
     for action in out.actions {
         match action {
-            SessionAction::HeloAccepted { generation, lookup } => {
+            SessionAction::HeloAccepted {
+                generation, lookup, ..
+            } => {
                 if let Some(name) = lookup {
                     let addrs = if name.len() % 2 == 0 {
                         Lookup::Found(vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))])
@@ -403,6 +405,16 @@ fn after(
                     "message without recipients"
                 );
                 pending.push(Event::Delivered(DeliveryOutcome::Accepted));
+            }
+            SessionAction::Greylist(triplet) => {
+                let outcome = if triplet.recipient.len() % 2 == 0 {
+                    crate::greylist::GreylistOutcome::Passed
+                } else {
+                    crate::greylist::GreylistOutcome::New {
+                        retry_after: std::time::Duration::from_secs(300),
+                    }
+                };
+                pending.push(Event::Greylist(outcome));
             }
             SessionAction::StartTls => {
                 // RFC 3207 4.2: the loop discards what was read before the handshake.

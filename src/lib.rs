@@ -25,6 +25,7 @@ pub mod check_cli;
 pub mod config;
 pub mod dns;
 pub mod fuzzing;
+pub mod greylist;
 pub mod helo;
 pub(crate) mod logfmt;
 pub mod logging;

@@ -47,6 +47,7 @@ pub const CHECKS: [&str; 15] = [
 
 const SYNTAX: usize = 0;
 const DNSBL: usize = 13;
+const SPF: usize = 11;
 
 /// How many HELO names and client networks the report lists.
 const TOP: usize = 10;
@@ -133,7 +134,8 @@ pub struct Policy {
 impl Policy {
     /// Parses `default=tag,fqdn=reject,...` as HELOGUARD_HELO_POLICY is parsed: items
     /// separated by commas, blanks ignored, case-insensitive; a check not named takes
-    /// `default` (itself `tag`), except `syntax`, which stays `reject` unless named.
+    /// `default` (itself `tag`), except `syntax`, which stays `reject` unless named, and `spf`,
+    /// which stays `off` unless named.
     pub fn parse(spec: &str) -> Result<Self, PolicyError> {
         let mut default = None;
         let mut explicit: [Option<Action>; 15] = [None; 15];
@@ -160,6 +162,8 @@ impl Policy {
         let default = default.unwrap_or(Action::Tag);
         let mut actions = explicit.map(|a| a.unwrap_or(default));
         actions[SYNTAX] = explicit[SYNTAX].unwrap_or(Action::Reject);
+        // As the server's: spf runs only when named.
+        actions[SPF] = explicit[SPF].unwrap_or(Action::Off);
         Ok(Self { actions })
     }
 
@@ -765,9 +769,9 @@ mod tests {
     }
 
     #[test]
-    fn the_first_eleven_checks_are_the_servers() {
+    fn the_checks_are_the_servers() {
         let names: Vec<&str> = Check::ALL.iter().map(|c| c.name()).collect();
-        assert_eq!(names, CHECKS[..11]);
+        assert_eq!(names, CHECKS);
         assert_eq!(CHECKS[DNSBL], "dnsbl");
     }
 

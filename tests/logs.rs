@@ -332,10 +332,10 @@ fn a_starttls_session_has_one_verdict_and_counts_once() {
         3,
         "{metrics}"
     );
-    // The eleven checks this server runs, once per verdict.
+    // The fifteen checks, once per verdict.
     assert_eq!(
         total(&metrics, "heloguard_helo_checks_total"),
-        33,
+        45,
         "{metrics}"
     );
 }

@@ -49,7 +49,7 @@ const SPEC_VARIABLES: &[&str] = &[
 ];
 
 /// The 11 HELO checks of SPEC, in header order.
-const CHECKS: [&str; 11] = [
+const CHECKS: [&str; 15] = [
     "syntax",
     "bare_ip",
     "fqdn",
@@ -61,6 +61,10 @@ const CHECKS: [&str; 11] = [
     "fcrdns",
     "rdns_match",
     "dynamic",
+    "spf",
+    "rhsbl",
+    "dnsbl",
+    "helo_churn",
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -306,7 +310,7 @@ fn metrics_count_a_known_dialogue_exactly() {
         "{text}"
     );
 
-    // One verdict per session (each EHLO before a DATA), 11 check results per verdict.
+    // One verdict per session (each EHLO before a DATA), 15 check results per verdict.
     let verdict_lines = s.log().matches("helo verdict ").count();
     assert_eq!(verdict_lines, 2, "{}", s.log());
     assert_eq!(
@@ -316,7 +320,7 @@ fn metrics_count_a_known_dialogue_exactly() {
     );
     assert_eq!(
         sum_of(&text, "heloguard_helo_checks_total", &[]),
-        22.0,
+        30.0,
         "{text}"
     );
     for check in CHECKS {

@@ -21,7 +21,7 @@ use std::time::Duration;
 use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt, parse_allow_list};
 use crate::net::Cidr;
 use crate::protocol::data::BareLineFeed;
-use crate::session::{DeliveryMode, SessionSettings};
+use crate::session::{DeliveryMode, SenderChecks, SessionSettings};
 
 mod values;
 mod variables;
@@ -135,6 +135,7 @@ impl From<&Config> for SessionSettings {
                     DeliveryMode::LmtpRelay
                 }
             },
+            sender_checks: SenderChecks::default(),
         }
     }
 }

@@ -175,6 +175,10 @@ pub enum QueryType {
     A,
     Aaaa,
     Ptr,
+    /// SPF records.
+    Txt,
+    /// SPF `mx` mechanisms.
+    Mx,
 }
 
 /// Outcome of a single query, for metrics (SPEC: ok, nxdomain, nodata, servfail, timeout, error).

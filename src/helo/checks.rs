@@ -1,4 +1,6 @@
-//! The eleven HELO checks of SPEC.md, one pure function each.
+//! The fifteen HELO checks of SPEC.md, one pure function each: the eleven on the name and
+//! the four on the sender (spf, rhsbl, dnsbl, helo_churn), which read the facts the resolver
+//! and the state store found ([`SenderFacts`]).
 //!
 //! Contract: every check maps the parsed HELO argument, the canonical client IP and the DNS
 //! facts known so far to a [`CheckResult`]. No I/O, no configuration lookups. DNS outcomes
@@ -11,8 +13,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::dns::{Lookup, PtrName, ReverseFacts};
-use crate::helo::CheckResult;
 use crate::helo::dynamic::looks_dynamic;
+use crate::helo::sender::{
+    ChurnOutcome, DnsblOutcome, RhsblOutcome, SenderFacts, SenderPolicy, SpfOutcome, SpfResult,
+};
+use crate::helo::{CHECKS, CheckResult};
 use crate::net::{canonical_ip, is_local};
 
 /// The identity under judgement and the server's own names.
@@ -119,12 +124,14 @@ pub fn name_key(name: &str) -> String {
     name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
-/// Runs the eleven checks in [`crate::helo::Check`] order.
+/// Runs the fifteen checks in [`crate::helo::Check`] order.
 pub fn run_all(
     input: &CheckInput,
     helo_addrs: Option<&Lookup<Vec<IpAddr>>>,
     reverse: Option<&ReverseFacts>,
-) -> [CheckResult; 11] {
+    sender: &SenderFacts,
+    lists: &SenderPolicy,
+) -> [CheckResult; CHECKS] {
     let arg = parse_helo(input.helo);
     let ip = canonical_ip(input.client_ip);
     let forward_result = forward(&arg, helo_addrs);
@@ -141,7 +148,94 @@ pub fn run_all(
         fcrdns_result,
         rdns_match(&arg, ip, fcrdns_result, reverse),
         dynamic(&arg, ip, reverse),
+        spf(input, &arg, sender.spf.as_ref()),
+        rhsbl(
+            &arg,
+            ip,
+            lists,
+            confirmed_ptr(reverse, ip).is_some(),
+            sender.rhsbl.as_ref(),
+        ),
+        dnsbl(ip, lists, sender.dnsbl.as_ref()),
+        helo_churn(ip, lists, sender.churn),
     ]
+}
+
+/// Whether SPF applies to this identity (SPEC: not for a literal, a bare IP, a name that is
+/// not an FQDN, a failed syntax or a local client).
+pub fn spf_applies(input: &CheckInput, arg: &HeloArg) -> bool {
+    arg.domain().is_some() && fqdn(arg) == CheckResult::Pass && !is_local(input.client_ip)
+}
+
+/// spf: fails when the HELO name's SPF policy gives `fail` (RFC 7208 2.3); `temperror` on a
+/// DNS error or when no result came; `none` for none, neutral, softfail and permerror, and
+/// where SPF does not apply.
+pub fn spf(input: &CheckInput, arg: &HeloArg, outcome: Option<&SpfOutcome>) -> CheckResult {
+    if !spf_applies(input, arg) {
+        return CheckResult::None;
+    }
+    match outcome.map(|o| o.result) {
+        None | Some(SpfResult::TempError) => CheckResult::TempError,
+        Some(SpfResult::Pass) => CheckResult::Pass,
+        Some(SpfResult::Fail) => CheckResult::Fail,
+        Some(SpfResult::None | SpfResult::Neutral | SpfResult::SoftFail | SpfResult::PermError) => {
+            CheckResult::None
+        }
+    }
+}
+
+/// rhsbl: fails when a registered domain of the HELO name or of the confirmed PTR name is
+/// listed. A zone that did not answer counts as not listing, so this is never `temperror`.
+pub fn rhsbl(
+    arg: &HeloArg,
+    client_ip: IpAddr,
+    lists: &SenderPolicy,
+    has_confirmed_ptr: bool,
+    outcome: Option<&RhsblOutcome>,
+) -> CheckResult {
+    let has_name = arg.domain().is_some() || has_confirmed_ptr;
+    if !lists.rhsbl || is_local(client_ip) || !has_name {
+        return CheckResult::None;
+    }
+    match outcome {
+        Some(o) if !o.hits.is_empty() => CheckResult::Fail,
+        _ => CheckResult::Pass,
+    }
+}
+
+/// dnsbl: fails when the client's combined score reaches HELOGUARD_DNSBL_THRESHOLD. A zone
+/// that did not answer counts as not listing, so this is never `temperror`.
+pub fn dnsbl(
+    client_ip: IpAddr,
+    lists: &SenderPolicy,
+    outcome: Option<&DnsblOutcome>,
+) -> CheckResult {
+    if !lists.dnsbl || is_local(client_ip) {
+        return CheckResult::None;
+    }
+    let score = outcome.map_or(0, |o| o.score);
+    if score >= lists.dnsbl_threshold {
+        CheckResult::Fail
+    } else {
+        CheckResult::Pass
+    }
+}
+
+/// helo_churn: fails when the client presented more than HELOGUARD_HELO_CHURN distinct names
+/// within the last hour; `none` when the store could not say (it fails open).
+pub fn helo_churn(
+    client_ip: IpAddr,
+    lists: &SenderPolicy,
+    outcome: Option<ChurnOutcome>,
+) -> CheckResult {
+    if lists.helo_churn == 0 || is_local(client_ip) {
+        return CheckResult::None;
+    }
+    match outcome {
+        Some(ChurnOutcome::DistinctNames(n)) if n > lists.helo_churn => CheckResult::Fail,
+        Some(ChurnOutcome::DistinctNames(_)) => CheckResult::Pass,
+        None | Some(ChurnOutcome::Unavailable) => CheckResult::None,
+    }
 }
 
 /// syntax: fails when the argument is neither a domain, an address literal nor a bare IP.
@@ -755,15 +849,19 @@ mod tests {
         };
         let addrs = found(&["192.0.2.1"]);
         let facts = reverse(vec![ptr("out.example.com", found(&["192.0.2.1"]))]);
-        let got = run_all(&input, Some(&addrs), Some(&facts));
+        // No sender facts; lists not set; the store never answered.
+        let none = SenderFacts::default();
+        let lists = SenderPolicy::default();
+        let got = run_all(&input, Some(&addrs), Some(&facts), &none, &lists);
         assert_eq!(
             got,
             [
-                Pass, Pass, Pass, Pass, Pass, NoneR, Pass, Pass, Pass, Pass, Pass
+                Pass, Pass, Pass, Pass, Pass, NoneR, Pass, Pass, Pass, Pass, Pass, TempError,
+                NoneR, NoneR, NoneR
             ]
         );
 
-        let got = run_all(&input, None, None);
+        let got = run_all(&input, None, None, &none, &lists);
         assert_eq!(got[Check::Forward.index()], TempError);
         assert_eq!(got[Check::ForwardMatch.index()], TempError);
         assert_eq!(got[Check::Localhost.index()], TempError);
@@ -781,11 +879,14 @@ mod tests {
             Some(&ReverseFacts {
                 ptr: Lookup::NxDomain,
             }),
+            &none,
+            &lists,
         );
         assert_eq!(
             got,
             [
-                Fail, NoneR, NoneR, NoneR, NoneR, NoneR, NoneR, NoneR, Fail, NoneR, NoneR
+                Fail, NoneR, NoneR, NoneR, NoneR, NoneR, NoneR, NoneR, Fail, NoneR, NoneR, NoneR,
+                NoneR, NoneR, NoneR
             ]
         );
 
@@ -800,11 +901,14 @@ mod tests {
             Some(&ReverseFacts {
                 ptr: Lookup::NoData,
             }),
+            &none,
+            &lists,
         );
         assert_eq!(
             got,
             [
-                Pass, Pass, NoneR, Pass, NoneR, Pass, NoneR, NoneR, Fail, NoneR, NoneR
+                Pass, Pass, NoneR, Pass, NoneR, Pass, NoneR, NoneR, Fail, NoneR, NoneR, NoneR,
+                NoneR, NoneR, NoneR
             ]
         );
     }

@@ -1,5 +1,6 @@
-//! HELO/EHLO identity checks: eleven pure checks over the client IP, the HELO argument, the
-//! server's own names and DNS facts; the per-check policy; the verdict; the trace headers.
+//! HELO/EHLO identity checks: fifteen pure checks over the client IP, the HELO argument, the
+//! server's own names, DNS facts and the sender facts (SPF, lists, HELO history); the
+//! per-check policy; the verdict; the trace headers.
 //!
 //! Nothing here does I/O. DNS facts come in from `crate::dns`; the session decides when to
 //! evaluate. See SPEC.md "HELO checks" for the exact table implemented by `checks`.
@@ -8,12 +9,13 @@ pub mod checks;
 pub mod dynamic;
 pub mod policy;
 pub mod report;
+pub mod sender;
 pub mod trace;
 pub mod verdict;
 
 use std::fmt;
 
-/// The eleven checks, in the order SPEC fixes for the X-HELO-Check header.
+/// The fifteen checks, in the order SPEC fixes for the X-HELO-Check header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Check {
     Syntax,
@@ -27,10 +29,17 @@ pub enum Check {
     Fcrdns,
     RdnsMatch,
     Dynamic,
+    Spf,
+    Rhsbl,
+    Dnsbl,
+    HeloChurn,
 }
 
+/// How many checks there are: the length of every per-check array.
+pub const CHECKS: usize = 15;
+
 impl Check {
-    pub const ALL: [Check; 11] = [
+    pub const ALL: [Check; CHECKS] = [
         Check::Syntax,
         Check::BareIp,
         Check::Fqdn,
@@ -42,6 +51,10 @@ impl Check {
         Check::Fcrdns,
         Check::RdnsMatch,
         Check::Dynamic,
+        Check::Spf,
+        Check::Rhsbl,
+        Check::Dnsbl,
+        Check::HeloChurn,
     ];
 
     /// The name used in HELOGUARD_HELO_POLICY, headers, logs and metrics.
@@ -58,6 +71,10 @@ impl Check {
             Check::Fcrdns => "fcrdns",
             Check::RdnsMatch => "rdns_match",
             Check::Dynamic => "dynamic",
+            Check::Spf => "spf",
+            Check::Rhsbl => "rhsbl",
+            Check::Dnsbl => "dnsbl",
+            Check::HeloChurn => "helo_churn",
         }
     }
 
@@ -96,6 +113,7 @@ pub enum Action {
     Off,
     Log,
     Tag,
+    Greylist,
     Defer,
     Reject,
 }
@@ -106,6 +124,7 @@ impl Action {
             Action::Off => "off",
             Action::Log => "log",
             Action::Tag => "tag",
+            Action::Greylist => "greylist",
             Action::Defer => "defer",
             Action::Reject => "reject",
         }

@@ -1,13 +1,17 @@
 //! HELOGUARD_HELO_POLICY, HELOGUARD_HELO_ALLOW and HELOGUARD_REJECT_AT, and the verdict they
-//! give over the eleven check results.
+//! give over the fifteen check results.
 //!
 //! Policy string rules (`default=tag,localhost=reject,...`): items are `KEY=ACTION`, separated
 //! by commas, blanks around items ignored, keys and actions case-insensitive. KEY is `default`
-//! or a check name; ACTION is off, log, tag, defer or reject. A key given twice, an unknown
+//! or a check name; ACTION is off, log, tag, greylist, defer or reject. A key given twice, an unknown
 //! key or action, or an item without `=` is a [`PolicyError`] naming it. An empty string is
 //! the default policy. A check not named takes `default` (itself `tag` unless given), except
 //! `syntax`, which stays `reject` unless named: `default=log` is a dry run of the DNS checks
-//! that still refuses unparsable HELOs, as SPEC's default `default=tag,syntax=reject` does.
+//! that still refuses unparsable HELOs, as SPEC's default `default=tag,syntax=reject` does;
+//! and `spf`, which stays `off` unless named: it is the one check that sends queries to the
+//! client's own DNS for every session, so an operator turns it on by name (`spf=tag`). The
+//! lists (dnsbl, rhsbl) take `default` and are switched on by naming zones; helo_churn takes
+//! `default` and is switched off by HELOGUARD_HELO_CHURN=0.
 //!
 //! Verdict (SPEC "HELO checks"): an allow-list match skips every check. Otherwise `off`
 //! checks are not counted at all, `log` checks are measured but shown `none` and left out of
@@ -20,18 +24,21 @@ use std::net::IpAddr;
 
 use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::checks::{self, CheckInput};
+pub use crate::helo::sender::SenderPolicy;
+use crate::helo::sender::{ListHit, SenderFacts};
 use crate::helo::trace::sanitize_helo;
-use crate::helo::{Action, Check, CheckResult, VerdictKind};
+use crate::helo::{Action, CHECKS, Check, CheckResult, VerdictKind};
 // The verdict types live in `verdict` so `trace` can format them without importing the
 // policy; these paths stay for the callers that name them here.
 pub use crate::helo::verdict::{Decision, HeloVerdict, IprevResult};
 use crate::net::{Cidr, canonical_ip};
 use crate::protocol::reply::Reply;
 
-/// One action per check (HELOGUARD_HELO_POLICY).
+/// One action per check (HELOGUARD_HELO_POLICY), and the sender checks' limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeloPolicy {
-    actions: [Action; 11],
+    actions: [Action; CHECKS],
+    pub sender: SenderPolicy,
 }
 
 /// Where HELO refusals are answered (HELOGUARD_REJECT_AT).
@@ -66,7 +73,7 @@ impl HeloPolicy {
     /// `tag` unless given; `syntax` is `reject` unless given.
     pub fn parse(spec: &str) -> Result<Self, PolicyError> {
         let mut default = None;
-        let mut explicit: [Option<Action>; 11] = [None; 11];
+        let mut explicit: [Option<Action>; CHECKS] = [None; CHECKS];
         for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (key, action) = parse_item(item)?;
             let slot = match key {
@@ -82,15 +89,19 @@ impl HeloPolicy {
             *slot = Some(action);
         }
         let default = default.unwrap_or(Action::Tag);
-        let mut actions = [default; 11];
+        let mut actions = [default; CHECKS];
         for check in Check::ALL {
             let fallback = match check {
                 Check::Syntax => Action::Reject,
+                Check::Spf => Action::Off,
                 _ => default,
             };
             actions[check.index()] = explicit[check.index()].unwrap_or(fallback);
         }
-        Ok(Self { actions })
+        Ok(Self {
+            actions,
+            sender: SenderPolicy::default(),
+        })
     }
 
     pub fn action(&self, check: Check) -> Action {
@@ -107,9 +118,13 @@ impl HeloPolicy {
 impl Default for HeloPolicy {
     /// `default=tag,syntax=reject`.
     fn default() -> Self {
-        let mut actions = [Action::Tag; 11];
+        let mut actions = [Action::Tag; CHECKS];
         actions[Check::Syntax.index()] = Action::Reject;
-        Self { actions }
+        actions[Check::Spf.index()] = Action::Off;
+        Self {
+            actions,
+            sender: SenderPolicy::default(),
+        }
     }
 }
 
@@ -162,10 +177,11 @@ fn parse_action(text: &str) -> Result<Action, PolicyError> {
         "off" => Ok(Action::Off),
         "log" => Ok(Action::Log),
         "tag" => Ok(Action::Tag),
+        "greylist" => Ok(Action::Greylist),
         "defer" => Ok(Action::Defer),
         "reject" => Ok(Action::Reject),
         _ => Err(PolicyError(format!(
-            "unknown HELO action `{text}` (expected off, log, tag, defer or reject)"
+            "unknown HELO action `{text}` (expected off, log, tag, greylist, defer or reject)"
         ))),
     }
 }
@@ -317,6 +333,12 @@ pub const fn rule_text(check: Check) -> &'static str {
             "the HELO or PTR name looks like a dynamic address pool: \
              send through your provider's relay or use a static name"
         }
+        Check::Spf => "RFC 7208 2.3: the SPF policy of the HELO name does not allow this client",
+        Check::Rhsbl => "the domain of the HELO or PTR name is on a domain block list",
+        Check::Dnsbl => "the client IP is on DNS block lists",
+        Check::HeloChurn => {
+            "this client presented too many different HELO names within the last hour"
+        }
     }
 }
 
@@ -335,67 +357,112 @@ pub fn syntax_refusal(helo: &str) -> Reply {
 }
 
 /// Runs the checks over the facts known and applies policy and allow list. Facts still
-/// missing (`None`) when this is called give `temperror`: call it when every fact is in or
-/// the verdict deadline has passed.
+/// missing (`None`) when this is called give `temperror` (the lists: not listing; the state
+/// store: `none`): call it when every fact is in or the verdict deadline has passed.
 pub fn decide(
     input: &CheckInput<'_>,
     helo_addrs: Option<&crate::dns::Lookup<Vec<std::net::IpAddr>>>,
     reverse: Option<&ReverseFacts>,
+    sender: &SenderFacts,
     policy: &HeloPolicy,
     allow: &[AllowEntry],
 ) -> HeloVerdict {
     let client_ip = canonical_ip(input.client_ip);
     let ptr = checks::confirmed_ptr(reverse, client_ip);
     let iprev = IprevResult::of(reverse, client_ip);
+    let lists = &policy.sender;
+    let listed: Vec<ListHit> = sender
+        .dnsbl
+        .as_ref()
+        .map(|d| d.hits.clone())
+        .unwrap_or_default();
+    let dnswl: Vec<ListHit> = listed.iter().filter(|h| h.weight < 0).cloned().collect();
     if let Some(entry) = allow.iter().find(|e| e.matches(client_ip, ptr.as_deref())) {
-        return allowed_verdict(entry, ptr, iprev);
+        return allowed_verdict(entry.to_string(), ptr, iprev, lists, Vec::new(), 0);
     }
-    let results = checks::run_all(input, helo_addrs, reverse);
+    let score = sender.dnsbl.as_ref().map_or(0, |d| d.score);
+    if lists.dnswl_threshold < 0
+        && policy.action(Check::Dnsbl) != Action::Off
+        && score <= lists.dnswl_threshold
+        && let Some(first) = dnswl.first()
+    {
+        // SPEC HELOGUARD_DNSWL_THRESHOLD: allowed as HELOGUARD_HELO_ALLOW allows, shown with
+        // the first matching negative-weight entry's zone.
+        let entry = format!("dnswl:{}", first.zone);
+        return allowed_verdict(entry, ptr, iprev, lists, dnswl, score);
+    }
+    let results = checks::run_all(input, helo_addrs, reverse, sender, lists);
     let measured = mask(&results, policy, |a| a == Action::Off);
     let shown = mask(&results, policy, |a| a <= Action::Log);
     let failed: Vec<Check> = Check::ALL
         .into_iter()
         .filter(|c| shown[c.index()] == CheckResult::Fail)
         .collect();
-    let action = failed
+    let decision = decision(input.helo, &shown, &failed, policy);
+    let strongest_failed = failed
         .iter()
         .map(|c| policy.action(*c))
         .max()
         .unwrap_or(Action::Off);
+    // SPEC: the verdict's action label is the action taken (`defer` for a 451 4.4.3).
+    let action = match &decision {
+        Decision::Refuse(reply) if reply.code == 451 => strongest_failed.max(Action::Defer),
+        Decision::Greylist => strongest_failed.max(Action::Greylist),
+        _ => strongest_failed,
+    };
+    // SPEC: A-R carries SPF's own result when spf ran under tag or stronger on a name SPF
+    // applies to (its check is then not `none` for that reason alone: see `checks::spf`).
+    let spf_shown = policy.action(Check::Spf) >= Action::Tag
+        && checks::spf_applies(input, &checks::parse_helo(input.helo));
     HeloVerdict {
         kind: verdict_kind(&shown, &failed),
         shown,
         measured,
         action,
-        decision: decision(input.helo, &shown, &failed, policy),
+        decision,
         failed,
         allowed_by: None,
         ptr,
         iprev,
+        dnsbl_score: lists.dnsbl.then_some(score),
+        spf: sender.spf.clone().filter(|_| spf_shown),
+        dnswl,
+        listed,
     }
 }
 
 /// SPEC: an allowed client skips every check; verdict pass, every check `none`.
-fn allowed_verdict(entry: &AllowEntry, ptr: Option<String>, iprev: IprevResult) -> HeloVerdict {
+fn allowed_verdict(
+    allowed_by: String,
+    ptr: Option<String>,
+    iprev: IprevResult,
+    lists: &SenderPolicy,
+    dnswl: Vec<ListHit>,
+    score: i64,
+) -> HeloVerdict {
     HeloVerdict {
         kind: VerdictKind::Pass,
-        shown: [CheckResult::None; 11],
-        measured: [CheckResult::None; 11],
+        shown: [CheckResult::None; CHECKS],
+        measured: [CheckResult::None; CHECKS],
         action: Action::Off,
         failed: Vec::new(),
-        allowed_by: Some(entry.to_string()),
+        allowed_by: Some(allowed_by),
         ptr,
         iprev,
         decision: Decision::Accept,
+        dnsbl_score: lists.dnsbl.then_some(score),
+        spf: None,
+        listed: dnswl.clone(),
+        dnswl,
     }
 }
 
 /// The results with `none` for every check whose action is hidden by `hide`.
 fn mask(
-    results: &[CheckResult; 11],
+    results: &[CheckResult; CHECKS],
     policy: &HeloPolicy,
     hide: impl Fn(Action) -> bool,
-) -> [CheckResult; 11] {
+) -> [CheckResult; CHECKS] {
     let mut out = *results;
     for check in Check::ALL {
         if hide(policy.action(check)) {
@@ -405,7 +472,7 @@ fn mask(
     out
 }
 
-fn verdict_kind(shown: &[CheckResult; 11], failed: &[Check]) -> VerdictKind {
+fn verdict_kind(shown: &[CheckResult; CHECKS], failed: &[Check]) -> VerdictKind {
     if !failed.is_empty() {
         VerdictKind::Fail
     } else if shown.contains(&CheckResult::TempError) {
@@ -419,7 +486,7 @@ fn verdict_kind(shown: &[CheckResult; 11], failed: &[Check]) -> VerdictKind {
 /// or reject defers (451 4.4.3, never 5xx: the DNS may answer next time).
 fn decision(
     helo: &str,
-    shown: &[CheckResult; 11],
+    shown: &[CheckResult; CHECKS],
     failed: &[Check],
     policy: &HeloPolicy,
 ) -> Decision {
@@ -446,6 +513,14 @@ fn decision(
         .collect();
     if !undecided.is_empty() {
         return Decision::Refuse(undecided_reply(&name, &undecided));
+    }
+    // SPEC: a temperror under `greylist` greylists as a fail does.
+    let greylisted = Check::ALL.into_iter().any(|c| {
+        policy.action(c) == Action::Greylist
+            && matches!(shown[c.index()], CheckResult::Fail | CheckResult::TempError)
+    });
+    if greylisted {
+        return Decision::Greylist;
     }
     Decision::Accept
 }
@@ -520,8 +595,13 @@ mod tests {
         assert_eq!(
             policy("default=log,dynamic=reject").to_string(),
             "syntax=reject,bare_ip=log,fqdn=log,localhost=log,own_name=log,literal_match=log,\
-             forward=log,forward_match=log,fcrdns=log,rdns_match=log,dynamic=reject"
+             forward=log,forward_match=log,fcrdns=log,rdns_match=log,dynamic=reject,spf=off,\
+             rhsbl=log,dnsbl=log,helo_churn=log"
         );
+        // spf stays off unless named; the other sender checks take `default`.
+        assert_eq!(policy("default=reject").action(Check::Spf), Action::Off);
+        assert_eq!(policy("spf=greylist").action(Check::Spf), Action::Greylist);
+        assert_eq!(policy("default=defer").action(Check::Dnsbl), Action::Defer);
         let round = policy("default=defer,rdns_match=off");
         assert_eq!(policy(&round.to_string()), round);
     }
@@ -529,7 +609,7 @@ mod tests {
     #[test]
     fn policy_errors_name_the_bad_part() {
         assert!(err("default=block").contains("`block`"));
-        assert!(err("spf=reject").contains("`spf`"));
+        assert!(err("spam=reject").contains("`spam`"));
         assert!(err("default=tag,localhost").contains("`localhost`"));
         assert!(err("fqdn=tag,fqdn=reject").contains("`fqdn` is given twice"));
         assert!(err("default=tag,default=log").contains("`default`"));
@@ -625,13 +705,20 @@ mod tests {
             domains: &domains,
         };
         let allow = parse_allow_list(allow_spec).expect("allow list");
-        decide(&input, addrs, reverse, &policy(policy_spec), &allow)
+        decide(
+            &input,
+            addrs,
+            reverse,
+            &SenderFacts::default(),
+            &policy(policy_spec),
+            &allow,
+        )
     }
 
     fn refusal_of(v: &HeloVerdict) -> &Reply {
         match &v.decision {
             Decision::Refuse(reply) => reply,
-            Decision::Accept => panic!("expected a refusal, got {v:?}"),
+            Decision::Accept | Decision::Greylist => panic!("expected a refusal, got {v:?}"),
         }
     }
 
@@ -665,8 +752,8 @@ mod tests {
         );
         assert_eq!(v.kind, VerdictKind::Pass);
         assert_eq!(v.allowed_by.as_deref(), Some("192.0.2.1"));
-        assert_eq!(v.shown, [CheckResult::None; 11]);
-        assert_eq!(v.measured, [CheckResult::None; 11]);
+        assert_eq!(v.shown, [CheckResult::None; CHECKS]);
+        assert_eq!(v.measured, [CheckResult::None; CHECKS]);
         assert_eq!(v.decision, Decision::Accept);
         assert_eq!(v.iprev, IprevResult::TempError);
 
@@ -787,7 +874,8 @@ mod tests {
             "",
         );
         assert_eq!(v.kind, VerdictKind::TempError);
-        assert_eq!(v.action, Action::Off);
+        // SPEC: the action label is the action taken, `defer` for a 451 4.4.3.
+        assert_eq!(v.action, Action::Defer);
         assert_eq!(
             refusal_of(&v),
             &Reply::new(
@@ -804,7 +892,7 @@ mod tests {
         // A failed tag check makes the verdict fail, and the temperror under defer still defers.
         let v = run("mailhost", None, Some(&rev), "forward=defer", "");
         assert_eq!(v.kind, VerdictKind::Fail);
-        assert_eq!(v.action, Action::Tag);
+        assert_eq!(v.action, Action::Defer);
         assert_eq!(refusal_of(&v).code, 451);
         // A failed defer check wins over a temperror under reject.
         let v = run(

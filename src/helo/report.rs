@@ -13,6 +13,7 @@ use crate::dns::{Lookup, PtrName, ReverseFacts, TempFailure};
 use crate::helo::checks::{self, CheckInput, HeloArg};
 use crate::helo::dynamic::looks_dynamic;
 use crate::helo::policy::{AllowEntry, HeloPolicy, decide};
+use crate::helo::sender::{ChurnOutcome, SenderFacts, SenderPolicy};
 use crate::helo::{Action, Check, CheckResult, VerdictKind};
 use crate::net::{canonical_ip, is_local};
 
@@ -21,6 +22,7 @@ pub fn render(
     input: &CheckInput<'_>,
     helo_addrs: Option<&Lookup<Vec<IpAddr>>>,
     reverse: Option<&ReverseFacts>,
+    sender: &SenderFacts,
     policy: &HeloPolicy,
     allow: &[AllowEntry],
 ) -> (String, VerdictKind) {
@@ -30,9 +32,11 @@ pub fn render(
         ip: canonical_ip(input.client_ip),
         helo_addrs,
         reverse,
+        sender,
+        lists: policy.sender,
     };
-    let results = checks::run_all(input, helo_addrs, reverse);
-    let verdict = decide(input, helo_addrs, reverse, policy, allow);
+    let results = checks::run_all(input, helo_addrs, reverse, sender, &policy.sender);
+    let verdict = decide(input, helo_addrs, reverse, sender, policy, allow);
     let mut out = String::new();
     facts.write_header(&mut out);
     for check in Check::ALL {
@@ -69,6 +73,8 @@ struct Facts<'a> {
     ip: IpAddr,
     helo_addrs: Option<&'a Lookup<Vec<IpAddr>>>,
     reverse: Option<&'a ReverseFacts>,
+    sender: &'a SenderFacts,
+    lists: SenderPolicy,
 }
 
 impl Facts<'_> {
@@ -120,6 +126,85 @@ impl Facts<'_> {
             Check::Fcrdns => self.why_fcrdns(result),
             Check::RdnsMatch => self.why_rdns_match(result),
             Check::Dynamic => self.why_dynamic(result),
+            Check::Spf => self.why_spf(result),
+            Check::Rhsbl => self.why_rhsbl(result),
+            Check::Dnsbl => self.why_dnsbl(result),
+            Check::HeloChurn => self.why_helo_churn(result),
+        }
+    }
+
+    fn why_spf(&self, result: CheckResult) -> String {
+        if !checks::spf_applies(self.input, &self.arg) {
+            return "SPF applies only to a fully-qualified HELO name of a remote client \
+                    (RFC 7208 2.3)"
+                .to_string();
+        }
+        let h = self.helo();
+        match (&self.sender.spf, result) {
+            (None, _) => format!("SPF of {h}: no result in time (temporary error)"),
+            (Some(spf), _) => format!(
+                "SPF of {h} for {}: {} ({})",
+                self.ip,
+                spf.result.name(),
+                spf.why
+            ),
+        }
+    }
+
+    fn why_rhsbl(&self, result: CheckResult) -> String {
+        if !self.lists.rhsbl {
+            return "no domain lists set (HELOGUARD_RHSBL)".to_string();
+        }
+        if result == CheckResult::None {
+            return "no HELO or confirmed PTR domain to look up, or a local client".to_string();
+        }
+        match self.sender.rhsbl.as_ref().map(|r| r.hits.as_slice()) {
+            Some(hits) if !hits.is_empty() => hits
+                .iter()
+                .map(|h| format!("{} listed by {} ({})", h.domain, h.zone, h.answer))
+                .collect::<Vec<_>>()
+                .join("; "),
+            _ => "the HELO and PTR domains are listed in no zone".to_string(),
+        }
+    }
+
+    fn why_dnsbl(&self, result: CheckResult) -> String {
+        if !self.lists.dnsbl {
+            return "no IP lists set (HELOGUARD_DNSBL)".to_string();
+        }
+        if result == CheckResult::None {
+            return "a local client is not looked up".to_string();
+        }
+        let Some(dnsbl) = self.sender.dnsbl.as_ref() else {
+            return "no list answered: score 0".to_string();
+        };
+        let zones = if dnsbl.hits.is_empty() {
+            "listed in no zone".to_string()
+        } else {
+            dnsbl
+                .hits
+                .iter()
+                .map(|h| format!("{} ({}, weight {})", h.zone, h.answer, h.weight))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "{} score {} (threshold {}): {zones}",
+            self.ip, dnsbl.score, self.lists.dnsbl_threshold
+        )
+    }
+
+    fn why_helo_churn(&self, result: CheckResult) -> String {
+        if self.lists.helo_churn == 0 {
+            return "off (HELOGUARD_HELO_CHURN=0)".to_string();
+        }
+        match (self.sender.churn, result) {
+            (Some(ChurnOutcome::DistinctNames(n)), _) => format!(
+                "{n} distinct HELO names from this client within the last hour (at most {})",
+                self.lists.helo_churn
+            ),
+            (_, CheckResult::None) if is_local(self.ip) => "a local client".to_string(),
+            _ => "the state store did not answer: not judged".to_string(),
         }
     }
 
@@ -368,7 +453,14 @@ mod tests {
                 addrs: Lookup::Found(vec![ip("192.0.2.1")]),
             }]),
         };
-        let (text, kind) = render(&inp, Some(&addrs), Some(&rev), &HeloPolicy::default(), &[]);
+        let (text, kind) = render(
+            &inp,
+            Some(&addrs),
+            Some(&rev),
+            &SenderFacts::default(),
+            &HeloPolicy::default(),
+            &[],
+        );
         assert_eq!(kind, VerdictKind::Pass);
         assert!(
             text.contains("fcrdns: pass — PTR name mail.example.test resolves back to 192.0.2.1\n"),
@@ -376,7 +468,7 @@ mod tests {
         );
         assert!(text.contains("rdns_match: pass — "), "{text}");
         assert!(text.ends_with("verdict: pass\n"), "{text}");
-        assert_eq!(text.lines().filter(|l| l.contains(" — ")).count(), 11);
+        assert_eq!(text.lines().filter(|l| l.contains(" — ")).count(), 15);
     }
 
     #[test]
@@ -387,7 +479,14 @@ mod tests {
             ptr: Lookup::NxDomain,
         };
         let policy = HeloPolicy::parse("dynamic=off,fqdn=log").expect("policy");
-        let (text, kind) = render(&inp, Some(&Lookup::NxDomain), Some(&rev), &policy, &[]);
+        let (text, kind) = render(
+            &inp,
+            Some(&Lookup::NxDomain),
+            Some(&rev),
+            &SenderFacts::default(),
+            &policy,
+            &[],
+        );
         assert_eq!(kind, VerdictKind::Fail);
         assert!(
             text.contains("forward: fail — mail.example.test has no A/AAAA record (NXDOMAIN)\n"),
@@ -419,7 +518,14 @@ mod tests {
         let rev = ReverseFacts {
             ptr: Lookup::TempError(TempFailure::ServFail),
         };
-        let (text, kind) = render(&inp, Some(&t), Some(&rev), &HeloPolicy::default(), &[]);
+        let (text, kind) = render(
+            &inp,
+            Some(&t),
+            Some(&rev),
+            &SenderFacts::default(),
+            &HeloPolicy::default(),
+            &[],
+        );
         assert_eq!(kind, VerdictKind::TempError);
         let want = "forward: temperror — A/AAAA lookup of mail.example.test: \
                     temporary failure: timeout\n";
@@ -436,7 +542,14 @@ mod tests {
         let domains = Vec::new();
         let inp = input("192.0.2.1", "localhost", &domains);
         let allow = crate::helo::policy::parse_allow_list("192.0.2.0/24").expect("allow");
-        let (text, kind) = render(&inp, None, None, &HeloPolicy::default(), &allow);
+        let (text, kind) = render(
+            &inp,
+            None,
+            None,
+            &SenderFacts::default(),
+            &HeloPolicy::default(),
+            &allow,
+        );
         assert_eq!(kind, VerdictKind::Pass);
         assert!(
             text.contains("localhost: fail — localhost is a localhost name"),

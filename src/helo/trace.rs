@@ -2,11 +2,15 @@
 //!
 //! Formats are SPEC "What an accepted message carries", byte for byte:
 //! ```text
-//! Authentication-Results: HOSTNAME; iprev=RESULT policy.iprev=IP (PTR)
-//! X-HELO-Check: HOSTNAME; VERDICT [allow=ENTRY ]helo=NAME ip=IP ptr=PTR syntax=R ... dynamic=R
+//! Authentication-Results: HOSTNAME; iprev=RESULT policy.iprev=IP (PTR)[; spf=R smtp.helo=NAME][; dnswl=pass dns.zone=Z policy.ip=A]...
+//! X-HELO-Check: HOSTNAME; VERDICT [allow=ENTRY ]helo=NAME ip=IP ptr=PTR
+//! <TAB>syntax=R ... dynamic=R
+//! <TAB>spf=R rhsbl=R dnsbl=R helo_churn=R[ dnsbl_score=N]
 //! ```
-//! Each field is one line ending in CRLF. The HELO is client data, so it is sanitized before
-//! it reaches a header; every other part comes from our own parsing.
+//! X-HELO-Check is folded (CRLF and a tab) before `syntax=` and before `spf=`, so no line
+//! passes 998 octets (RFC 5322 2.1.1); Authentication-Results is one line. The HELO is client
+//! data, so it is sanitized before it reaches a header; every other part comes from our own
+//! parsing.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -39,12 +43,17 @@ pub fn x_helo_check_field(
         canonical_ip(client_ip)
     );
     for check in Check::ALL {
+        let fold = matches!(check, Check::Syntax | Check::Spf);
         let _ = write!(
             field,
-            " {}={}",
+            "{}{}={}",
+            if fold { "\r\n\t" } else { " " },
             check.name(),
             verdict.shown[check.index()].name()
         );
+    }
+    if let Some(score) = verdict.dnsbl_score {
+        let _ = write!(field, " dnsbl_score={score}");
     }
     field.push_str("\r\n");
     field
@@ -53,6 +62,7 @@ pub fn x_helo_check_field(
 /// The whole `Authentication-Results: ...\r\n` field for a message.
 pub fn authentication_results_field(
     hostname: &str,
+    helo: &str,
     client_ip: IpAddr,
     verdict: &HeloVerdict,
 ) -> String {
@@ -66,10 +76,30 @@ pub fn authentication_results_field(
         Some(ptr) => format!(" ({ptr})"),
         None => String::new(),
     };
-    format!(
-        "Authentication-Results: {hostname}; iprev={} policy.iprev={ip}{comment}\r\n",
+    let mut field = format!(
+        "Authentication-Results: {hostname}; iprev={} policy.iprev={ip}{comment}",
         verdict.iprev.name()
-    )
+    );
+    // RFC 8601 2.7.2: SPF's own result for the HELO identity.
+    if let Some(spf) = &verdict.spf {
+        let _ = write!(
+            field,
+            "; spf={} smtp.helo={}",
+            spf.result.name(),
+            sanitize_helo(helo)
+        );
+    }
+    // RFC 8904: one `dnswl=pass` per allowlist entry that lists the client.
+    for hit in &verdict.dnswl {
+        let _ = write!(
+            field,
+            "; dnswl=pass dns.zone={} policy.ip={}",
+            sanitize_helo(&hit.zone),
+            hit.answer
+        );
+    }
+    field.push_str("\r\n");
+    field
 }
 
 /// The HELO argument made safe for a header: octets outside printable ASCII, space, `;`, `"`,
@@ -116,6 +146,7 @@ mod tests {
             &input,
             Some(&addrs),
             reverse,
+            &crate::helo::sender::SenderFacts::default(),
             &HeloPolicy::default(),
             &allow,
         )
@@ -137,12 +168,12 @@ mod tests {
         assert_eq!(
             x_helo_check_field("mx.example.org", "mail.example.com", ip("192.0.2.1"), &v),
             "X-HELO-Check: mx.example.org; pass helo=mail.example.com ip=192.0.2.1 \
-             ptr=mail.example.com syntax=pass bare_ip=pass fqdn=pass localhost=pass \
+             ptr=mail.example.com\r\n\tsyntax=pass bare_ip=pass fqdn=pass localhost=pass \
              own_name=pass literal_match=none forward=pass forward_match=pass fcrdns=pass \
-             rdns_match=pass dynamic=pass\r\n"
+             rdns_match=pass dynamic=pass\r\n\tspf=none rhsbl=none dnsbl=none helo_churn=none\r\n"
         );
         assert_eq!(
-            authentication_results_field("mx.example.org", ip("192.0.2.1"), &v),
+            authentication_results_field("mx.example.org", "h", ip("192.0.2.1"), &v),
             "Authentication-Results: mx.example.org; iprev=pass \
              policy.iprev=192.0.2.1 (mail.example.com)\r\n"
         );
@@ -162,12 +193,12 @@ mod tests {
                 &v
             ),
             "X-HELO-Check: mx.example.org; fail helo=[IPv6:2001:db8::1] ip=2001:db8::1 \
-             ptr=none syntax=pass bare_ip=pass fqdn=none localhost=pass own_name=none \
+             ptr=none\r\n\tsyntax=pass bare_ip=pass fqdn=none localhost=pass own_name=none \
              literal_match=pass forward=none forward_match=none fcrdns=fail rdns_match=none \
-             dynamic=none\r\n"
+             dynamic=none\r\n\tspf=none rhsbl=none dnsbl=none helo_churn=none\r\n"
         );
         assert_eq!(
-            authentication_results_field("mx.example.org", ip("2001:db8::1"), &v),
+            authentication_results_field("mx.example.org", "h", ip("2001:db8::1"), &v),
             "Authentication-Results: mx.example.org; iprev=permerror \
              policy.iprev=\"2001:db8::1\"\r\n"
         );
@@ -182,7 +213,7 @@ mod tests {
         let field = x_helo_check_field("mx", "[192.0.2.1]", ip("::ffff:192.0.2.1"), &v);
         assert!(field.contains(" ip=192.0.2.1 "), "{field}");
         assert_eq!(
-            authentication_results_field("mx", ip("::ffff:192.0.2.1"), &v),
+            authentication_results_field("mx", "h", ip("::ffff:192.0.2.1"), &v),
             "Authentication-Results: mx; iprev=permerror policy.iprev=192.0.2.1\r\n"
         );
     }
@@ -193,12 +224,12 @@ mod tests {
         assert_eq!(
             x_helo_check_field("mx.example.org", "localhost", ip("192.0.2.9"), &v),
             "X-HELO-Check: mx.example.org; pass allow=192.0.2.0/24 helo=localhost \
-             ip=192.0.2.9 ptr=none syntax=none bare_ip=none fqdn=none localhost=none \
+             ip=192.0.2.9 ptr=none\r\n\tsyntax=none bare_ip=none fqdn=none localhost=none \
              own_name=none literal_match=none forward=none forward_match=none fcrdns=none \
-             rdns_match=none dynamic=none\r\n"
+             rdns_match=none dynamic=none\r\n\tspf=none rhsbl=none dnsbl=none helo_churn=none\r\n"
         );
         assert_eq!(
-            authentication_results_field("mx.example.org", ip("192.0.2.9"), &v),
+            authentication_results_field("mx.example.org", "h", ip("192.0.2.9"), &v),
             "Authentication-Results: mx.example.org; iprev=temperror policy.iprev=192.0.2.9\r\n"
         );
     }

@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::dns::{QueryOutcome, QueryType};
+use crate::greylist::GreylistOutcome;
 use crate::helo::policy::HeloVerdict;
-use crate::helo::{Action, Check, CheckResult, VerdictKind};
+use crate::helo::{Action, CHECKS, Check, CheckResult, VerdictKind};
 use crate::protocol::stage::Stage;
 
 mod http;
@@ -132,12 +133,18 @@ pub struct Metrics {
     messages_accepted: Counter,
     messages_rejected: [Counter; 4],
     /// [check][result]
-    helo_checks: [[Counter; 4]; 11],
+    helo_checks: [[Counter; 4]; CHECKS],
     /// [verdict][action label]
-    helo_verdicts: [[Counter; 4]; 3],
+    helo_verdicts: [[Counter; 5]; 3],
     /// [query type][outcome]
-    dns_queries: [[Counter; 6]; 3],
-    dns_seconds: [Histogram; 3],
+    dns_queries: [[Counter; 6]; 5],
+    dns_seconds: [Histogram; 5],
+    /// [outcome], in `GREYLIST_OUTCOMES` order.
+    greylist: [Counter; 5],
+    state_errors: Counter,
+    /// Per displayed zone name: list entries that matched. Zones are few and fixed by the
+    /// configuration, so a small locked map is enough.
+    dnsbl_listings: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Index `code - FIRST_REPLY_CODE`.
     replies: [Counter; REPLY_CODES],
     /// [ok, error]
@@ -173,6 +180,9 @@ impl Metrics {
             helo_verdicts: std::array::from_fn(|_| counters()),
             dns_queries: std::array::from_fn(|_| counters()),
             dns_seconds: std::array::from_fn(|_| Histogram::default()),
+            greylist: counters(),
+            state_errors: Counter::default(),
+            dnsbl_listings: Default::default(),
             replies: counters(),
             tls_handshakes: counters(),
             relay_failures: counters(),
@@ -217,6 +227,23 @@ impl Metrics {
         }
         let kind = verdict_index(verdict.kind);
         self.helo_verdicts[kind][action_index(verdict.action)].increment();
+    }
+
+    /// The state store answered a greylisting question with `outcome`.
+    pub fn greylisted(&self, outcome: GreylistOutcome) {
+        self.greylist[greylist_index(outcome)].increment();
+    }
+
+    /// A state store operation failed or timed out (the store failed open).
+    pub fn state_error(&self) {
+        self.state_errors.increment();
+    }
+
+    /// A list entry of `zone` (its displayed name) matched a client.
+    pub fn dnsbl_listing(&self, zone: &str) {
+        if let Ok(mut zones) = self.dnsbl_listings.lock() {
+            *zones.entry(zone.to_string()).or_insert(0) += 1;
+        }
     }
 
     /// One DNS query and its outcome; `elapsed` is its network latency, `None` for an answer
@@ -266,6 +293,7 @@ impl Metrics {
         self.render_messages(&mut out);
         self.render_helo(&mut out);
         self.render_dns(&mut out);
+        self.render_sender(&mut out);
         self.render_replies(&mut out);
         self.render_tls_and_relay(&mut out);
         self.render_process(&mut out);
@@ -393,6 +421,41 @@ impl Metrics {
         }
     }
 
+    fn render_sender(&self, out: &mut Exposition) {
+        out.header(
+            "heloguard_dnsbl_listings_total",
+            "counter",
+            "DNSBL/DNSWL entries that matched a client, by zone (its displayed name).",
+        );
+        if let Ok(zones) = self.dnsbl_listings.lock() {
+            for (zone, value) in zones.iter() {
+                out.sample("heloguard_dnsbl_listings_total", &[("zone", zone)], *value);
+            }
+        }
+        out.header(
+            "heloguard_greylist_total",
+            "counter",
+            "Greylisting answers for RCPT triplets, by outcome.",
+        );
+        for (slot, outcome) in GREYLIST_OUTCOMES.into_iter().enumerate() {
+            out.sample(
+                "heloguard_greylist_total",
+                &[("outcome", outcome)],
+                self.greylist[slot].value(),
+            );
+        }
+        out.header(
+            "heloguard_state_errors_total",
+            "counter",
+            "State store operations that failed or timed out (the store failed open).",
+        );
+        out.sample(
+            "heloguard_state_errors_total",
+            &[],
+            self.state_errors.value(),
+        );
+    }
+
     fn render_replies(&self, out: &mut Exposition) {
         out.header(
             "heloguard_replies_total",
@@ -488,8 +551,15 @@ const RESULTS: [CheckResult; 4] = [
 ];
 const VERDICTS: [VerdictKind; 3] = [VerdictKind::Pass, VerdictKind::Fail, VerdictKind::TempError];
 /// SPEC's action label values; `off` and `log` act as `none`.
-const ACTION_LABELS: [&str; 4] = ["none", "tag", "defer", "reject"];
-const QUERY_TYPES: [QueryType; 3] = [QueryType::A, QueryType::Aaaa, QueryType::Ptr];
+const ACTION_LABELS: [&str; 5] = ["none", "tag", "greylist", "defer", "reject"];
+const QUERY_TYPES: [QueryType; 5] = [
+    QueryType::A,
+    QueryType::Aaaa,
+    QueryType::Ptr,
+    QueryType::Txt,
+    QueryType::Mx,
+];
+const GREYLIST_OUTCOMES: [&str; 5] = ["new", "early", "passed", "known", "unavailable"];
 const OUTCOMES: [QueryOutcome; 6] = [
     QueryOutcome::Ok,
     QueryOutcome::NxDomain,
@@ -546,8 +616,19 @@ const fn action_index(action: Action) -> usize {
     match action {
         Action::Off | Action::Log => 0,
         Action::Tag => 1,
-        Action::Defer => 2,
-        Action::Reject => 3,
+        Action::Greylist => 2,
+        Action::Defer => 3,
+        Action::Reject => 4,
+    }
+}
+
+const fn greylist_index(outcome: GreylistOutcome) -> usize {
+    match outcome {
+        GreylistOutcome::New { .. } => 0,
+        GreylistOutcome::Early { .. } => 1,
+        GreylistOutcome::Passed => 2,
+        GreylistOutcome::Known => 3,
+        GreylistOutcome::Unavailable => 4,
     }
 }
 
@@ -556,6 +637,8 @@ const fn query_index(query: QueryType) -> usize {
         QueryType::A => 0,
         QueryType::Aaaa => 1,
         QueryType::Ptr => 2,
+        QueryType::Txt => 3,
+        QueryType::Mx => 4,
     }
 }
 
@@ -564,6 +647,8 @@ const fn query_name(query: QueryType) -> &'static str {
         QueryType::A => "A",
         QueryType::Aaaa => "AAAA",
         QueryType::Ptr => "PTR",
+        QueryType::Txt => "TXT",
+        QueryType::Mx => "MX",
     }
 }
 
@@ -721,8 +806,16 @@ mod tests {
     use super::*;
     use crate::helo::policy::{Decision, IprevResult};
 
-    fn verdict(kind: VerdictKind, action: Action, measured: [CheckResult; 11]) -> HeloVerdict {
+    fn verdict(
+        kind: VerdictKind,
+        action: Action,
+        measured: [CheckResult; crate::helo::CHECKS],
+    ) -> HeloVerdict {
         HeloVerdict {
+            dnsbl_score: None,
+            spf: None,
+            dnswl: Vec::new(),
+            listed: Vec::new(),
             kind,
             shown: measured,
             measured,
@@ -751,13 +844,20 @@ mod tests {
             lines_with(&text, "heloguard_messages_rejected_total{").len(),
             4
         );
-        assert_eq!(lines_with(&text, "heloguard_helo_checks_total{").len(), 44);
+        assert_eq!(lines_with(&text, "heloguard_helo_checks_total{").len(), 60);
         assert_eq!(
             lines_with(&text, "heloguard_helo_verdicts_total{").len(),
-            12
+            15
         );
-        assert_eq!(lines_with(&text, "heloguard_dns_queries_total{").len(), 18);
-        assert_eq!(lines_with(&text, "heloguard_dns_seconds_bucket{").len(), 39);
+        assert_eq!(lines_with(&text, "heloguard_dns_queries_total{").len(), 30);
+        assert_eq!(lines_with(&text, "heloguard_dns_seconds_bucket{").len(), 65);
+        assert_eq!(lines_with(&text, "heloguard_greylist_total{").len(), 5);
+        // Zones appear once they listed a client.
+        assert_eq!(
+            lines_with(&text, "heloguard_dnsbl_listings_total{").len(),
+            0
+        );
+        assert!(text.contains("heloguard_state_errors_total 0\n"));
         assert_eq!(lines_with(&text, "heloguard_replies_total").len(), 0);
         assert_eq!(
             lines_with(&text, "heloguard_tls_handshakes_total{").len(),
@@ -880,7 +980,7 @@ mod tests {
     #[test]
     fn a_verdict_counts_each_check_once_and_maps_its_action() {
         let m = Metrics::new();
-        let mut measured = [CheckResult::None; 11];
+        let mut measured = [CheckResult::None; crate::helo::CHECKS];
         measured[Check::Syntax.index()] = CheckResult::Pass;
         measured[Check::Fqdn.index()] = CheckResult::Fail;
         measured[Check::Fcrdns.index()] = CheckResult::TempError;
@@ -890,7 +990,7 @@ mod tests {
         m.helo_verdict(&verdict(
             VerdictKind::Pass,
             Action::Off,
-            [CheckResult::Pass; 11],
+            [CheckResult::Pass; crate::helo::CHECKS],
         ));
         let text = m.render();
         for line in [
@@ -911,7 +1011,7 @@ mod tests {
             .iter()
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum();
-        assert_eq!(total, 33);
+        assert_eq!(total, 45);
     }
 
     #[test]

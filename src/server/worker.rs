@@ -11,6 +11,8 @@
 //! already knows it (`AnswerCache`): the worker hands it over and goes on with the session's
 //! input, so a repeat sender's EHLO costs no trip through the loop and the resolver thread.
 
+use crate::greylist::GreylistOutcome;
+use crate::helo::sender::{ChurnOutcome, DnsblOutcome, RhsblOutcome, SpfOutcome};
 use std::any::Any;
 use std::io;
 use std::panic;
@@ -53,6 +55,36 @@ pub(crate) enum OwnedEvent {
     SpoolSpace {
         low: bool,
     },
+    #[expect(
+        dead_code,
+        reason = "the resolver and state threads do not send them yet"
+    )]
+    Dnsbl(DnsblOutcome),
+    #[expect(
+        dead_code,
+        reason = "the resolver and state threads do not send them yet"
+    )]
+    Spf {
+        name: String,
+        outcome: SpfOutcome,
+    },
+    #[expect(
+        dead_code,
+        reason = "the resolver and state threads do not send them yet"
+    )]
+    Rhsbl {
+        name: String,
+        outcome: RhsblOutcome,
+    },
+    #[expect(
+        dead_code,
+        reason = "the resolver and state threads do not send them yet"
+    )]
+    Churn {
+        name: String,
+        outcome: ChurnOutcome,
+    },
+    Greylist(GreylistOutcome),
 }
 
 impl OwnedEvent {
@@ -71,6 +103,11 @@ impl OwnedEvent {
             OwnedEvent::GraceExpired => Event::GraceExpired,
             OwnedEvent::RelayReply(reply) => Event::RelayReply(reply),
             OwnedEvent::SpoolSpace { low } => Event::SpoolSpace { low },
+            OwnedEvent::Dnsbl(outcome) => Event::Dnsbl(outcome),
+            OwnedEvent::Spf { name, outcome } => Event::Spf { name, outcome },
+            OwnedEvent::Rhsbl { name, outcome } => Event::Rhsbl { name, outcome },
+            OwnedEvent::Churn { name, outcome } => Event::Churn { name, outcome },
+            OwnedEvent::Greylist(outcome) => Event::Greylist(outcome),
         }
     }
 }
@@ -276,7 +313,13 @@ fn record(observations: &[Observation], metrics: &Metrics) {
             Observation::MessageAccepted => metrics.message_accepted(),
             Observation::MessageRejected(stage) => metrics.message_rejected(*stage),
             // The loop logs the verdict: it knows the client and the DNS times.
-            Observation::Verdict { verdict, .. } => metrics.helo_verdict(verdict),
+            Observation::Verdict { verdict, .. } => {
+                metrics.helo_verdict(verdict);
+                for hit in &verdict.listed {
+                    metrics.dnsbl_listing(&hit.zone);
+                }
+            }
+            Observation::Greylisted(outcome) => metrics.greylisted(*outcome),
             // Only logged (by the loop); MessageAccepted and MessageRejected count them.
             Observation::Refused(_) | Observation::Accepted(_) => {}
         }

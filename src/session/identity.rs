@@ -16,7 +16,8 @@ use crate::helo::{Action, Check, CheckResult};
 use crate::protocol::command::Verb;
 use crate::protocol::reply::Reply;
 use crate::session::machine::{Session, Subject};
-use crate::session::state::{Identity, Park};
+use crate::session::sender::SenderAsks;
+use crate::session::state::{Asked, Identity, Park};
 use crate::session::{Observation, Output, SessionAction, Stage};
 
 /// Refused identities remembered per session (REJECT_AT=helo), so a repeat gets the same answer.
@@ -109,10 +110,18 @@ impl Session {
             let needs_forward = [Check::Localhost, Check::Forward, Check::ForwardMatch]
                 .into_iter()
                 .any(|check| settings.helo_policy.action(check) != Action::Off);
-            let identity = Identity::new(verb, arg, parsed, self.generation, needs_forward);
+            let asks = SenderAsks::for_identity(settings, self.params.client_ip, &parsed, &arg);
+            let mut identity = Identity::new(verb, arg, parsed, self.generation, needs_forward);
+            identity.spf_decides = settings.helo_policy.action(Check::Spf) >= Action::Greylist;
+            identity.spf = Asked::for_name(asks.spf.as_ref());
+            identity.rhsbl = Asked::for_name(asks.rhsbl.as_ref());
+            identity.churn = Asked::for_name(asks.churn.as_ref());
             out.actions.push(SessionAction::HeloAccepted {
                 generation: self.generation,
                 lookup: identity.lookup_name().map(str::to_string),
+                spf: asks.spf,
+                rhsbl: asks.rhsbl,
+                churn: asks.churn,
             });
             if settings.reject_at == RejectAt::Helo && self.policy_can_refuse {
                 self.candidate = Some(identity);
@@ -165,9 +174,13 @@ impl Session {
             .into_iter()
             .flatten()
         {
-            if identity.verdict.is_some() || !identity.ready_to_judge(reverse.is_some()) {
+            let dnsbl_waiting = self.dnsbl_expected && self.dnsbl.is_none();
+            if identity.verdict.is_some()
+                || !identity.ready_to_judge(reverse.is_some(), dnsbl_waiting)
+            {
                 continue;
             }
+            let sender = identity.sender_facts(self.dnsbl.as_ref());
             let input = CheckInput {
                 client_ip: self.params.client_ip,
                 helo: &identity.arg,
@@ -178,6 +191,7 @@ impl Session {
                 &input,
                 identity.forward.as_ref(),
                 reverse,
+                &sender,
                 &settings.helo_policy,
                 &settings.helo_allow,
             );
@@ -228,7 +242,10 @@ impl Session {
             .and_then(|id| id.verdict.as_ref())
             .map(|v| v.decision.clone());
         match (decision, self.candidate.take()) {
-            (Some(Decision::Accept), Some(identity)) => self.adopt(identity, out),
+            // Greylisting is answered at each RCPT, not at the EHLO/HELO.
+            (Some(Decision::Accept | Decision::Greylist), Some(identity)) => {
+                self.adopt(identity, out)
+            }
             (Some(Decision::Refuse(reply)), Some(identity)) => {
                 // A policy refusal sticks to the identity (sending it again, or with
                 // the other verb, must not get through). A 451 for undecided DNS is

@@ -24,6 +24,7 @@
 //! `relay` (the before-queue relay modes, entered only where `relaying()` says so).
 
 use crate::helo::policy::RejectAt;
+use crate::helo::sender::DnsblOutcome;
 use crate::helo::verdict::Decision;
 use crate::helo::{Action, Check};
 use crate::message::content::ContentBuilder;
@@ -31,7 +32,7 @@ use crate::protocol::command::{Command, MailParams, Path, Verb};
 use crate::protocol::line::{LineRead, LineReader};
 use crate::protocol::reply::Reply;
 use crate::session::limits::{Counters, DataRate};
-use crate::session::state::{HeloJudge, Identity, InputMode, Park, Transaction};
+use crate::session::state::{HeloJudge, Identity, InputMode, Park, Transaction, dnsbl_applies};
 use crate::session::{
     Ending, Event, Now, Observation, Output, Refusal, SessionAction, SessionParams, Stage, Summary,
     TlsInfo,
@@ -64,6 +65,8 @@ pub struct Session {
     pub(super) judge: HeloJudge,
     /// Some check other than the syntax gate can defer or reject: the verdict gates replies.
     pub(super) policy_can_refuse: bool,
+    /// Some check's action is `greylist`.
+    pub(super) policy_can_greylist: bool,
     greeting: Greeting,
     /// Command lines and the overlong-line skip mode.
     pub(super) lines: LineReader,
@@ -86,6 +89,10 @@ pub struct Session {
     pub(super) refused: Vec<(String, Reply)>,
     /// PTR facts of the client, once per session.
     pub(super) reverse: Option<crate::dns::ReverseFacts>,
+    /// The loop asks HELOGUARD_DNSBL about this client at accept (`expects_dnsbl`).
+    pub(super) dnsbl_expected: bool,
+    /// The client's list score, once it arrived.
+    pub(super) dnsbl: Option<DnsblOutcome>,
     /// Generation of the latest identity that passed the syntax gate.
     pub(super) generation: u32,
     pub(super) tx: Option<Transaction>,
@@ -116,12 +123,17 @@ impl Session {
         let policy = &params.settings.helo_policy;
         let policy_can_refuse = Check::ALL.into_iter().any(|check| {
             let action = policy.action(check);
-            action >= Action::Defer && !(check == Check::Syntax && policy.rejects_bad_syntax())
+            action >= Action::Greylist && !(check == Check::Syntax && policy.rejects_bad_syntax())
         });
+        let policy_can_greylist = Check::ALL
+            .into_iter()
+            .any(|check| policy.action(check) == Action::Greylist);
+        let dnsbl_expected = dnsbl_applies(&params.settings, params.client_ip);
         Self {
             params,
             judge,
             policy_can_refuse,
+            policy_can_greylist,
             greeting: Greeting::Waiting,
             lines: LineReader::new(),
             input_mode: InputMode::Command,
@@ -134,6 +146,8 @@ impl Session {
             candidate: None,
             refused: Vec::new(),
             reverse: None,
+            dnsbl_expected,
+            dnsbl: None,
             generation: 0,
             tx: None,
             tls: None,
@@ -183,8 +197,19 @@ impl Session {
                 }
             }
             Event::GraceExpired => self.close_for_shutdown(out),
+            Event::Dnsbl(outcome) => self.on_dnsbl(outcome, out),
+            Event::Spf { name, outcome } => self.on_spf(&name, outcome, out),
+            Event::Rhsbl { name, outcome } => self.on_rhsbl(&name, outcome, out),
+            Event::Churn { name, outcome } => self.on_churn(&name, outcome, out),
+            Event::Greylist(outcome) => self.on_greylist(outcome, out),
         }
         self.check_draining(out);
+    }
+
+    /// Whether this session waits for `Event::Dnsbl`: the loop asks HELOGUARD_DNSBL about
+    /// the client at accept exactly when this is true.
+    pub fn expects_dnsbl(&self) -> bool {
+        self.dnsbl_expected
     }
 
     /// The client's address (after a PROXY header, the client the proxy names).
@@ -567,7 +592,10 @@ impl Session {
             }
         }
         let recipient = to.mailbox.to_string();
-        if settings.reject_at == RejectAt::Rcpt && self.policy_can_refuse {
+        // SPEC: greylisting is answered at RCPT whatever HELOGUARD_REJECT_AT says; with
+        // REJECT_AT=helo the verdict is in by now, and it can only accept or greylist.
+        let decides_here = settings.reject_at == RejectAt::Rcpt || self.policy_can_greylist;
+        if decides_here && self.policy_can_refuse {
             match self.current_decision() {
                 Some(decision) => self.answer_rcpt(recipient, decision, out),
                 None => self.park = Some(Park::RcptVerdict { recipient }),
@@ -586,6 +614,10 @@ impl Session {
                 self.reply(out, Reply::new(250, "2.1.5", "Ok"));
             }
             (Decision::Accept, None) => {
+                self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"))
+            }
+            (Decision::Greylist, Some(_)) => self.greylist_rcpt(recipient, out),
+            (Decision::Greylist, None) => {
                 self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"))
             }
             (Decision::Refuse(reply), _) => {
@@ -709,7 +741,14 @@ impl Session {
     /// A reply to a command or a message: 5xx counts toward HELOGUARD_MAX_ERRORS.
     pub(super) fn reply(&mut self, out: &mut Output, reply: Reply) {
         self.send(out, &reply);
-        if reply.code >= 500 && self.counters.error_over(self.params.settings.max_errors) {
+        if reply.code >= 500 {
+            self.count_error(out);
+        }
+    }
+
+    /// One more error toward HELOGUARD_MAX_ERRORS: past it, 421 4.7.0 and close.
+    pub(super) fn count_error(&mut self, out: &mut Output) {
+        if self.counters.error_over(self.params.settings.max_errors) {
             self.close(
                 out,
                 421,

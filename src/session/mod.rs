@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crate::dns::{Lookup, ReverseFacts};
+use crate::greylist::{GreylistOutcome, Triplet};
 use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt};
+use crate::helo::sender::{ChurnOutcome, DnsblOutcome, RhsblOutcome, SpfOutcome};
 use crate::helo::verdict::HeloVerdict;
 use crate::message::content::SpillStore;
 use crate::message::{Envelope, Protocol, TraceInfo};
@@ -37,6 +39,7 @@ mod identity;
 mod limits;
 mod machine;
 mod relay;
+mod sender;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -105,17 +108,46 @@ pub enum Event<'a> {
     /// Relay modes: the next hop's answer to `RelayMail` or `RelayRcpt` (or the loop's
     /// 451 4.4.1 when the next hop could not be reached).
     RelayReply(Reply),
+    /// The client's score over HELOGUARD_DNSBL, asked by the loop at accept when
+    /// `Session::expects_dnsbl` says so.
+    Dnsbl(DnsblOutcome),
+    /// SPF of a HELO name that `SessionAction::HeloAccepted` asked for.
+    Spf {
+        name: String,
+        outcome: SpfOutcome,
+    },
+    /// HELOGUARD_RHSBL over the registered domains of a HELO name (asked for in
+    /// `HeloAccepted`) and of the client's forward-confirmed PTR name.
+    Rhsbl {
+        name: String,
+        outcome: RhsblOutcome,
+    },
+    /// The client's HELO history after recording a name `HeloAccepted` asked for.
+    Churn {
+        name: String,
+        outcome: ChurnOutcome,
+    },
+    /// The state store's answer to `SessionAction::Greylist`.
+    Greylist(GreylistOutcome),
 }
 
 /// A request from the session to the event loop.
 #[derive(Debug)]
 pub enum SessionAction {
-    /// An EHLO/HELO was accepted: arm the verdict deadline for `generation`, and look up
-    /// `lookup` (A/AAAA) when the argument is a domain.
+    /// An EHLO/HELO was accepted: arm the verdict deadline for `generation`, and start what
+    /// its checks need. Each name asked for is answered by one event carrying that name:
+    /// `lookup` (A/AAAA) by `Event::Forward`, `spf` by `Event::Spf`, `rhsbl` by
+    /// `Event::Rhsbl`, `churn` (record the name in the client's HELO history) by
+    /// `Event::Churn`.
     HeloAccepted {
         generation: u32,
         lookup: Option<String>,
+        spf: Option<String>,
+        rhsbl: Option<String>,
+        churn: Option<String>,
     },
+    /// Greylisting: ask the state store about this triplet; answer with `Event::Greylist`.
+    Greylist(Triplet),
     /// Hand this message off; answer with `Event::Delivered`.
     Deliver(Box<Envelope>),
     /// The 220 to STARTTLS is in `bytes`: flush it, discard all unread plaintext, handshake.
@@ -166,6 +198,8 @@ pub enum Observation {
     Refused(Box<Refusal>),
     /// A message was accepted (stored, or taken by the next hop): the `accepted` log line.
     Accepted(Box<AcceptedMessage>),
+    /// The state store answered a greylisting question (heloguard_greylist_total).
+    Greylisted(GreylistOutcome),
 }
 
 /// What a refusal turned away, for the `refused` log line.
@@ -276,6 +310,20 @@ pub struct SessionSettings {
     pub bare_line_feed: BareLineFeed,
     /// HELOGUARD_DELIVER, as far as the dialogue differs by it.
     pub delivery: DeliveryMode,
+    /// What the sender checks need to know of the configuration.
+    pub sender_checks: SenderChecks,
+}
+
+/// Which sender lookups the configuration makes possible; a check whose action is `off` is
+/// not asked for either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SenderChecks {
+    /// HELOGUARD_DNSBL is set.
+    pub dnsbl: bool,
+    /// HELOGUARD_RHSBL is set.
+    pub rhsbl: bool,
+    /// HELOGUARD_HELO_CHURN is not 0.
+    pub helo_churn: bool,
 }
 
 /// Where accepted messages go, as far as the dialogue differs by it (HELOGUARD_DELIVER).

@@ -11,19 +11,23 @@ use std::time::SystemTime;
 use crate::dns::{Lookup, ReverseFacts};
 use crate::helo::checks::{CheckInput, HeloArg};
 use crate::helo::policy::{AllowEntry, HeloPolicy};
+use crate::helo::sender::{ChurnOutcome, DnsblOutcome, RhsblOutcome, SenderFacts, SpfOutcome};
 use crate::helo::verdict::HeloVerdict;
+use crate::helo::{Action, Check};
 use crate::message::MessageContent;
 use crate::message::content::ContentBuilder;
+use crate::net::{canonical_ip, is_local};
 use crate::protocol::command::{MailParams, Verb};
 use crate::protocol::data::DataDecoder;
 use crate::relay::outbound::OutboundMessage;
-use crate::session::AcceptedMessage;
+use crate::session::{AcceptedMessage, SessionSettings};
 
 /// Runs the checks and the policy on what is known of one identity.
 pub(crate) type DecideFn = fn(
     &CheckInput<'_>,
     Option<&Lookup<Vec<IpAddr>>>,
     Option<&ReverseFacts>,
+    &SenderFacts,
     &HeloPolicy,
     &[AllowEntry],
 ) -> HeloVerdict;
@@ -61,6 +65,15 @@ pub(crate) struct Identity {
     /// Some enabled check reads the name's A/AAAA records (localhost, forward,
     /// forward_match); with all three off the lookup is not made and not waited for.
     pub needs_forward: bool,
+    /// SPF of the name (spf).
+    pub spf: Asked<SpfOutcome>,
+    /// HELOGUARD_RHSBL over the name's and the PTR name's registered domains (rhsbl).
+    pub rhsbl: Asked<RhsblOutcome>,
+    /// The client's HELO history with this name recorded (helo_churn).
+    pub churn: Asked<ChurnOutcome>,
+    /// spf's action can delay or refuse: the verdict waits for SPF past the deadline (SPF
+    /// has its own time limit, HELOGUARD_SPF_TIMEOUT_MS, and always answers).
+    pub spf_decides: bool,
 }
 
 impl Identity {
@@ -80,6 +93,10 @@ impl Identity {
             deadline_passed: false,
             verdict: None,
             needs_forward,
+            spf: Asked::No,
+            rhsbl: Asked::No,
+            churn: Asked::No,
+            spf_decides: false,
         }
     }
 
@@ -91,10 +108,29 @@ impl Identity {
         }
     }
 
-    /// Every fact the checks need is in (or the deadline made the missing ones temperror).
-    pub(super) fn ready_to_judge(&self, reverse_known: bool) -> bool {
+    /// Every fact the checks need is in (or the deadline made the missing ones temperror;
+    /// SPF whose action decides is waited for past it).
+    pub(super) fn ready_to_judge(&self, reverse_known: bool, dnsbl_waiting: bool) -> bool {
+        if self.spf_decides && self.spf.is_waiting() {
+            return false;
+        }
         self.deadline_passed
-            || (reverse_known && (self.lookup_name().is_none() || self.forward.is_some()))
+            || (reverse_known
+                && !dnsbl_waiting
+                && (self.lookup_name().is_none() || self.forward.is_some())
+                && !self.spf.is_waiting()
+                && !self.rhsbl.is_waiting()
+                && !self.churn.is_waiting())
+    }
+
+    /// What the sender checks know of this identity, with the session's list score.
+    pub(super) fn sender_facts(&self, dnsbl: Option<&DnsblOutcome>) -> SenderFacts {
+        SenderFacts {
+            spf: self.spf.answer().cloned(),
+            dnsbl: dnsbl.cloned(),
+            rhsbl: self.rhsbl.answer().cloned(),
+            churn: self.churn.answer().copied(),
+        }
     }
 }
 
@@ -173,6 +209,8 @@ pub(crate) enum Park {
     HeloVerdict,
     /// REJECT_AT=rcpt: the verdict, to answer this RCPT.
     RcptVerdict { recipient: String },
+    /// Greylisting: the state store's answer for this RCPT's triplet.
+    Greylist { recipient: String },
     /// The message is complete; its trace fields need the verdict.
     DataVerdict {
         content: MessageContent,
@@ -220,4 +258,56 @@ pub(crate) enum RelayPark {
 pub(crate) struct BdatChunk {
     pub size: u64,
     pub last: bool,
+}
+
+/// One lookup an identity may ask for, by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Asked<T> {
+    /// Not asked: the check does not apply or is off.
+    No,
+    /// Asked for `name`; the answer has not come.
+    Waiting(String),
+    Answered(T),
+}
+
+impl<T> Asked<T> {
+    /// Waiting for `name` when it was asked for, else not asked.
+    pub(crate) fn for_name(name: Option<&String>) -> Self {
+        match name {
+            Some(name) => Asked::Waiting(name.clone()),
+            None => Asked::No,
+        }
+    }
+
+    pub(crate) fn answer(&self) -> Option<&T> {
+        match self {
+            Asked::Answered(value) => Some(value),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn is_waiting(&self) -> bool {
+        matches!(self, Asked::Waiting(_))
+    }
+
+    /// Takes `value` when it answers the name waited for.
+    pub(crate) fn take(&mut self, name: &str, value: T) {
+        if matches!(self, Asked::Waiting(waited) if waited.eq_ignore_ascii_case(name)) {
+            *self = Asked::Answered(value);
+        }
+    }
+}
+
+/// Whether the loop asks HELOGUARD_DNSBL about this client at accept: the lists are set, the
+/// dnsbl check is not off, and the client is neither local nor allowed by address (SPEC:
+/// `dnsbl_score=0`, not queried).
+pub(crate) fn dnsbl_applies(settings: &SessionSettings, client_ip: IpAddr) -> bool {
+    let ip = canonical_ip(client_ip);
+    settings.sender_checks.dnsbl
+        && settings.helo_policy.action(Check::Dnsbl) != Action::Off
+        && !is_local(ip)
+        && !settings
+            .helo_allow
+            .iter()
+            .any(|entry| matches!(entry, AllowEntry::Net(net) if net.contains(ip)))
 }

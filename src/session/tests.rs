@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use proptest::prelude::*;
 
 use crate::dns::{Lookup, PtrName, ReverseFacts};
+use crate::greylist::GreylistOutcome;
 use crate::helo::checks::{CheckInput, HeloArg};
 use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt};
 use crate::helo::verdict::{Decision, HeloVerdict, IprevResult};
@@ -38,6 +39,7 @@ fn config() -> SessionSettings {
         reject_at: RejectAt::Rcpt,
         bare_line_feed: BareLineFeed::Normalize,
         delivery: DeliveryMode::Maildir,
+        sender_checks: Default::default(),
     }
 }
 
@@ -63,11 +65,12 @@ fn fake_parse(arg: &str) -> HeloArg {
 }
 
 /// Stands in for `helo::policy::decide`: names starting `refuse` get 550, `defer` 450,
-/// `tempfail` 451.
+/// `tempfail` 451, `greylist` greylisting.
 fn fake_decide(
     input: &CheckInput<'_>,
     _forward: Option<&Lookup<Vec<IpAddr>>>,
     _reverse: Option<&ReverseFacts>,
+    _sender: &crate::helo::sender::SenderFacts,
     _policy: &HeloPolicy,
     _allow: &[AllowEntry],
 ) -> HeloVerdict {
@@ -77,21 +80,27 @@ fn fake_decide(
         Decision::Refuse(Reply::new(450, "4.7.1", "HELO deferred"))
     } else if input.helo.starts_with("tempfail") {
         Decision::Refuse(Reply::new(451, "4.4.3", "HELO not verified"))
+    } else if input.helo.starts_with("greylist") {
+        Decision::Greylist
     } else {
         Decision::Accept
     };
     // A 451 comes from an undecided check: the verdict says so, as the real one does.
-    let mut measured = [CheckResult::None; 11];
+    let mut measured = [CheckResult::None; crate::helo::CHECKS];
     if input.helo.starts_with("tempfail") {
         measured[0] = CheckResult::TempError;
     }
     HeloVerdict {
+        dnsbl_score: None,
+        spf: None,
+        dnswl: Vec::new(),
+        listed: Vec::new(),
         kind: if decision == Decision::Accept {
             VerdictKind::Pass
         } else {
             VerdictKind::Fail
         },
-        shown: [CheckResult::None; 11],
+        shown: [CheckResult::None; crate::helo::CHECKS],
         measured,
         action: Action::Off,
         failed: Vec::new(),
@@ -134,6 +143,10 @@ struct Harness {
     relayed: Vec<String>,
     /// Relay modes: the XCLIENT attributes of each MAIL replay.
     xclient: Vec<XclientAttrs>,
+    /// Greylisting: the triplets asked about, in order.
+    triplets: Vec<crate::greylist::Triplet>,
+    /// Answer every greylisting question with this.
+    greylist_answer: Option<GreylistOutcome>,
 }
 
 impl Harness {
@@ -165,6 +178,8 @@ impl Harness {
             close_seen: false,
             relayed: Vec::new(),
             xclient: Vec::new(),
+            triplets: Vec::new(),
+            greylist_answer: None,
         };
         h.event(Event::Greet);
         if auto_dns {
@@ -208,7 +223,9 @@ impl Harness {
         self.observations.extend(out.observations);
         for action in out.actions {
             match action {
-                SessionAction::HeloAccepted { generation, lookup } => {
+                SessionAction::HeloAccepted {
+                    generation, lookup, ..
+                } => {
                     self.lookups.push((generation, lookup.clone()));
                     if let (true, Some(name)) = (self.auto_dns, lookup) {
                         self.event(Event::Forward {
@@ -229,6 +246,12 @@ impl Harness {
                     self.event(Event::TlsEstablished(tls_info()));
                 }
                 SessionAction::Close => self.close_seen = true,
+                SessionAction::Greylist(triplet) => {
+                    self.triplets.push(triplet);
+                    if let Some(outcome) = self.greylist_answer {
+                        self.event(Event::Greylist(outcome));
+                    }
+                }
                 SessionAction::RelayMail {
                     reverse_path,
                     xclient,
@@ -1475,4 +1498,104 @@ fn an_accepted_message_is_reported_with_its_queue_id() {
             relay: None,
         }]
     );
+}
+
+fn greylisting(answer: GreylistOutcome) -> Harness {
+    let mut h = with(|c| {
+        c.helo_policy = HeloPolicy::parse("dynamic=greylist").expect("policy");
+        c.domains = vec!["example.org".into()];
+        c.max_errors = 3;
+    });
+    h.greylist_answer = Some(answer);
+    h.take();
+    h
+}
+
+#[test]
+fn a_greylisted_identity_asks_the_store_at_each_rcpt() {
+    let wait = Duration::from_secs(300);
+    let mut h = greylisting(GreylistOutcome::New { retry_after: wait });
+    h.script(&[
+        ("EHLO greylist.example", "250-mx.test"),
+        ("MAIL FROM:<Bob@Sender.Example>", "250 2.1.0"),
+        (
+            "RCPT TO:<Alice@Example.ORG>",
+            "451 4.7.1 Greylisted, please try again in 300 seconds",
+        ),
+    ]);
+    assert_eq!(
+        h.triplets,
+        vec![crate::greylist::Triplet {
+            client: crate::greylist::GreylistClient::Network("192.0.2.0".parse().expect("ip")),
+            sender: "bob@sender.example".into(),
+            recipient: "alice@example.org".into(),
+        }]
+    );
+    assert!(
+        h.observations
+            .iter()
+            .any(|o| matches!(o, Observation::Greylisted(GreylistOutcome::New { .. })))
+    );
+    // postmaster is never greylisted and asks nothing.
+    h.cmd("RCPT TO:<postmaster@example.org>", "250 2.1.5");
+    assert_eq!(h.triplets.len(), 1);
+
+    let mut h = greylisting(GreylistOutcome::Passed);
+    h.script(&[
+        ("EHLO greylist.example", "250-mx.test"),
+        ("MAIL FROM:<>", "250 2.1.0"),
+        ("RCPT TO:<alice@example.org>", "250 2.1.5"),
+    ]);
+    assert_eq!(h.triplets[0].sender, "");
+
+    // The store down: the RCPT passes (fail open).
+    let mut h = greylisting(GreylistOutcome::Unavailable);
+    h.script(&[
+        ("EHLO greylist.example", "250-mx.test"),
+        ("MAIL FROM:<a@b.example>", "250 2.1.0"),
+        ("RCPT TO:<alice@example.org>", "250 2.1.5"),
+    ]);
+
+    // An identity that earned no greylisting asks nothing.
+    let mut h = greylisting(GreylistOutcome::Early { retry_after: wait });
+    h.script(&[
+        ("EHLO clean.example", "250-mx.test"),
+        ("MAIL FROM:<a@b.example>", "250 2.1.0"),
+        ("RCPT TO:<alice@example.org>", "250 2.1.5"),
+    ]);
+    assert!(h.triplets.is_empty());
+}
+
+#[test]
+fn greylisting_451s_count_toward_the_error_limit() {
+    let wait = Duration::from_secs(60);
+    let mut h = greylisting(GreylistOutcome::Early { retry_after: wait });
+    h.script(&[
+        ("EHLO greylist.example", "250-mx.test"),
+        ("MAIL FROM:<a@b.example>", "250 2.1.0"),
+        ("RCPT TO:<x1@example.org>", "451 4.7.1"),
+        ("RCPT TO:<x2@example.org>", "451 4.7.1"),
+        ("RCPT TO:<x3@example.org>", "451 4.7.1"),
+        (
+            "RCPT TO:<x4@example.org>",
+            "451 4.7.1 Greylisted, please try again in 60 seconds\r\n421 4.7.0",
+        ),
+    ]);
+    assert_eq!(h.session.summary().ending, Ending::TooManyErrors);
+}
+
+#[test]
+fn greylisting_answers_at_rcpt_even_with_reject_at_helo() {
+    let wait = Duration::from_secs(60);
+    let mut h = with(|c| {
+        c.helo_policy = HeloPolicy::parse("dynamic=greylist").expect("policy");
+        c.reject_at = RejectAt::Helo;
+    });
+    h.greylist_answer = Some(GreylistOutcome::New { retry_after: wait });
+    h.take();
+    h.script(&[
+        ("EHLO greylist.example", "250-mx.test"),
+        ("MAIL FROM:<a@b.example>", "250 2.1.0"),
+        ("RCPT TO:<x@example.org>", "451 4.7.1"),
+    ]);
 }

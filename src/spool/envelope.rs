@@ -72,7 +72,12 @@ fn format_received(helo: &str, trace: &TraceInfo, recipients: &[String]) -> Stri
 /// Received, Authentication-Results and X-HELO-Check: the whole prefix in relay modes.
 pub(crate) fn trace_fields(trace: &TraceInfo, recipients: &[String]) -> Vec<u8> {
     let received = received_field(trace, recipients);
-    let auth = authentication_results_field(&trace.hostname, trace.client_ip, &trace.verdict);
+    let auth = authentication_results_field(
+        &trace.hostname,
+        &trace.helo,
+        trace.client_ip,
+        &trace.verdict,
+    );
     let check = x_helo_check_field(
         &trace.hostname,
         &trace.helo,
@@ -184,9 +189,13 @@ mod tests {
 
     fn verdict(ptr: Option<&str>) -> HeloVerdict {
         HeloVerdict {
+            dnsbl_score: None,
+            spf: None,
+            dnswl: Vec::new(),
+            listed: Vec::new(),
             kind: VerdictKind::Pass,
-            shown: [CheckResult::Pass; 11],
-            measured: [CheckResult::Pass; 11],
+            shown: [CheckResult::Pass; crate::helo::CHECKS],
+            measured: [CheckResult::Pass; crate::helo::CHECKS],
             action: Action::Off,
             failed: Vec::new(),
             allowed_by: None,

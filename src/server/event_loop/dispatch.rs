@@ -4,6 +4,7 @@
 //! Every answer carries the `ConnId` it was asked for. One whose connection is gone, or whose
 //! slot now holds another connection, is dropped: the client it was for has left.
 
+use crate::greylist::GreylistOutcome;
 use std::time::Instant;
 
 use log::{debug, error, warn};
@@ -139,7 +140,9 @@ impl Server {
             return;
         };
         match action {
-            SessionAction::HeloAccepted { generation, lookup } => {
+            SessionAction::HeloAccepted {
+                generation, lookup, ..
+            } => {
                 let id = conn.id;
                 // No lookup left: none was needed, or the worker answered it from the
                 // resolver's known answers (in no time).
@@ -169,6 +172,12 @@ impl Server {
                     deadline,
                     TimerKind::Conn(id, ConnTimer::Verdict(generation)),
                 );
+            }
+            // The state store answers greylisting questions; without one every triplet passes
+            // (SPEC: the store fails open).
+            SessionAction::Greylist(_triplet) => {
+                conn.pending
+                    .push(OwnedEvent::Greylist(GreylistOutcome::Unavailable));
             }
             SessionAction::Deliver(envelope) => match &self.handoff {
                 Some(Handoff::Maildir(w)) => {

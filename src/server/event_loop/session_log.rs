@@ -16,9 +16,6 @@ use crate::server::conn::Conn;
 use crate::server::listener::ListenerKind;
 use crate::session::{AcceptedMessage, Ending, Observation, Refusal, Stage};
 
-/// SPEC's checks after the eleven this server runs, in header order: not run, so `none`.
-const NOT_RUN: [&str; 4] = ["spf", "rhsbl", "dnsbl", "helo_churn"];
-
 /// `connect ...`, once the client's IP is known (after a PROXY header).
 pub(super) fn log_connect(conn: &Conn, sid: u64) {
     let listener = match conn.listener {
@@ -43,6 +40,7 @@ pub(super) fn log_observations(conn: &Conn, observations: &[Observation]) {
             Observation::Refused(r) => log_refused(conn, sid, r),
             Observation::Accepted(m) => log_accepted(conn, sid, m),
             Observation::Reply(_)
+            | Observation::Greylisted(_)
             | Observation::MessageAccepted
             | Observation::MessageRejected(_) => {}
         }
@@ -55,7 +53,6 @@ fn log_verdict(conn: &Conn, sid: u64, helo: &str, verdict: &HeloVerdict) {
     let results: Vec<String> = Check::ALL
         .into_iter()
         .map(|c| format!("{}:{}", c.name(), verdict.measured[c.index()].name()))
-        .chain(NOT_RUN.iter().map(|name| format!("{name}:none")))
         .collect();
     let dns_ms = conn
         .dns
@@ -71,6 +68,13 @@ fn log_verdict(conn: &Conn, sid: u64, helo: &str, verdict: &HeloVerdict) {
         .field_opt("allow", verdict.allowed_by.as_deref())
         .field("action", action_label(verdict.action))
         .field("results", results.join(","))
+        .field_opt(
+            "dnsbl_score",
+            verdict
+                .dnsbl_score
+                .map(|score| score.to_string())
+                .as_deref(),
+        )
         .field("dns_ms", dns_ms.to_string());
     info!("{line}");
 }
