@@ -1009,4 +1009,263 @@ mod tests {
         assert_eq!(r(None), IprevResult::TempError);
         assert_eq!(IprevResult::PermError.name(), "permerror");
     }
+
+    /// `run` with sender facts and the list settings.
+    fn run_sender(
+        helo: &str,
+        sender: &SenderFacts,
+        lists: SenderPolicy,
+        policy_spec: &str,
+        allow_spec: &str,
+    ) -> HeloVerdict {
+        let domains = vec!["example.org".to_string()];
+        let input = CheckInput {
+            client_ip: ip(CLIENT),
+            helo,
+            hostname: "mx.example.org",
+            domains: &domains,
+        };
+        let rev = confirmed("mx.example.com");
+        let addrs = found(&[CLIENT]);
+        let mut p = policy(policy_spec);
+        p.sender = lists;
+        let allow = parse_allow_list(allow_spec).expect("allow list");
+        decide(&input, Some(&addrs), Some(&rev), sender, &p, &allow)
+    }
+
+    fn hit(zone: &str, weight: i64) -> ListHit {
+        ListHit {
+            zone: zone.to_string(),
+            answer: std::net::Ipv4Addr::new(127, 0, 0, 2),
+            weight,
+        }
+    }
+
+    fn lists() -> SenderPolicy {
+        SenderPolicy {
+            dnsbl: true,
+            rhsbl: true,
+            ..SenderPolicy::default()
+        }
+    }
+
+    fn scored(score: i64, hits: Vec<ListHit>) -> SenderFacts {
+        SenderFacts {
+            dnsbl: Some(crate::helo::sender::DnsblOutcome { score, hits }),
+            ..SenderFacts::default()
+        }
+    }
+
+    #[test]
+    fn dnsbl_fails_at_the_threshold_and_shows_the_score() {
+        let mut l = lists();
+        l.dnsbl_threshold = 3;
+        let below = run_sender(
+            "mail.example.com",
+            &scored(2, vec![hit("a.test", 2)]),
+            l,
+            "",
+            "",
+        );
+        assert_eq!(below.shown[Check::Dnsbl.index()], CheckResult::Pass);
+        assert_eq!(below.dnsbl_score, Some(2));
+        assert_eq!(below.listed.len(), 1);
+        let at = run_sender(
+            "mail.example.com",
+            &scored(3, vec![hit("a.test", 2), hit("b.test", 1)]),
+            l,
+            "dnsbl=reject",
+            "",
+        );
+        assert_eq!(at.shown[Check::Dnsbl.index()], CheckResult::Fail);
+        assert_eq!(refusal_of(&at).code, 550);
+        assert!(refusal_of(&at).lines[0].contains("check dnsbl failed"));
+        // A list that never answered counts as not listing: pass, never temperror.
+        let silent = run_sender("mail.example.com", &SenderFacts::default(), l, "", "");
+        assert_eq!(silent.shown[Check::Dnsbl.index()], CheckResult::Pass);
+        assert_eq!(silent.dnsbl_score, Some(0));
+        // Lists not set: none, and no score shown.
+        let unset = run_sender(
+            "mail.example.com",
+            &SenderFacts::default(),
+            SenderPolicy::default(),
+            "",
+            "",
+        );
+        assert_eq!(unset.shown[Check::Dnsbl.index()], CheckResult::None);
+        assert_eq!(unset.dnsbl_score, None);
+    }
+
+    #[test]
+    fn a_dnswl_score_at_or_below_its_threshold_allows_the_client() {
+        let mut l = lists();
+        l.dnswl_threshold = -2;
+        let facts = scored(-2, vec![hit("bl.test", 1), hit("wl.test", -3)]);
+        let v = run_sender("localhost", &facts, l, "default=reject", "");
+        assert_eq!(v.kind, VerdictKind::Pass);
+        assert_eq!(v.allowed_by.as_deref(), Some("dnswl:wl.test"));
+        assert_eq!(v.shown, [CheckResult::None; CHECKS]);
+        assert_eq!(v.decision, Decision::Accept);
+        assert_eq!(v.dnsbl_score, Some(-2));
+        assert_eq!(v.dnswl, vec![hit("wl.test", -3)]);
+        // HELO_ALLOW is decided first and wins.
+        let v = run_sender("localhost", &facts, l, "default=reject", "192.0.2.0/24");
+        assert_eq!(v.allowed_by.as_deref(), Some("192.0.2.0/24"));
+        assert_eq!(v.dnsbl_score, Some(0));
+        // Above the threshold the allowlist hit only lowers the score, and A-R still says so.
+        let facts = scored(-1, vec![hit("wl.test", -1)]);
+        let v = run_sender("mail.example.com", &facts, l, "", "");
+        assert_eq!(v.allowed_by, None);
+        assert_eq!(v.dnswl.len(), 1);
+        // Threshold 0 is off.
+        let v = run_sender(
+            "mail.example.com",
+            &scored(-5, vec![hit("wl.test", -5)]),
+            lists(),
+            "",
+            "",
+        );
+        assert_eq!(v.allowed_by, None);
+    }
+
+    #[test]
+    fn greylist_is_decided_between_tag_and_defer() {
+        let listed = scored(1, vec![hit("bl.test", 1)]);
+        let v = run_sender("mail.example.com", &listed, lists(), "dnsbl=greylist", "");
+        assert_eq!(v.decision, Decision::Greylist);
+        assert_eq!(v.action, Action::Greylist);
+        assert_eq!(v.kind, VerdictKind::Fail);
+        // A defer outranks greylist.
+        let v = run_sender(
+            "dyn-192-0-2-1.example.com",
+            &listed,
+            lists(),
+            "dnsbl=greylist,dynamic=defer",
+            "",
+        );
+        assert_eq!(refusal_of(&v).code, 450);
+        assert_eq!(v.action, Action::Defer);
+        // A temperror under greylist greylists as a fail does.
+        let v = run_sender(
+            "mail.example.com",
+            &SenderFacts::default(),
+            lists(),
+            "spf=greylist",
+            "",
+        );
+        assert_eq!(v.shown[Check::Spf.index()], CheckResult::TempError);
+        assert_eq!(v.decision, Decision::Greylist);
+        assert_eq!(v.action, Action::Greylist);
+        // ...but a temperror under defer (451 4.4.3) outranks it, labelled defer.
+        let v = run_sender(
+            "mail.example.com",
+            &listed,
+            lists(),
+            "dnsbl=greylist,spf=defer",
+            "",
+        );
+        assert_eq!(refusal_of(&v).code, 451);
+        assert_eq!(v.action, Action::Defer);
+    }
+
+    #[test]
+    fn spf_results_map_to_the_check_and_to_authentication_results() {
+        use crate::helo::sender::{SpfOutcome, SpfResult};
+        let with = |result| SenderFacts {
+            spf: Some(SpfOutcome {
+                result,
+                why: "test".into(),
+            }),
+            ..SenderFacts::default()
+        };
+        for (result, check) in [
+            (SpfResult::Pass, CheckResult::Pass),
+            (SpfResult::Fail, CheckResult::Fail),
+            (SpfResult::SoftFail, CheckResult::None),
+            (SpfResult::Neutral, CheckResult::None),
+            (SpfResult::None, CheckResult::None),
+            (SpfResult::PermError, CheckResult::None),
+            (SpfResult::TempError, CheckResult::TempError),
+        ] {
+            let v = run_sender("mail.example.com", &with(result), lists(), "spf=tag", "");
+            assert_eq!(v.shown[Check::Spf.index()], check, "{result:?}");
+            assert_eq!(v.spf.as_ref().map(|o| o.result), Some(result), "{result:?}");
+            // Off by default: not shown, not in A-R.
+            let v = run_sender("mail.example.com", &with(result), lists(), "", "");
+            assert_eq!(v.measured[Check::Spf.index()], CheckResult::None);
+            assert_eq!(v.spf, None);
+            // log: measured, shown none, not in A-R.
+            let v = run_sender("mail.example.com", &with(result), lists(), "spf=log", "");
+            assert_eq!(v.measured[Check::Spf.index()], check, "{result:?}");
+            assert_eq!(v.shown[Check::Spf.index()], CheckResult::None);
+            assert_eq!(v.spf, None);
+        }
+        // Never for a literal or a name that is not an FQDN.
+        for helo in ["[192.0.2.1]", "mailhost"] {
+            let v = run_sender(helo, &with(SpfResult::Fail), lists(), "spf=reject", "");
+            assert_eq!(v.shown[Check::Spf.index()], CheckResult::None, "{helo}");
+            assert_eq!(v.spf, None, "{helo}");
+        }
+    }
+
+    #[test]
+    fn rhsbl_and_helo_churn_results() {
+        use crate::helo::sender::{ChurnOutcome, RhsblHit, RhsblOutcome};
+        let listed = SenderFacts {
+            rhsbl: Some(RhsblOutcome {
+                hits: vec![RhsblHit {
+                    domain: "example.com".into(),
+                    zone: "dbl.test".into(),
+                    answer: std::net::Ipv4Addr::new(127, 0, 1, 2),
+                }],
+            }),
+            ..SenderFacts::default()
+        };
+        let v = run_sender("mail.example.com", &listed, lists(), "rhsbl=defer", "");
+        assert_eq!(v.shown[Check::Rhsbl.index()], CheckResult::Fail);
+        assert_eq!(refusal_of(&v).code, 450);
+        let v = run_sender("mail.example.com", &SenderFacts::default(), lists(), "", "");
+        assert_eq!(v.shown[Check::Rhsbl.index()], CheckResult::Pass);
+        let churn = |n| SenderFacts {
+            churn: Some(n),
+            ..SenderFacts::default()
+        };
+        let l = lists();
+        let v = run_sender(
+            "mail.example.com",
+            &churn(ChurnOutcome::DistinctNames(5)),
+            l,
+            "",
+            "",
+        );
+        assert_eq!(v.shown[Check::HeloChurn.index()], CheckResult::Pass);
+        let v = run_sender(
+            "mail.example.com",
+            &churn(ChurnOutcome::DistinctNames(6)),
+            l,
+            "",
+            "",
+        );
+        assert_eq!(v.shown[Check::HeloChurn.index()], CheckResult::Fail);
+        let v = run_sender(
+            "mail.example.com",
+            &churn(ChurnOutcome::Unavailable),
+            l,
+            "",
+            "",
+        );
+        assert_eq!(v.shown[Check::HeloChurn.index()], CheckResult::None);
+        let off = SenderPolicy {
+            helo_churn: 0,
+            ..lists()
+        };
+        let v = run_sender(
+            "mail.example.com",
+            &churn(ChurnOutcome::DistinctNames(60)),
+            off,
+            "",
+            "",
+        );
+        assert_eq!(v.shown[Check::HeloChurn.index()], CheckResult::None);
+    }
 }

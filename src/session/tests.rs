@@ -143,6 +143,8 @@ struct Harness {
     relayed: Vec<String>,
     /// Relay modes: the XCLIENT attributes of each MAIL replay.
     xclient: Vec<XclientAttrs>,
+    /// The sender lookups each accepted EHLO/HELO asked for: [spf, rhsbl, churn].
+    sender_asks: Vec<[Option<String>; 3]>,
     /// Greylisting: the triplets asked about, in order.
     triplets: Vec<crate::greylist::Triplet>,
     /// Answer every greylisting question with this.
@@ -179,6 +181,7 @@ impl Harness {
             relayed: Vec::new(),
             xclient: Vec::new(),
             triplets: Vec::new(),
+            sender_asks: Vec::new(),
             greylist_answer: None,
         };
         h.event(Event::Greet);
@@ -224,8 +227,13 @@ impl Harness {
         for action in out.actions {
             match action {
                 SessionAction::HeloAccepted {
-                    generation, lookup, ..
+                    generation,
+                    lookup,
+                    spf,
+                    rhsbl,
+                    churn,
                 } => {
+                    self.sender_asks.push([spf, rhsbl, churn]);
                     self.lookups.push((generation, lookup.clone()));
                     if let (true, Some(name)) = (self.auto_dns, lookup) {
                         self.event(Event::Forward {
@@ -1598,4 +1606,85 @@ fn greylisting_answers_at_rcpt_even_with_reject_at_helo() {
         ("MAIL FROM:<a@b.example>", "250 2.1.0"),
         ("RCPT TO:<x@example.org>", "451 4.7.1"),
     ]);
+}
+
+#[test]
+fn sender_lookups_are_asked_for_and_waited_for() {
+    use crate::helo::sender::{ChurnOutcome, RhsblOutcome, SpfOutcome, SpfResult};
+    let mut h = with(|c| {
+        c.helo_policy = HeloPolicy::parse("spf=defer,rhsbl=defer").expect("policy");
+        c.sender_checks.rhsbl = true;
+        c.sender_checks.helo_churn = true;
+    });
+    h.take();
+    h.cmd("EHLO Mail.Example.COM", "250-mx.test");
+    assert_eq!(
+        h.sender_asks,
+        vec![[
+            Some("mail.example.com".to_string()),
+            Some("mail.example.com".to_string()),
+            Some("mail.example.com".to_string()),
+        ]]
+    );
+    h.cmd("MAIL FROM:<a@b.example>", "250");
+    // The RCPT waits for the verdict, which waits for SPF, RHSBL and the HELO history.
+    h.input(b"RCPT TO:<x@example.org>\r\n");
+    assert_eq!(h.take(), "");
+    h.event(Event::Rhsbl {
+        name: "mail.example.com".into(),
+        outcome: RhsblOutcome::default(),
+    });
+    h.event(Event::Churn {
+        name: "mail.example.com".into(),
+        outcome: ChurnOutcome::DistinctNames(1),
+    });
+    assert_eq!(h.take(), "");
+    // SPF's action can refuse: the verdict waits for it even past the deadline.
+    h.event(Event::VerdictDeadline { generation: 1 });
+    assert_eq!(h.take(), "");
+    // An answer for another name is not this identity's.
+    h.event(Event::Spf {
+        name: "other.example".into(),
+        outcome: SpfOutcome {
+            result: SpfResult::Fail,
+            why: "-all".into(),
+        },
+    });
+    assert_eq!(h.take(), "");
+    h.event(Event::Spf {
+        name: "mail.example.com".into(),
+        outcome: SpfOutcome {
+            result: SpfResult::Pass,
+            why: "+all".into(),
+        },
+    });
+    assert!(h.take().starts_with("250 2.1.5"));
+}
+
+#[test]
+fn a_tagging_spf_is_not_waited_for_past_the_deadline() {
+    let mut h = with(|c| {
+        c.helo_policy = HeloPolicy::parse("spf=tag,fqdn=defer").expect("policy");
+    });
+    h.take();
+    h.cmd("EHLO mail.example.com", "250-mx.test");
+    h.cmd("MAIL FROM:<a@b.example>", "250");
+    h.input(b"RCPT TO:<x@example.org>\r\n");
+    assert_eq!(h.take(), "");
+    h.event(Event::VerdictDeadline { generation: 1 });
+    assert!(h.take().starts_with("250 2.1.5"));
+    // A local client asks for nothing.
+    let mut c = config();
+    c.helo_policy = HeloPolicy::parse("spf=tag").expect("policy");
+    c.sender_checks.rhsbl = true;
+    c.sender_checks.helo_churn = true;
+    let params = SessionParams {
+        settings: Arc::new(c),
+        client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        session_id: 1,
+        tls_available: false,
+        spill: None,
+    };
+    let session = Session::with_judge(params, FAKE);
+    assert!(!session.expects_dnsbl());
 }
