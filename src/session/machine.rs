@@ -123,7 +123,7 @@ impl Session {
         let policy = &params.settings.helo_policy;
         let policy_can_refuse = Check::ALL.into_iter().any(|check| {
             let action = policy.action(check);
-            action >= Action::Greylist && !(check == Check::Syntax && policy.rejects_bad_syntax())
+            action >= Action::Defer && !(check == Check::Syntax && policy.rejects_bad_syntax())
         });
         let policy_can_greylist = Check::ALL
             .into_iter()
@@ -593,9 +593,10 @@ impl Session {
         }
         let recipient = to.mailbox.to_string();
         // SPEC: greylisting is answered at RCPT whatever HELOGUARD_REJECT_AT says; with
-        // REJECT_AT=helo the verdict is in by now, and it can only accept or greylist.
-        let decides_here = settings.reject_at == RejectAt::Rcpt || self.policy_can_greylist;
-        if decides_here && self.policy_can_refuse {
+        // REJECT_AT=helo a deferring or refusing verdict was answered at the EHLO already.
+        let decides_here = (settings.reject_at == RejectAt::Rcpt && self.policy_can_refuse)
+            || self.policy_can_greylist;
+        if decides_here {
             match self.current_decision() {
                 Some(decision) => self.answer_rcpt(recipient, decision, out),
                 None => self.park = Some(Park::RcptVerdict { recipient }),
