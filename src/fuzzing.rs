@@ -444,10 +444,10 @@ fn after(
                     "relayed chunk over the size limit"
                 );
             }
-            SessionAction::RelayEndData => {
+            SessionAction::RelayEndData { .. } => {
                 pending.push(Event::Delivered(DeliveryOutcome::Accepted));
             }
-            SessionAction::RelayAbort => {}
+            SessionAction::RelayAbort | SessionAction::RelayReset => {}
         }
     }
 }

@@ -266,19 +266,21 @@ fn xclient_carries_each_clients_identity_on_its_own_next_hop_connection() {
         format!("XCLIENT ADDR={CLIENT_IP} NAME={CLIENT_NAME} HELO={CLIENT_NAME} PROTO=ESMTP");
     let xclient_b = "XCLIENT ADDR=192.0.2.45 NAME=[UNAVAILABLE] HELO=other.example.org PROTO=SMTP";
     let ehlo = format!("EHLO {HOSTNAME}");
-    for (i, (conn, xclient, messages)) in [
-        (&all[0], xclient_a.as_str(), 2),
-        (&all[1], xclient_b, 1),
-        (&all[2], xclient_a.as_str(), 1),
+    let ehlo_a = format!("EHLO {CLIENT_NAME}");
+    for (i, (conn, xclient, client_ehlo, messages)) in [
+        (&all[0], xclient_a.as_str(), ehlo_a.as_str(), 2),
+        (&all[1], xclient_b, "EHLO other.example.org", 1),
+        (&all[2], xclient_a.as_str(), ehlo_a.as_str(), 1),
     ]
     .into_iter()
     .enumerate()
     {
-        // EHLO, the exact XCLIENT, and EHLO again after its 220 (XCLIENT_README).
+        // Our EHLO, the exact XCLIENT, and after its 220 the EHLO XCLIENT_README's proxy
+        // sends: with the client's HELO name, which the next hop keeps as the client's.
         assert!(conn.len() >= 3, "connection {i}: {conn:?}");
         assert_eq!(conn[0], ehlo, "connection {i}: {conn:?}");
         assert_eq!(conn[1], xclient, "connection {i}: {conn:?} {}", relay.log());
-        assert_eq!(conn[2], ehlo, "connection {i}: {conn:?}");
+        assert_eq!(conn[2], client_ehlo, "connection {i}: {conn:?}");
         assert_eq!(
             conn.iter().filter(|l| l.starts_with("XCLIENT")).count(),
             1,
@@ -363,6 +365,9 @@ impl PrivatePostfix {
              alias_maps =\n\
              alias_database =\n\
              smtpd_authorized_xclient_hosts = 127.0.0.0/8\n\
+             # Logs one line per recipient with the client's name, address and HELO as\n\
+             # smtpd sees them.\n\
+             smtpd_recipient_restrictions = check_client_access static:WARN\n\
              maillog_file = {log}\n\
              maillog_file_prefixes = {prefix}\n",
             queue = queue.display(),
@@ -460,8 +465,9 @@ fn postfix_behind_the_relay_sees_the_original_client_through_xclient() {
     let dns = TestDns::start(client_zone());
     let relay = relay_to(&dns, &format!("smtp://{}", postfix.addr), &[]);
     let mut c = connect_as(&relay, CLIENT_IP);
+    // A HELO name other than the PTR name, so that the log shows which is which.
     let text = c.deliver(
-        CLIENT_NAME,
+        "helo.example.org",
         "alice@example.org",
         "bob@example.net",
         "Subject: via postfix\r\n\r\nhello postfix",
@@ -474,6 +480,18 @@ fn postfix_behind_the_relay_sees_the_original_client_through_xclient() {
     let log = postfix.wait_log(&needle);
     assert!(log.contains(&needle), "{log}\n{}", relay.log());
     assert!(!log.contains("client=localhost[127.0.0.1]"), "{log}");
+    // The client's address, PTR name and HELO, as smtpd checked them: after XCLIENT, the EHLO
+    // carried the client's HELO name, not ours.
+    let warn = log
+        .lines()
+        .find(|l| l.contains(": warn: RCPT from "))
+        .unwrap_or_else(|| panic!("no warn line: {log}"));
+    assert!(
+        warn.contains(&format!("RCPT from {CLIENT_NAME}[{CLIENT_IP}]: ")),
+        "{warn}"
+    );
+    assert!(warn.contains(" helo=<helo.example.org>"), "{warn}");
+    assert!(!log.contains(&format!("helo=<{HOSTNAME}>")), "{log}");
     assert!(!log.contains("reject:"), "{log}");
     // Delivered (discarded) for the right recipient.
     let log = postfix.wait_log("status=sent");
@@ -481,6 +499,21 @@ fn postfix_behind_the_relay_sees_the_original_client_through_xclient() {
         log.contains("to=<bob@example.net>") && log.contains("status=sent"),
         "{log}"
     );
+    // docs/relay.md: the smtpd behind heloguard keeps Postfix's own program names, so that
+    // pflogsumm still counts what it received.
+    let Ok(summary) = Command::new("pflogsumm").arg(&postfix.log).output() else {
+        common::skip_without("pflogsumm", "pflogsumm is not installed");
+        return;
+    };
+    let summary = String::from_utf8_lossy(&summary.stdout);
+    let count = |what: &str| {
+        summary
+            .lines()
+            .find(|l| l.trim_end().ends_with(what) && !l.contains("bytes"))
+            .and_then(|l| l.split_whitespace().next()?.parse::<u32>().ok())
+    };
+    assert_eq!(count("received"), Some(1), "{summary}\n{log}");
+    assert_eq!(count("delivered"), Some(1), "{summary}\n{log}");
 }
 
 // ----- 3. slow next hops -----------------------------------------------------------------

@@ -180,6 +180,26 @@ impl Path<'_> {
     pub fn is_bare_postmaster(&self) -> bool {
         self.domain.is_none() && self.mailbox.eq_ignore_ascii_case("postmaster")
     }
+
+    /// The local part: the mailbox without `@domain` (a quoted local part keeps its quotes).
+    pub fn local_part(&self) -> &str {
+        match self.domain {
+            Some(domain) => self
+                .mailbox
+                .get(..self.mailbox.len().saturating_sub(domain.len() + 1))
+                .unwrap_or(self.mailbox),
+            None => self.mailbox,
+        }
+    }
+
+    /// A local part that asks the receiver to route the mail on: `%` (the percent hack,
+    /// `user%elsewhere@ours`), `!` (a UUCP bang path, `elsewhere!user@ours`), or an `@` inside
+    /// quotes (`"user@elsewhere"@ours`). Postfix's defaults reroute the first two; none has a
+    /// use at an MX but relaying through it.
+    pub fn is_routing_trick(&self) -> bool {
+        let local = self.local_part();
+        local.contains(['%', '!']) || (local.starts_with('"') && local.contains('@'))
+    }
 }
 
 /// RFC 6152 BODY values.
@@ -724,6 +744,34 @@ mod tests {
         assert!(code(ParseError::UnknownCommand).starts_with("500 5.5.2"));
         assert!(code(ParseError::Syntax(Verb::Mail)).starts_with("501 5.5.4"));
         assert!(code(ParseError::UnknownParameter(Verb::Mail)).starts_with("555 5.5.4"));
+    }
+
+    #[test]
+    fn routing_tricks_in_the_local_part() {
+        let trick = |line: &str| match Command::parse(line.as_bytes()) {
+            Ok(Command::Rcpt { to }) => (to.local_part().to_string(), to.is_routing_trick()),
+            other => panic!("{line}: {other:?}"),
+        };
+        for (line, local, is_trick) in [
+            ("RCPT TO:<user%evil.test@ours.test>", "user%evil.test", true),
+            ("RCPT TO:<evil.test!user@ours.test>", "evil.test!user", true),
+            (
+                "RCPT TO:<\"user@evil.test\"@ours.test>",
+                "\"user@evil.test\"",
+                true,
+            ),
+            ("RCPT TO:<\"a b\"@ours.test>", "\"a b\"", false),
+            ("RCPT TO:<user.name+tag@ours.test>", "user.name+tag", false),
+            ("RCPT TO:<@relay.test:user@ours.test>", "user", false),
+            ("RCPT TO:<Postmaster>", "Postmaster", false),
+            (
+                "RCPT TO:<postmaster%evil.test@ours.test>",
+                "postmaster%evil.test",
+                true,
+            ),
+        ] {
+            assert_eq!(trick(line), (local.to_string(), is_trick), "{line}");
+        }
     }
 
     #[test]

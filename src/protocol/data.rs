@@ -17,7 +17,12 @@
 //! - Bare LF (`BareLineFeed`): `Normalize` ends a line there as if CRLF had been sent (CRLF is
 //!   stored; Postfix's default); `Reject` reads on to the real end, then refuses 550 5.5.2. Either
 //!   way a bare LF never helps to end the message.
-//! - Bare CR: content, kept as it is; only CR immediately followed by LF is a line end.
+//! - Bare CR: content, kept as it is; only CR immediately followed by LF is a line end. A
+//!   decoder for the relay modes (`crlf_only`) hands on CRLF line ends only: there a bare CR
+//!   is handled as `BareLineFeed` says (SPEC "Relay modes"): `Normalize` ends a line there
+//!   (CRLF is passed on), `Reject` refuses 550 5.5.2 after the real end. It still never ends
+//!   the message, nor makes a period after it a line start: what the client sent after it is
+//!   content, and the relay's own dot-stuffing protects it on the way out.
 //! - Dot-stuffing (RFC 5321 4.5.2): "If the first character is a period and there are other
 //!   characters on the line, the first character is deleted." A lone period line that does not
 //!   end the message (after a bare LF) has no other characters and is kept.
@@ -72,6 +77,8 @@ pub enum DataRefusal {
     LineTooLong,
     /// 550 5.5.2.
     BareLineFeed,
+    /// 550 5.5.2 (relay modes, under `Reject`).
+    BareCarriageReturn,
     /// 554 5.4.6.
     Loop,
 }
@@ -93,6 +100,11 @@ impl DataRefusal {
                 550,
                 "5.5.2",
                 "Message refused: bare <LF> received, lines must end in <CR><LF> (RFC 5321 2.3.8)",
+            ),
+            DataRefusal::BareCarriageReturn => Reply::new(
+                550,
+                "5.5.2",
+                "Message refused: bare <CR> received, lines must end in <CR><LF> (RFC 5321 2.3.8)",
             ),
             DataRefusal::Loop => Reply::new(
                 554,
@@ -143,6 +155,8 @@ pub struct DataDecoder {
     stored: u64,
     /// `take_content` was called: the caller streams the message and checks its header.
     streamed: bool,
+    /// Relay modes: a bare CR is handled as `limits.bare_line_feed` says (`crlf_only`).
+    crlf_only: bool,
     /// Octets taken from the wire, for the data rate and the session summary.
     octets: u64,
 }
@@ -160,8 +174,17 @@ impl DataDecoder {
             content: Vec::new(),
             stored: 0,
             streamed: false,
+            crlf_only: false,
             octets: 0,
         }
+    }
+
+    /// A decoder whose content has CRLF line ends only (the relay modes): a bare CR is
+    /// handled as HELOGUARD_BARE_NEWLINE says for a bare LF, so that no next hop that reads a
+    /// lone CR as a line end can be made to see a line, or an end of data, that we did not.
+    pub fn crlf_only(mut self) -> Self {
+        self.crlf_only = true;
+        self
     }
 
     /// A decoder whose caller takes the content as it arrives (`take_content`) and checks the
@@ -231,6 +254,11 @@ impl DataDecoder {
                     }
                 }
                 LineState::Text => {
+                    if self.crlf_only && self.last_cr && input[i] != b'\n' {
+                        // The CR that ended the text so far was not a CRLF's.
+                        self.last_cr = false;
+                        self.bare_cr_ends_line();
+                    }
                     let rest = &input[i..];
                     match memchr(b'\n', rest) {
                         None => {
@@ -287,16 +315,41 @@ impl DataDecoder {
     }
 
     fn take_text(&mut self, text: &[u8]) {
-        let Some(&last) = text.last() else {
+        let Some((&last, inner)) = text.split_last() else {
             return;
         };
-        self.line_len += text.len();
         self.last_cr = last == b'\r';
+        // Every CR but a last one (whose LF may follow) is bare.
+        let mut from = 0;
+        if self.crlf_only {
+            for cr in memchr::memchr_iter(b'\r', inner) {
+                self.take_line_text(&text[from..=cr]);
+                self.bare_cr_ends_line();
+                from = cr + 1;
+            }
+        }
+        self.take_line_text(&text[from..]);
+    }
+
+    fn take_line_text(&mut self, text: &[u8]) {
+        self.line_len += text.len();
         // Without its LF the line is already at the limit: with it, it will be over.
         if self.line_len >= MAX_TEXT_LINE {
             self.refuse(DataRefusal::LineTooLong);
         }
         self.store(text);
+    }
+
+    /// A bare CR was taken as content (`crlf_only`): `Normalize` makes it a CRLF line end, as
+    /// for a bare LF; `Reject` refuses the message.
+    fn bare_cr_ends_line(&mut self) {
+        match self.limits.bare_line_feed {
+            BareLineFeed::Normalize => {
+                self.store(b"\n");
+                self.line_len = 0;
+            }
+            BareLineFeed::Reject => self.refuse(DataRefusal::BareCarriageReturn),
+        }
     }
 
     /// Takes the LF that ends the current line.
@@ -376,7 +429,13 @@ mod tests {
 
     /// Feeds DATA input in pieces; returns the result and the bytes left after the end.
     fn run_dot(pieces: &[&[u8]], l: DataLimits) -> (Option<Result<Vec<u8>, DataRefusal>>, Vec<u8>) {
-        let mut d = DataDecoder::new(Framing::Dot, l);
+        run_dot_with(pieces, DataDecoder::new(Framing::Dot, l))
+    }
+
+    fn run_dot_with(
+        pieces: &[&[u8]],
+        mut d: DataDecoder,
+    ) -> (Option<Result<Vec<u8>, DataRefusal>>, Vec<u8>) {
         let mut leftover = Vec::new();
         let mut done = false;
         for piece in pieces {
@@ -542,6 +601,82 @@ mod tests {
     }
 
     #[test]
+    fn crlf_only_makes_a_bare_cr_a_line_end_or_refuses_it() {
+        use BareLineFeed::*;
+        type Case = (
+            &'static str,
+            &'static [&'static [u8]],
+            BareLineFeed,
+            Result<&'static [u8], DataRefusal>,
+        );
+        let cases: &[Case] = &[
+            (
+                "smuggling shape",
+                &[b"a\r.\rb\r\n.\r\n"],
+                Normalize,
+                Ok(b"a\r\n.\r\nb\r\n"),
+            ),
+            (
+                "split after the CR",
+                &[b"a\r", b".\rb\r\n.\r\n"],
+                Normalize,
+                Ok(b"a\r\n.\r\nb\r\n"),
+            ),
+            ("CRLF split", &[b"a\r", b"\n.\r\n"], Normalize, Ok(b"a\r\n")),
+            ("CR CR LF", &[b"a\r\r\n.\r\n"], Normalize, Ok(b"a\r\n\r\n")),
+            // A period after a bare CR is content, not a line start: it is kept, not unstuffed.
+            (
+                "period after a bare CR",
+                &[b"x\r.y\r\n.\r\n"],
+                Normalize,
+                Ok(b"x\r\n.y\r\n"),
+            ),
+            (
+                "stuffed period, bare CR",
+                &[b"..\rz\r\n.\r\n"],
+                Normalize,
+                Ok(b".\r\nz\r\n"),
+            ),
+            ("last octet a CR", &[b"a\r"], Normalize, Ok(b"a\r\n")),
+            (
+                "reject",
+                &[b"a\r.\rb\r\n.\r\n"],
+                Reject,
+                Err(DataRefusal::BareCarriageReturn),
+            ),
+            (
+                "reject, split",
+                &[b"a\r", b"b\r\n.\r\n"],
+                Reject,
+                Err(DataRefusal::BareCarriageReturn),
+            ),
+            (
+                "reject, CRLF only",
+                &[b"a\r", b"\nb\r\n.\r\n"],
+                Reject,
+                Ok(b"a\r\nb\r\n"),
+            ),
+        ];
+        for (name, pieces, bare, want) in cases {
+            let d = DataDecoder::new(Framing::Dot, limits(*bare, 0)).crlf_only();
+            let (got, _) = run_dot_with(pieces, d);
+            // "last octet a CR" never ends: the message stays open.
+            let got = got.unwrap_or_else(|| {
+                let mut d = DataDecoder::new(Framing::Chunked, limits(*bare, 0)).crlf_only();
+                for p in *pieces {
+                    d.feed(p);
+                }
+                d.finish()
+            });
+            assert_eq!(got, want.map(<[u8]>::to_vec), "{name}");
+        }
+        // Without crlf_only (maildir mode) a bare CR is content, as received.
+        let d = DataDecoder::new(Framing::Dot, limits(Reject, 0));
+        let (got, _) = run_dot_with(&[b"a\r.\rb\r\n.\r\n"], d);
+        assert_eq!(got, Some(Ok(b"a\r.\rb\r\n".to_vec())));
+    }
+
+    #[test]
     fn a_mebibyte_line_is_not_kept() {
         let mut d = DataDecoder::new(Framing::Dot, limits(BareLineFeed::Normalize, 0));
         let block = vec![b'a'; 65536];
@@ -582,6 +717,17 @@ mod tests {
                 // Every line of what is kept ends in CRLF; no bare LF survives.
                 let bare_lf = content.iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || content[i - 1] != b'\r'));
                 prop_assert!(!bare_lf);
+            }
+            // For a next hop (crlf_only): the same end, however split, and no bare CR either.
+            let relayed = |pieces: &[&[u8]]| {
+                run_dot_with(pieces, DataDecoder::new(Framing::Dot, limits(bare, 0)).crlf_only())
+            };
+            let whole_relayed = relayed(&[&input]);
+            prop_assert_eq!(&whole_relayed, &relayed(&pieces));
+            prop_assert_eq!(&whole_relayed.1, &whole.1);
+            if let Some(Ok(content)) = &whole_relayed.0 {
+                let bare_cr = content.iter().enumerate().any(|(i, &b)| b == b'\r' && content.get(i + 1) != Some(&b'\n'));
+                prop_assert!(!bare_cr);
             }
         }
     }

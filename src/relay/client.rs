@@ -11,8 +11,8 @@ use std::fmt::Write as _;
 
 use super::xclient::xclient_commands;
 use super::{
-    MAX_REPLY_LINE, MAX_REPLY_LINES, NextHopProtocol, RelayClientParams, RelayError, RelayEvent,
-    RelayOutput,
+    EightBit, MAX_REPLY_LINE, MAX_REPLY_LINES, NextHopProtocol, RelayClientParams, RelayError,
+    RelayEvent, RelayOutput, XclientAttrs,
 };
 use crate::protocol::command::{Body, MailParams};
 use crate::protocol::reply::Reply;
@@ -121,6 +121,9 @@ enum Await {
     },
     Rset,
     Quit,
+    /// A command refused here without being sent (e.g. a UTF-8 address for a next hop
+    /// without SMTPUTF8): its reply is given in turn, after those of the commands before it.
+    Local(Reply),
 }
 
 impl Await {
@@ -236,7 +239,9 @@ impl RelayClient {
 
     /// `MAIL FROM:<reverse_path>`; `reverse_path` is the mailbox without angle brackets,
     /// empty for the null path. SIZE, BODY and SMTPUTF8 are replayed only to a next hop that
-    /// advertised SIZE (RFC 1870), 8BITMIME (RFC 6152) and SMTPUTF8 (RFC 6531).
+    /// advertised SIZE (RFC 1870), 8BITMIME (RFC 6152) and SMTPUTF8 (RFC 6531); a UTF-8
+    /// address for a next hop without SMTPUTF8 is answered 553 5.6.7 here (RFC 6531 3.5),
+    /// never sent.
     pub(crate) fn mail(&mut self, reverse_path: &str, params: &MailParams, out: &mut RelayOutput) {
         if !self.begin_call(true, out) {
             return;
@@ -279,7 +284,7 @@ impl RelayClient {
 
     /// Message bytes (dot-unstuffed, CRLF lines) after a 354; lines may be split across
     /// calls. Bytes given before the 354 arrives are held until it does.
-    pub(crate) fn data_chunk(&mut self, bytes: &[u8], out: &mut RelayOutput) {
+    pub(crate) fn data_chunk(&mut self, bytes: Vec<u8>, out: &mut RelayOutput) {
         if self.is_dead() || self.data_refused.is_some() || bytes.is_empty() {
             return;
         }
@@ -288,35 +293,63 @@ impl RelayClient {
             self.fail(RelayError::Misuse("message data outside DATA"), false, out);
             return;
         }
-        // RFC 5321 4.5.2: "Before sending a line of mail text, the SMTP client checks the
-        // first character of the line. If it is a period, one additional period is inserted
-        // at the beginning of the line." The line-start state survives across calls.
-        let mut stuffed = Vec::with_capacity(bytes.len() + 8);
-        for &b in bytes {
-            if self.at_line_start && b == b'.' {
-                stuffed.push(b'.');
-            }
-            stuffed.push(b);
-            self.at_line_start = b == b'\n';
-        }
-        self.last_cr = bytes.last() == Some(&b'\r');
+        let stuffed = self.dot_stuff(bytes);
         self.push(Op::Chunk(stuffed), out);
     }
 
+    /// RFC 5321 4.5.2: "Before sending a line of mail text, the SMTP client checks the first
+    /// character of the line. If it is a period, one additional period is inserted at the
+    /// beginning of the line." The line-start state survives across calls. Lines are found
+    /// with memchr and copied as slices; content with no line starting with a period (nearly
+    /// all of it) is passed on as it is, uncopied.
+    fn dot_stuff(&mut self, bytes: Vec<u8>) -> Vec<u8> {
+        let leading = self.at_line_start && bytes.first() == Some(&b'.');
+        self.at_line_start = bytes.last() == Some(&b'\n');
+        self.last_cr = bytes.last() == Some(&b'\r');
+        let mut stuff_at = memchr::memmem::find_iter(&bytes, b"\n.").map(|lf| lf + 1);
+        let Some(first) = leading.then_some(0).or_else(|| stuff_at.next()) else {
+            return bytes;
+        };
+        let mut stuffed = Vec::with_capacity(bytes.len() + 16);
+        let mut from = 0;
+        for at in std::iter::once(first).chain(stuff_at) {
+            stuffed.extend_from_slice(&bytes[from..at]);
+            stuffed.push(b'.');
+            from = at;
+        }
+        stuffed.extend_from_slice(&bytes[from..]);
+        stuffed
+    }
+
     /// Ends the data with CRLF.CRLF (RFC 5321 4.1.1.4), adding the CRLF that ends the last
-    /// line if the content did not end with one.
-    pub(crate) fn end_data(&mut self, out: &mut RelayOutput) {
+    /// line if the content did not end with one; or, when the message holds what this next
+    /// hop did not say it takes (SPEC "Relay modes": UTF-8 in the header without SMTPUTF8,
+    /// 8-bit octets without 8BITMIME), returns the refusal for the client and sends nothing:
+    /// the caller then drops the connection, the only way out of DATA without the final dot.
+    pub(crate) fn end_data(
+        &mut self,
+        eight_bit: EightBit,
+        out: &mut RelayOutput,
+    ) -> Result<(), Reply> {
         if let Some(reply) = self.data_refused.take() {
             out.events.push(RelayEvent::Reply(reply));
-            return;
+            return Ok(());
         }
         if let Some(reply) = self.dead_reply() {
             out.events.push(RelayEvent::Failed(reply));
-            return;
+            return Ok(());
         }
         if !self.in_data {
             self.fail(RelayError::Misuse("end of data outside DATA"), false, out);
-            return;
+            return Ok(());
+        }
+        if let Some(refusal) = self.refusal_of(eight_bit) {
+            self.queue.clear();
+            self.inflight.clear();
+            self.in_data = false;
+            self.data_open = false;
+            self.setup = Setup::Failed(RelayError::Abandoned);
+            return Err(refusal);
         }
         self.in_data = false;
         let end: &'static [u8] = if self.at_line_start {
@@ -327,6 +360,29 @@ impl RelayClient {
             b"\r\n.\r\n"
         };
         self.push(Op::EndData(end), out);
+        Ok(())
+    }
+
+    /// Why this next hop cannot take a message holding `eight_bit`, if it cannot.
+    fn refusal_of(&self, eight_bit: EightBit) -> Option<Reply> {
+        if eight_bit.header && !self.ext.smtputf8 {
+            // RFC 6532 3.7 / RFC 6531 3.7.4: UTF-8 header fields need SMTPUTF8 all the way.
+            return Some(Reply::new(
+                554,
+                "5.6.9",
+                "Message refused: UTF-8 in the header, and the next hop does not offer SMTPUTF8",
+            ));
+        }
+        if eight_bit.any() && !self.ext.eight_bit_mime {
+            // RFC 6152 3: 8-bit content only to a server that offered 8BITMIME; nothing is
+            // converted on the way.
+            return Some(Reply::new(
+                554,
+                "5.6.3",
+                "Message refused: 8-bit content, and the next hop does not offer 8BITMIME",
+            ));
+        }
+        None
     }
 
     /// RSET between transactions; a 2yz reply is consumed silently, anything else fails the
@@ -442,6 +498,16 @@ impl RelayClient {
                 break;
             };
             self.send(op, out);
+            self.settle_local(out);
+        }
+    }
+
+    /// Gives the replies of locally refused commands that are next in line.
+    fn settle_local(&mut self, out: &mut RelayOutput) {
+        while matches!(self.inflight.front(), Some(Await::Local(_))) {
+            if let Some(Await::Local(reply)) = self.inflight.pop_front() {
+                out.events.push(RelayEvent::Reply(reply));
+            }
         }
     }
 
@@ -451,20 +517,32 @@ impl RelayClient {
                 reverse_path,
                 params,
             } => {
-                let line = self.mail_line(&reverse_path, &params);
-                write_command(out, &line);
-                Await::Mail
+                if let Some(refusal) = self.utf8_address_refusal(&reverse_path) {
+                    refusal
+                } else {
+                    let line = self.mail_line(&reverse_path, &params);
+                    write_command(out, &line);
+                    Await::Mail
+                }
             }
             Op::Rcpt(path) => {
-                write_command(out, &format!("RCPT TO:<{path}>"));
-                Await::Rcpt
+                if let Some(refusal) = self.utf8_address_refusal(&path) {
+                    refusal
+                } else {
+                    write_command(out, &format!("RCPT TO:<{path}>"));
+                    Await::Rcpt
+                }
             }
             Op::Data => {
                 write_command(out, "DATA");
                 Await::Data
             }
             Op::Chunk(bytes) => {
-                out.bytes.extend_from_slice(&bytes);
+                if out.bytes.is_empty() {
+                    out.bytes = bytes;
+                } else {
+                    out.bytes.extend_from_slice(&bytes);
+                }
                 return;
             }
             Op::EndData(end) => {
@@ -489,6 +567,18 @@ impl RelayClient {
             }
         };
         self.inflight.push_back(awaited);
+    }
+
+    /// RFC 6531 3.5: a UTF-8 address goes only to a server that offered SMTPUTF8; without it,
+    /// 553 5.6.7 (RFC 6531 3.6.3) instead of sending it, or a downgraded copy of it.
+    fn utf8_address_refusal(&self, path: &str) -> Option<Await> {
+        (!path.is_ascii() && !self.ext.smtputf8).then(|| {
+            Await::Local(Reply::new(
+                553,
+                "5.6.7",
+                "Non-ASCII address, and the next hop does not offer SMTPUTF8",
+            ))
+        })
     }
 
     fn mail_line(&self, reverse_path: &str, params: &MailParams) -> String {
@@ -519,9 +609,26 @@ impl RelayClient {
     }
 
     fn write_hello(&mut self, hello: Hello, out: &mut RelayOutput) {
-        let line = format!("{} {}", hello.verb(), self.params.hostname);
+        let line = format!("{} {}", hello.verb(), self.hello_name());
         write_command(out, &line);
         self.setup = Setup::Hello(hello);
+    }
+
+    /// HELOGUARD_HOSTNAME, until XCLIENT made the session the client's: from then on the
+    /// client's HELO name (or its address literal), which XCLIENT_README's proxy sends and
+    /// which the next hop logs and checks as the client's HELO.
+    fn hello_name(&self) -> String {
+        if !self.used_xclient {
+            return self.params.hostname.clone();
+        }
+        let name = &self.params.xclient.greeting_name;
+        let usable =
+            !name.is_empty() && name.len() <= 255 && name.bytes().all(|b| b.is_ascii_graphic());
+        if usable {
+            name.clone()
+        } else {
+            XclientAttrs::address_literal(self.params.xclient.addr)
+        }
     }
 
     fn on_line(&mut self, line: &[u8], out: &mut RelayOutput) {
@@ -619,17 +726,17 @@ impl RelayClient {
             self.setup = Setup::StartTls;
             return;
         }
-        if !self.xclient_done
-            && let Some(offered) = &self.ext.xclient
-        {
-            let mut commands = xclient_commands(&self.params.xclient, offered);
+        if !self.xclient_done {
             self.xclient_done = true;
+            let offered = self.ext.xclient.as_deref().unwrap_or_default();
+            let mut commands = xclient_commands(&self.params.xclient, offered);
             if let Some(first) = commands.pop_front() {
                 write_command(out, &first);
                 self.used_xclient = true;
                 self.setup = Setup::Xclient(commands);
                 return;
             }
+            out.events.push(RelayEvent::XclientUnavailable);
         }
         self.setup = Setup::Ready;
         self.flush(out);
@@ -701,8 +808,9 @@ impl RelayClient {
                 }
                 self.accepted_rcpts = 0;
             }
-            Await::Quit => {}
+            Await::Quit | Await::Local(_) => {}
         }
+        self.settle_local(out);
         self.flush(out);
     }
 
@@ -820,9 +928,11 @@ mod tests {
             protocol,
             xclient: XclientAttrs {
                 addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+                port: None,
                 name: XclientName::Name("mail.example.org".into()),
                 helo: Some("mail.example.org".into()),
                 proto: "ESMTP",
+                greeting_name: "mail.example.org".into(),
             },
             can_tls,
         }
@@ -831,6 +941,7 @@ mod tests {
     fn event(e: &RelayEvent) -> String {
         match e {
             RelayEvent::StartTls => "TLS".into(),
+            RelayEvent::XclientUnavailable => "NO XCLIENT".into(),
             RelayEvent::Reply(r) => format!("R {} {}", r.code, r.lines.join("|")),
             RelayEvent::Failed(r) => format!("F {} {}", r.code, r.lines.join("|")),
         }
@@ -847,8 +958,12 @@ mod tests {
                 Mail(path, p) => client.mail(path, &p, &mut out),
                 Rcpt(path) => client.rcpt(path, &mut out),
                 Data => client.data(&mut out),
-                Chunk(s) => client.data_chunk(s.as_bytes(), &mut out),
-                End => client.end_data(&mut out),
+                Chunk(s) => client.data_chunk(s.as_bytes().to_vec(), &mut out),
+                End => assert_eq!(
+                    client.end_data(EightBit::default(), &mut out),
+                    Ok(()),
+                    "{name} step {i}"
+                ),
                 Rset => client.rset(&mut out),
                 Quit => client.quit(&mut out),
                 TlsOk => client.tls_established(&mut out),
@@ -859,7 +974,13 @@ mod tests {
                 sent,
                 "{name} step {i}: bytes sent"
             );
-            let got: Vec<String> = out.events.iter().map(event).collect();
+            // Whether XCLIENT was missing is a test of its own (`xclient_unavailable_...`).
+            let got: Vec<String> = out
+                .events
+                .iter()
+                .filter(|e| **e != RelayEvent::XclientUnavailable)
+                .map(event)
+                .collect();
             assert_eq!(got, events, "{name} step {i}: events");
         }
     }
@@ -883,6 +1004,7 @@ mod tests {
 
     const GREET: &str = "220 next.test ESMTP\r\n";
     const EHLO: &str = "EHLO mx.heloguard.test\r\n";
+    const CLIENT_EHLO: &str = "EHLO mail.example.org\r\n";
     const EHLO_OK: &str = "250-next.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n";
 
     #[test]
@@ -1402,15 +1524,18 @@ mod tests {
             let mut p = params(NextHopProtocol::Smtp, false);
             p.xclient = XclientAttrs {
                 addr,
+                port: None,
                 name: xname,
                 helo: helo.map(str::to_string),
                 proto: "ESMTP",
+                greeting_name: "mail.example.org".into(),
             };
             let script: &[Step] = &[
                 (Recv(GREET), EHLO, &[]),
                 (Mail("a@b.test", NO_PARAMS), "", &[]),
                 (Recv(ehlo_reply), xclient_line, &[]),
-                (Recv("220 next.test ESMTP\r\n"), EHLO, &[]),
+                // XCLIENT_README: the EHLO after XCLIENT carries the client's name.
+                (Recv("220 next.test ESMTP\r\n"), CLIENT_EHLO, &[]),
                 // XCLIENT offered again after the reset: not sent twice.
                 (Recv(ehlo_reply), "MAIL FROM:<a@b.test>\r\n", &[]),
             ];
@@ -1468,7 +1593,7 @@ mod tests {
                     "XCLIENT ADDR=192.0.2.1\r\n",
                     &[],
                 ),
-                (Recv("220 hi\r\n"), EHLO, &[]),
+                (Recv("220 hi\r\n"), CLIENT_EHLO, &[]),
                 (Recv("250 next.test\r\n"), "", &[]),
             ],
         );
@@ -1484,14 +1609,197 @@ mod tests {
             &p.xclient,
             &["ADDR".into(), "NAME".into(), "HELO".into(), "PROTO".into()],
         );
+        // SPEC: HELO and PROTO first, NAME and ADDR last (after a new ADDR the next hop
+        // would judge a further XCLIENT by the client's address).
         assert_eq!(
             cmds,
             [
-                format!("XCLIENT ADDR=192.0.2.1 NAME={}", "n".repeat(255)),
                 format!("XCLIENT HELO={long} PROTO=ESMTP"),
+                format!("XCLIENT ADDR=192.0.2.1 NAME={}", "n".repeat(255)),
             ]
         );
         assert!(cmds.iter().all(|c| c.len() + 2 <= MAX_COMMAND_LINE));
+
+        // A HELO Postfix would refuse (over 255 octets), or whose xtext would not fit, is
+        // sent as unknown; the EHLO that follows names the client.
+        let offered = ["HELO".to_string(), "PROTO".to_string()];
+        for helo in ["h".repeat(256), "\u{e9}".repeat(120)] {
+            p.xclient.helo = Some(helo);
+            let cmds = xclient_commands(&p.xclient, &offered);
+            assert_eq!(cmds, ["XCLIENT HELO=[UNAVAILABLE] PROTO=ESMTP"]);
+        }
+    }
+
+    #[test]
+    fn xclient_port_and_ipv6_and_every_value_in_xtext() {
+        let mut p = params(NextHopProtocol::Smtp, false);
+        p.xclient.addr = "2001:db8::7".parse().unwrap_or(p.xclient.addr);
+        p.xclient.port = Some(40123);
+        p.xclient.helo = Some("we ird=+".into());
+        p.xclient.proto = "SMTP";
+        let offered: Vec<String> = ["NAME", "ADDR", "PORT", "HELO", "PROTO", "LOGIN"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            xclient_commands(&p.xclient, &offered),
+            [
+                "XCLIENT ADDR=IPV6:2001:db8::7 PORT=40123 NAME=mail.example.org HELO=we+20ird+3D+2B PROTO=SMTP"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_ehlo_after_xclient_is_the_clients_or_its_address_literal() {
+        let offered = "250-next.test\r\n250 XCLIENT ADDR HELO\r\n";
+        for (greeting, addr, ehlo) in [
+            ("mail.example.org", "192.0.2.1", "EHLO mail.example.org\r\n"),
+            ("[192.0.2.1]", "192.0.2.1", "EHLO [192.0.2.1]\r\n"),
+            // What the session would never hand over still gives a clean line.
+            ("bad name\r\nRSET", "192.0.2.1", "EHLO [192.0.2.1]\r\n"),
+            ("", "2001:db8::1", "EHLO [IPv6:2001:db8::1]\r\n"),
+        ] {
+            let mut p = params(NextHopProtocol::Smtp, false);
+            p.xclient.greeting_name = greeting.into();
+            p.xclient.addr = addr.parse().unwrap_or(p.xclient.addr);
+            let mut c = RelayClient::new(p);
+            let mut out = RelayOutput::default();
+            c.receive(GREET.as_bytes(), &mut out);
+            c.receive(offered.as_bytes(), &mut out);
+            let mut out = RelayOutput::default();
+            c.receive(b"220 next.test\r\n", &mut out);
+            assert_eq!(String::from_utf8_lossy(&out.bytes), ehlo, "{greeting:?}");
+        }
+    }
+
+    #[test]
+    fn a_next_hop_without_xclient_is_reported_once_per_connection() {
+        let events = |ehlo_reply: &str| {
+            let mut c = RelayClient::new(params(NextHopProtocol::Smtp, false));
+            let mut out = RelayOutput::default();
+            c.receive(GREET.as_bytes(), &mut out);
+            c.receive(ehlo_reply.as_bytes(), &mut out);
+            if out.bytes.ends_with(b"\r\n") && out.bytes.windows(7).any(|w| w == b"XCLIENT") {
+                c.receive(b"220 next.test\r\n250 next.test\r\n", &mut out);
+            }
+            assert!(c.is_ready(), "{ehlo_reply:?}");
+            out.events.iter().map(event).collect::<Vec<_>>()
+        };
+        assert_eq!(events("250 next.test\r\n"), ["NO XCLIENT"]);
+        assert_eq!(
+            events("250-next.test\r\n250 XCLIENT LOGIN\r\n"),
+            ["NO XCLIENT"]
+        );
+        assert!(events("250-next.test\r\n250 XCLIENT ADDR\r\n").is_empty());
+    }
+
+    #[test]
+    fn utf8_addresses_are_refused_here_for_a_next_hop_without_smtputf8() {
+        let utf8 = MailParams {
+            smtputf8: true,
+            ..NO_PARAMS
+        };
+        run(
+            "no SMTPUTF8, pipelined",
+            params(NextHopProtocol::Smtp, false),
+            &[
+                (Recv(GREET), EHLO, &[]),
+                (Recv(EHLO_OK), "", &[]),
+                (
+                    Mail("\u{e9}@b.test", utf8),
+                    "",
+                    &["R 553 5.6.7 Non-ASCII address, and the next hop does not offer SMTPUTF8"],
+                ),
+                // An ASCII transaction goes on without the SMTPUTF8 parameter.
+                (Mail("a@b.test", utf8), "MAIL FROM:<a@b.test>\r\n", &[]),
+                (Rcpt("c@d.test"), "RCPT TO:<c@d.test>\r\n", &[]),
+                // Answered in turn, after the RCPT before it.
+                (Rcpt("\u{e9}@d.test"), "", &[]),
+                (Rcpt("e@d.test"), "RCPT TO:<e@d.test>\r\n", &[]),
+                (
+                    Recv("250 m\r\n250 c\r\n250 e\r\n"),
+                    "",
+                    &[
+                        "R 250 m",
+                        "R 250 c",
+                        "R 553 5.6.7 Non-ASCII address, and the next hop does not offer SMTPUTF8",
+                        "R 250 e",
+                    ],
+                ),
+            ],
+        );
+        run(
+            "with SMTPUTF8",
+            params(NextHopProtocol::Smtp, false),
+            &[
+                (Recv(GREET), EHLO, &[]),
+                (
+                    Recv("250-next.test\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"),
+                    "",
+                    &[],
+                ),
+                (
+                    Mail("\u{e9}@b.test", utf8),
+                    "MAIL FROM:<\u{e9}@b.test> SMTPUTF8\r\n",
+                    &[],
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn eight_bit_content_gets_no_final_dot_where_the_next_hop_cannot_take_it() {
+        let header = EightBit {
+            header: true,
+            body: false,
+        };
+        let body = EightBit {
+            header: false,
+            body: true,
+        };
+        let cases = [
+            ("250 next.test\r\n", header, Some(554u16), "5.6.9"),
+            ("250 next.test\r\n", body, Some(554), "5.6.3"),
+            (
+                "250-next.test\r\n250 8BITMIME\r\n",
+                header,
+                Some(554),
+                "5.6.9",
+            ),
+            ("250-next.test\r\n250 8BITMIME\r\n", body, None, ""),
+            (
+                "250-next.test\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n",
+                header,
+                None,
+                "",
+            ),
+            ("250 next.test\r\n", EightBit::default(), None, ""),
+        ];
+        for (ehlo_reply, eight_bit, refused, enhanced) in cases {
+            let mut c = run(
+                ehlo_reply,
+                params(NextHopProtocol::Smtp, false),
+                &[
+                    (Recv(GREET), EHLO, &[]),
+                    (Recv(ehlo_reply), "", &[]),
+                    (Data, "DATA\r\n", &[]),
+                    (Recv("354 go\r\n"), "", &["R 354 go"]),
+                    (Chunk("x\r\n"), "x\r\n", &[]),
+                ],
+            );
+            let mut out = RelayOutput::default();
+            match (c.end_data(eight_bit, &mut out), refused) {
+                (Err(reply), Some(code)) => {
+                    assert_eq!(reply.code, code, "{ehlo_reply:?} {eight_bit:?}");
+                    assert!(reply.lines[0].starts_with(enhanced), "{reply:?}");
+                    // No dot, and nothing more ever: the loop drops the connection.
+                    assert!(out.bytes.is_empty() && out.events.is_empty());
+                    c.rset(&mut out);
+                    assert!(out.bytes.is_empty());
+                }
+                (Ok(()), None) => assert_eq!(out.bytes, b".\r\n"),
+                (got, want) => panic!("{ehlo_reply:?} {eight_bit:?}: {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]
@@ -1531,9 +1839,9 @@ mod tests {
             );
             let mut out = RelayOutput::default();
             for chunk in chunks.iter() {
-                c.data_chunk(chunk.as_bytes(), &mut out);
+                c.data_chunk(chunk.as_bytes().to_vec(), &mut out);
             }
-            c.end_data(&mut out);
+            assert_eq!(c.end_data(EightBit::default(), &mut out), Ok(()));
             assert_eq!(String::from_utf8_lossy(&out.bytes), *wire, "{name}");
             assert!(!c.is_idle(), "{name}");
             c.receive(b"250 ok\r\n", &mut out);

@@ -52,11 +52,33 @@ pub enum XclientName {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct XclientAttrs {
     pub addr: IpAddr,
+    /// The client's TCP port (the PROXY header's source port behind a proxy); the loop fills
+    /// it in, the session does not know it.
+    pub port: Option<u16>,
     pub name: XclientName,
     /// The client's HELO/EHLO argument; `[UNAVAILABLE]` is sent when there is none.
     pub helo: Option<String>,
-    /// `"SMTP"` after HELO, `"ESMTP"` after EHLO.
+    /// `"SMTP"` after HELO, `"ESMTP"` after EHLO: never `ESMTPS`, which Postfix refuses
+    /// with 501 (XCLIENT_README lists SMTP and ESMTP only).
     pub proto: &'static str,
+    /// The name of the EHLO sent after XCLIENT's 220: the client's HELO name when it passed
+    /// the syntax check, else the client's address literal. Postfix takes the name of that
+    /// EHLO as the client's HELO, so it must be the client's and not ours.
+    pub greeting_name: String,
+}
+
+impl XclientAttrs {
+    /// The EHLO name that stands for a client whose HELO is unusable: its address literal
+    /// (RFC 5321 4.1.3), `[IPv6:...]` for IPv6.
+    pub(crate) fn address_literal(addr: IpAddr) -> String {
+        match addr {
+            IpAddr::V4(v4) => format!("[{v4}]"),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => format!("[{v4}]"),
+                None => format!("[IPv6:{v6}]"),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,10 +101,27 @@ pub(crate) enum RelayEvent {
     /// (SMTP: one per call; LMTP: `end_data()` yields one reply per accepted recipient, each
     /// as its own event, in RCPT order).
     Reply(Reply),
+    /// Setup is done and the next hop did not offer XCLIENT (or none of the attributes we
+    /// send): it sees our address as the client's. The loop warns once per next hop.
+    XclientUnavailable,
     /// The connection can't be used any more: the loop closes it (after writing any bytes
     /// produced with this event, which are at most a courtesy `QUIT`) and answers every
     /// outstanding call with this reply (`451 4.4.1 Next hop unavailable: ...`).
     Failed(Reply),
+}
+
+/// Where a message holds octets beyond ASCII: a next hop without SMTPUTF8 must not get
+/// them in the header, one without 8BITMIME not at all (SPEC "Relay modes").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EightBit {
+    pub header: bool,
+    pub body: bool,
+}
+
+impl EightBit {
+    pub fn any(self) -> bool {
+        self.header || self.body
+    }
 }
 
 /// Bytes to write to the next hop and events for the loop, appended to by every call.
@@ -124,6 +163,9 @@ pub(crate) enum RelayError {
     TooManyLines,
     /// The connection was closed by our QUIT.
     Closed,
+    /// A message was refused here in the middle of its DATA: the connection is dropped
+    /// without the final dot.
+    Abandoned,
     /// A call the protocol state does not allow (e.g. a command while DATA is open, where it
     /// would be read as message content).
     Misuse(&'static str),
@@ -187,6 +229,7 @@ impl fmt::Display for RelayError {
             RelayError::LineTooLong => f.write_str("reply line too long"),
             RelayError::TooManyLines => f.write_str("reply has too many lines"),
             RelayError::Closed => f.write_str("connection closed"),
+            RelayError::Abandoned => f.write_str("transaction abandoned"),
             RelayError::Misuse(what) => write!(f, "internal error: {what}"),
         }
     }

@@ -8,6 +8,7 @@
 //! is dropped at the next hop at most once, and never finished with a dot after that.
 
 use crate::message::header::HeaderFilter;
+use crate::relay::EightBit;
 
 /// One message being passed on to the next hop.
 #[derive(Debug)]
@@ -21,6 +22,8 @@ pub(crate) struct OutboundMessage {
     aborted: bool,
     /// More than 100 Received fields.
     looped: bool,
+    /// Where the message passed on so far holds octets beyond ASCII.
+    eight_bit: EightBit,
 }
 
 /// What the next hop gets after a `push`.
@@ -41,6 +44,7 @@ impl OutboundMessage {
             header: None,
             aborted: false,
             looped: false,
+            eight_bit: EightBit::default(),
         }
     }
 
@@ -55,6 +59,7 @@ impl OutboundMessage {
             .get_or_insert_with(|| HeaderFilter::new(hostname));
         if filter.in_body() && !last {
             // The common case past the header: the content moves on whole, uncopied.
+            self.note_eight_bit(&[], &content);
             return if content.is_empty() {
                 Outbound::Nothing
             } else {
@@ -74,6 +79,7 @@ impl OutboundMessage {
                 Outbound::Nothing
             };
         }
+        self.note_eight_bit(&kept, &content[body_from..]);
         if kept.is_empty() && body_from == 0 {
             return if content.is_empty() {
                 Outbound::Nothing
@@ -86,6 +92,21 @@ impl OutboundMessage {
             Outbound::Nothing
         } else {
             Outbound::Send(kept)
+        }
+    }
+
+    /// Where the content passed on so far holds octets beyond ASCII (our trace fields never
+    /// do).
+    pub(crate) fn eight_bit(&self) -> EightBit {
+        self.eight_bit
+    }
+
+    fn note_eight_bit(&mut self, header: &[u8], body: &[u8]) {
+        if !self.eight_bit.header && !header.is_ascii() {
+            self.eight_bit.header = true;
+        }
+        if !self.eight_bit.body && !body.is_ascii() {
+            self.eight_bit.body = true;
         }
     }
 
@@ -151,6 +172,42 @@ mod tests {
         head.extend(b"Received: x\r\n".repeat(101));
         assert_eq!(m.push(head, false, "mx.test"), Outbound::Abort);
         assert!(m.looped());
+    }
+
+    #[test]
+    fn eight_bit_octets_are_told_apart_in_header_and_body() {
+        let cases: &[(&[&[u8]], EightBit)] = &[
+            (&[b"Subject: plain\r\n\r\nplain\r\n"], EightBit::default()),
+            (
+                &["Subject: gr\u{fc}n\r\n\r\nplain\r\n".as_bytes()],
+                EightBit {
+                    header: true,
+                    body: false,
+                },
+            ),
+            (
+                &[b"Subject: plain\r\n", b"\r\n", "gr\u{fc}n\r\n".as_bytes()],
+                EightBit {
+                    header: false,
+                    body: true,
+                },
+            ),
+            // A field held back across pushes is judged when it is passed on.
+            (
+                &[b"Subject: a", "\u{fc}\r\n\r\nx".as_bytes()],
+                EightBit {
+                    header: true,
+                    body: false,
+                },
+            ),
+        ];
+        for (pushes, want) in cases {
+            let mut m = OutboundMessage::new("Q".into());
+            for (i, push) in pushes.iter().enumerate() {
+                m.push(push.to_vec(), i + 1 == pushes.len(), "mx.test");
+            }
+            assert_eq!(m.eight_bit(), *want, "{pushes:?}");
+        }
     }
 
     #[test]

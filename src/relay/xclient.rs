@@ -8,14 +8,38 @@ use std::net::IpAddr;
 use super::{XclientAttrs, XclientName};
 use crate::protocol::MAX_COMMAND_LINE;
 
-/// The XCLIENT commands for the attributes the next hop offered, in the order ADDR, NAME,
-/// HELO, PROTO. XCLIENT_README: "XCLIENT attribute-name=attribute-value ...", values in
-/// xtext, and a client must send only the attribute names listed in the EHLO reply. The
-/// attributes are split over several commands when one would exceed RFC 5321's 512 octets,
-/// as Postfix's smtpd proxy does; each command gets its own 220.
+/// Postfix refuses a HELO attribute longer than this (501, `VALID_HOSTNAME_LEN`), which
+/// would fail the whole XCLIENT.
+const MAX_HELO_VALUE: usize = 255;
+
+/// The longest xtext HELO value that fits in `XCLIENT HELO=... PROTO=ESMTP` CRLF.
+const MAX_HELO_XTEXT: usize = MAX_COMMAND_LINE - "XCLIENT HELO= PROTO=ESMTP\r\n".len();
+
+/// The XCLIENT commands for the attributes the next hop offered. XCLIENT_README:
+/// "XCLIENT attribute-name=attribute-value ...", values in xtext, and a client must send only
+/// the attribute names listed in the EHLO reply. One command when it fits in RFC 5321's 512
+/// octets; otherwise HELO and PROTO go first and NAME and ADDR last (with PORT), since an
+/// XCLIENT that changes ADDR makes the next hop judge any further XCLIENT by the new address,
+/// which it does not trust. Each command gets its own 220.
 pub(super) fn xclient_commands(attrs: &XclientAttrs, offered: &[String]) -> VecDeque<String> {
     let is_offered = |name: &str| offered.iter().any(|o| o == name);
-    let mut items = Vec::new();
+    let mut identity = Vec::new();
+    if is_offered("HELO") {
+        // A HELO that Postfix would refuse, or whose xtext would not fit in the first
+        // command, is sent as unknown: the EHLO after XCLIENT names the client anyway.
+        let helo = attrs
+            .helo
+            .as_deref()
+            .filter(|helo| helo.len() <= MAX_HELO_VALUE)
+            .map(xtext)
+            .filter(|value| value.len() <= MAX_HELO_XTEXT)
+            .unwrap_or_else(|| "[UNAVAILABLE]".to_string());
+        identity.push(format!("HELO={helo}"));
+    }
+    if is_offered("PROTO") {
+        identity.push(format!("PROTO={}", xtext(attrs.proto)));
+    }
+    let mut address = Vec::new();
     if is_offered("ADDR") {
         // XCLIENT_README: "IPv6 addresses must be prefixed with IPV6:".
         let addr = match attrs.addr {
@@ -25,7 +49,12 @@ pub(super) fn xclient_commands(attrs: &XclientAttrs, offered: &[String]) -> VecD
                 None => format!("IPV6:{v6}"),
             },
         };
-        items.push(format!("ADDR={}", xtext(&addr)));
+        address.push(format!("ADDR={}", xtext(&addr)));
+    }
+    if is_offered("PORT")
+        && let Some(port) = attrs.port
+    {
+        address.push(format!("PORT={port}"));
     }
     if is_offered("NAME") {
         // XCLIENT_README: "[UNAVAILABLE]" when the name is not known, "[TEMPUNAVAIL]" when the
@@ -35,34 +64,29 @@ pub(super) fn xclient_commands(attrs: &XclientAttrs, offered: &[String]) -> VecD
             XclientName::Unavailable => "[UNAVAILABLE]".to_string(),
             XclientName::TempUnavailable => "[TEMPUNAVAIL]".to_string(),
         };
-        items.push(format!("NAME={name}"));
+        address.push(format!("NAME={name}"));
     }
-    if is_offered("HELO") {
-        let helo = match &attrs.helo {
-            Some(helo) => xtext(helo),
-            None => "[UNAVAILABLE]".to_string(),
-        };
-        items.push(format!("HELO={helo}"));
-    }
-    if is_offered("PROTO") {
-        items.push(format!("PROTO={}", xtext(attrs.proto)));
-    }
+    let one = command(address.iter().chain(&identity));
     let mut commands = VecDeque::new();
-    let mut line = String::new();
-    for item in items {
-        if !line.is_empty() && line.len() + 1 + item.len() + 2 > MAX_COMMAND_LINE {
-            commands.push_back(std::mem::take(&mut line));
-        }
-        if line.is_empty() {
-            line.push_str("XCLIENT");
-        }
-        line.push(' ');
-        line.push_str(&item);
-    }
-    if !line.is_empty() {
-        commands.push_back(line);
+    match one {
+        Some(line) if line.len() + 2 <= MAX_COMMAND_LINE => commands.push_back(line),
+        _ => commands.extend(
+            [command(identity.iter()), command(address.iter())]
+                .into_iter()
+                .flatten(),
+        ),
     }
     commands
+}
+
+/// `XCLIENT` and the attributes, or None when there are none.
+fn command<'a>(items: impl Iterator<Item = &'a String>) -> Option<String> {
+    let mut line = String::from("XCLIENT");
+    for item in items {
+        line.push(' ');
+        line.push_str(item);
+    }
+    (line.len() > "XCLIENT".len()).then_some(line)
 }
 
 /// RFC 3461 4: xtext is `xchar` (33..=126 except `+` and `=`) or `"+" 2(%x30-39 / %x41-46)`,

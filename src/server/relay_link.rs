@@ -22,7 +22,7 @@ use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureSch
 
 use crate::protocol::reply::Reply;
 use crate::relay::client::RelayClient;
-use crate::relay::{RelayClientParams, RelayEvent, RelayOutput};
+use crate::relay::{EightBit, RelayClientParams, RelayEvent, RelayOutput};
 use crate::server::conn_id::ConnId;
 use crate::server::tls::TlsSession;
 
@@ -140,6 +140,8 @@ pub(crate) struct LinkProgress {
     pub answers: Vec<LinkAnswer>,
     /// The link can no longer be used: the loop closes it.
     pub failed: Option<LinkFailure>,
+    /// The next hop did not offer XCLIENT: it will take us for the client.
+    pub xclient_unavailable: bool,
 }
 
 /// Why a link failed, for `heloguard_relay_failures_total{reason}`.
@@ -176,6 +178,9 @@ pub(crate) struct RelayLink {
     /// When the link last had a request outstanding or a transaction open; with neither for
     /// HELOGUARD_RELAY_IDLE_SECS it closes, so an idle client holds no next-hop slot.
     last_busy: Instant,
+    /// Answers given at once, without the next hop (a command refused here, such as a UTF-8
+    /// address for a next hop without SMTPUTF8), for the caller to take (`take_answers`).
+    immediate: Vec<LinkAnswer>,
 }
 
 impl RelayLink {
@@ -205,6 +210,7 @@ impl RelayLink {
             transaction_open: false,
             deadline: now + CONNECT_TIMEOUT,
             last_busy: now,
+            immediate: Vec::new(),
         }
     }
 
@@ -241,17 +247,34 @@ impl RelayLink {
     }
 
     /// Message content as the client sends it (the protocol dot-stuffs it).
-    pub(crate) fn data_chunk(&mut self, bytes: &[u8]) {
+    pub(crate) fn data_chunk(&mut self, bytes: Vec<u8>) {
         let mut out = RelayOutput::default();
         self.client.data_chunk(bytes, &mut out);
         self.absorb_output(out);
     }
 
-    /// The final dot; its reply is the delivery's answer.
-    pub(crate) fn end_data(&mut self) {
+    /// The final dot; its reply is the delivery's answer. A message this next hop cannot
+    /// take as it is (`EightBit` without SMTPUTF8 or 8BITMIME) gets no dot: the refusal for
+    /// the client comes back, and the caller must close the link.
+    pub(crate) fn end_data(&mut self, eight_bit: EightBit) -> Result<(), Reply> {
         let mut out = RelayOutput::default();
-        self.client.end_data(&mut out);
+        self.client.end_data(eight_bit, &mut out)?;
         self.expect(Awaiting::EndOfData);
+        self.absorb_output(out);
+        Ok(())
+    }
+
+    /// The client dropped its transaction before DATA (RSET, a new EHLO): the next hop's
+    /// goes too, at once, so that the link counts as idle from now on and an idle client
+    /// holds no next-hop slot.
+    pub(crate) fn reset(&mut self) {
+        if !self.transaction_open {
+            return;
+        }
+        let mut out = RelayOutput::default();
+        self.client.rset(&mut out);
+        self.transaction_open = false;
+        self.last_busy = Instant::now();
         self.absorb_output(out);
     }
 
@@ -259,7 +282,7 @@ impl RelayLink {
     pub(crate) fn quit(&mut self) {
         let mut out = RelayOutput::default();
         self.client.quit(&mut out);
-        self.queue(&out.bytes);
+        self.queue(out.bytes);
         if let Some(tls) = self.tls.as_mut() {
             tls.send_close_notify();
         }
@@ -400,10 +423,11 @@ impl RelayLink {
 
     fn absorb_events(&mut self, out: RelayOutput, progress: &mut LinkProgress, now: Instant) {
         let RelayOutput { bytes, events } = out;
-        self.queue(&bytes);
+        self.queue(bytes);
         for event in events {
             match event {
                 RelayEvent::StartTls => self.start_tls(progress),
+                RelayEvent::XclientUnavailable => progress.xclient_unavailable = true,
                 RelayEvent::Reply(reply) => {
                     self.deadline = now + REPLY_TIMEOUT;
                     // The next hop's reply goes to our client as it is, so it must follow our
@@ -429,7 +453,7 @@ impl RelayLink {
             Some(Awaiting::Data(trace)) => {
                 if reply.code == 354 {
                     let mut out = RelayOutput::default();
-                    self.client.data_chunk(&trace, &mut out);
+                    self.client.data_chunk(trace, &mut out);
                     self.absorb_output(out);
                 }
                 progress.answers.push(LinkAnswer::Command(reply));
@@ -460,21 +484,34 @@ impl RelayLink {
         self.tls = Some(tls);
     }
 
+    /// What a request produced: bytes for the next hop, and the answers it got at once.
     fn absorb_output(&mut self, out: RelayOutput) {
-        self.queue(&out.bytes);
-        // Events only come from replies; a request alone produces bytes.
+        let mut progress = LinkProgress::default();
+        self.absorb_events(out, &mut progress, Instant::now());
+        self.immediate.append(&mut progress.answers);
+        if progress.failed.is_some() {
+            self.broken = true;
+        }
         let _ = self.flush();
     }
 
-    fn queue(&mut self, bytes: &[u8]) {
+    /// The answers the last requests got without the next hop; the caller hands them to the
+    /// session as it would the next hop's.
+    pub(crate) fn take_answers(&mut self) -> Vec<LinkAnswer> {
+        std::mem::take(&mut self.immediate)
+    }
+
+    fn queue(&mut self, bytes: Vec<u8>) {
         if bytes.is_empty() {
             return;
         }
         match self.tls.as_mut() {
-            None => self.outbuf.extend_from_slice(bytes),
+            // A message piece usually finds the buffer empty: it is taken as it is.
+            None if self.outbuf.is_empty() => self.outbuf = bytes,
+            None => self.outbuf.extend_from_slice(&bytes),
             // What rustls does not take now waits in the session and counts in `backlog`.
             Some(tls) => {
-                if tls.send_plaintext(bytes).is_err() {
+                if tls.send_plaintext(&bytes).is_err() {
                     self.broken = true;
                 }
             }

@@ -566,6 +566,18 @@ impl Session {
             self.refuse(out, Stage::Rcpt, Subject::Rcpt(to.mailbox), reply);
             return;
         }
+        // SPEC "Relay modes": routing tricks are refused in every mode, as relaying.
+        if to.is_routing_trick() {
+            out.observations
+                .push(Observation::MessageRejected(Stage::Rcpt));
+            let reply = Reply::new(
+                550,
+                "5.7.1",
+                "Source routing in the local part: relay access denied",
+            );
+            self.refuse(out, Stage::Rcpt, Subject::Rcpt(to.mailbox), reply);
+            return;
+        }
         let max = settings.max_recipients;
         if max != 0 && tx.recipients.len() >= max {
             let reply = Reply::new(452, "4.5.3", "Too many recipients");

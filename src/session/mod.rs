@@ -31,7 +31,7 @@ use crate::message::{Envelope, Protocol, TraceInfo};
 use crate::protocol::command::MailParams;
 use crate::protocol::data::BareLineFeed;
 use crate::protocol::reply::Reply;
-use crate::relay::XclientAttrs;
+use crate::relay::{EightBit, XclientAttrs};
 
 mod data;
 mod delivery;
@@ -173,8 +173,12 @@ pub enum SessionAction {
     /// Relay modes: message content (dot-unstuffed, CRLF lines) for the next hop.
     RelayChunk(Vec<u8>),
     /// Relay modes: the message is complete: send the final dot; answer with
-    /// `Event::Delivered`.
-    RelayEndData,
+    /// `Event::Delivered`. `eight_bit` says where the message holds octets beyond ASCII: a
+    /// next hop that did not offer what they need gets no dot, and the client the refusal.
+    RelayEndData { eight_bit: EightBit },
+    /// Relay modes: the client dropped its transaction before DATA (RSET, EHLO): reset the
+    /// next hop's too.
+    RelayReset,
     /// Relay modes: the message was refused on the way: drop the next hop's transaction
     /// without its final dot.
     RelayAbort,

@@ -16,6 +16,7 @@
 use std::time::SystemTime;
 
 use crate::dns::Lookup;
+use crate::helo::checks::HeloArg;
 use crate::protocol::command::{MailParams, Verb};
 use crate::protocol::data::{DataDecoder, DataRefusal, Framing};
 use crate::protocol::reply::Reply;
@@ -88,10 +89,18 @@ impl Session {
     }
 
     /// Ends the next hop's side of a transaction that the client dropped (RSET, EHLO,
-    /// STARTTLS): never finished with a dot.
+    /// STARTTLS): never finished with a dot. Before any content, an RSET there ends it, so
+    /// that a client idling after RSET holds no next-hop transaction (and, after
+    /// HELOGUARD_RELAY_IDLE_SECS, no connection).
     pub(super) fn relay_drop(&mut self, out: &mut Output) {
-        if let Some(message) = self.tx.as_mut().and_then(|tx| tx.relay.as_mut()) {
-            abort_relay(message, out);
+        let relaying = self.relaying();
+        let Some(tx) = self.tx.as_mut() else {
+            return;
+        };
+        match tx.relay.as_mut() {
+            Some(message) => abort_relay(message, out),
+            None if relaying => out.actions.push(SessionAction::RelayReset),
+            None => {}
         }
     }
 
@@ -177,15 +186,22 @@ impl Session {
         self.rate = Some(DataRate::start(now.mono));
         match chunk {
             None => {
-                self.input_mode =
-                    InputMode::Data(DataDecoder::new(Framing::Dot, limits).streaming());
+                self.input_mode = InputMode::Data(
+                    DataDecoder::new(Framing::Dot, limits)
+                        .streaming()
+                        .crlf_only(),
+                );
                 self.reply(
                     out,
                     Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"),
                 );
             }
             Some(BdatChunk { size, last }) => {
-                tx.chunks = Some(DataDecoder::new(Framing::Chunked, limits).streaming());
+                tx.chunks = Some(
+                    DataDecoder::new(Framing::Chunked, limits)
+                        .streaming()
+                        .crlf_only(),
+                );
                 self.input_mode = InputMode::Chunk {
                     size,
                     remaining: size,
@@ -248,14 +264,22 @@ impl Session {
             },
         };
         let current = self.current.as_ref();
+        // SPEC: the EHLO after XCLIENT carries the client's HELO name when it passed the
+        // syntax check, else the client's address literal.
+        let greeting_name = match current {
+            Some(id) if id.parsed != HeloArg::Invalid => id.arg.clone(),
+            _ => XclientAttrs::address_literal(ip),
+        };
         XclientAttrs {
             addr: ip,
+            port: None,
             name,
             helo: current.map(|id| id.arg.clone()),
             proto: match current.map(|id| id.verb) {
                 Some(Verb::Ehlo) => "ESMTP",
                 _ => "SMTP",
             },
+            greeting_name,
         }
     }
 
@@ -327,7 +351,9 @@ impl Session {
             self.refuse(out, Stage::Data, subject, refusal.reply());
             return;
         }
-        out.actions.push(SessionAction::RelayEndData);
+        out.actions.push(SessionAction::RelayEndData {
+            eight_bit: message.eight_bit(),
+        });
         self.park = Some(Park::Delivery(Box::new(AcceptedMessage {
             id: std::mem::take(&mut message.queue_id),
             size: self.bytes.saturating_sub(tx.octets_before),

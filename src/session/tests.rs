@@ -277,8 +277,15 @@ impl Harness {
                 SessionAction::RelayChunk(bytes) => self
                     .relayed
                     .push(format!("CHUNK {}", String::from_utf8_lossy(&bytes))),
-                SessionAction::RelayEndData => self.relayed.push("END".into()),
+                SessionAction::RelayEndData { eight_bit } => {
+                    self.relayed.push(if eight_bit.any() {
+                        format!("END {eight_bit:?}")
+                    } else {
+                        "END".into()
+                    })
+                }
                 SessionAction::RelayAbort => self.relayed.push("ABORT".into()),
+                SessionAction::RelayReset => self.relayed.push("RESET".into()),
             }
         }
     }
@@ -1188,6 +1195,23 @@ fn rset_or_ehlo_between_relayed_bdat_chunks_aborts_the_next_hops_message() {
         // Long after, in command phase: no data rate applies any more.
         h.now.mono += Duration::from_secs(120);
         h.cmd("NOOP", "250");
+    }
+}
+
+/// RSET (or EHLO) before DATA resets the next hop's transaction at once, so a client idling
+/// afterwards holds no next-hop transaction (SPEC "Relay modes": idle clients hold no slot).
+#[test]
+fn rset_before_data_resets_the_next_hops_transaction() {
+    for ending in ["RSET", "EHLO client.example"] {
+        let mut h = relaying();
+        h.cmd(ending, "250");
+        assert_eq!(h.relayed, ["RESET"], "{ending}");
+        h.cmd("RSET", "250");
+        assert_eq!(
+            h.relayed,
+            ["RESET"],
+            "{ending}: no transaction, nothing to reset"
+        );
     }
 }
 

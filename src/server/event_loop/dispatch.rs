@@ -16,7 +16,7 @@ use crate::server::conn::{INBUF_CAP, ReadSide, Transport};
 use crate::server::conn_id::ConnId;
 use crate::server::event_loop::Handoff;
 use crate::server::event_loop::Server;
-use crate::server::event_loop::next_hop::next_hop_unavailable;
+use crate::server::event_loop::next_hop::{next_hop_unavailable, session_event};
 use crate::server::event_loop::session_log::log_observations;
 use crate::server::event_loop::timers::{ConnTimer, TimerKind};
 use crate::server::worker::{Done, OwnedEvent, WorkerReport};
@@ -225,10 +225,18 @@ impl Server {
                     return;
                 };
                 link.mail(&reverse_path, &params);
+                let answers = link.take_answers();
+                if let Some(conn) = self.conns.get_mut(slot) {
+                    conn.pending.extend(answers.into_iter().map(session_event));
+                }
             }
             SessionAction::RelayData { trace, recipients } => {
                 match conn.relay.and_then(|r| self.relays.get_mut(r)) {
-                    Some(link) => link.start_data(trace_fields(&trace, &recipients)),
+                    Some(link) => {
+                        link.start_data(trace_fields(&trace, &recipients));
+                        let answers = link.take_answers();
+                        conn.pending.extend(answers.into_iter().map(session_event));
+                    }
                     None => conn
                         .pending
                         .push(OwnedEvent::RelayReply(next_hop_unavailable())),
@@ -239,18 +247,34 @@ impl Server {
                 if let Some(key) = conn.relay
                     && let Some(link) = self.relays.get_mut(key)
                 {
-                    link.data_chunk(&bytes);
+                    link.data_chunk(bytes);
                     self.note_relay_backlog(key);
                 }
             }
-            SessionAction::RelayEndData => match conn.relay.and_then(|r| self.relays.get_mut(r)) {
-                Some(link) => link.end_data(),
-                None => conn
-                    .pending
-                    .push(OwnedEvent::Delivered(DeliveryOutcome::Failed(
-                        next_hop_unavailable(),
-                    ))),
-            },
+            SessionAction::RelayEndData { eight_bit } => {
+                let mut ended = match conn.relay.and_then(|r| self.relays.get_mut(r)) {
+                    Some(link) => link.end_data(eight_bit).map(|()| link.take_answers()),
+                    None => Err(next_hop_unavailable()),
+                };
+                if let Ok(answers) = &mut ended {
+                    conn.pending
+                        .extend(std::mem::take(answers).into_iter().map(session_event));
+                }
+                if let Err(reply) = ended {
+                    conn.pending
+                        .push(OwnedEvent::Delivered(DeliveryOutcome::Failed(reply)));
+                    // Refused without the final dot: closing is the only way out of DATA.
+                    if let Some(r) = conn.relay.take() {
+                        self.metrics.relay_failure(RelayFailure::Aborted);
+                        self.close_relay(r, false);
+                    }
+                }
+            }
+            SessionAction::RelayReset => {
+                if let Some(link) = conn.relay.and_then(|r| self.relays.get_mut(r)) {
+                    link.reset();
+                }
+            }
             SessionAction::RelayAbort => {
                 // No final dot: closing the connection is the only way out of DATA.
                 if let Some(r) = conn.relay.take() {
@@ -260,7 +284,11 @@ impl Server {
             }
             SessionAction::RelayRcpt { forward_path } => {
                 match conn.relay.and_then(|r| self.relays.get_mut(r)) {
-                    Some(link) => link.rcpt(&forward_path),
+                    Some(link) => {
+                        link.rcpt(&forward_path);
+                        let answers = link.take_answers();
+                        conn.pending.extend(answers.into_iter().map(session_event));
+                    }
                     None => conn
                         .pending
                         .push(OwnedEvent::RelayReply(next_hop_unavailable())),

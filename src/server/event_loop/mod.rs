@@ -141,6 +141,8 @@ pub struct Server {
     pub(super) spill: Option<Arc<dyn crate::message::content::SpillStore>>,
     pub(super) relays: Slab<RelayLink>,
     pub(super) relay_check_armed: bool,
+    /// The next hop was found not to offer XCLIENT, and the log said so (once).
+    pub(super) xclient_warned: bool,
     /// Scratch for socket reads, shared by every connection.
     pub(super) read_buf: Box<[u8]>,
 }

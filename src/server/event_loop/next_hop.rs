@@ -43,6 +43,14 @@ pub enum NextHop {
 }
 
 impl NextHop {
+    /// `host:port` or the socket's path, for the log.
+    pub(super) fn describe(&self) -> String {
+        match self {
+            NextHop::Tcp { addr, host, .. } => format!("{host}:{}", addr.port()),
+            NextHop::Unix { path } => path.display().to_string(),
+        }
+    }
+
     /// Resolves the next hop's host once, at startup (a blocking lookup is fine there).
     pub fn resolve(host: &str, port: u16, protocol: NextHopProtocol) -> Result<Self, StartError> {
         use std::net::ToSocketAddrs;
@@ -59,6 +67,15 @@ impl NextHop {
     }
 }
 
+/// The session's event for a link's answer.
+pub(super) fn session_event(answer: LinkAnswer) -> OwnedEvent {
+    match answer {
+        LinkAnswer::Command(reply) => OwnedEvent::RelayReply(reply),
+        LinkAnswer::Delivery(Ok(reply)) => OwnedEvent::Delivered(DeliveryOutcome::Relayed(reply)),
+        LinkAnswer::Delivery(Err(reply)) => OwnedEvent::Delivered(DeliveryOutcome::Failed(reply)),
+    }
+}
+
 /// What a client hears when the next hop cannot take its mail: try again later.
 pub(super) fn next_hop_unavailable() -> Reply {
     Reply::new(451, "4.4.1", "Next hop not available, try again later")
@@ -69,7 +86,7 @@ impl Server {
     pub(super) fn relay_link(
         &mut self,
         slot: usize,
-        xclient: XclientAttrs,
+        mut xclient: XclientAttrs,
         now: Instant,
     ) -> Option<&mut RelayLink> {
         let Some(Handoff::Relay { next_hop, tls }) = &self.handoff else {
@@ -82,6 +99,7 @@ impl Server {
             return self.relays.get_mut(r);
         }
         let owner = conn.id;
+        xclient.port = Some(conn.client_port);
         let tls_config = tls.clone();
         let (socket, tls_host, protocol) = match next_hop {
             NextHop::Tcp {
@@ -145,12 +163,32 @@ impl Server {
         };
         let progress = link.ready(now, &mut self.read_buf);
         let owner = link.owner;
+        if progress.xclient_unavailable {
+            self.warn_xclient_unavailable();
+        }
         self.route_link_answers(owner, progress.answers);
         if let Some(failure) = progress.failed {
             self.fail_relay(key, failure);
             return;
         }
         self.note_relay_backlog(key);
+    }
+
+    /// SPEC "Relay modes": a next hop that does not offer XCLIENT is told of once in the log.
+    /// Without XCLIENT it sees every client as our address, so its restrictions and logs are
+    /// about us, and any access it grants our address it grants every client.
+    fn warn_xclient_unavailable(&mut self) {
+        if std::mem::replace(&mut self.xclient_warned, true) {
+            return;
+        }
+        let Some(Handoff::Relay { next_hop, .. }) = &self.handoff else {
+            return;
+        };
+        warn!(
+            "next hop {} does not offer XCLIENT to us: it sees every client as our own address; \
+             authorize us there (Postfix: smtpd_authorized_xclient_hosts)",
+            next_hop.describe()
+        );
     }
 
     /// Holds the link's session back while the next hop lags (SPEC "Memory": the client is
@@ -185,17 +223,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        for answer in answers {
-            conn.pending.push(match answer {
-                LinkAnswer::Command(reply) => OwnedEvent::RelayReply(reply),
-                LinkAnswer::Delivery(Ok(reply)) => {
-                    OwnedEvent::Delivered(DeliveryOutcome::Relayed(reply))
-                }
-                LinkAnswer::Delivery(Err(reply)) => {
-                    OwnedEvent::Delivered(DeliveryOutcome::Failed(reply))
-                }
-            });
-        }
+        conn.pending.extend(answers.into_iter().map(session_event));
         self.pump(slot);
         self.flush_or_close(slot);
     }

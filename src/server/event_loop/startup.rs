@@ -168,6 +168,7 @@ impl Server {
             spill,
             relays: Slab::new(),
             relay_check_armed: false,
+            xclient_warned: false,
             read_buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
         };
         server.check_spool_space(Instant::now());
