@@ -39,5 +39,6 @@ pub(crate) mod sched;
 pub mod server;
 pub mod session;
 pub(crate) mod spool;
+pub mod state;
 pub(crate) mod wake;
 pub mod whatif;

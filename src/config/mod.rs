@@ -18,10 +18,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::greylist::GreylistTimes;
 use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt, parse_allow_list};
 use crate::net::Cidr;
 use crate::protocol::data::BareLineFeed;
 use crate::session::{DeliveryMode, SenderChecks, SessionSettings};
+use crate::state::{StateSettings, StateStore};
 
 mod values;
 mod variables;
@@ -88,6 +90,21 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Relay modes: a next-hop link without a transaction for this long is closed.
     pub relay_idle: Duration,
+    /// The state store, greylisting's times and helo_churn's limit.
+    pub state: StateSettings,
+}
+
+impl Config {
+    /// Whether anything asks the state store: a check whose action is greylist, or
+    /// helo_churn on (HELOGUARD_HELO_CHURN not 0 and its action not off).
+    pub fn needs_state_store(&self) -> bool {
+        use crate::helo::{Action, Check};
+        let policy = &self.helo_policy;
+        Check::ALL
+            .iter()
+            .any(|check| policy.action(*check) == Action::Greylist)
+            || (self.state.helo_churn != 0 && policy.action(Check::HeloChurn) != Action::Off)
+    }
 }
 
 impl Config {
@@ -135,7 +152,10 @@ impl From<&Config> for SessionSettings {
                     DeliveryMode::LmtpRelay
                 }
             },
-            sender_checks: SenderChecks::default(),
+            sender_checks: SenderChecks {
+                helo_churn: config.state.helo_churn != 0,
+                ..SenderChecks::default()
+            },
         }
     }
 }
@@ -268,6 +288,9 @@ fn build(env: &Env<'_>, machine: &dyn Machine) -> Result<(Config, Vec<String>), 
         ));
     }
     let (tls_cert, tls_key) = tls_files(env)?;
+    let state = state_settings(env)?;
+    let mut helo_policy = helo_policy(env)?;
+    helo_policy.sender.helo_churn = state.helo_churn;
 
     let config = Config {
         listen: listeners.smtp,
@@ -294,13 +317,14 @@ fn build(env: &Env<'_>, machine: &dyn Machine) -> Result<(Config, Vec<String>), 
         greet_delay: Duration::from_millis(within_a_year(env, &GREET_DELAY_MS, whole, 1000)?),
         tls_cert,
         tls_key,
-        helo_policy: helo_policy(env)?,
+        helo_policy,
         helo_allow: helo_allow(env)?,
         reject_at: reject_at(env)?,
         bare_newline: bare_newline(env)?,
         metrics: listeners.metrics,
         shutdown_grace: Duration::from_secs(within_a_year(env, &SHUTDOWN_GRACE_SECS, whole, 1)?),
         relay_idle: Duration::from_secs(within_a_year(env, &RELAY_IDLE_SECS, whole, 1)?),
+        state,
     };
     Ok((config, warnings))
 }

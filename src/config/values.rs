@@ -513,3 +513,217 @@ pub(super) fn bare_newline(env: &Env<'_>) -> Result<BareLineFeed, ConfigError> {
         )),
     }
 }
+
+// ---- state store and greylisting ----
+
+/// A duration: a whole number with `s`, `m`, `h` or `d`, a bare number being seconds; at
+/// most a year.
+pub(super) fn parse_duration(variable: &'static str, raw: &str) -> Result<Duration, ConfigError> {
+    const YEAR_SECS: u64 = 365 * 24 * 3600;
+    let (digits, unit) = match raw.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&raw[..i], c.to_ascii_lowercase()),
+        _ => (raw, 's'),
+    };
+    let per = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
+        _ => {
+            return Err(ConfigError::bad_value(
+                variable,
+                raw,
+                "is not a duration (a number with s, m, h or d)",
+            ));
+        }
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ConfigError::bad_value(
+            variable,
+            raw,
+            "is not a duration (a number with s, m, h or d)",
+        ));
+    }
+    match digits.parse::<u64>().ok().and_then(|n| n.checked_mul(per)) {
+        Some(secs) if secs <= YEAR_SECS => Ok(Duration::from_secs(secs)),
+        _ => Err(ConfigError::bad_value(variable, raw, "is more than a year")),
+    }
+}
+
+fn duration(env: &Env<'_>, variable: &Variable) -> Result<Duration, ConfigError> {
+    parse_duration(variable.name, &env.value(variable).unwrap_or_default())
+}
+
+/// HELOGUARD_GREYLIST_DELAY, _RETRY and _PASS; a retry window shorter than the delay would
+/// never let a triplet pass.
+pub(super) fn greylist_times(env: &Env<'_>) -> Result<GreylistTimes, ConfigError> {
+    let times = GreylistTimes {
+        delay: duration(env, &GREYLIST_DELAY)?,
+        retry: duration(env, &GREYLIST_RETRY)?,
+        pass: duration(env, &GREYLIST_PASS)?,
+    };
+    if times.retry < times.delay {
+        return Err(ConfigError::bad_value(
+            GREYLIST_RETRY.name,
+            &env.value(&GREYLIST_RETRY).unwrap_or_default(),
+            "is shorter than HELOGUARD_GREYLIST_DELAY: no retry could pass",
+        ));
+    }
+    Ok(times)
+}
+
+/// HELOGUARD_STATE: unset = embedded; `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`.
+pub(super) fn parse_state_store(raw: &str) -> Result<StateStore, &'static str> {
+    let rest = raw
+        .strip_prefix("redis://")
+        .ok_or("is not redis://HOST:PORT[/DB]")?;
+    let (authority, db) = match rest.split_once('/') {
+        Some((authority, "")) => (authority, "0"),
+        Some((authority, db)) => (authority, db),
+        None => (rest, "0"),
+    };
+    if db.parse::<u32>().is_err() {
+        return Err("has a database that is not a number");
+    }
+    let host_port = match authority.rsplit_once('@') {
+        Some((_, host_port)) => host_port,
+        None => authority,
+    };
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') || host.starts_with('[') => (host, port),
+        _ => (host_port, "6379"),
+    };
+    if host.is_empty() || host.contains(['?', '#', ' ']) {
+        return Err("has no host");
+    }
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err("has a port that is not a number from 1 to 65535");
+    }
+    Ok(StateStore::Redis {
+        url: raw.to_string(),
+        shown: format!("{host}:{port}/{db}"),
+    })
+}
+
+pub(super) fn state_settings(env: &Env<'_>) -> Result<StateSettings, ConfigError> {
+    let store = match env.set_value(&STATE) {
+        None => StateStore::Embedded,
+        Some(raw) => parse_state_store(&raw)
+            .map_err(|reason| ConfigError::bad_value(STATE.name, &raw, reason))?,
+    };
+    let max_entries = count(env, &STATE_MAX_ENTRIES)?;
+    if max_entries == 0 {
+        return Err(ConfigError::bad_value(
+            STATE_MAX_ENTRIES.name,
+            "0",
+            "must be more than 0",
+        ));
+    }
+    Ok(StateSettings {
+        store,
+        file: PathBuf::from(env.value(&STATE_FILE).unwrap_or_default()),
+        timeout: Duration::from_millis(within_a_year(env, &STATE_TIMEOUT_MS, positive, 1000)?),
+        max_entries,
+        greylist: greylist_times(env)?,
+        helo_churn: small_count(env, &HELO_CHURN)?,
+    })
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+                .or_else(|| match name {
+                    "HELOGUARD_DNS" => Some("127.0.0.1:53".into()),
+                    "HELOGUARD_HOSTNAME" => Some("mx.example.org".into()),
+                    _ => None,
+                })
+        })
+        .map(|(config, _)| config)
+    }
+
+    #[test]
+    fn durations_take_a_unit_or_are_seconds() {
+        let secs = |raw| parse_duration("X", raw).map(|d| d.as_secs());
+        assert_eq!(secs("5m"), Ok(300));
+        assert_eq!(secs("48h"), Ok(172_800));
+        assert_eq!(secs("35d"), Ok(3_024_000));
+        assert_eq!(secs("2s"), Ok(2));
+        assert_eq!(secs("90"), Ok(90));
+        for bad in ["", "m", "5 m", "5w", "-5s", "1.5h", "400d"] {
+            assert!(secs(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_defaults_and_a_bad_greylist_time_name_the_variable() {
+        let c = config(&[]).expect("defaults");
+        assert_eq!(c.state.greylist, GreylistTimes::default());
+        assert_eq!(c.state.store, StateStore::Embedded);
+        assert_eq!(c.state.file, PathBuf::from("./heloguard.state"));
+        assert_eq!(c.state.timeout, Duration::from_millis(200));
+        assert_eq!(c.state.max_entries, 1_000_000);
+        assert_eq!(c.helo_policy.sender.helo_churn, 5);
+        assert!(SessionSettings::from(&c).sender_checks.helo_churn);
+        let e = config(&[("HELOGUARD_GREYLIST_DELAY", "5 minutes")]).expect_err("bad");
+        assert_eq!(e.variable, "HELOGUARD_GREYLIST_DELAY");
+        let e = config(&[("HELOGUARD_GREYLIST_RETRY", "1m")]).expect_err("shorter");
+        assert_eq!(e.variable, "HELOGUARD_GREYLIST_RETRY");
+        let off = config(&[("HELOGUARD_HELO_CHURN", "0")]).expect("off");
+        assert_eq!(off.helo_policy.sender.helo_churn, 0);
+        assert!(!SessionSettings::from(&off).sender_checks.helo_churn);
+    }
+
+    #[test]
+    fn redis_urls() {
+        let shown = |raw| match parse_state_store(raw) {
+            Ok(StateStore::Redis { shown, url }) => {
+                assert_eq!(url, raw);
+                Ok(shown)
+            }
+            Ok(StateStore::Embedded) => Err("embedded"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(
+            shown("redis://127.0.0.1:6379"),
+            Ok("127.0.0.1:6379/0".into())
+        );
+        assert_eq!(
+            shown("redis://:s3cret@redis.internal:6380/2"),
+            Ok("redis.internal:6380/2".into())
+        );
+        assert_eq!(shown("redis://[::1]:6379/1"), Ok("[::1]:6379/1".into()));
+        assert_eq!(shown("redis://host"), Ok("host:6379/0".into()));
+        for bad in [
+            "http://host:1",
+            "redis://",
+            "redis://host:0",
+            "redis://host:1/x",
+        ] {
+            assert!(shown(bad).is_err(), "{bad}");
+        }
+        let e = config(&[("HELOGUARD_STATE", "redis://:pw@host:99999")]).expect_err("port");
+        assert_eq!(e.variable, "HELOGUARD_STATE");
+        assert!(!e.to_string().contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn the_store_is_needed_only_when_a_check_asks_it() {
+        assert!(config(&[]).expect("c").needs_state_store(), "helo_churn");
+        let none = config(&[("HELOGUARD_HELO_CHURN", "0")]).expect("c");
+        assert!(!none.needs_state_store());
+        let off = config(&[("HELOGUARD_HELO_POLICY", "default=tag,helo_churn=off")]).expect("c");
+        assert!(!off.needs_state_store());
+        let grey = config(&[
+            ("HELOGUARD_HELO_CHURN", "0"),
+            ("HELOGUARD_HELO_POLICY", "dynamic=greylist"),
+        ])
+        .expect("c");
+        assert!(grey.needs_state_store());
+    }
+}

@@ -222,7 +222,8 @@ pub(super) const MIN_DATA_RATE: Variable = Variable {
 };
 pub(super) const MAX_ERRORS: Variable = Variable {
     name: "HELOGUARD_MAX_ERRORS",
-    meaning: "protocol errors (5xx replies to commands) before 421 4.7.0 and close",
+    meaning: "protocol errors (5xx replies to commands, and greylisting's 451s) before \
+              421 4.7.0 and close",
     default: DefaultValue::Text("20"),
 };
 pub(super) const MAX_JUNK: Variable = Variable {
@@ -251,7 +252,7 @@ pub(super) const TLS_KEY: Variable = Variable {
 };
 pub(super) const HELO_POLICY: Variable = Variable {
     name: "HELOGUARD_HELO_POLICY",
-    meaning: "per-check actions off|log|tag|defer|reject, e.g. \
+    meaning: "per-check actions off|log|tag|greylist|defer|reject, e.g. \
               default=tag,localhost=reject,literal_match=reject",
     default: DefaultValue::Text("default=tag,syntax=reject"),
 };
@@ -286,6 +287,52 @@ pub(super) const RELAY_IDLE_SECS: Variable = Variable {
     name: "HELOGUARD_RELAY_IDLE_SECS",
     meaning: "relay modes: a next-hop connection with no transaction for this long is closed",
     default: DefaultValue::Text("10"),
+};
+pub(super) const GREYLIST_DELAY: Variable = Variable {
+    name: "HELOGUARD_GREYLIST_DELAY",
+    meaning: "greylisting: a triplet's retry earlier than this after its first sight is \
+              deferred again (a duration: a number with s, m, h or d; bare = seconds)",
+    default: DefaultValue::Text("5m"),
+};
+pub(super) const GREYLIST_RETRY: Variable = Variable {
+    name: "HELOGUARD_GREYLIST_RETRY",
+    meaning: "greylisting: a retry later than this after the first sight starts over",
+    default: DefaultValue::Text("48h"),
+};
+pub(super) const GREYLIST_PASS: Variable = Variable {
+    name: "HELOGUARD_GREYLIST_PASS",
+    meaning: "greylisting: a passed triplet passes at once for this long after its last use",
+    default: DefaultValue::Text("35d"),
+};
+pub(super) const HELO_CHURN: Variable = Variable {
+    name: "HELOGUARD_HELO_CHURN",
+    meaning: "distinct HELO names one client (an IPv4 address, an IPv6 /64) may present \
+              within a sliding hour before helo_churn fails (0 = the check gives none)",
+    default: DefaultValue::Text("5"),
+};
+pub(super) const STATE: Variable = Variable {
+    name: "HELOGUARD_STATE",
+    meaning: "state store (greylisting, HELO history): unset = embedded, saved to \
+              HELOGUARD_STATE_FILE; redis://[:PASSWORD@]HOST:PORT[/DB] = shared by every \
+              instance using it",
+    default: DefaultValue::Unset,
+};
+pub(super) const STATE_FILE: Variable = Variable {
+    name: "HELOGUARD_STATE_FILE",
+    meaning: "where the embedded state store is saved (every 60 s and at shutdown)",
+    default: DefaultValue::Text("./heloguard.state"),
+};
+pub(super) const STATE_TIMEOUT_MS: Variable = Variable {
+    name: "HELOGUARD_STATE_TIMEOUT_MS",
+    meaning: "longest wait for the state store in milliseconds; past it the store counts as \
+              unavailable and fails open (more than 0)",
+    default: DefaultValue::Text("200"),
+};
+pub(super) const STATE_MAX_ENTRIES: Variable = Variable {
+    name: "HELOGUARD_STATE_MAX_ENTRIES",
+    meaning: "embedded state store: entries kept at most; past it those nearest expiry go \
+              first (at least 1)",
+    default: DefaultValue::Text("1000000"),
 };
 /// Read by env_logger, not by this module; listed so that `--help` names it.
 pub(super) const RUST_LOG: Variable = Variable {
@@ -327,6 +374,14 @@ pub(super) const VARIABLES: &[&Variable] = &[
     &METRICS,
     &SHUTDOWN_GRACE_SECS,
     &RELAY_IDLE_SECS,
+    &GREYLIST_DELAY,
+    &GREYLIST_RETRY,
+    &GREYLIST_PASS,
+    &HELO_CHURN,
+    &STATE,
+    &STATE_FILE,
+    &STATE_TIMEOUT_MS,
+    &STATE_MAX_ENTRIES,
     &RUST_LOG,
 ];
 

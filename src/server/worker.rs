@@ -76,10 +76,6 @@ pub(crate) enum OwnedEvent {
         name: String,
         outcome: RhsblOutcome,
     },
-    #[expect(
-        dead_code,
-        reason = "the resolver and state threads do not send them yet"
-    )]
     Churn {
         name: String,
         outcome: ChurnOutcome,
@@ -350,6 +346,8 @@ mod tests {
             "HELOGUARD_HELO_POLICY" => Some("default=tag,forward=reject".into()),
             "HELOGUARD_DNS" => Some("127.0.0.1:53".into()),
             "HELOGUARD_HOSTNAME" => Some("mx.test".into()),
+            // The HELO history would be one more answer to wait for.
+            "HELOGUARD_HELO_CHURN" => Some("0".into()),
             _ => None,
         })
         .expect("config");

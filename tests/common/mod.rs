@@ -5,6 +5,7 @@ pub mod certs;
 pub mod dns_server;
 pub mod lmtp;
 pub mod server;
+pub mod state;
 
 /// Skips the calling test for want of `what` (a tool `.ci/run` installs), printing why; under
 /// CI=true the tool must be there, so the test fails instead of counting as passed.

@@ -106,6 +106,7 @@ impl ServerBuilder {
             .env("HELOGUARD_MIN_FREE_MB", "0")
             .env("HELOGUARD_WORKERS", "2")
             .env("HELOGUARD_DNS_TIMEOUT_MS", "500")
+            .env("HELOGUARD_STATE_FILE", spool.path().join("heloguard.state"))
             .env("NOTIFY_SOCKET", ready.path());
         if let Some(a) = proxy_addr {
             cmd.env("HELOGUARD_PROXY_LISTEN", a.to_string());

@@ -4,7 +4,6 @@
 //! Every answer carries the `ConnId` it was asked for. One whose connection is gone, or whose
 //! slot now holds another connection, is dropped: the client it was for has left.
 
-use crate::greylist::GreylistOutcome;
 use std::time::Instant;
 
 use log::{debug, error, warn};
@@ -24,6 +23,7 @@ use crate::session::{DeliveryOutcome, SessionAction};
 use crate::spool::envelope::trace_fields;
 use crate::spool::maildir::SpoolError;
 use crate::spool::writer::{SpoolDone, SpoolJob};
+use crate::state::{StateAnswer, StateQuery, StateReply};
 
 impl Server {
     /// Handles everything the threads sent. Wakes coalesce, so each drain empties every
@@ -43,6 +43,9 @@ impl Server {
         }
         while let Ok(done) = self.spool_rx.try_recv() {
             self.on_spooled(done);
+        }
+        while let Ok(answer) = self.state_rx.try_recv() {
+            self.on_state(answer);
         }
     }
 
@@ -141,9 +144,19 @@ impl Server {
         };
         match action {
             SessionAction::HeloAccepted {
-                generation, lookup, ..
+                generation,
+                lookup,
+                churn,
+                ..
             } => {
                 let id = conn.id;
+                if let Some(name) = churn {
+                    let query = StateQuery::churn(conn.client_ip, name);
+                    self.ask_state(slot, query);
+                }
+                let Some(conn) = self.conns.get_mut(slot) else {
+                    return;
+                };
                 // No lookup left: none was needed, or the worker answered it from the
                 // resolver's known answers (in no time).
                 conn.dns.forward_took = None;
@@ -173,12 +186,7 @@ impl Server {
                     TimerKind::Conn(id, ConnTimer::Verdict(generation)),
                 );
             }
-            // The state store answers greylisting questions; without one every triplet passes
-            // (SPEC: the store fails open).
-            SessionAction::Greylist(_triplet) => {
-                conn.pending
-                    .push(OwnedEvent::Greylist(GreylistOutcome::Unavailable));
-            }
+            SessionAction::Greylist(triplet) => self.ask_state(slot, StateQuery::Greylist(triplet)),
             SessionAction::Deliver(envelope) => match &self.handoff {
                 Some(Handoff::Maildir(w)) => {
                     conn.spooling = true;
@@ -313,6 +321,30 @@ impl Server {
         }
     }
 
+    /// Asks the state thread; without one the answer is unavailable at once (SPEC: the store
+    /// fails open).
+    fn ask_state(&mut self, slot: usize, query: StateQuery) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        match &self.state {
+            Some(state) => state.submit(conn.id.raw(), query),
+            None => conn.pending.push(state_event(query.unavailable())),
+        }
+    }
+
+    /// The state store's answer for a session; a late one for a reused slot is dropped.
+    fn on_state(&mut self, answer: StateAnswer) {
+        let Some(slot) = self.slot_of(ConnId::from_raw(answer.id)) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        conn.pending.push(state_event(answer.reply));
+        self.pump(slot);
+    }
+
     /// A DNS answer for a session; a late one for a reused slot is dropped.
     pub(super) fn on_dns(&mut self, answer: DnsAnswer) {
         let Some(slot) = self.slot_of(ConnId::from_raw(answer.id())) else {
@@ -392,6 +424,13 @@ impl Server {
         }
         self.pump(slot);
         self.flush_or_close(slot);
+    }
+}
+
+fn state_event(reply: StateReply) -> OwnedEvent {
+    match reply {
+        StateReply::Greylist(outcome) => OwnedEvent::Greylist(outcome),
+        StateReply::Churn { name, outcome } => OwnedEvent::Churn { name, outcome },
     }
 }
 

@@ -129,6 +129,9 @@ pub struct Server {
     pub(super) dns_rx: Receiver<DnsAnswer>,
     pub(super) handoff: Option<Handoff>,
     pub(super) spool_rx: Receiver<SpoolDone>,
+    /// The state thread, when a check needs the store (greylisting, helo_churn).
+    pub(super) state: Option<crate::state::StateHandle>,
+    pub(super) state_rx: Receiver<crate::state::StateAnswer>,
     pub(super) tls: Option<Arc<TlsAcceptor>>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) signals: Option<signal_hook_mio::v1_0::Signals>,

@@ -228,6 +228,10 @@ impl Server {
             w.shutdown();
         }
         drop(self.resolver.take());
+        // The embedded store is saved as its thread stops.
+        if let Some(state) = self.state.take() {
+            state.shutdown();
+        }
         info!("heloguard stopped");
     }
 }

@@ -121,6 +121,8 @@ impl Server {
             },
         };
 
+        let (state, state_rx) = state_thread(&config, &wake, &metrics)?;
+
         let signals = if options.handle_signals {
             use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
             let mut s = signal_hook_mio::v1_0::Signals::new([SIGINT, SIGTERM, SIGHUP])
@@ -160,6 +162,8 @@ impl Server {
             dns_rx,
             handoff: Some(handoff),
             spool_rx,
+            state,
+            state_rx,
             tls,
             metrics,
             signals,
@@ -212,6 +216,28 @@ pub(crate) fn build_session(
         tls_available,
         spill,
     }))
+}
+
+/// The state thread when a check asks the store (a greylist action, helo_churn on); without
+/// one the loop answers such questions unavailable at once.
+fn state_thread(
+    config: &Config,
+    wake: &Arc<LoopWake>,
+    metrics: &Arc<Metrics>,
+) -> Result<
+    (
+        Option<crate::state::StateHandle>,
+        crossbeam_channel::Receiver<crate::state::StateAnswer>,
+    ),
+    StartError,
+> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    if !config.needs_state_store() {
+        return Ok((None, rx));
+    }
+    let handle = crate::state::spawn(&config.state, tx, wake.clone(), metrics.clone())
+        .map_err(|e| StartError::Io("HELOGUARD_STATE", e))?;
+    Ok((Some(handle), rx))
 }
 
 /// The TLS acceptor when HELOGUARD_TLS_CERT and HELOGUARD_TLS_KEY are both set.
