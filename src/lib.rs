@@ -35,6 +35,7 @@ pub(crate) mod net;
 pub mod protocol;
 pub(crate) mod proxy_protocol;
 pub(crate) mod relay;
+pub mod reputation;
 pub(crate) mod sched;
 pub mod server;
 pub mod session;

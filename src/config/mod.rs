@@ -18,6 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::dns::lists::{DisplayNames, ListError, Lists, parse_dnsbl, parse_rhsbl};
 use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt, parse_allow_list};
 use crate::net::Cidr;
 use crate::protocol::data::BareLineFeed;
@@ -88,6 +89,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Relay modes: a next-hop link without a transaction for this long is closed.
     pub relay_idle: Duration,
+    /// HELOGUARD_DNSBL, HELOGUARD_RHSBL, HELOGUARD_DNSBL_DISPLAY (the thresholds are in
+    /// `helo_policy.sender`).
+    pub lists: Lists,
+    /// HELOGUARD_SPF_TIMEOUT_MS.
+    pub spf_timeout: Duration,
 }
 
 impl Config {
@@ -135,8 +141,17 @@ impl From<&Config> for SessionSettings {
                     DeliveryMode::LmtpRelay
                 }
             },
-            sender_checks: SenderChecks::default(),
+            sender_checks: sender_checks(config),
         }
+    }
+}
+
+/// Which sender lookups the configured lists make possible.
+fn sender_checks(config: &Config) -> SenderChecks {
+    SenderChecks {
+        dnsbl: !config.lists.dnsbl.is_empty(),
+        rhsbl: !config.lists.rhsbl.is_empty(),
+        ..SenderChecks::default()
     }
 }
 
@@ -268,6 +283,12 @@ fn build(env: &Env<'_>, machine: &dyn Machine) -> Result<(Config, Vec<String>), 
         ));
     }
     let (tls_cert, tls_key) = tls_files(env)?;
+    let lists = lists(env)?;
+    let mut helo_policy = helo_policy(env)?;
+    helo_policy.sender.dnsbl = !lists.dnsbl.is_empty();
+    helo_policy.sender.rhsbl = !lists.rhsbl.is_empty();
+    helo_policy.sender.dnsbl_threshold = signed(env, &DNSBL_THRESHOLD)?;
+    helo_policy.sender.dnswl_threshold = dnswl_threshold(env)?;
 
     let config = Config {
         listen: listeners.smtp,
@@ -294,13 +315,15 @@ fn build(env: &Env<'_>, machine: &dyn Machine) -> Result<(Config, Vec<String>), 
         greet_delay: Duration::from_millis(within_a_year(env, &GREET_DELAY_MS, whole, 1000)?),
         tls_cert,
         tls_key,
-        helo_policy: helo_policy(env)?,
+        helo_policy,
         helo_allow: helo_allow(env)?,
         reject_at: reject_at(env)?,
         bare_newline: bare_newline(env)?,
         metrics: listeners.metrics,
         shutdown_grace: Duration::from_secs(within_a_year(env, &SHUTDOWN_GRACE_SECS, whole, 1)?),
         relay_idle: Duration::from_secs(within_a_year(env, &RELAY_IDLE_SECS, whole, 1)?),
+        lists,
+        spf_timeout: Duration::from_millis(within_a_year(env, &SPF_TIMEOUT_MS, positive, 1000)?),
     };
     Ok((config, warnings))
 }

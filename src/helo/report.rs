@@ -204,6 +204,9 @@ impl Facts<'_> {
                 self.lists.helo_churn
             ),
             (_, CheckResult::None) if is_local(self.ip) => "a local client".to_string(),
+            (None, _) => "not judged: `heloguard check` is one-shot and keeps no HELO history \
+                          (the server reads it from its state store)"
+                .to_string(),
             _ => "the state store did not answer: not judged".to_string(),
         }
     }

@@ -17,6 +17,7 @@ use crate::server::conn_id::ConnId;
 use crate::server::event_loop::Handoff;
 use crate::server::event_loop::Server;
 use crate::server::event_loop::next_hop::next_hop_unavailable;
+use crate::server::event_loop::sender_lookups::sender_event;
 use crate::server::event_loop::session_log::log_observations;
 use crate::server::event_loop::timers::{ConnTimer, TimerKind};
 use crate::server::worker::{Done, OwnedEvent, WorkerReport};
@@ -141,7 +142,11 @@ impl Server {
         };
         match action {
             SessionAction::HeloAccepted {
-                generation, lookup, ..
+                generation,
+                lookup,
+                spf,
+                rhsbl,
+                ..
             } => {
                 let id = conn.id;
                 // No lookup left: none was needed, or the worker answered it from the
@@ -172,6 +177,7 @@ impl Server {
                     deadline,
                     TimerKind::Conn(id, ConnTimer::Verdict(generation)),
                 );
+                self.ask_sender_lookups(slot, spf, rhsbl, now);
             }
             // The state store answers greylisting questions; without one every triplet passes
             // (SPEC: the store fails open).
@@ -314,6 +320,11 @@ impl Server {
                 conn.dns.forward_took = conn.dns.forward_started.map(|t| now - t);
                 OwnedEvent::Forward { name, addrs }
             }
+            // Answers for a name the session no longer waits for go too: it ignores them.
+            sender => match sender_event(sender) {
+                Some(event) => event,
+                None => return,
+            },
         };
         conn.pending.push(event);
         self.pump(slot);
