@@ -75,6 +75,24 @@ pub fn reverse_name(ip: IpAddr) -> String {
     key(&Name::from(ip).to_ascii())
 }
 
+/// The name of `ip` under the DNS list `zone` (RFC 5782), as a zone key.
+pub fn list_name(ip: IpAddr, zone: &str) -> String {
+    let reversed = match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            format!("{d}.{c}.{b}.{a}")
+        }
+        IpAddr::V6(v6) => v6
+            .octets()
+            .iter()
+            .rev()
+            .map(|byte| format!("{:x}.{:x}", byte & 0x0f, byte >> 4))
+            .collect::<Vec<_>>()
+            .join("."),
+    };
+    key(&format!("{reversed}.{zone}"))
+}
+
 /// What the test server knows. A name that appears nowhere gets NXDOMAIN; a name that has
 /// some record (or was declared with `nodata`) but not the one asked for gets NOERROR with an
 /// empty answer (NODATA).
@@ -86,6 +104,7 @@ pub struct TestZone {
     servfail_type: HashSet<(String, RecordType)>,
     refused: HashSet<String>,
     blackhole: HashSet<String>,
+    blackhole_zones: HashSet<String>,
     truncate_udp: HashSet<String>,
     ttl: u32,
 }
@@ -188,6 +207,26 @@ impl TestZone {
         self
     }
 
+    /// `ip` listed under the DNS list `zone` with the A answer `answer` (RFC 5782: IPv4 by
+    /// reversed octets, IPv6 by reversed nibbles). Several answers: call it again.
+    pub fn listed(self, zone: &str, ip: impl IntoIp, answer: &str) -> Self {
+        let name = list_name(ip.into_ip(), zone);
+        self.a(&name, answer)
+    }
+
+    /// The query for `ip` under the list `zone` is never answered.
+    pub fn blackhole_listed(self, zone: &str, ip: impl IntoIp) -> Self {
+        let name = list_name(ip.into_ip(), zone);
+        self.blackhole(&name)
+    }
+
+    /// Every name under `zone` (the zone itself included) is never answered: a list that is
+    /// down.
+    pub fn blackhole_zone(mut self, zone: &str) -> Self {
+        self.blackhole_zones.insert(key(zone));
+        self
+    }
+
     /// TTL of every record and of negative answers (default 60 s); 0 keeps resolver caches
     /// out of a test.
     pub fn ttl(mut self, ttl: u32) -> Self {
@@ -199,7 +238,12 @@ impl TestZone {
     fn answer(&self, request: &Message, over_udp: bool) -> Option<Message> {
         let query = request.queries.first()?.clone();
         let name = key(&query.name.to_ascii());
-        if self.blackhole.contains(&name) {
+        if self.blackhole.contains(&name)
+            || self
+                .blackhole_zones
+                .iter()
+                .any(|z| name == *z || name.ends_with(&format!(".{z}")))
+        {
             return None;
         }
         let mut resp = Message::response(request.metadata.id, request.metadata.op_code);
