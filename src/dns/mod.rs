@@ -8,7 +8,7 @@
 //! their queries through a `QueryObserver`.
 
 pub(crate) mod answer_cache;
-mod records;
+pub(crate) mod records;
 pub mod resolver;
 
 use std::net::IpAddr;
