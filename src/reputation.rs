@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::dns::resolver::{ResolverSettings, SpfEvaluator};
+use crate::dns::resolver::{ResolverSettings, SpfEvaluator, SpfQuery};
+use crate::spf::{HickorySpfDns, check_helo};
 
 /// The resolver settings of `config`, sender checks included, with `max_in_flight` lookups
 /// at once.
@@ -21,6 +22,16 @@ pub fn resolver_settings(config: &Config, max_in_flight: usize) -> ResolverSetti
 
 /// The SPF evaluator for the HELO identity, with HELOGUARD_HOSTNAME as the receiving host
 /// (RFC 7208 7.3 `%{r}`).
-fn spf_evaluator(_config: &Config) -> Option<SpfEvaluator> {
-    None
+fn spf_evaluator(config: &Config) -> Option<SpfEvaluator> {
+    let receiver: Arc<str> = Arc::from(config.hostname.as_str());
+    Some(SpfEvaluator::new(move |query: SpfQuery| {
+        let receiver = receiver.clone();
+        async move {
+            let mut dns = HickorySpfDns::new(query.resolver, query.query_timeout, query.observer);
+            if let Some(facts) = query.reverse {
+                dns = dns.with_reverse(query.ip, facts);
+            }
+            check_helo(&dns, query.ip, &query.name, &receiver).await
+        }
+    }))
 }

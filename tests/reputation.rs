@@ -575,3 +575,176 @@ fn a_slow_list_holds_up_no_other_session() {
         assert!(at - slow_started < Duration::from_millis(2 * TIMEOUT_MS + 2500));
     }
 }
+
+// ---- spf ----
+
+/// Clients and HELO names with every SPF result (RFC 7208 2.6).
+fn spf_zone() -> TestZone {
+    let z = TestZone::new();
+    let z = aligned(z, "192.0.2.60", "spf-pass.example.com")
+        .txt("spf-pass.example.com", &["v=spf1 ip4:192.0.2.60 -all"]);
+    let z = aligned(z, "192.0.2.61", "spf-fail.example.com")
+        .txt("spf-fail.example.com", &["v=spf1 ", "-all"]);
+    let z = aligned(z, "192.0.2.62", "spf-soft.example.com")
+        .txt("spf-soft.example.com", &["v=spf1 ~all"]);
+    let z = aligned(z, "192.0.2.63", "spf-neutral.example.com")
+        .txt("spf-neutral.example.com", &["v=spf1 ?all"]);
+    let z = aligned(z, "192.0.2.64", "spf-none.example.com");
+    let z = aligned(z, "192.0.2.65", "spf-temp.example.com")
+        .servfail_type("spf-temp.example.com", RecordType::TXT);
+    let z = aligned(z, "192.0.2.66", "spf-loop.example.com").txt(
+        "spf-loop.example.com",
+        &["v=spf1 include:spf-loop.example.com -all"],
+    );
+    let many = (0..11)
+        .map(|i| format!("a:h{i}.example.com"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut z = aligned(z, "192.0.2.67", "spf-many.example.com")
+        .txt("spf-many.example.com", &[&format!("v=spf1 {many} -all")]);
+    for i in 0..11 {
+        z = z.a(&format!("h{i}.example.com"), "198.51.100.99");
+    }
+    let z = aligned(z, "192.0.2.68", "spf-syntax.example.com")
+        .txt("spf-syntax.example.com", &["v=spf1 frobnicate:x -all"]);
+    // ptr reuses the session's FCrDNS answers.
+    aligned(z, "192.0.2.69", "spf-ptr.example.com").txt("spf-ptr.example.com", &["v=spf1 ptr -all"])
+}
+
+#[test]
+fn each_spf_result_in_both_headers() {
+    let (s, _dns) = start_with(
+        spf_zone(),
+        &[
+            ("HELOGUARD_HELO_POLICY", "spf=tag"),
+            ("HELOGUARD_DNSBL", ""),
+            ("HELOGUARD_RHSBL", ""),
+        ],
+    );
+    for (client, helo, spf, check, want_verdict) in [
+        ("192.0.2.60", "spf-pass.example.com", "pass", "pass", "pass"),
+        ("192.0.2.61", "spf-fail.example.com", "fail", "fail", "fail"),
+        (
+            "192.0.2.62",
+            "spf-soft.example.com",
+            "softfail",
+            "none",
+            "pass",
+        ),
+        (
+            "192.0.2.63",
+            "spf-neutral.example.com",
+            "neutral",
+            "none",
+            "pass",
+        ),
+        ("192.0.2.64", "spf-none.example.com", "none", "none", "pass"),
+        (
+            "192.0.2.65",
+            "spf-temp.example.com",
+            "temperror",
+            "temperror",
+            "temperror",
+        ),
+        (
+            "192.0.2.66",
+            "spf-loop.example.com",
+            "permerror",
+            "none",
+            "pass",
+        ),
+        (
+            "192.0.2.67",
+            "spf-many.example.com",
+            "permerror",
+            "none",
+            "pass",
+        ),
+        (
+            "192.0.2.68",
+            "spf-syntax.example.com",
+            "permerror",
+            "none",
+            "pass",
+        ),
+        ("192.0.2.69", "spf-ptr.example.com", "pass", "pass", "pass"),
+    ] {
+        let msg = deliver_as(&s, client, helo);
+        let xhc = x_helo_check(&msg);
+        assert_eq!(value(&xhc, "spf"), Some(check), "{helo}: {xhc}");
+        assert_eq!(verdict(&xhc), want_verdict, "{helo}: {xhc}");
+        // No dnsbl_score without HELOGUARD_DNSBL.
+        assert_eq!(value(&xhc, "dnsbl_score"), None, "{xhc}");
+        let ar = auth_results(&msg);
+        assert!(
+            ar.contains(&format!("; spf={spf} smtp.helo={helo}")),
+            "{helo}: {ar}"
+        );
+    }
+    let metrics = scrape(s.metrics_addr.expect("metrics address"));
+    assert!(
+        metrics.contains("heloguard_dns_queries_total{type=\"TXT\",outcome=\"ok\"}"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn spf_under_each_action() {
+    let fail = ("192.0.2.61", "spf-fail.example.com");
+    for (policy, code) in [
+        ("spf=reject", 550),
+        ("spf=defer", 450),
+        ("spf=greylist", 250),
+    ] {
+        let (s, _dns) = start_with(
+            spf_zone(),
+            &[("HELOGUARD_HELO_POLICY", policy), ("HELOGUARD_DNSBL", "")],
+        );
+        let mut c = open(&s, fail.0);
+        c.cmd(&format!("EHLO {}", fail.1), 250);
+        c.cmd("MAIL FROM:<a@example.org>", 250);
+        c.send(b"RCPT TO:<b@example.net>\r\n");
+        let (got, text) = c.reply();
+        assert_eq!(got, code, "{policy}: {text}");
+        if code == 550 {
+            assert!(text.contains("spf"), "{text}");
+            assert!(text.contains("RFC 7208"), "{text}");
+        }
+    }
+    // A DNS error under a refusing action is 451, never 5xx.
+    let (s, _dns) = start_with(
+        spf_zone(),
+        &[
+            ("HELOGUARD_HELO_POLICY", "spf=reject"),
+            ("HELOGUARD_DNSBL", ""),
+        ],
+    );
+    let mut c = open(&s, "192.0.2.65");
+    c.cmd("EHLO spf-temp.example.com", 250);
+    c.cmd("MAIL FROM:<a@example.org>", 250);
+    c.send(b"RCPT TO:<b@example.net>\r\n");
+    let (got, text) = c.reply();
+    assert_eq!(got, 451, "{text}");
+    // log: the header shows none, the log line the real result, and no A-R spf part.
+    for (action, shown) in [("log", "none"), ("off", "none")] {
+        let (s, dns) = start_with(
+            spf_zone(),
+            &[
+                ("HELOGUARD_HELO_POLICY", &format!("spf={action}")),
+                ("HELOGUARD_DNSBL", ""),
+            ],
+        );
+        let msg = deliver_as(&s, fail.0, fail.1);
+        assert_eq!(value(&x_helo_check(&msg), "spf"), Some(shown), "{action}");
+        assert!(!auth_results(&msg).contains("spf="), "{action}: {msg}");
+        let log = wait_log(&s, "helo verdict");
+        let real = if action == "log" {
+            "spf:fail"
+        } else {
+            "spf:none"
+        };
+        assert!(log.contains(real), "{action}: {log}");
+        let asked = dns.count("spf-fail.example.com", RecordType::TXT);
+        assert_eq!(asked, usize::from(action == "log"), "{action}");
+    }
+}

@@ -9,7 +9,7 @@
 
 pub(crate) mod answer_cache;
 pub mod lists;
-mod records;
+pub(crate) mod records;
 pub mod reputation;
 pub mod resolver;
 

@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, MX, PTR, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 /// How often the server threads look at the stop flag.
@@ -156,6 +156,19 @@ impl TestZone {
         let target = Name::from_ascii(key(name))
             .unwrap_or_else(|e| panic!("test zone: bad PTR target {name:?}: {e}"));
         self.add(&reverse_name(ip.into_ip()), RData::PTR(PTR(target)))
+    }
+
+    /// A TXT record of these character-strings, in order (SPF joins them without spaces).
+    pub fn txt(self, name: &str, strings: &[&str]) -> Self {
+        let strings = strings.iter().map(|s| s.to_string()).collect();
+        self.add(name, RData::TXT(TXT::new(strings)))
+    }
+
+    /// An MX record; `exchange` "." is the null MX (RFC 7505).
+    pub fn mx(self, name: &str, preference: u16, exchange: &str) -> Self {
+        let exchange = Name::from_ascii(key(exchange))
+            .unwrap_or_else(|e| panic!("test zone: bad MX exchange {exchange:?}: {e}"));
+        self.add(name, RData::MX(MX::new(preference, exchange)))
     }
 
     /// The name exists but has no records: every type gets NODATA.
