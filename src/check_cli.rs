@@ -195,10 +195,10 @@ impl SenderAsks {
             return Self::default();
         }
         let arg = parse_helo(helo);
+        // Asked even when the policy leaves spf off (its default): the report shows it
+        // without counting it.
         let spf = match &arg {
-            HeloArg::Domain(name) if on(Check::Spf) && fqdn(&arg) == CheckResult::Pass => {
-                Some(name.clone())
-            }
+            HeloArg::Domain(name) if fqdn(&arg) == CheckResult::Pass => Some(name.clone()),
             _ => None,
         };
         Self {

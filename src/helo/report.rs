@@ -42,6 +42,13 @@ pub fn render(
     for check in Check::ALL {
         let result = results[check.index()];
         let line = match policy.action(check) {
+            // SPF is off unless the policy names it; `heloguard check` still shows what it
+            // finds, since a sender's admin runs the command to see exactly that.
+            Action::Off if check == Check::Spf && sender.spf.is_some() => format!(
+                "{}: off — not counted (policy); {}",
+                check.name(),
+                facts.why_spf(CheckResult::None)
+            ),
             Action::Off => format!("{}: off — not run (policy)", check.name()),
             Action::Log => format!(
                 "{}: {} — {} (action log: not counted)",
