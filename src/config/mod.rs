@@ -1009,4 +1009,87 @@ mod tests {
         let line = error(&[("HELOGUARD_MAX_JUNK", "1\n2")]);
         assert_eq!(line, r#"HELOGUARD_MAX_JUNK: "1\n2" is not a whole number"#);
     }
+
+    #[test]
+    fn sender_reputation_defaults_and_values() {
+        let c = config(&[]);
+        assert!(c.lists.dnsbl.is_empty() && c.lists.rhsbl.is_empty());
+        assert_eq!(c.helo_policy.sender.dnsbl_threshold, 1);
+        assert_eq!(c.helo_policy.sender.dnswl_threshold, 0);
+        assert!(!c.helo_policy.sender.dnsbl && !c.helo_policy.sender.rhsbl);
+        assert_eq!(c.spf_timeout, Duration::from_secs(20));
+        let settings = SessionSettings::from(&c);
+        assert!(!settings.sender_checks.dnsbl && !settings.sender_checks.rhsbl);
+
+        let c = config(&[
+            (
+                "HELOGUARD_DNSBL",
+                "zen.spamhaus.org=127.0.0.[2..11]*3 list.dnswl.org=127.0.[0..255].[1..3]*-2",
+            ),
+            ("HELOGUARD_DNSBL_THRESHOLD", "3"),
+            ("HELOGUARD_DNSWL_THRESHOLD", "-2"),
+            ("HELOGUARD_RHSBL", "dbl.spamhaus.org=127.0.1.[2..99]"),
+            ("HELOGUARD_SPF_TIMEOUT_MS", "25000"),
+        ]);
+        assert_eq!(c.lists.dnsbl.len(), 2);
+        assert_eq!(c.lists.dnsbl[1].weight, -2);
+        assert_eq!(c.lists.rhsbl[0].zone, "dbl.spamhaus.org");
+        assert_eq!(c.helo_policy.sender.dnsbl_threshold, 3);
+        assert_eq!(c.helo_policy.sender.dnswl_threshold, -2);
+        assert!(c.helo_policy.sender.dnsbl && c.helo_policy.sender.rhsbl);
+        assert_eq!(c.spf_timeout, Duration::from_secs(25));
+        let settings = SessionSettings::from(&c);
+        assert!(settings.sender_checks.dnsbl && settings.sender_checks.rhsbl);
+        assert_eq!(settings.helo_policy.sender, c.helo_policy.sender);
+    }
+
+    #[test]
+    fn sender_reputation_errors_name_the_variable_and_entry() {
+        assert_eq!(
+            error(&[("HELOGUARD_DNSBL", "ok.test, bad.test=127.0.0")]),
+            "HELOGUARD_DNSBL: \"ok.test, bad.test=127.0.0\" entry \"bad.test=127.0.0\": the \
+             filter is not four octets of N, [N..M] or [N;M;...]"
+        );
+        assert!(
+            error(&[("HELOGUARD_DNSWL_THRESHOLD", "2")]).starts_with("HELOGUARD_DNSWL_THRESHOLD: ")
+        );
+        assert!(
+            error(&[("HELOGUARD_DNSBL_THRESHOLD", "1.5")])
+                .starts_with("HELOGUARD_DNSBL_THRESHOLD: ")
+        );
+        assert!(error(&[("HELOGUARD_RHSBL", "dbl.test*3")]).starts_with("HELOGUARD_RHSBL: "));
+        assert!(
+            error(&[("HELOGUARD_SPF_TIMEOUT_MS", "0")]).starts_with("HELOGUARD_SPF_TIMEOUT_MS: ")
+        );
+        // An access key in a bad entry is hidden by a good display name.
+        let err = error(&[
+            ("HELOGUARD_DNSBL", "KEY.zen.dq.test=bad"),
+            (
+                "HELOGUARD_DNSBL_DISPLAY",
+                "key.zen.dq.test=zen.spamhaus.org",
+            ),
+        ]);
+        assert!(!err.contains("KEY") && !err.contains("key."), "{err}");
+    }
+
+    #[test]
+    fn the_configuration_line_shows_zones_by_their_display_names() {
+        let env = |name: &str| match name {
+            "HELOGUARD_DNSBL" => Some("S3CR3T.zen.dq.spamhaus.net*3 bl.spamcop.net".to_string()),
+            "HELOGUARD_RHSBL" => Some("s3cr3t.dbl.dq.spamhaus.net".to_string()),
+            "HELOGUARD_DNSBL_DISPLAY" => Some(
+                "s3cr3t.zen.dq.spamhaus.net=zen.spamhaus.org,\
+                 s3cr3t.dbl.dq.spamhaus.net=dbl.spamhaus.org"
+                    .to_string(),
+            ),
+            _ => None,
+        };
+        let shown = super::non_default_settings(env);
+        let text = format!("{shown:?}");
+        assert!(!text.to_ascii_lowercase().contains("s3cr3t"), "{text}");
+        assert!(shown.contains(&(
+            "HELOGUARD_DNSBL",
+            "zen.spamhaus.org*3 bl.spamcop.net".to_string()
+        )));
+    }
 }
