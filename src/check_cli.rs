@@ -14,9 +14,12 @@ use crate::config::Config;
 use crate::dns::resolver::{self, ResolverSettings};
 use crate::dns::{DnsAnswer, DnsRequest, Family, Lookup, ReverseFacts, no_observer};
 use crate::helo::VerdictKind;
-use crate::helo::checks::{CheckInput, HeloArg, parse_helo};
+use crate::helo::checks::{CheckInput, HeloArg, fqdn, name_key, parse_helo};
+use crate::helo::policy::AllowEntry;
 use crate::helo::report;
+use crate::helo::{Action, Check, CheckResult};
 use crate::net::canonical_ip;
+use crate::net::is_local;
 
 /// Shown on a usage error (stderr) and for `--help` (stdout).
 pub const USAGE: &str = "\
@@ -122,10 +125,12 @@ pub fn run(args: &[String], config: &Config) -> i32 {
             return EXIT_USAGE;
         }
     };
+    let asks = SenderAsks::for_check(config, ip, &helo);
     let Gathered {
         helo_addrs,
         reverse,
-    } = match gather(settings(config), ip, forward_name(&helo)) {
+        sender,
+    } = match gather_with_sender(settings(config), ip, forward_name(&helo), asks) {
         Ok(found) => found,
         Err(e) => {
             eprintln!("heloguard check: {e}");
@@ -142,7 +147,7 @@ pub fn run(args: &[String], config: &Config) -> i32 {
         &input,
         helo_addrs.as_ref(),
         reverse.as_ref(),
-        &SenderFacts::default(),
+        &sender,
         &config.helo_policy,
         &config.helo_allow,
     );
@@ -167,7 +172,49 @@ fn exit_code(verdict: VerdictKind) -> i32 {
 }
 
 fn settings(config: &Config) -> ResolverSettings {
-    ResolverSettings::new(config.dns_servers.clone(), config.dns_timeout)
+    crate::reputation::resolver_settings(config, 256)
+}
+
+/// The sender lookups `heloguard check` makes, as the server would for this client and name
+/// (helo_churn has no history to read in a one-shot command, so it is never asked).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SenderAsks {
+    pub dnsbl: bool,
+    /// The HELO name to check SPF of.
+    pub spf: Option<String>,
+    /// The HELO name key whose registered domain (and the PTR name's) is looked up.
+    pub rhsbl: Option<String>,
+}
+
+impl SenderAsks {
+    /// What the configuration and the policy make the server ask about `ip` saying `helo`.
+    pub fn for_check(config: &Config, ip: IpAddr, helo: &str) -> Self {
+        let policy = &config.helo_policy;
+        let on = |check: Check| policy.action(check) != Action::Off;
+        if is_local(ip) || allowed_by_address(config, ip) {
+            return Self::default();
+        }
+        let arg = parse_helo(helo);
+        // Asked even when the policy leaves spf off (its default): the report shows it
+        // without counting it.
+        let spf = match &arg {
+            HeloArg::Domain(name) if fqdn(&arg) == CheckResult::Pass => Some(name.clone()),
+            _ => None,
+        };
+        Self {
+            dnsbl: !config.lists.dnsbl.is_empty() && on(Check::Dnsbl),
+            spf,
+            rhsbl: (!config.lists.rhsbl.is_empty() && on(Check::Rhsbl)).then(|| name_key(helo)),
+        }
+    }
+}
+
+/// HELOGUARD_HELO_ALLOW by address: such a client is never looked up (SPEC).
+fn allowed_by_address(config: &Config, ip: IpAddr) -> bool {
+    config
+        .helo_allow
+        .iter()
+        .any(|entry| matches!(entry, AllowEntry::Net(net) if net.contains(ip)))
 }
 
 /// The name whose A/AAAA the checks need: only a syntactically valid domain has one.
@@ -180,6 +227,7 @@ fn forward_name(helo: &str) -> Option<String> {
 
 const REVERSE_ID: u64 = 1;
 const FORWARD_ID: u64 = 2;
+const SENDER_ID: u64 = 3;
 
 /// The DNS facts the checks need, as the server would gather them: PTR with its forward
 /// confirmations, and `forward_name`'s A/AAAA (the HELO name, when it is a domain). Whatever
@@ -190,10 +238,28 @@ pub fn gather(
     ip: IpAddr,
     forward_name: Option<String>,
 ) -> std::io::Result<Gathered> {
-    let deadline = Instant::now() + settings.timeout.saturating_mul(2);
+    gather_with_sender(settings, ip, forward_name, SenderAsks::default())
+}
+
+/// `gather`, and the sender facts `asks` names: the lists at once, SPF and the domain lists
+/// once the reverse side is in (the `ptr` mechanism and the PTR name's domain build on it).
+/// The lists answer by the usual deadline (a zone that does not counts as not listing); SPF
+/// gets HELOGUARD_SPF_TIMEOUT_MS, as the server gives it under a refusing action.
+pub fn gather_with_sender(
+    settings: ResolverSettings,
+    ip: IpAddr,
+    forward_name: Option<String>,
+    asks: SenderAsks,
+) -> std::io::Result<Gathered> {
+    let started = Instant::now();
+    let deadline = started + settings.timeout.saturating_mul(2);
+    let spf_deadline = started + settings.spf_timeout.max(settings.timeout.saturating_mul(2));
     let (tx, rx) = crossbeam_channel::unbounded();
     let handle = resolver::spawn(settings, tx, None, no_observer())?;
     handle.submit(DnsRequest::Reverse { id: REVERSE_ID, ip });
+    if asks.dnsbl {
+        handle.submit(DnsRequest::Dnsbl { id: SENDER_ID, ip });
+    }
     let want_forward = forward_name.is_some();
     if let Some(name) = forward_name {
         handle.submit(DnsRequest::Forward {
@@ -204,24 +270,70 @@ pub fn gather(
     }
     let mut helo_addrs = None;
     let mut reverse = None;
-    while reverse.is_none() || (want_forward && helo_addrs.is_none()) {
-        let left = deadline.saturating_duration_since(Instant::now());
+    let mut sender = SenderFacts::default();
+    let mut after_reverse = Some((asks.spf.clone(), asks.rhsbl.clone()));
+    loop {
+        let lists_missing = (asks.dnsbl && sender.dnsbl.is_none())
+            || (asks.rhsbl.is_some() && sender.rhsbl.is_none());
+        let usual_missing = reverse.is_none() || (want_forward && helo_addrs.is_none());
+        let spf_missing = asks.spf.is_some() && sender.spf.is_none();
+        let now = Instant::now();
+        let until = if (usual_missing || lists_missing) && now < deadline {
+            deadline
+        } else if spf_missing {
+            spf_deadline
+        } else {
+            break;
+        };
+        let left = until.saturating_duration_since(now);
         if left == Duration::ZERO {
             break;
         }
         match rx.recv_timeout(left) {
             Ok(DnsAnswer::Reverse { facts, .. }) => reverse = Some(facts),
             Ok(DnsAnswer::Forward { addrs, .. }) => helo_addrs = Some(addrs),
+            Ok(DnsAnswer::Dnsbl { outcome, .. }) => sender.dnsbl = Some(outcome),
+            Ok(DnsAnswer::Rhsbl { outcome, .. }) => sender.rhsbl = Some(outcome),
+            Ok(DnsAnswer::Spf { outcome, .. }) => sender.spf = Some(outcome),
+            // The usual deadline passed without the reverse side: SPF still gets its time.
+            Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                if after_reverse.is_some() && asks.spf.is_some() => {}
             // Timeout: the deadline passed. Disconnected: the thread is gone; either way what
             // is missing stays undecided.
             Err(_) => break,
         }
+        if (reverse.is_some() || Instant::now() >= deadline)
+            && let Some((spf, rhsbl)) = after_reverse.take()
+        {
+            if let Some(name) = spf {
+                handle.submit(DnsRequest::Spf {
+                    id: SENDER_ID,
+                    ip,
+                    name,
+                });
+            }
+            if let Some(name) = rhsbl {
+                handle.submit(DnsRequest::Rhsbl {
+                    id: SENDER_ID,
+                    name,
+                    ip,
+                });
+            }
+        }
+    }
+    // SPEC: a list that did not answer counts as not listing.
+    if asks.dnsbl && sender.dnsbl.is_none() {
+        sender.dnsbl = Some(Default::default());
+    }
+    if asks.rhsbl.is_some() && sender.rhsbl.is_none() {
+        sender.rhsbl = Some(Default::default());
     }
     // Dropping the only handle cancels whatever is still in flight.
     handle.join();
     Ok(Gathered {
         helo_addrs,
         reverse,
+        sender,
     })
 }
 
@@ -230,6 +342,7 @@ pub fn gather(
 pub struct Gathered {
     pub helo_addrs: Option<Lookup<Vec<IpAddr>>>,
     pub reverse: Option<ReverseFacts>,
+    pub sender: SenderFacts,
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //! - `session`: the SMTP session state machine (sans-I/O)
 //! - `helo`: the eleven HELO checks, policy, verdict and trace fields (pure)
 //! - `dns`: DNS message types, and `dns::resolver`, the resolver thread
+//! - `spf`: the RFC 7208 evaluator of the HELO identity (pure `check_host()` over a DNS trait,
+//!   and its adapter to the resolver thread's hickory resolver)
 //! - `message`: an accepted message, its envelope and what its trace fields are made of
 //! - `spool`: the trace field text and the Maildir writer threads
 //! - `server`: listeners, the mio event loop, connections, the worker pool, TLS
@@ -35,9 +37,11 @@ pub(crate) mod net;
 pub mod protocol;
 pub(crate) mod proxy_protocol;
 pub(crate) mod relay;
+pub mod reputation;
 pub(crate) mod sched;
 pub mod server;
 pub mod session;
+pub mod spf;
 pub(crate) mod spool;
 pub mod state;
 pub(crate) mod wake;

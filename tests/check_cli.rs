@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::dns_server::{TestDns, TestZone};
+
 use heloguard::check_cli::gather;
 use heloguard::dns::resolver::ResolverSettings;
 use heloguard::dns::{Lookup, TempFailure};
@@ -170,4 +171,90 @@ fn gather_gives_up_at_twice_the_timeout() {
         took < Duration::from_millis(2 * TIMEOUT_MS) + Duration::from_millis(1500),
         "took {took:?}"
     );
+}
+
+/// A zone where 192.0.2.20 is listed twice, its HELO's domain is on a domain list, and its
+/// SPF record fails it.
+fn listed_zone() -> TestZone {
+    TestZone::new()
+        .a("mail.listed.example", "192.0.2.20")
+        .ptr("192.0.2.20", "mail.listed.example")
+        .txt("mail.listed.example", &["v=spf1 ip4:198.51.100.0/24 -all"])
+        .listed(
+            "k3y.zen.test",
+            "192.0.2.20".parse::<std::net::IpAddr>().unwrap(),
+            "127.0.0.4",
+        )
+        .listed(
+            "k3y.zen.test",
+            "192.0.2.20".parse::<std::net::IpAddr>().unwrap(),
+            "127.255.255.254",
+        )
+        .listed(
+            "cop.test",
+            "192.0.2.20".parse::<std::net::IpAddr>().unwrap(),
+            "127.0.0.2",
+        )
+        .a("listed.example.dbl.test", "127.0.1.2")
+        .blackhole_zone("down.test")
+}
+
+#[test]
+fn check_shows_the_lists_spf_and_why() {
+    let dns = TestDns::start(listed_zone());
+    let spool = std::env::temp_dir().join(format!("heloguard-check-cli-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_heloguard"))
+        .args([
+            "check",
+            "--ip",
+            "192.0.2.20",
+            "--helo",
+            "mail.listed.example",
+        ])
+        .env("HELOGUARD_DNS", dns.env_value())
+        .env("HELOGUARD_DNS_TIMEOUT_MS", TIMEOUT_MS.to_string())
+        .env("HELOGUARD_HOSTNAME", "mx.heloguard.test")
+        .env("HELOGUARD_SPOOL", spool)
+        .env(
+            "HELOGUARD_DNSBL",
+            "K3Y.zen.test=127.0.0.[2..11]*3 cop.test*2 down.test",
+        )
+        .env("HELOGUARD_DNSBL_DISPLAY", "k3y.zen.test=zen.spamhaus.org")
+        .env("HELOGUARD_RHSBL", "dbl.test=127.0.1.[2..99]")
+        .env_remove("HELOGUARD_HELO_POLICY")
+        .env_remove("HELOGUARD_HELO_ALLOW")
+        .env_remove("HELOGUARD_DOMAINS")
+        .output()
+        .expect("run heloguard check");
+    let text = stdout(&out);
+    // The key is in the zone asked, never in the output.
+    assert!(!text.contains("K3Y") && !text.contains("k3y"), "{text}");
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} line: {text}"))
+            .to_string()
+    };
+    let dnsbl = line("dnsbl");
+    assert!(dnsbl.starts_with("dnsbl: fail "), "{dnsbl}");
+    assert!(dnsbl.contains("score 5"), "{dnsbl}");
+    assert!(
+        dnsbl.contains("zen.spamhaus.org (127.0.0.4, weight 3)"),
+        "{dnsbl}"
+    );
+    assert!(dnsbl.contains("cop.test (127.0.0.2, weight 2)"), "{dnsbl}");
+    let rhsbl = line("rhsbl");
+    assert!(rhsbl.starts_with("rhsbl: fail "), "{rhsbl}");
+    assert!(
+        rhsbl.contains("listed.example listed by dbl.test"),
+        "{rhsbl}"
+    );
+    // spf is off by default: shown, not counted, with the mechanism that decided.
+    let spf = line("spf");
+    assert!(spf.starts_with("spf: off "), "{spf}");
+    assert!(spf.contains("fail"), "{spf}");
+    assert!(spf.contains("-all"), "{spf}");
+    let churn = line("helo_churn");
+    assert!(churn.contains("keeps no HELO history"), "{churn}");
+    assert_eq!(out.status.code(), Some(1), "{text}");
 }

@@ -40,9 +40,8 @@ impl Harness {
             sink.lock().expect("observer lock").push((t, o, d));
         });
         let settings = ResolverSettings {
-            servers,
-            timeout,
             max_in_flight,
+            ..ResolverSettings::new(servers, timeout)
         };
         let handle = resolver::spawn(settings, tx, None, observer).expect("spawn resolver");
         Harness {
@@ -726,9 +725,8 @@ fn answers_wake_the_event_loop() {
     let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(7)).expect("waker"));
     let (tx, rx) = crossbeam_channel::unbounded();
     let settings = ResolverSettings {
-        servers: vec![dns.addr()],
-        timeout: Duration::from_millis(600),
         max_in_flight: 4,
+        ..ResolverSettings::new(vec![dns.addr()], Duration::from_millis(600))
     };
     let handle = resolver::spawn(settings, tx, Some(waker), no_observer()).expect("spawn");
     handle.submit(DnsRequest::Forward {
@@ -756,9 +754,8 @@ fn dropping_every_handle_stops_the_thread() {
     let dns = TestDns::start(TestZone::new().blackhole("slow.example.test"));
     let (tx, rx) = crossbeam_channel::unbounded();
     let settings = ResolverSettings {
-        servers: vec![dns.addr()],
-        timeout: Duration::from_secs(5),
         max_in_flight: 4,
+        ..ResolverSettings::new(vec![dns.addr()], Duration::from_secs(5))
     };
     let handle = resolver::spawn(settings, tx, None, no_observer()).expect("spawn");
     let clone = handle.clone();

@@ -18,6 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::dns::lists::{DisplayNames, ListError, Lists, parse_dnsbl, parse_rhsbl};
 use crate::greylist::GreylistTimes;
 use crate::helo::policy::{AllowEntry, HeloPolicy, RejectAt, parse_allow_list};
 use crate::net::Cidr;
@@ -92,6 +93,11 @@ pub struct Config {
     pub relay_idle: Duration,
     /// The state store, greylisting's times and helo_churn's limit.
     pub state: StateSettings,
+    /// HELOGUARD_DNSBL, HELOGUARD_RHSBL, HELOGUARD_DNSBL_DISPLAY (the thresholds are in
+    /// `helo_policy.sender`).
+    pub lists: Lists,
+    /// HELOGUARD_SPF_TIMEOUT_MS.
+    pub spf_timeout: Duration,
 }
 
 impl Config {
@@ -154,9 +160,18 @@ impl From<&Config> for SessionSettings {
             },
             sender_checks: SenderChecks {
                 helo_churn: config.state.helo_churn != 0,
-                ..SenderChecks::default()
+                ..sender_checks(config)
             },
         }
+    }
+}
+
+/// Which sender lookups the configured lists make possible.
+fn sender_checks(config: &Config) -> SenderChecks {
+    SenderChecks {
+        dnsbl: !config.lists.dnsbl.is_empty(),
+        rhsbl: !config.lists.rhsbl.is_empty(),
+        ..SenderChecks::default()
     }
 }
 
@@ -291,6 +306,11 @@ fn build(env: &Env<'_>, machine: &dyn Machine) -> Result<(Config, Vec<String>), 
     let state = state_settings(env)?;
     let mut helo_policy = helo_policy(env)?;
     helo_policy.sender.helo_churn = state.helo_churn;
+    let lists = lists(env)?;
+    helo_policy.sender.dnsbl = !lists.dnsbl.is_empty();
+    helo_policy.sender.rhsbl = !lists.rhsbl.is_empty();
+    helo_policy.sender.dnsbl_threshold = signed(env, &DNSBL_THRESHOLD)?;
+    helo_policy.sender.dnswl_threshold = dnswl_threshold(env)?;
 
     let config = Config {
         listen: listeners.smtp,
@@ -325,6 +345,8 @@ fn build(env: &Env<'_>, machine: &dyn Machine) -> Result<(Config, Vec<String>), 
         shutdown_grace: Duration::from_secs(within_a_year(env, &SHUTDOWN_GRACE_SECS, whole, 1)?),
         relay_idle: Duration::from_secs(within_a_year(env, &RELAY_IDLE_SECS, whole, 1)?),
         state,
+        lists,
+        spf_timeout: Duration::from_millis(within_a_year(env, &SPF_TIMEOUT_MS, positive, 1000)?),
     };
     Ok((config, warnings))
 }
@@ -1009,5 +1031,88 @@ mod tests {
     fn error_lines_escape_control_characters() {
         let line = error(&[("HELOGUARD_MAX_JUNK", "1\n2")]);
         assert_eq!(line, r#"HELOGUARD_MAX_JUNK: "1\n2" is not a whole number"#);
+    }
+
+    #[test]
+    fn sender_reputation_defaults_and_values() {
+        let c = config(&[]);
+        assert!(c.lists.dnsbl.is_empty() && c.lists.rhsbl.is_empty());
+        assert_eq!(c.helo_policy.sender.dnsbl_threshold, 1);
+        assert_eq!(c.helo_policy.sender.dnswl_threshold, 0);
+        assert!(!c.helo_policy.sender.dnsbl && !c.helo_policy.sender.rhsbl);
+        assert_eq!(c.spf_timeout, Duration::from_secs(20));
+        let settings = SessionSettings::from(&c);
+        assert!(!settings.sender_checks.dnsbl && !settings.sender_checks.rhsbl);
+
+        let c = config(&[
+            (
+                "HELOGUARD_DNSBL",
+                "zen.spamhaus.org=127.0.0.[2..11]*3 list.dnswl.org=127.0.[0..255].[1..3]*-2",
+            ),
+            ("HELOGUARD_DNSBL_THRESHOLD", "3"),
+            ("HELOGUARD_DNSWL_THRESHOLD", "-2"),
+            ("HELOGUARD_RHSBL", "dbl.spamhaus.org=127.0.1.[2..99]"),
+            ("HELOGUARD_SPF_TIMEOUT_MS", "25000"),
+        ]);
+        assert_eq!(c.lists.dnsbl.len(), 2);
+        assert_eq!(c.lists.dnsbl[1].weight, -2);
+        assert_eq!(c.lists.rhsbl[0].zone, "dbl.spamhaus.org");
+        assert_eq!(c.helo_policy.sender.dnsbl_threshold, 3);
+        assert_eq!(c.helo_policy.sender.dnswl_threshold, -2);
+        assert!(c.helo_policy.sender.dnsbl && c.helo_policy.sender.rhsbl);
+        assert_eq!(c.spf_timeout, Duration::from_secs(25));
+        let settings = SessionSettings::from(&c);
+        assert!(settings.sender_checks.dnsbl && settings.sender_checks.rhsbl);
+        assert_eq!(settings.helo_policy.sender, c.helo_policy.sender);
+    }
+
+    #[test]
+    fn sender_reputation_errors_name_the_variable_and_entry() {
+        assert_eq!(
+            error(&[("HELOGUARD_DNSBL", "ok.test, bad.test=127.0.0")]),
+            "HELOGUARD_DNSBL: \"ok.test, bad.test=127.0.0\" entry \"bad.test=127.0.0\": the \
+             filter is not four octets of N, [N..M] or [N;M;...]"
+        );
+        assert!(
+            error(&[("HELOGUARD_DNSWL_THRESHOLD", "2")]).starts_with("HELOGUARD_DNSWL_THRESHOLD: ")
+        );
+        assert!(
+            error(&[("HELOGUARD_DNSBL_THRESHOLD", "1.5")])
+                .starts_with("HELOGUARD_DNSBL_THRESHOLD: ")
+        );
+        assert!(error(&[("HELOGUARD_RHSBL", "dbl.test*3")]).starts_with("HELOGUARD_RHSBL: "));
+        assert!(
+            error(&[("HELOGUARD_SPF_TIMEOUT_MS", "0")]).starts_with("HELOGUARD_SPF_TIMEOUT_MS: ")
+        );
+        // An access key in a bad entry is hidden by a good display name.
+        let err = error(&[
+            ("HELOGUARD_DNSBL", "KEY.zen.dq.test=bad"),
+            (
+                "HELOGUARD_DNSBL_DISPLAY",
+                "key.zen.dq.test=zen.spamhaus.org",
+            ),
+        ]);
+        assert!(!err.contains("KEY") && !err.contains("key."), "{err}");
+    }
+
+    #[test]
+    fn the_configuration_line_shows_zones_by_their_display_names() {
+        let env = |name: &str| match name {
+            "HELOGUARD_DNSBL" => Some("S3CR3T.zen.dq.spamhaus.net*3 bl.spamcop.net".to_string()),
+            "HELOGUARD_RHSBL" => Some("s3cr3t.dbl.dq.spamhaus.net".to_string()),
+            "HELOGUARD_DNSBL_DISPLAY" => Some(
+                "s3cr3t.zen.dq.spamhaus.net=zen.spamhaus.org,\
+                 s3cr3t.dbl.dq.spamhaus.net=dbl.spamhaus.org"
+                    .to_string(),
+            ),
+            _ => None,
+        };
+        let shown = super::non_default_settings(env);
+        let text = format!("{shown:?}");
+        assert!(!text.to_ascii_lowercase().contains("s3cr3t"), "{text}");
+        assert!(shown.contains(&(
+            "HELOGUARD_DNSBL",
+            "zen.spamhaus.org*3 bl.spamcop.net".to_string()
+        )));
     }
 }

@@ -629,6 +629,57 @@ pub(super) fn state_settings(env: &Env<'_>) -> Result<StateSettings, ConfigError
     })
 }
 
+// ---- sender reputation ----
+
+/// A whole number that may be negative.
+pub(super) fn signed(env: &Env<'_>, variable: &Variable) -> Result<i64, ConfigError> {
+    let raw = env.value(variable).unwrap_or_default();
+    let digits = raw.strip_prefix('-').unwrap_or(&raw);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ConfigError::bad_value(
+            variable.name,
+            &raw,
+            "is not a whole number",
+        ));
+    }
+    raw.parse::<i64>()
+        .map_err(|_| ConfigError::bad_value(variable.name, &raw, "is too large"))
+}
+
+/// HELOGUARD_DNSBL, HELOGUARD_RHSBL and HELOGUARD_DNSBL_DISPLAY.
+pub(super) fn lists(env: &Env<'_>) -> Result<Lists, ConfigError> {
+    let read = |variable: &Variable| env.set_value(variable).unwrap_or_default();
+    let bad = |variable: &Variable, raw: &str, e: ListError| {
+        ConfigError::bad_value(variable.name, raw, e.to_string())
+    };
+    let (dnsbl, rhsbl, display) = (read(&DNSBL), read(&RHSBL), read(&DNSBL_DISPLAY));
+    // The error names the entry, and an entry may hold an access key: the display names of a
+    // good HELOGUARD_DNSBL_DISPLAY hide it in the message too.
+    let names = DisplayNames::parse(&display).map_err(|e| bad(&DNSBL_DISPLAY, &display, e))?;
+    let hide = |raw: &str| names.hide_zones(raw);
+    Ok(Lists {
+        dnsbl: parse_dnsbl(&dnsbl)
+            .map_err(|e| ConfigError::bad_value(DNSBL.name, &hide(&dnsbl), hide(&e.to_string())))?,
+        rhsbl: parse_rhsbl(&rhsbl)
+            .map_err(|e| ConfigError::bad_value(RHSBL.name, &hide(&rhsbl), hide(&e.to_string())))?,
+        display: names,
+    })
+}
+
+/// HELOGUARD_DNSWL_THRESHOLD: 0 (off) or negative.
+pub(super) fn dnswl_threshold(env: &Env<'_>) -> Result<i64, ConfigError> {
+    let n = signed(env, &DNSWL_THRESHOLD)?;
+    if n > 0 {
+        let raw = env.value(&DNSWL_THRESHOLD).unwrap_or_default();
+        return Err(ConfigError::bad_value(
+            DNSWL_THRESHOLD.name,
+            &raw,
+            "must be 0 (off) or negative",
+        ));
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod state_tests {
     use super::*;

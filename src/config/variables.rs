@@ -38,11 +38,18 @@ pub fn help_text() -> String {
 }
 
 /// The variables set to something other than their default, in `--help` order, for the
-/// startup line that states the effective configuration; a password in a URL is hidden.
+/// startup line that states the effective configuration; a password in a URL is hidden, and
+/// so is every list zone named in HELOGUARD_DNSBL_DISPLAY (shown by its display name).
 /// `lookup` is the environment (None = unset; an empty value counts as unset).
 pub fn non_default_settings(
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Vec<(&'static str, String)> {
+    // A zone with a display name may carry an access key: every value shows the name instead
+    // (HELOGUARD_DNSBL_DISPLAY's own value included). A bad value stops startup before this
+    // line is written; here it just hides nothing.
+    let display = lookup(DNSBL_DISPLAY.name)
+        .and_then(|v| crate::dns::lists::DisplayNames::parse(&v).ok())
+        .unwrap_or_default();
     VARIABLES
         .iter()
         .filter_map(|variable| {
@@ -55,6 +62,7 @@ pub fn non_default_settings(
             (!value.is_empty() && !is_default)
                 .then(|| (variable.name, hide_url_password(value).into_owned()))
         })
+        .map(|(name, value)| (name, display.hide_zones(&value)))
         .collect()
 }
 
@@ -283,6 +291,42 @@ pub(super) const SHUTDOWN_GRACE_SECS: Variable = Variable {
     meaning: "seconds open transactions get to finish on SIGTERM",
     default: DefaultValue::Text("30"),
 };
+pub(super) const DNSBL: Variable = Variable {
+    name: "HELOGUARD_DNSBL",
+    meaning: "client-IP lists in postscreen_dnsbl_sites syntax, ZONE[=FILTER][*WEIGHT],... \
+              (FILTER octet by octet: N, [N..M], [N;M;...]; WEIGHT default 1, negative for \
+              allowlists), separated by commas, white space or both",
+    default: DefaultValue::Text(""),
+};
+pub(super) const DNSBL_THRESHOLD: Variable = Variable {
+    name: "HELOGUARD_DNSBL_THRESHOLD",
+    meaning: "combined HELOGUARD_DNSBL score at which the dnsbl check fails (a whole number)",
+    default: DefaultValue::Text("1"),
+};
+pub(super) const DNSWL_THRESHOLD: Variable = Variable {
+    name: "HELOGUARD_DNSWL_THRESHOLD",
+    meaning: "a combined score at or below this negative number allows the client as \
+              HELOGUARD_HELO_ALLOW does (0 = off; at most 0)",
+    default: DefaultValue::Text("0"),
+};
+pub(super) const RHSBL: Variable = Variable {
+    name: "HELOGUARD_RHSBL",
+    meaning: "domain lists for the registered domains of the HELO and PTR names, \
+              ZONE[=FILTER],...",
+    default: DefaultValue::Text(""),
+};
+pub(super) const DNSBL_DISPLAY: Variable = Variable {
+    name: "HELOGUARD_DNSBL_DISPLAY",
+    meaning: "ZONE=NAME,...: the name shown for a list zone in headers, replies, logs and \
+              metrics, so a zone that carries an access key never shows it",
+    default: DefaultValue::Text(""),
+};
+pub(super) const SPF_TIMEOUT_MS: Variable = Variable {
+    name: "HELOGUARD_SPF_TIMEOUT_MS",
+    meaning: "total time for one SPF evaluation in milliseconds (RFC 7208 4.6.4 asks at \
+              least 20 s; more than 0)",
+    default: DefaultValue::Text("20000"),
+};
 pub(super) const RELAY_IDLE_SECS: Variable = Variable {
     name: "HELOGUARD_RELAY_IDLE_SECS",
     meaning: "relay modes: a next-hop connection with no transaction for this long is closed",
@@ -373,6 +417,12 @@ pub(super) const VARIABLES: &[&Variable] = &[
     &BARE_NEWLINE,
     &METRICS,
     &SHUTDOWN_GRACE_SECS,
+    &DNSBL,
+    &DNSBL_THRESHOLD,
+    &DNSWL_THRESHOLD,
+    &RHSBL,
+    &DNSBL_DISPLAY,
+    &SPF_TIMEOUT_MS,
     &RELAY_IDLE_SECS,
     &GREYLIST_DELAY,
     &GREYLIST_RETRY,

@@ -21,6 +21,7 @@ use std::sync::PoisonError;
 use std::time::Duration;
 use std::time::Instant;
 
+use super::reputation::{DnsblOutcome, RhsblOutcome};
 use super::{Family, Lookup, QueryObserver, QueryOutcome, QueryType, ReverseFacts};
 
 /// Longest time an answer is kept, whatever its TTL: a changed zone is seen within this time.
@@ -54,12 +55,18 @@ enum Key {
     /// Lower case, without the trailing dot; and the family of the client it was asked for
     /// (an answer for an IPv4 client may hold only the A records).
     Forward(String, Family),
+    /// The client's score over HELOGUARD_DNSBL.
+    Dnsbl(IpAddr),
+    /// HELOGUARD_RHSBL over a HELO name (its key) and the client's confirmed PTR name.
+    Rhsbl(String, IpAddr),
 }
 
 #[derive(Clone, Debug)]
 enum Answer {
     Reverse(ReverseFacts),
     Forward(Lookup<Vec<IpAddr>>),
+    Dnsbl(DnsblOutcome),
+    Rhsbl(RhsblOutcome),
 }
 
 struct Entry {
@@ -110,8 +117,56 @@ impl AnswerCache {
     pub fn reverse(&self, ip: IpAddr, now: Instant) -> Option<ReverseFacts> {
         match self.get(&Key::Reverse(crate::net::canonical_ip(ip)), now)? {
             Answer::Reverse(facts) => Some(facts),
-            Answer::Forward(_) => None,
+            _ => None,
         }
+    }
+
+    /// As `reverse`, without reporting its queries again: for a lookup that builds on the
+    /// client's PTR name, whose queries the session's own Reverse answer already counted.
+    pub fn peek_reverse(&self, ip: IpAddr, now: Instant) -> Option<ReverseFacts> {
+        let key = Key::Reverse(crate::net::canonical_ip(ip));
+        let table = self.lock();
+        let entry = table.map.get(&key).filter(|e| e.until > now)?;
+        match &entry.answer {
+            Answer::Reverse(facts) => Some(facts.clone()),
+            _ => None,
+        }
+    }
+
+    /// The client's score over the lists, if known and still valid at `now`.
+    pub fn dnsbl(&self, ip: IpAddr, now: Instant) -> Option<DnsblOutcome> {
+        match self.get(&Key::Dnsbl(crate::net::canonical_ip(ip)), now)? {
+            Answer::Dnsbl(outcome) => Some(outcome),
+            _ => None,
+        }
+    }
+
+    /// The domain lists' hits for the HELO name `key` and the client `ip`, if known.
+    pub fn rhsbl(&self, key: &str, ip: IpAddr, now: Instant) -> Option<RhsblOutcome> {
+        let key = Key::Rhsbl(key.to_ascii_lowercase(), crate::net::canonical_ip(ip));
+        match self.get(&key, now)? {
+            Answer::Rhsbl(outcome) => Some(outcome),
+            _ => None,
+        }
+    }
+
+    /// Keeps the client's score (only when every zone answered: see `Keepable`).
+    pub fn keep_dnsbl(&self, ip: IpAddr, outcome: &Keepable<DnsblOutcome>, queries: Queries) {
+        let key = Key::Dnsbl(crate::net::canonical_ip(ip));
+        let answer = Answer::Dnsbl(outcome.value.clone());
+        self.keep(key, answer, outcome.until, queries);
+    }
+
+    pub fn keep_rhsbl(
+        &self,
+        name: &str,
+        ip: IpAddr,
+        outcome: &Keepable<RhsblOutcome>,
+        queries: Queries,
+    ) {
+        let key = Key::Rhsbl(name.to_ascii_lowercase(), crate::net::canonical_ip(ip));
+        let answer = Answer::Rhsbl(outcome.value.clone());
+        self.keep(key, answer, outcome.until, queries);
     }
 
     /// The addresses of `name` as asked for a client of `family`, if known and still valid
@@ -119,7 +174,7 @@ impl AnswerCache {
     pub fn forward(&self, name: &str, family: Family, now: Instant) -> Option<Lookup<Vec<IpAddr>>> {
         match self.get(&forward_key(name, family), now)? {
             Answer::Forward(addrs) => Some(addrs),
-            Answer::Reverse(_) => None,
+            _ => None,
         }
     }
 
@@ -223,6 +278,8 @@ fn is_temporary(answer: &Answer) -> bool {
                 .any(|n| matches!(n.addrs, Lookup::TempError(_))),
             _ => false,
         },
+        // A zone that did not answer makes the whole answer fleeting before it gets here.
+        Answer::Dnsbl(_) | Answer::Rhsbl(_) => false,
     }
 }
 

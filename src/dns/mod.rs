@@ -8,11 +8,15 @@
 //! their queries through a `QueryObserver`.
 
 pub(crate) mod answer_cache;
-mod records;
+pub mod lists;
+pub(crate) mod records;
+pub mod reputation;
 pub mod resolver;
 
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use reputation::{DnsblOutcome, RhsblOutcome, SpfOutcome, SpfResult};
 use std::time::Duration;
 
 /// Identifies who asked: the event loop's connection token (slot and generation packed).
@@ -103,6 +107,22 @@ pub enum DnsRequest {
         name: String,
         family: Family,
     },
+    /// The client over every HELOGUARD_DNSBL zone, concurrently (asked at accept).
+    Dnsbl { id: RequestId, ip: IpAddr },
+    /// HELOGUARD_RHSBL over the registered domain of `name` (a HELO name key: lower case, no
+    /// trailing dot; only when it is a domain name) and over that of the client's
+    /// forward-confirmed PTR name.
+    Rhsbl {
+        id: RequestId,
+        name: String,
+        ip: IpAddr,
+    },
+    /// SPF (RFC 7208) of the HELO identity `name` for the client `ip`.
+    Spf {
+        id: RequestId,
+        ip: IpAddr,
+        name: String,
+    },
     /// `id` wants no answer any more (its connection closed): what only it waits for is
     /// dropped. No answer comes for this request.
     Forget { id: RequestId },
@@ -126,6 +146,28 @@ impl DnsRequest {
                 id: *id,
                 name: name.clone(),
                 addrs: Lookup::TempError(undecided),
+                queries: 0,
+            }),
+            // SPEC: a list that cannot be asked counts as not listing.
+            Self::Dnsbl { id, ip } => Some(DnsAnswer::Dnsbl {
+                id: *id,
+                ip: *ip,
+                outcome: DnsblOutcome::default(),
+                queries: 0,
+            }),
+            Self::Rhsbl { id, name, .. } => Some(DnsAnswer::Rhsbl {
+                id: *id,
+                name: name.clone(),
+                outcome: RhsblOutcome::default(),
+                queries: 0,
+            }),
+            Self::Spf { id, name, .. } => Some(DnsAnswer::Spf {
+                id: *id,
+                name: name.clone(),
+                outcome: SpfOutcome {
+                    result: SpfResult::TempError,
+                    why: "DNS resolver unavailable".to_string(),
+                },
                 queries: 0,
             }),
             Self::Forget { .. } => None,
@@ -152,19 +194,48 @@ pub enum DnsAnswer {
         /// DNS queries sent to get it (HELOGUARD_DNS_BUDGET); 0 when it was known.
         queries: u32,
     },
+    /// The client's score; a zone that did not answer counts as not listing.
+    Dnsbl {
+        id: RequestId,
+        ip: IpAddr,
+        outcome: DnsblOutcome,
+        queries: u32,
+    },
+    Rhsbl {
+        id: RequestId,
+        /// The name exactly as it was requested.
+        name: String,
+        outcome: RhsblOutcome,
+        queries: u32,
+    },
+    Spf {
+        id: RequestId,
+        /// The name exactly as it was requested.
+        name: String,
+        outcome: SpfOutcome,
+        queries: u32,
+    },
 }
 
 impl DnsAnswer {
     pub fn id(&self) -> RequestId {
         match self {
-            Self::Reverse { id, .. } | Self::Forward { id, .. } => *id,
+            Self::Reverse { id, .. }
+            | Self::Forward { id, .. }
+            | Self::Dnsbl { id, .. }
+            | Self::Rhsbl { id, .. }
+            | Self::Spf { id, .. } => *id,
         }
     }
 
     /// DNS queries sent to get this answer.
     pub fn queries(&self) -> u32 {
         match self {
-            Self::Reverse { queries, .. } | Self::Forward { queries, .. } => *queries,
+            Self::Reverse { queries, .. }
+            | Self::Forward { queries, .. }
+            | Self::Dnsbl { queries, .. }
+            | Self::Rhsbl { queries, .. }
+            | Self::Spf { queries, .. } => *queries,
         }
     }
 }

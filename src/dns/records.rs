@@ -14,7 +14,7 @@ use super::{Lookup, QueryOutcome, TempFailure};
 pub const MAX_PTR_NAMES: usize = 10;
 
 /// The name as an absolute DNS name, so no search list or ndots rule applies.
-pub(super) fn fqdn(name: &str) -> Option<Name> {
+pub(crate) fn fqdn(name: &str) -> Option<Name> {
     let trimmed = name.strip_suffix('.').unwrap_or(name);
     if trimmed.is_empty() {
         return None;
@@ -68,7 +68,7 @@ pub(super) fn negative_ttl(e: &NetError) -> Option<u32> {
 }
 
 /// Maps hickory's error to the closed set of outcomes.
-pub(super) fn classify<T>(e: &NetError) -> Lookup<T> {
+pub(crate) fn classify<T>(e: &NetError) -> Lookup<T> {
     if e.is_nx_domain() {
         return Lookup::NxDomain;
     }
@@ -87,7 +87,7 @@ pub(super) fn classify<T>(e: &NetError) -> Lookup<T> {
     Lookup::TempError(failure)
 }
 
-pub(super) fn outcome_of<T>(result: &Lookup<T>) -> QueryOutcome {
+pub(crate) fn outcome_of<T>(result: &Lookup<T>) -> QueryOutcome {
     match result {
         Lookup::Found(_) => QueryOutcome::Ok,
         Lookup::NxDomain => QueryOutcome::NxDomain,

@@ -46,13 +46,18 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 
 use super::answer_cache::{AnswerCache, Keepable, Queries, until_both};
+use super::lists::Lists;
 pub use super::records::MAX_PTR_NAMES;
 use super::records::{FromRecords, classify, fqdn, negative_ttl, outcome_of};
+use super::reputation::{DnsblOutcome, RhsblOutcome, SpfOutcome, SpfResult};
 use super::{
     DnsAnswer, DnsRequest, Family, Lookup, PtrName, QueryObserver, QueryOutcome, QueryType,
     RequestId, ReverseFacts, TempFailure,
 };
 use crate::wake::LoopWaker;
+
+mod sender;
+pub use sender::{SpfEvaluator, SpfQuery};
 
 /// Entries in hickory's answer cache. HELO names and client PTRs repeat a lot across
 /// connections from the same senders, so a modest cache saves most round trips.
@@ -75,6 +80,12 @@ pub struct ResolverSettings {
     pub timeout: Duration,
     /// Requests (Forward or Reverse) resolved at once; the rest wait, in order.
     pub max_in_flight: usize,
+    /// HELOGUARD_DNSBL, HELOGUARD_RHSBL and the zones' display names.
+    pub lists: Arc<Lists>,
+    /// HELOGUARD_SPF_TIMEOUT_MS: one whole SPF evaluation (RFC 7208 4.6.4).
+    pub spf_timeout: Duration,
+    /// What evaluates SPF; without one every SPF request is answered `temperror`.
+    pub spf: Option<SpfEvaluator>,
 }
 
 impl ResolverSettings {
@@ -84,6 +95,9 @@ impl ResolverSettings {
             servers,
             timeout,
             max_in_flight: 256,
+            lists: Arc::new(Lists::default()),
+            spf_timeout: Duration::from_secs(20),
+            spf: None,
         }
     }
 }
@@ -248,6 +262,10 @@ pub fn try_spawn(
         waker: waker.clone(),
         observer,
         known: known.clone(),
+        lists: settings.lists.clone(),
+        spf_timeout: settings.spf_timeout,
+        spf: settings.spf.clone(),
+        list_outages: std::sync::Mutex::new(std::collections::HashSet::new()),
     });
     let max_in_flight = settings.max_in_flight.max(1);
     let thread = std::thread::Builder::new()
@@ -316,6 +334,12 @@ struct Context {
     waker: Option<Arc<dyn LoopWaker>>,
     observer: QueryObserver,
     known: Arc<AnswerCache>,
+    lists: Arc<Lists>,
+    spf_timeout: Duration,
+    spf: Option<SpfEvaluator>,
+    /// List zones (as shown) that did not answer last time: an outage is logged once when it
+    /// starts and once when it ends, not per query.
+    list_outages: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -346,12 +370,37 @@ fn send_then_wake(
 enum Work {
     Forward { name: String, family: Family },
     Reverse(IpAddr),
+    Dnsbl(IpAddr),
+    Rhsbl { name: String, ip: IpAddr },
+    Spf { name: String, ip: IpAddr },
 }
 
 /// What a finished lookup found, and the queries it took.
 enum Found {
     Forward(Lookup<Vec<IpAddr>>),
     Reverse(ReverseFacts),
+    Dnsbl(DnsblOutcome),
+    Rhsbl(RhsblOutcome),
+    Spf(SpfOutcome),
+}
+
+impl Found {
+    /// What a lookup that failed inside (a task that panicked) answers: undecided, or not
+    /// listing for the lists.
+    fn undecided(work: &Work) -> Found {
+        match work {
+            Work::Forward { .. } => Found::Forward(Lookup::TempError(TempFailure::Other)),
+            Work::Reverse(_) => Found::Reverse(ReverseFacts {
+                ptr: Lookup::TempError(TempFailure::Other),
+            }),
+            Work::Dnsbl(_) => Found::Dnsbl(DnsblOutcome::default()),
+            Work::Rhsbl { .. } => Found::Rhsbl(RhsblOutcome::default()),
+            Work::Spf { .. } => Found::Spf(SpfOutcome {
+                result: SpfResult::TempError,
+                why: "SPF evaluation failed".to_string(),
+            }),
+        }
+    }
 }
 
 /// A lookup someone waits for.
@@ -385,6 +434,21 @@ impl Book {
                 return;
             }
             DnsRequest::Reverse { id, ip } => (id, Work::Reverse(ip)),
+            DnsRequest::Dnsbl { id, ip } => (id, Work::Dnsbl(ip)),
+            DnsRequest::Rhsbl { id, ref name, ip } => (
+                id,
+                Work::Rhsbl {
+                    name: name.clone(),
+                    ip,
+                },
+            ),
+            DnsRequest::Spf { id, ip, ref name } => (
+                id,
+                Work::Spf {
+                    name: name.clone(),
+                    ip,
+                },
+            ),
             DnsRequest::Forward {
                 id,
                 ref name,
@@ -490,14 +554,7 @@ impl Book {
                     .find(|(_, p)| p.running.as_ref().is_some_and(|t| t.id() == e.id()))
                     .map(|(work, _)| work.clone());
                 if let Some(work) = failed {
-                    let found = match &work {
-                        Work::Forward { .. } => {
-                            Found::Forward(Lookup::TempError(TempFailure::Other))
-                        }
-                        Work::Reverse(_) => Found::Reverse(ReverseFacts {
-                            ptr: Lookup::TempError(TempFailure::Other),
-                        }),
-                    };
+                    let found = Found::undecided(&work);
                     self.answer(ctx, work, found, 0);
                 }
                 return;
@@ -534,6 +591,24 @@ impl Book {
                     id,
                     ip: *ip,
                     facts: facts.clone(),
+                    queries,
+                },
+                (Work::Dnsbl(ip), Found::Dnsbl(outcome)) => DnsAnswer::Dnsbl {
+                    id,
+                    ip: *ip,
+                    outcome: outcome.clone(),
+                    queries,
+                },
+                (Work::Rhsbl { name, .. }, Found::Rhsbl(outcome)) => DnsAnswer::Rhsbl {
+                    id,
+                    name: name.clone(),
+                    outcome: outcome.clone(),
+                    queries,
+                },
+                (Work::Spf { name, .. }, Found::Spf(outcome)) => DnsAnswer::Spf {
+                    id,
+                    name: name.clone(),
+                    outcome: outcome.clone(),
                     queries,
                 },
                 // `resolve` answers each kind of work in kind.
@@ -583,6 +658,22 @@ async fn resolve(ctx: &Arc<Context>, work: Work) -> (Work, Found, u32) {
             let count = queries.len();
             ctx.known.keep_reverse(*ip, &facts, queries);
             (Found::Reverse(facts.value), count)
+        }
+        Work::Dnsbl(ip) => {
+            let (outcome, queries) = sender::dnsbl(ctx, *ip).await;
+            let count = queries.len();
+            ctx.known.keep_dnsbl(*ip, &outcome, queries);
+            (Found::Dnsbl(outcome.value), count)
+        }
+        Work::Rhsbl { name, ip } => {
+            let (outcome, queries) = sender::rhsbl(ctx, name, *ip).await;
+            let count = queries.len();
+            ctx.known.keep_rhsbl(name, *ip, &outcome, queries);
+            (Found::Rhsbl(outcome.value), count)
+        }
+        Work::Spf { name, ip } => {
+            let (outcome, count) = sender::spf(ctx, name, *ip).await;
+            (Found::Spf(outcome), count)
         }
     };
     (work, found, u32::try_from(queries).unwrap_or(u32::MAX))

@@ -42,6 +42,13 @@ pub fn render(
     for check in Check::ALL {
         let result = results[check.index()];
         let line = match policy.action(check) {
+            // SPF is off unless the policy names it; `heloguard check` still shows what it
+            // finds, since a sender's admin runs the command to see exactly that.
+            Action::Off if check == Check::Spf && sender.spf.is_some() => format!(
+                "{}: off — not counted (policy); {}",
+                check.name(),
+                facts.why_spf(CheckResult::None)
+            ),
             Action::Off => format!("{}: off — not run (policy)", check.name()),
             Action::Log => format!(
                 "{}: {} — {} (action log: not counted)",
@@ -204,6 +211,9 @@ impl Facts<'_> {
                 self.lists.helo_churn
             ),
             (_, CheckResult::None) if is_local(self.ip) => "a local client".to_string(),
+            (None, _) => "not judged: `heloguard check` is one-shot and keeps no HELO history \
+                          (the server reads it from its state store)"
+                .to_string(),
             _ => "the state store did not answer: not judged".to_string(),
         }
     }

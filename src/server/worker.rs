@@ -55,23 +55,11 @@ pub(crate) enum OwnedEvent {
     SpoolSpace {
         low: bool,
     },
-    #[expect(
-        dead_code,
-        reason = "the resolver and state threads do not send them yet"
-    )]
     Dnsbl(DnsblOutcome),
-    #[expect(
-        dead_code,
-        reason = "the resolver and state threads do not send them yet"
-    )]
     Spf {
         name: String,
         outcome: SpfOutcome,
     },
-    #[expect(
-        dead_code,
-        reason = "the resolver and state threads do not send them yet"
-    )]
     Rhsbl {
         name: String,
         outcome: RhsblOutcome,

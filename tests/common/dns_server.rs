@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, MX, PTR, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 /// How often the server threads look at the stop flag.
@@ -75,6 +75,24 @@ pub fn reverse_name(ip: IpAddr) -> String {
     key(&Name::from(ip).to_ascii())
 }
 
+/// The name of `ip` under the DNS list `zone` (RFC 5782), as a zone key.
+pub fn list_name(ip: IpAddr, zone: &str) -> String {
+    let reversed = match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            format!("{d}.{c}.{b}.{a}")
+        }
+        IpAddr::V6(v6) => v6
+            .octets()
+            .iter()
+            .rev()
+            .map(|byte| format!("{:x}.{:x}", byte & 0x0f, byte >> 4))
+            .collect::<Vec<_>>()
+            .join("."),
+    };
+    key(&format!("{reversed}.{zone}"))
+}
+
 /// What the test server knows. A name that appears nowhere gets NXDOMAIN; a name that has
 /// some record (or was declared with `nodata`) but not the one asked for gets NOERROR with an
 /// empty answer (NODATA).
@@ -86,6 +104,7 @@ pub struct TestZone {
     servfail_type: HashSet<(String, RecordType)>,
     refused: HashSet<String>,
     blackhole: HashSet<String>,
+    blackhole_zones: HashSet<String>,
     truncate_udp: HashSet<String>,
     ttl: u32,
 }
@@ -139,6 +158,19 @@ impl TestZone {
         self.add(&reverse_name(ip.into_ip()), RData::PTR(PTR(target)))
     }
 
+    /// A TXT record of these character-strings, in order (SPF joins them without spaces).
+    pub fn txt(self, name: &str, strings: &[&str]) -> Self {
+        let strings = strings.iter().map(|s| s.to_string()).collect();
+        self.add(name, RData::TXT(TXT::new(strings)))
+    }
+
+    /// An MX record; `exchange` "." is the null MX (RFC 7505).
+    pub fn mx(self, name: &str, preference: u16, exchange: &str) -> Self {
+        let exchange = Name::from_ascii(key(exchange))
+            .unwrap_or_else(|e| panic!("test zone: bad MX exchange {exchange:?}: {e}"));
+        self.add(name, RData::MX(MX::new(preference, exchange)))
+    }
+
     /// The name exists but has no records: every type gets NODATA.
     pub fn nodata(mut self, name: &str) -> Self {
         self.names.insert(key(name));
@@ -188,6 +220,26 @@ impl TestZone {
         self
     }
 
+    /// `ip` listed under the DNS list `zone` with the A answer `answer` (RFC 5782: IPv4 by
+    /// reversed octets, IPv6 by reversed nibbles). Several answers: call it again.
+    pub fn listed(self, zone: &str, ip: impl IntoIp, answer: &str) -> Self {
+        let name = list_name(ip.into_ip(), zone);
+        self.a(&name, answer)
+    }
+
+    /// The query for `ip` under the list `zone` is never answered.
+    pub fn blackhole_listed(self, zone: &str, ip: impl IntoIp) -> Self {
+        let name = list_name(ip.into_ip(), zone);
+        self.blackhole(&name)
+    }
+
+    /// Every name under `zone` (the zone itself included) is never answered: a list that is
+    /// down.
+    pub fn blackhole_zone(mut self, zone: &str) -> Self {
+        self.blackhole_zones.insert(key(zone));
+        self
+    }
+
     /// TTL of every record and of negative answers (default 60 s); 0 keeps resolver caches
     /// out of a test.
     pub fn ttl(mut self, ttl: u32) -> Self {
@@ -199,7 +251,12 @@ impl TestZone {
     fn answer(&self, request: &Message, over_udp: bool) -> Option<Message> {
         let query = request.queries.first()?.clone();
         let name = key(&query.name.to_ascii());
-        if self.blackhole.contains(&name) {
+        if self.blackhole.contains(&name)
+            || self
+                .blackhole_zones
+                .iter()
+                .any(|z| name == *z || name.ends_with(&format!(".{z}")))
+        {
             return None;
         }
         let mut resp = Message::response(request.metadata.id, request.metadata.op_code);

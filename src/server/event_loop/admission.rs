@@ -191,6 +191,7 @@ impl Server {
             return;
         };
         let session = self.new_session(client_ip);
+        let wants_dnsbl = session.expects_dnsbl();
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
@@ -211,6 +212,12 @@ impl Server {
             }
             known
         });
+        if wants_dnsbl {
+            self.ask_dnsbl(slot, client_ip, now);
+        }
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         let id = conn.id;
         let greet_now = self.config.greet_delay.is_zero();
         if greet_now {

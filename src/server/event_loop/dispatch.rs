@@ -16,6 +16,7 @@ use crate::server::conn_id::ConnId;
 use crate::server::event_loop::Handoff;
 use crate::server::event_loop::Server;
 use crate::server::event_loop::next_hop::{next_hop_unavailable, session_event};
+use crate::server::event_loop::sender_lookups::sender_event;
 use crate::server::event_loop::session_log::log_observations;
 use crate::server::event_loop::timers::{ConnTimer, TimerKind};
 use crate::server::worker::{Done, OwnedEvent, WorkerReport};
@@ -146,8 +147,9 @@ impl Server {
             SessionAction::HeloAccepted {
                 generation,
                 lookup,
+                spf,
+                rhsbl,
                 churn,
-                ..
             } => {
                 let id = conn.id;
                 if let Some(name) = churn {
@@ -185,6 +187,7 @@ impl Server {
                     deadline,
                     TimerKind::Conn(id, ConnTimer::Verdict(generation)),
                 );
+                self.ask_sender_lookups(slot, spf, rhsbl, now);
             }
             SessionAction::Greylist(triplet) => self.ask_state(slot, StateQuery::Greylist(triplet)),
             SessionAction::Deliver(envelope) => match &self.handoff {
@@ -374,6 +377,11 @@ impl Server {
                 conn.dns.forward_took = conn.dns.forward_started.map(|t| now - t);
                 OwnedEvent::Forward { name, addrs }
             }
+            // Answers for a name the session no longer waits for go too: it ignores them.
+            sender => match sender_event(sender) {
+                Some(event) => event,
+                None => return,
+            },
         };
         conn.pending.push(event);
         self.pump(slot);

@@ -53,6 +53,7 @@ use crate::spool::writer::SpoolWriters;
 mod admission;
 mod dispatch;
 mod next_hop;
+mod sender_lookups;
 mod session_log;
 mod shutdown;
 pub(crate) mod startup;

@@ -14,7 +14,7 @@ use rustls::ClientConfig;
 use slab::Slab;
 
 use crate::config::{Config, DeliverTarget};
-use crate::dns::resolver::{self, ResolverSettings};
+use crate::dns::resolver;
 use crate::message::content::SpillStore;
 use crate::metrics::Metrics;
 use crate::relay::NextHopProtocol;
@@ -65,11 +65,7 @@ impl Server {
         let (dns_tx, dns_rx) = crossbeam_channel::unbounded();
         let observer_metrics = metrics.clone();
         let resolver = resolver::spawn(
-            ResolverSettings {
-                servers: config.dns_servers.clone(),
-                timeout: config.dns_timeout,
-                max_in_flight: 4096,
-            },
+            crate::reputation::resolver_settings(&config, 4096),
             dns_tx,
             Some(wake.clone()),
             Arc::new(move |qtype, outcome, took| observer_metrics.dns_query(qtype, outcome, took)),
