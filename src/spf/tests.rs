@@ -726,7 +726,7 @@ fn include_errors_propagate_and_none_is_permerror() {
         check(&none, "192.0.2.3", HELO),
         outcome(
             SpfResult::PermError,
-            "include:_spf.example.net: no SPF record (no SPF record)"
+            "include:_spf.example.net: no SPF record"
         )
     );
 }
@@ -779,7 +779,7 @@ fn redirect_to_no_record_is_permerror() {
         check(&zone, "192.0.2.3", HELO),
         outcome(
             SpfResult::PermError,
-            "redirect=_spf.example.net: no SPF record (no SPF record)"
+            "redirect=_spf.example.net: no SPF record"
         )
     );
     let errors = helo_record("v=spf1 redirect=_spf.example.net")
@@ -861,5 +861,47 @@ fn out_of_time_is_temperror() {
     assert_eq!(
         out_of_time(Duration::from_millis(1500)),
         outcome(SpfResult::TempError, "no SPF result within 1500 ms")
+    );
+}
+
+#[test]
+fn the_p_macro_lookup_counts_as_a_dns_term_once() {
+    let nine = ["a"; 9].join(" ");
+    let without_p =
+        helo_record(&format!("v=spf1 {nine} exists:%{{d}}.x.example -all")).a(HELO, "198.51.100.1");
+    assert_eq!(check(&without_p, "192.0.2.3", HELO).why, "-all");
+    let with_p =
+        helo_record(&format!("v=spf1 {nine} exists:%{{p}}.x.example -all")).a(HELO, "198.51.100.1");
+    assert_eq!(
+        check(&with_p, "192.0.2.3", HELO),
+        outcome(SpfResult::PermError, "too many DNS lookups")
+    );
+    // Asked once however many macros use it.
+    let twice = helo_record("v=spf1 exists:%{p}.x.example exists:%{p}.y.example -all")
+        .ptr("192.0.2.3", "host.example.net")
+        .a("host.example.net", "192.0.2.3")
+        .a("host.example.net.y.example", "127.0.0.2");
+    assert_eq!(check(&twice, "192.0.2.3", HELO).result, SpfResult::Pass);
+    assert_eq!(twice.asked_of("PTR"), 1);
+}
+
+#[test]
+fn an_include_or_redirect_to_a_malformed_name_is_permerror() {
+    let include = helo_record("v=spf1 include:%{d}x..%{d} -all");
+    assert_eq!(
+        check(&include, "192.0.2.3", HELO),
+        outcome(
+            SpfResult::PermError,
+            "include:%{d}x..%{d}: malformed domain"
+        )
+    );
+    // A single-label target has no policy (RFC 7208 4.3), so the redirect is permerror.
+    let redirect = helo_record("v=spf1 redirect=%{d1}");
+    assert_eq!(
+        check(&redirect, "192.0.2.3", HELO),
+        outcome(
+            SpfResult::PermError,
+            "redirect=%{d1}: malformed domain \"com\""
+        )
     );
 }
