@@ -905,3 +905,117 @@ fn an_include_or_redirect_to_a_malformed_name_is_permerror() {
         )
     );
 }
+
+#[test]
+fn lookups_inside_an_include_count_toward_the_same_limit() {
+    // a, include, then eight a's inside: ten terms; the ip4 after them still decides.
+    let inner = ["a"; 8].join(" ");
+    let at_limit = helo_record("v=spf1 a include:inc.example.com ip4:192.0.2.3 -all")
+        .a(HELO, "198.51.100.1")
+        .txt("inc.example.com", &format!("v=spf1 {inner}"))
+        .a("inc.example.com", "198.51.100.2");
+    assert_eq!(
+        check(&at_limit, "192.0.2.3", HELO),
+        outcome(SpfResult::Pass, "ip4:192.0.2.3")
+    );
+    // One more `a` after the include is the eleventh.
+    let over = helo_record("v=spf1 a include:inc.example.com a ip4:192.0.2.3 -all")
+        .a(HELO, "198.51.100.1")
+        .txt("inc.example.com", &format!("v=spf1 {inner}"))
+        .a("inc.example.com", "198.51.100.2");
+    assert_eq!(
+        check(&over, "192.0.2.3", HELO),
+        outcome(SpfResult::PermError, "too many DNS lookups")
+    );
+}
+
+#[test]
+fn a_redirect_changes_the_implicit_domain() {
+    let zone = helo_record("v=spf1 redirect=target.example.com")
+        .a(HELO, "192.0.2.1")
+        .txt("target.example.com", "v=spf1 a -all")
+        .a("target.example.com", "192.0.2.2");
+    assert_eq!(
+        check(&zone, "192.0.2.2", HELO),
+        outcome(SpfResult::Pass, "a")
+    );
+    assert_eq!(check(&zone, "192.0.2.1", HELO).result, SpfResult::Fail);
+}
+
+#[test]
+fn eleven_mx_records_are_too_many_even_for_one_name() {
+    let mut zone = helo_record("v=spf1 mx").a("mx.example.com", "192.0.2.3");
+    for _ in 0..11 {
+        zone = zone.mx(HELO, "mx.example.com");
+    }
+    assert_eq!(check(&zone, "192.0.2.3", HELO).result, SpfResult::PermError);
+}
+
+#[test]
+fn the_helo_macro_in_an_include_of_a_negated_policy() {
+    // A policy that requires the HELO name to resolve to the client: -include of a record
+    // that passes unless %{h} has the client's address.
+    let zone = helo_record("v=spf1 -include:_spfh.%{d2} ip4:192.0.2.0/24 -all")
+        .txt("_spfh.example.com", "v=spf1 -a:%{h} +all");
+    assert_eq!(
+        check(&zone, "192.0.2.3", HELO),
+        outcome(SpfResult::Fail, "-include:_spfh.%{d2}")
+    );
+    let resolving = helo_record("v=spf1 -include:_spfh.%{d2} ip4:192.0.2.0/24 -all")
+        .txt("_spfh.example.com", "v=spf1 -a:%{h} +all")
+        .a(HELO, "192.0.2.3");
+    assert_eq!(
+        check(&resolving, "192.0.2.3", HELO),
+        outcome(SpfResult::Pass, "ip4:192.0.2.0/24")
+    );
+}
+
+#[test]
+fn more_syntax_errors_from_real_records() {
+    for record in [
+        "v=spf1 -all.",
+        "v=spf1 -all:foobar",
+        "v=spf1 -all/8",
+        "v=spf1 ptr/0 -all",
+        "v=spf1 a/24/64 -all",
+        "v=spf1 ip4:192.0.2.3/032 -all",
+        "v=spf1 ip4:192.0.2.3:8080",
+        "v=spf1 ip6::CAFE::BABE",
+        "v=spf1 ip6:::1.1.1.1//33",
+        "v=spf1 a:example.com:8080",
+        "v=spf1 a:museum.",
+        "v=spf1 a:example.-com",
+        "v=spf1 include:ip5.example.com/24 -all",
+        "v=spf1 exists:mail.example.com/24",
+        "v=spf1 ip4:192.0.2.3 redirect:t2.example.com",
+        "v=spf1 moo.cow/far_out=man:dog/cat ip4:192.0.2.3 -all",
+        "v=spf1 1up=foo",
+        "v=spf1 =all",
+        "v=spf1 -all foo=%abc",
+        "v=spf1 exp= -all",
+        "v=spf1 ?all redirect=",
+        "v=spf1 a:ctrl.example.com\rptr -all",
+        "v=spf1 \u{80}a:example.net -all",
+    ] {
+        assert_eq!(
+            check(&helo_record(record), "192.0.2.3", HELO).result,
+            SpfResult::PermError,
+            "{record:?}"
+        );
+    }
+    // And what is not an error: a modifier name with dots, dashes and underscores, two
+    // spaces, any visible character in a domain-spec, a dashed top label.
+    for record in [
+        "v=spf1 moo.cow-far_out=man:dog/cat ip4:192.0.2.3 -all",
+        "v=spf1 ip4:192.0.2.3  -all",
+        "v=spf1 a:foo:bar/baz.example.com ip4:192.0.2.3",
+        "v=spf1 a:foo.example.xn--zckzah ip4:192.0.2.3",
+        "v=spf1 default=+ ip4:192.0.2.3",
+    ] {
+        assert_eq!(
+            check(&helo_record(record), "192.0.2.3", HELO).result,
+            SpfResult::Pass,
+            "{record:?}"
+        );
+    }
+}
