@@ -7,6 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use proptest::prelude::*;
+
 use super::*;
 use crate::dns::{Lookup, TempFailure};
 use crate::helo::sender::{SpfOutcome, SpfResult};
@@ -1017,5 +1019,77 @@ fn more_syntax_errors_from_real_records() {
             SpfResult::Pass,
             "{record:?}"
         );
+    }
+}
+
+proptest! {
+    #[test]
+    fn any_record_gives_some_result_without_panicking(
+        text in "[ -~]{0,120}",
+        ip6 in any::<bool>(),
+    ) {
+        let zone = helo_record(&format!("v=spf1 {text}"))
+            .a(HELO, "192.0.2.3")
+            .mx(HELO, "mx.example.com")
+            .a("mx.example.com", "198.51.100.1")
+            .ptr("192.0.2.3", "host.example.com")
+            .a("host.example.com", "192.0.2.3");
+        let ip = if ip6 { "2001:db8::1" } else { "192.0.2.3" };
+        let got = check(&zone, ip, HELO);
+        prop_assert!(!got.why.is_empty());
+        // However hostile the record, the limits hold.
+        prop_assert!(zone.asked().len() <= 1 + 10 * (1 + 10) + 1, "{:?}", zone.asked());
+    }
+
+    #[test]
+    fn random_policies_stay_within_the_limits(
+        terms in prop::collection::vec(prop::sample::select(vec![
+            "a", "mx", "ptr", "-all", "?all", "ip4:192.0.2.0/24", "ip6:2001:db8::/32",
+            "include:mail.example.com", "include:other.example.com", "a:nx.example.com",
+            "exists:%{i}.x.example.com", "exists:%{p}.x.example.com", "-mx:other.example.com",
+            "redirect=other.example.com",
+        ]), 0..16),
+        other in prop::collection::vec(prop::sample::select(vec![
+            "a", "mx", "include:mail.example.com", "include:other.example.com",
+            "redirect=mail.example.com", "ptr:example.com", "a:nx2.example.com",
+        ]), 0..8),
+        ip6 in any::<bool>(),
+    ) {
+        let dedup = |terms: Vec<&str>| {
+            let mut redirect = false;
+            terms
+                .into_iter()
+                .filter(|t| !t.starts_with("redirect=") || !std::mem::replace(&mut redirect, true))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut zone = helo_record(&format!("v=spf1 {}", dedup(terms)))
+            .txt("other.example.com", &format!("v=spf1 {}", dedup(other)))
+            .a(HELO, "198.51.100.1")
+            .aaaa(HELO, "2001:db8::1")
+            .ptr("192.0.2.3", "host.example.com")
+            .a("host.example.com", "192.0.2.3");
+        for i in 0..10 {
+            let name = format!("mx{i}.example.com");
+            zone = zone.mx(HELO, &name).a(&name, "198.51.100.2");
+        }
+        zone = zone.mx("other.example.com", "mx0.example.com");
+        let ip = if ip6 { "2001:db8::1" } else { "192.0.2.3" };
+        let got = check(&zone, ip, HELO);
+        prop_assert!(!got.why.is_empty());
+        // The record's TXT, then one per include or redirect at most: ten.
+        prop_assert!(zone.asked_of("TXT") <= 11, "{:?}", zone.asked());
+        // Each of at most ten terms asks one name, or an MX and its ten names, or a PTR and
+        // its names; %{p} once more.
+        prop_assert!(zone.asked().len() <= 1 + 11 * 11, "{:?}", zone.asked());
+        if got.result == SpfResult::PermError {
+            prop_assert!(
+                got.why == "too many DNS lookups"
+                    || got.why == "too many void DNS lookups"
+                    || got.why.ends_with("no SPF record"),
+                "{:?}",
+                got
+            );
+        }
     }
 }
