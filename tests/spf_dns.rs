@@ -358,3 +358,30 @@ fn the_evaluation_runs_as_a_spawned_task() {
     );
     assert_eq!(seen(&observed).len(), 2);
 }
+
+#[test]
+fn a_macro_expanding_to_odd_characters_is_no_match_not_an_error() {
+    // %{s} holds an @, %_ a space: whether or not such a name can be put into a query, the
+    // mechanism does not match and the evaluation goes on.
+    let dns = TestDns::start(TestZone::new().ttl(0).txt(
+        HELO,
+        &["v=spf1 exists:%{s}.x.example.test exists:a%_b.x.example.test -all"],
+    ));
+    let (spf_dns, observed) = adapter(&dns, Duration::from_millis(2000));
+    assert_eq!(
+        check(&spf_dns, "192.0.2.3"),
+        SpfOutcome {
+            result: SpfResult::Fail,
+            why: "-all".into()
+        }
+    );
+    // Whatever was sent was observed, and nothing was undecided.
+    assert_eq!(seen(&observed).len() as u32, spf_dns.queries());
+    assert!(
+        seen(&observed)
+            .iter()
+            .all(|(_, outcome)| !matches!(outcome, QueryOutcome::Timeout | QueryOutcome::Error)),
+        "{:?}",
+        seen(&observed)
+    );
+}

@@ -41,8 +41,10 @@ pub trait SpfDns: Sync {
     /// The TXT records of `name`, each record's strings concatenated (RFC 7208 3.3).
     fn txt(&self, name: &str) -> impl Future<Output = Lookup<Vec<String>>> + Send;
 
+    /// The A records of `name`.
     fn a(&self, name: &str) -> impl Future<Output = Lookup<Vec<Ipv4Addr>>> + Send;
 
+    /// The AAAA records of `name`.
     fn aaaa(&self, name: &str) -> impl Future<Output = Lookup<Vec<Ipv6Addr>>> + Send;
 
     /// The exchange names of `name`'s MX records, lower case, without the trailing dot (the
