@@ -214,12 +214,38 @@ pub(crate) struct DnsWork {
     /// The HELO name whose A/AAAA answer the session still waits for; an answer for another
     /// name is for an identity the session has replaced.
     pub forward_wanted: Option<String>,
+    /// What the `forward_wanted` lookup may cost, counted until its answer says what it did.
+    pub forward_reserved: u32,
 }
 
+/// Queries one Forward lookup may make (A, then AAAA).
+const FORWARD_QUERIES: u32 = 2;
+
 impl DnsWork {
-    /// HELOGUARD_DNS_BUDGET (0 = unlimited) is spent: no more lookups for this session.
+    /// HELOGUARD_DNS_BUDGET (0 = unlimited) is spent: no more lookups for this session. A
+    /// lookup still running counts at what it may cost, so a client sending EHLOs faster than
+    /// the answers come cannot run past the budget.
     pub(crate) fn over_budget(&self, budget: u32) -> bool {
-        budget != 0 && self.queries >= budget
+        budget != 0 && self.queries.saturating_add(self.forward_reserved) >= budget
+    }
+
+    /// A new identity replaces the one whose Forward answer is awaited: that lookup may have
+    /// sent its queries already and its answer may never come (the resolver drops it), so it
+    /// is charged at what it may cost.
+    pub(crate) fn replace_forward(&mut self) {
+        self.queries = self.queries.saturating_add(self.forward_reserved);
+        self.forward_reserved = 0;
+    }
+
+    /// A Forward lookup goes to the resolver.
+    pub(crate) fn reserve_forward(&mut self) {
+        self.forward_reserved = FORWARD_QUERIES;
+    }
+
+    /// The wanted Forward answer came: its real cost replaces the reservation.
+    pub(crate) fn settle_forward(&mut self, queries: u32) {
+        self.forward_reserved = 0;
+        self.queries = self.queries.saturating_add(queries);
     }
 }
 
@@ -495,5 +521,22 @@ mod tests {
         let mut state = ConnState::AwaitingProxy;
         state.start_closing();
         assert!(matches!(state, ConnState::Closing { session: None }));
+    }
+
+    #[test]
+    fn a_lookup_in_flight_counts_toward_the_budget_and_a_replaced_one_stays_charged() {
+        let mut work = DnsWork::default();
+        work.reserve_forward();
+        assert!(!work.over_budget(3));
+        assert!(work.over_budget(2));
+        // Its answer came: one query (A found), the reservation is gone.
+        work.settle_forward(1);
+        assert_eq!(work.queries, 1);
+        assert!(!work.over_budget(2));
+        // A lookup replaced before its answer is charged at what it may cost.
+        work.reserve_forward();
+        work.replace_forward();
+        assert_eq!(work.queries, 3);
+        assert!(!work.over_budget(0));
     }
 }

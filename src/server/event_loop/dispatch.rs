@@ -162,6 +162,7 @@ impl Server {
                 // No lookup left: none was needed, or the worker answered it from the
                 // resolver's known answers (in no time).
                 conn.dns.forward_took = None;
+                conn.dns_work.replace_forward();
                 conn.dns_work.forward_wanted.clone_from(&lookup);
                 if let Some(name) = lookup {
                     conn.dns.forward_started = Some(now);
@@ -179,6 +180,7 @@ impl Server {
                             conn.pending.push(OwnedEvent::Forward { name, addrs });
                         }
                     } else if let Some(r) = &self.resolver {
+                        conn.dns_work.reserve_forward();
                         r.submit(request);
                     }
                 }
@@ -357,9 +359,10 @@ impl Server {
             return;
         };
         let now = Instant::now();
-        conn.dns_work.queries = conn.dns_work.queries.saturating_add(answer.queries());
+        let queries = answer.queries();
         let event = match answer {
             DnsAnswer::Reverse { facts, .. } => {
+                conn.dns_work.queries = conn.dns_work.queries.saturating_add(queries);
                 conn.dns.reverse_took = conn.dns.reverse_started.map(|t| now - t);
                 OwnedEvent::Reverse(facts)
             }
@@ -370,18 +373,23 @@ impl Server {
                     .as_deref()
                     .is_some_and(|w| w.eq_ignore_ascii_case(&name));
                 if !wanted {
-                    // For an identity the session has replaced: it would only ignore it.
+                    // For an identity the session has replaced: it would only ignore it, and
+                    // its cost was charged when it was replaced.
                     return;
                 }
+                conn.dns_work.settle_forward(queries);
                 conn.dns_work.forward_wanted = None;
                 conn.dns.forward_took = conn.dns.forward_started.map(|t| now - t);
                 OwnedEvent::Forward { name, addrs }
             }
             // Answers for a name the session no longer waits for go too: it ignores them.
-            sender => match sender_event(sender) {
-                Some(event) => event,
-                None => return,
-            },
+            sender => {
+                conn.dns_work.queries = conn.dns_work.queries.saturating_add(queries);
+                match sender_event(sender) {
+                    Some(event) => event,
+                    None => return,
+                }
+            }
         };
         conn.pending.push(event);
         self.pump(slot);
