@@ -267,8 +267,10 @@ impl TlsAcceptor {
     /// The caller must first discard every plaintext byte that arrived after the STARTTLS line
     /// (RFC 3207 4.2; the CVE-2011-0411 command injection): only bytes read after the 220 go
     /// into [`TlsSession::receive_ciphertext`].
-    pub fn accept(&self) -> Result<TlsSession, TlsError> {
-        TlsSession::new(self.config())
+    ///
+    /// Boxed, because the connection keeps it beside much smaller plaintext state.
+    pub fn accept(&self) -> Result<Box<TlsSession>, TlsError> {
+        TlsSession::new(self.config()).map(Box::new)
     }
 
     /// The certificate file this acceptor reloads from.
