@@ -61,7 +61,9 @@ pub fn receive(
         conn.process_new_packets()
             .map_err(|_| "tls:protocol".to_string())?;
         match conn.reader().read_to_end(plain) {
-            Ok(_) => return Err("tls:close-notify".into()),
+            // close_notify: the server closes after its last reply (Postfix does after 221),
+            // which is already in `plain`; the socket's EOF follows.
+            Ok(_) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(format!("tls-plaintext:{:?}", e.kind())),
         }
