@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # heloguard load benchmarks: throughput (smtp-source), HELO checks with real DNS work,
-# EHLO latency, idle connections, and optionally Postfix side by side, a callgrind
-# instruction count and a perf profile. See docs/benchmarks.md.
+# EHLO latency, STARTTLS sessions (full and resumed handshakes), idle connections (plain and
+# after STARTTLS), and optionally Postfix side by side (with --tls for the STARTTLS loads), a
+# callgrind instruction count and a perf profile. See docs/benchmarks.md.
 #
 #   benches/load.sh [--vs-postfix] [--messages N] [--messages-b N] [--messages-c N]
-#                   [--helo-sessions N] [--latency-sessions N] [--idle K]
+#                   [--helo-sessions N] [--latency-sessions N] [--tls-sessions N] [--idle K]
 #                   [--callgrind] [--callgrind-messages N] [--perf] [--reps R]
-#                   [--only a,b,c,helo,latency,idle] [--out DIR]
+#                   [--only a,b,c,helo,latency,tls,idle,tls-idle] [--out DIR]
 #
 # Every server gets a fresh temp spool; everything it started is stopped and removed on exit.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-MSGS_A=10000 MSGS_B=2000 MSGS_C=2000 HELO_N=5000 LAT_N=10000 IDLE_K=10000
-CG_MSGS=500 REPS=1 VS_POSTFIX=0 CALLGRIND=0 PERF=0 ONLY="a,b,c,helo,latency,idle" OUT=""
+MSGS_A=10000 MSGS_B=2000 MSGS_C=2000 HELO_N=5000 LAT_N=10000 IDLE_K=10000 TLS_N=5000
+CG_MSGS=500 REPS=1 VS_POSTFIX=0 CALLGRIND=0 PERF=0 ONLY="a,b,c,helo,latency,tls,idle,tls-idle" OUT=""
 PF_PORT=2625
 
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -25,6 +26,7 @@ while [ $# -gt 0 ]; do
     --messages-c) MSGS_C=$2; shift ;;
     --helo-sessions) HELO_N=$2; shift ;;
     --latency-sessions) LAT_N=$2; shift ;;
+    --tls-sessions) TLS_N=$2; shift ;;
     --idle) IDLE_K=$2; shift ;;
     --callgrind) CALLGRIND=1 ;;
     --callgrind-messages) CG_MSGS=$2; shift ;;
@@ -107,6 +109,16 @@ for _ in $(seq 50); do grep -q '^dns=' "$TMP/dns.out" && break; sleep 0.1; done
 DNS=$(sed -n 's/^dns=//p' "$TMP/dns.out")
 [ -n "$DNS" ] || { echo "load.sh: test DNS server did not start" >&2; exit 1; }
 
+# STARTTLS loads: heloguard serves a P-256 certificate made for this run (the key type Postfix
+# gets from postfix-setup.sh --tls), so both servers sign with the same algorithm.
+TLS_ENV=()
+if want tls || want tls-idle; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=mx.bench.test \
+    -keyout "$TMP/tls.key" -out "$TMP/tls.crt" >/dev/null 2>&1 ||
+    { echo "load.sh: openssl could not make a certificate for the STARTTLS loads" >&2; exit 1; }
+  TLS_ENV=(HELOGUARD_TLS_CERT="$TMP/tls.crt" HELOGUARD_TLS_KEY="$TMP/tls.key")
+fi
+
 HG_PORT="" HG_PID=""
 start_heloguard() { # [prefix command...]; extra env may be exported by the caller
   HG_PORT=$(free_port)
@@ -121,6 +133,13 @@ start_heloguard() { # [prefix command...]; extra env may be exported by the call
 
 PF_PID=""
 start_postfix() {
+  # The comparison server on 127.0.0.1:2625, and for the tls loads the setup's own
+  # certificate (Debian's default TLS settings alone would pass a check of the level).
+  if ! grep -q '^127.0.0.1:2625 inet' /etc/postfix/master.cf 2>/dev/null ||
+    { want tls && [ "$(postconf -h smtpd_tls_cert_file 2>/dev/null)" != /etc/postfix/bench-tls/cert.pem ]; }; then
+    echo "== postfix-setup.sh $(want tls && echo --tls)" >&2
+    if want tls; then bash "$SHARED/postfix-setup.sh" --tls >&2; else bash "$SHARED/postfix-setup.sh" >&2; fi
+  fi
   if ! postfix status >/dev/null 2>&1; then postfix start >/dev/null 2>&1; PF_STARTED=1; sleep 1; fi
   PF_PID=$(tr -d ' ' < /var/spool/postfix/pid/master.pid)
   wait_port "$PF_PORT" "$PF_PID" 10
@@ -187,7 +206,7 @@ print("durable 1 KiB file: kernel CPU %.3f ms/file" % ((t1.system - t0.system) *
 PY
 }
 
-start_heloguard
+start_heloguard env "${TLS_ENV[@]}"
 if [ "$VS_POSTFIX" = 1 ]; then start_postfix; fi
 if want a || want b || want c; then
   for r in $(seq "$REPS"); do
@@ -206,6 +225,25 @@ if want latency; then
       if [ "$VS_POSTFIX" = 1 ]; then
         "$LOADGEN" latency --events --addr "127.0.0.1:$PF_PORT" -c "$c" -n "$LAT_N" --label "postfix/c$c/r$r" | tee -a "$RES" >&2
       fi
+    done
+  done
+fi
+# tls_load WHO PID PORT REP MODE: 50 concurrent, 1 message (1 KiB) per session, each session
+# EHLO, STARTTLS, handshake, EHLO, MAIL, RCPT, DATA, QUIT. MODE full: no session is resumed;
+# resume: the client keeps tickets and session ids, as a sending MTA's TLS cache does.
+tls_load() {
+  local who=$1 pid=$2 port=$3 r=$4 mode=$5 extra=()
+  [ "$mode" = resume ] && extra=(--resume)
+  echo "== STARTTLS ($mode handshakes), $who, $TLS_N sessions" >&2
+  python3 "$SHARED/bench-run.py" --pid "$pid" --label "$who/tls-$mode/loadgen/r$r" --messages "$TLS_N" -- \
+    "$LOADGEN" latency --events --starttls "${extra[@]}" --addr "127.0.0.1:$port" -c 50 -n "$TLS_N" \
+    --label "$who/tls-$mode/r$r" | tee -a "$RES" | cut -c1-200 >&2
+}
+if want tls; then
+  for r in $(seq "$REPS"); do
+    for mode in full resume; do
+      tls_load heloguard "$HG_PID" "$HG_PORT" "$r" "$mode"
+      if [ "$VS_POSTFIX" = 1 ]; then tls_load postfix "$PF_PID" "$PF_PORT" "$r" "$mode"; fi
     done
   done
 fi
@@ -234,6 +272,14 @@ if want idle; then
   stop_pid "$HG_PID"
 fi
 
+if want tls-idle; then
+  echo "== $IDLE_K idle connections after STARTTLS" >&2
+  start_heloguard env "${TLS_ENV[@]}"
+  "$LOADGEN" idle --starttls --addr "127.0.0.1:$HG_PORT" -k "$IDLE_K" --pid "$HG_PID" --hold 5 \
+    --label "heloguard/idle-tls" | tee -a "$RES" >&2
+  stop_pid "$HG_PID"
+fi
+
 if [ "$PERF" = 1 ] && [ -n "$SMTP_SOURCE" ]; then
   echo "== perf record, load a" >&2
   start_heloguard
@@ -248,6 +294,24 @@ if [ "$PERF" = 1 ] && [ -n "$SMTP_SOURCE" ]; then
   perf report -i "$OUT/perf.data" --stdio --no-children -g caller,0.5,callee --percent-limit 2 \
     2>/dev/null > "$OUT/perf-callers.txt" || true
   stop_pid "$HG_PID"
+fi
+
+if [ "$PERF" = 1 ] && want tls; then
+  for mode in full resume; do
+    echo "== perf record, STARTTLS ($mode handshakes)" >&2
+    start_heloguard env "${TLS_ENV[@]}"
+    perf record -q -e cpu-clock -g -p "$HG_PID" -o "$OUT/perf-tls-$mode.data" 2>"$TMP/perf.err" &
+    PERF_PID=$!; PIDS+=("$PERF_PID"); sleep 0.5
+    tls_load heloguard-perf "$HG_PID" "$HG_PORT" 1 "$mode"
+    kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true
+    perf report -i "$OUT/perf-tls-$mode.data" --stdio --no-children -g none --sort sym --percent-limit 0.3 2>/dev/null |
+      grep -v '^#' | grep -v '^$' | head -n 10 > "$OUT/perf-tls-$mode-top10.txt"
+    perf report -i "$OUT/perf-tls-$mode.data" --stdio --no-children -g none --sort sym --percent-limit 0 2>/dev/null |
+      grep -v '^#' | grep -v '^$' > "$OUT/perf-tls-$mode-all.txt"
+    perf report -i "$OUT/perf-tls-$mode.data" --stdio --no-children -g none --sort comm --percent-limit 0.5 2>/dev/null |
+      grep -v '^#' | grep -v '^$' > "$OUT/perf-tls-$mode-threads.txt"
+    stop_pid "$HG_PID"
+  done
 fi
 
 if [ "$CALLGRIND" = 1 ] && [ -n "$SMTP_SOURCE" ]; then
@@ -367,9 +431,56 @@ if helo:
         on, off = by.get(("on", mode)), by.get(("off", mode))
         if on and off and statistics.median(off) > 0:
             print("\nchecks on/off CPU per session, %s (median of %d): %.2fx" % (mode, len(on), statistics.median(on) / statistics.median(off)))
+tls = [r for r in rows if "/tls-" in r.get("label", "") and isinstance(r.get("gen"), dict) and r["gen"].get("tls")]
+if tls:
+    print("\n### STARTTLS (loadgen latency --events --starttls: 50 concurrent, 1 message of 1 KiB per session)\n")
+    print("| run | msgs/s | server CPU ms/msg | full handshakes | resumed | EHLO p99 us | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for r in tls:
+        g = r["gen"]
+        print("| %s | %s | %s | %d | %d | %s | %s |" % (r["label"], f(r["msgs_per_s"]),
+              f(1000.0 * r["server_cpu_s"] / max(1, g["messages_ok"]), 3), g["tls"]["full"], g["tls"]["resumed"],
+              f(g["ehlo_us"]["p99"]), sum(g["errors"].values())))
+# Where a STARTTLS session's CPU goes, by symbol family (self time).
+families = [
+    ("ECDHE and signature (ring: X25519, P-256, ECDSA)", r"x25519|25519|p256|nistz256|ecp_|ecdsa|ecdh|suite_b|limbs_|bn_mul|LIMBS_|fiat_|ec::"),
+    ("hashes and key schedule (SHA-2, HMAC, HKDF)", r"sha256|sha512|sha2|hmac|hkdf|digest::"),
+    ("record encryption (AES-GCM, ChaCha20-Poly1305)", r"aes|gcm|gfmul|ghash|chacha|poly1305"),
+    ("rustls itself", r"rustls::"),
+]
+for mode in ("full", "resume"):
+    pa = os.path.join(out, "perf-tls-%s-all.txt" % mode)
+    if not os.path.exists(pa):
+        continue
+    share = {name: 0.0 for name, _ in families}
+    kernel = other = 0.0
+    for line in open(pa):
+        m = re.match(r"\s*([\d.]+)%\s+\[(.)\]\s+(.*)", line)
+        if not m:
+            continue
+        pct, where, sym = float(m.group(1)), m.group(2), m.group(3)
+        if where == "k":
+            kernel += pct
+            continue
+        for name, rx in families:
+            if re.search(rx, sym, re.I):
+                share[name] += pct
+                break
+        else:
+            other += pct
+    print("\n### Where the server's CPU goes under STARTTLS (%s handshakes; perf, self time)\n" % mode)
+    for name, _ in families:
+        print("- %s: %.1f%%" % (name, share[name]))
+    print("- kernel (syscalls, TCP, scheduling): %.1f%%\n- everything else (SMTP, loop, workers, spool): %.1f%%" % (kernel, other))
+    top = os.path.join(out, "perf-tls-%s-top10.txt" % mode)
+    if os.path.exists(top):
+        print("\ntop 10:\n```\n" + open(top).read().rstrip() + "\n```")
+    th = os.path.join(out, "perf-tls-%s-threads.txt" % mode)
+    if os.path.exists(th):
+        print("\nby thread:\n```\n" + open(th).read().rstrip() + "\n```")
 for r in rows:
     if r.get("mode") == "idle":
-        print("\n### Idle connections\n")
+        print("\n### Idle connections%s\n" % (" after STARTTLS" if r.get("starttls") else ""))
         print("%d asked, %d got a banner, %d still open after %ss; server RSS %.1f MB -> %.1f MB with them (%.1f kB/conn); "
               "a new client's banner in %s ms, EHLO in %s ms; errors %s" % (r["k"], r["banner_220"], r["still_open_after_hold"], r["hold_s"],
               r["rss_before_kb"] / 1024, r["rss_with_idle_kb"] / 1024, r["per_conn_rss_kb"], r["probe_banner_ms"], r["probe_ehlo_ms"], r["errors"]))

@@ -12,7 +12,11 @@
 //!   pipelining); EHLO reply latency p50/p90/p99 and the whole-session rate. With `--events`
 //!   all C connections run on one thread over one mio poll instead of a thread each: on a
 //!   small machine shared with the server, 50 client threads waiting for their turn on a core
-//!   would be measured as server latency.
+//!   would be measured as server latency. `--starttls` (with `--events`): every session says
+//!   STARTTLS after EHLO, does a rustls handshake, EHLO again and its messages inside TLS;
+//!   `--resume` keeps tickets and TLS 1.2 session ids for the next sessions (full and resumed
+//!   handshakes are counted), `--tls12` offers TLS 1.2 only. `--pid PID` adds that server
+//!   process's CPU per message.
 //! * `helo`: starts a test DNS server in this process, serving a zone of documentation-range
 //!   clients (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32) and varied HELO
 //!   names (aligned, forward mismatch, NXDOMAIN, no PTR, dynamic-looking PTR, no dot, address
@@ -24,12 +28,16 @@
 //!   environment (HELOGUARD_HELO_POLICY, HELOGUARD_WORKERS, ...).
 //! * `idle`: holds K idle connections (each from its own 127.0.0.x source address, or with
 //!   `--proxy` each behind its own PROXY client address), then measures how long a new client
-//!   waits for its banner, and the server's RSS from /proc/PID/status.
+//!   waits for its banner, and the server's RSS from /proc/PID/status. With `--starttls` each
+//!   connection says EHLO, STARTTLS, completes a handshake and EHLO again inside TLS before it
+//!   goes idle.
 //! * `dns`: serves `client.example.org A 127.0.0.1` (and the other names the plain loads use)
 //!   until killed; prints `dns=IP:PORT` on its first line.
 
 #[path = "../tests/common/dns_server.rs"]
 mod dns_server;
+#[path = "loadgen/tls_client.rs"]
+mod tls_client;
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -40,6 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dns_server::{TestDns, TestZone};
+use rustls::{ClientConfig, ClientConnection, HandshakeKind};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -98,9 +107,10 @@ fn die(msg: &str) -> ! {
 
 const USAGE: &str = "usage: loadgen latency|helo|idle|dns [options]
   latency --addr A [-c 20] [-n 5000] [--msgs 1] [--size 1000] [--helo NAME] [--proxy]
+          [--events [--starttls [--resume] [--tls12]]] [--pid PID] [--label L]
   helo    --server PATH [--mode cold|warm] [-c 20] [-n 5000] [--msgs 1] [--size 1000]
           [--warm-set 16] [--workdir DIR] [--label L]
-  idle    --addr A [-k 10000] [--pid PID] [--proxy] [--hold 5] [--threads 8]
+  idle    --addr A [-k 10000] [--pid PID] [--proxy] [--starttls] [--hold 5] [--threads 8]
   dns     [--ttl 3600]";
 
 fn main() {
@@ -305,6 +315,8 @@ struct Results {
     session: Vec<Duration>,
     msgs_ok: usize,
     errors: BTreeMap<String, usize>,
+    /// Completed TLS handshakes: full, resumed.
+    handshakes: (usize, usize),
 }
 
 impl Results {
@@ -313,6 +325,8 @@ impl Results {
         self.ehlo.extend(o.ehlo);
         self.session.extend(o.session);
         self.msgs_ok += o.msgs_ok;
+        self.handshakes.0 += o.handshakes.0;
+        self.handshakes.1 += o.handshakes.1;
         for (k, v) in o.errors {
             *self.errors.entry(k).or_default() += v;
         }
@@ -411,14 +425,31 @@ fn latency(mut a: Args) {
     let label = a.take(&["--label"]).unwrap_or_default();
     let proxy = a.flag("--proxy");
     let events = a.flag("--events");
+    let starttls = a.flag("--starttls");
+    let resume = a.flag("--resume");
+    let tls12 = a.flag("--tls12");
+    let pid: u32 = a.num(&["--pid"], 0);
     a.done();
+    if (resume || tls12) && !starttls {
+        die("--resume and --tls12 go with --starttls");
+    }
+    if starttls && !events {
+        die("--starttls runs on the event-driven generator: add --events");
+    }
+    let tls = starttls.then(|| tls_client::client_config(resume, tls12));
     let body = build_body(size);
     let cpu0 = own_cpu_s();
+    let server_cpu0 = (pid > 0).then(|| proc_usage(pid).0);
     let (mut r, wall) = if events {
         if proxy {
             die("--events does not send PROXY headers");
         }
-        drive_events(addr, c, n, &helo, msgs, &body)
+        let script = Script {
+            helo: &helo,
+            body: &body,
+            tls,
+        };
+        drive_events(addr, c, n, msgs, &script)
     } else {
         drive(c, n, |i, run| {
             let hdr = proxy.then(|| {
@@ -438,8 +469,22 @@ fn latency(mut a: Args) {
         })
     };
     let ws = wall.as_secs_f64();
+    let server_cpu = server_cpu0
+        .map(|c0| {
+            let used = proc_usage(pid).0 - c0;
+            format!("{:.3}", 1000.0 * used / (r.msgs_ok.max(1) as f64))
+        })
+        .unwrap_or("null".into());
+    let tls_json = if starttls {
+        format!(
+            "{{\"resume\":{resume},\"tls12_only\":{tls12},\"full\":{},\"resumed\":{}}}",
+            r.handshakes.0, r.handshakes.1
+        )
+    } else {
+        "null".into()
+    };
     println!(
-        "{{\"tool\":\"loadgen\",\"mode\":\"latency\",\"label\":\"{label}\",\"addr\":\"{addr}\",\"concurrency\":{c},\"sessions\":{n},\"msgs_per_session\":{msgs},\"size\":{size},\"wall_s\":{ws:.3},\"sessions_ok\":{},\"sessions_per_s\":{:.1},\"messages_ok\":{},\"msgs_per_s\":{:.1},\"ehlo_us\":{},\"banner_us\":{},\"session_ms\":{},\"errors\":{},\"client_cpu_s\":{:.2}}}",
+        "{{\"tool\":\"loadgen\",\"mode\":\"latency\",\"label\":\"{label}\",\"addr\":\"{addr}\",\"concurrency\":{c},\"sessions\":{n},\"msgs_per_session\":{msgs},\"size\":{size},\"tls\":{tls_json},\"wall_s\":{ws:.3},\"sessions_ok\":{},\"sessions_per_s\":{:.1},\"messages_ok\":{},\"msgs_per_s\":{:.1},\"server_cpu_ms_per_msg\":{server_cpu},\"ehlo_us\":{},\"banner_us\":{},\"session_ms\":{},\"errors\":{},\"client_cpu_s\":{:.2}}}",
         r.session.len(),
         r.session.len() as f64 / ws,
         r.msgs_ok,
@@ -452,11 +497,22 @@ fn latency(mut a: Args) {
     );
 }
 
-/// Where an event-driven session is: the reply it waits for next.
+/// What every event-driven session says.
+struct Script<'a> {
+    helo: &'a str,
+    body: &'a [u8],
+    /// STARTTLS after the first EHLO, with this client configuration.
+    tls: Option<Arc<ClientConfig>>,
+}
+
+/// Where an event-driven session is: the reply it waits for next (or the handshake).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Step {
     Banner,
     Ehlo,
+    StartTls,
+    Handshake,
+    TlsEhlo,
     Mail,
     Rcpt,
     Data,
@@ -468,8 +524,12 @@ enum Step {
 struct EvConn {
     sock: mio::net::TcpStream,
     step: Step,
+    /// Plaintext from the server (decrypted once TLS is on).
     inbuf: Vec<u8>,
+    /// Bytes for the socket (ciphertext once TLS is on).
     out: Vec<u8>,
+    tls: Option<ClientConnection>,
+    handshake: Option<HandshakeKind>,
     started: Instant,
     sent_at: Instant,
     banner: Duration,
@@ -488,6 +548,8 @@ impl EvConn {
             step: Step::Banner,
             inbuf: Vec::with_capacity(1024),
             out: Vec::new(),
+            tls: None,
+            handshake: None,
             started: now,
             sent_at: now,
             banner: Duration::ZERO,
@@ -497,10 +559,33 @@ impl EvConn {
         })
     }
 
-    fn send(&mut self, bytes: &[u8], step: Step) {
-        self.out.extend_from_slice(bytes);
+    fn send(&mut self, bytes: &[u8], step: Step) -> Result<(), String> {
+        match &mut self.tls {
+            None => self.out.extend_from_slice(bytes),
+            Some(tls) => {
+                tls_client::send(tls, bytes)?;
+                tls_client::seal(tls, &mut self.out);
+            }
+        }
         self.step = step;
         self.sent_at = Instant::now();
+        Ok(())
+    }
+
+    /// Takes bytes read from the socket: plaintext as is, or through TLS (whose handshake
+    /// records go out again at once). When a handshake completes, EHLO follows inside TLS.
+    fn receive(&mut self, bytes: &[u8], helo: &str) -> Result<(), String> {
+        let Some(tls) = &mut self.tls else {
+            self.inbuf.extend_from_slice(bytes);
+            return Ok(());
+        };
+        tls_client::receive(tls, bytes, &mut self.inbuf)?;
+        tls_client::seal(tls, &mut self.out);
+        if self.step == Step::Handshake && !tls.is_handshaking() {
+            self.handshake = tls.handshake_kind();
+            self.send(format!("EHLO {helo}\r\n").as_bytes(), Step::TlsEhlo)?;
+        }
+        Ok(())
     }
 
     /// Writes what is queued until done or the socket is full.
@@ -537,7 +622,7 @@ impl EvConn {
     }
 
     /// Acts on one reply; Ok(true) when the session is over.
-    fn on_reply(&mut self, code: u16, helo: &str, body: &[u8]) -> Result<bool, String> {
+    fn on_reply(&mut self, code: u16, script: &Script) -> Result<bool, String> {
         let expect = |want: u16, stage: &str| {
             if code == want {
                 Ok(())
@@ -549,29 +634,49 @@ impl EvConn {
             Step::Banner => {
                 expect(220, "banner")?;
                 self.banner = self.started.elapsed();
-                self.send(format!("EHLO {helo}\r\n").as_bytes(), Step::Ehlo);
+                self.send(format!("EHLO {}\r\n", script.helo).as_bytes(), Step::Ehlo)?;
             }
             Step::Ehlo => {
                 self.ehlo = self.sent_at.elapsed();
                 expect(250, "ehlo")?;
-                self.next_message();
+                if script.tls.is_some() {
+                    self.send(b"STARTTLS\r\n", Step::StartTls)?;
+                } else {
+                    self.next_message()?;
+                }
+            }
+            Step::StartTls => {
+                expect(220, "starttls")?;
+                let config = script.tls.as_ref().ok_or("starttls:no-config")?;
+                if !self.inbuf.is_empty() {
+                    return Err("starttls:bytes-after-220".into());
+                }
+                let mut tls = tls_client::connect(config)?;
+                tls_client::seal(&mut tls, &mut self.out);
+                self.tls = Some(tls);
+                self.step = Step::Handshake;
+            }
+            Step::Handshake => return Err(format!("handshake:plaintext-{code}")),
+            Step::TlsEhlo => {
+                expect(250, "tls-ehlo")?;
+                self.next_message()?;
             }
             Step::Mail => {
                 expect(250, "mail")?;
-                self.send(b"RCPT TO:<rcpt@bench.test>\r\n", Step::Rcpt);
+                self.send(b"RCPT TO:<rcpt@bench.test>\r\n", Step::Rcpt)?;
             }
             Step::Rcpt => {
                 expect(250, "rcpt")?;
-                self.send(b"DATA\r\n", Step::Data);
+                self.send(b"DATA\r\n", Step::Data)?;
             }
             Step::Data => {
                 expect(354, "data")?;
-                self.send(body, Step::Dot);
+                self.send(script.body, Step::Dot)?;
             }
             Step::Dot => {
                 expect(250, "dot")?;
                 self.msgs_ok += 1;
-                self.next_message();
+                self.next_message()?;
             }
             Step::Quit => {
                 expect(221, "quit")?;
@@ -581,12 +686,12 @@ impl EvConn {
         Ok(false)
     }
 
-    fn next_message(&mut self) {
+    fn next_message(&mut self) -> Result<(), String> {
         if self.msgs_left == 0 {
-            self.send(b"QUIT\r\n", Step::Quit);
+            self.send(b"QUIT\r\n", Step::Quit)
         } else {
             self.msgs_left -= 1;
-            self.send(b"MAIL FROM:<load@client.example.org>\r\n", Step::Mail);
+            self.send(b"MAIL FROM:<load@client.example.org>\r\n", Step::Mail)
         }
     }
 }
@@ -596,9 +701,8 @@ fn drive_events(
     addr: SocketAddr,
     c: usize,
     n: usize,
-    helo: &str,
     msgs: usize,
-    body: &[u8],
+    script: &Script,
 ) -> (Results, Duration) {
     let mut poll = mio::Poll::new().unwrap_or_else(|e| die(&format!("poll: {e}")));
     let mut events = mio::Events::with_capacity(1024);
@@ -654,7 +758,7 @@ fn drive_events(
                             closed = true;
                             break;
                         }
-                        Ok(got) => conn.inbuf.extend_from_slice(&tmp[..got]),
+                        Ok(got) => conn.receive(&tmp[..got], script.helo)?,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) if e.kind() == io::ErrorKind::NotConnected => break,
@@ -662,7 +766,7 @@ fn drive_events(
                     }
                 }
                 while let Some(code) = conn.next_reply() {
-                    if conn.on_reply(code, helo, body)? {
+                    if conn.on_reply(code, script)? {
                         return Ok(true);
                     }
                 }
@@ -679,6 +783,11 @@ fn drive_events(
                     r.ehlo.push(conn.ehlo);
                     r.session.push(conn.started.elapsed());
                     r.msgs_ok += conn.msgs_ok;
+                    match conn.handshake {
+                        Some(HandshakeKind::Resumed) => r.handshakes.1 += 1,
+                        Some(_) => r.handshakes.0 += 1,
+                        None => {}
+                    }
                     true
                 }
                 Err(e) => {
@@ -1024,6 +1133,72 @@ fn connect_from(src: Option<IpAddr>, addr: SocketAddr) -> io::Result<TcpStream> 
     Ok(s.into())
 }
 
+/// An idle connection the generator holds open.
+enum Held {
+    Plain(TcpStream),
+    /// After EHLO, STARTTLS, a handshake and EHLO again inside TLS.
+    Tls(Box<rustls::StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Held {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Held::Plain(s) => s,
+            Held::Tls(t) => &t.sock,
+        }
+    }
+}
+
+/// EHLO, STARTTLS, the handshake and EHLO inside TLS on a connection that got its banner.
+fn idle_in_tls(
+    mut c: Smtp,
+    config: &Arc<ClientConfig>,
+) -> Result<Box<rustls::StreamOwned<ClientConnection, TcpStream>>, String> {
+    let step = |stage: &'static str| move |e: io::Error| format!("{stage}:{:?}", e.kind());
+    match c
+        .cmd(b"EHLO client.example.org\r\n")
+        .map_err(step("ehlo"))?
+    {
+        250 => {}
+        code => return Err(format!("ehlo:{code}")),
+    }
+    match c.cmd(b"STARTTLS\r\n").map_err(step("starttls"))? {
+        220 => {}
+        code => return Err(format!("starttls:{code}")),
+    }
+    let mut conn = tls_client::connect(config)?;
+    let mut sock = c.s;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(step("handshake"))?;
+    }
+    let mut t = Box::new(rustls::StreamOwned::new(conn, sock));
+    t.write_all(b"EHLO client.example.org\r\n")
+        .map_err(step("tls-ehlo"))?;
+    // The multi-line EHLO reply ends with a line whose fourth octet is a space.
+    let mut reply = Vec::new();
+    let mut b = [0u8; 1024];
+    loop {
+        let n = t.read(&mut b).map_err(step("tls-ehlo"))?;
+        if n == 0 {
+            return Err("tls-ehlo:closed".into());
+        }
+        reply.extend_from_slice(&b[..n]);
+        let last_line = reply
+            .strip_suffix(b"\r\n")
+            .map(|r| r.rsplit(|&x| x == b'\n').next().unwrap_or(r));
+        if let Some(line) = last_line
+            && line.len() >= 4
+            && line[3] == b' '
+        {
+            return if line.starts_with(b"250") {
+                Ok(t)
+            } else {
+                Err("tls-ehlo:refused".into())
+            };
+        }
+    }
+}
+
 fn idle(mut a: Args) {
     let addr = parse_addr(&a.take(&["--addr"]).unwrap_or_else(|| die("--addr needed")));
     let k: usize = a.num(&["-k"], 10000);
@@ -1032,11 +1207,13 @@ fn idle(mut a: Args) {
     let threads: usize = a.num(&["--threads"], 8);
     let label = a.take(&["--label"]).unwrap_or_default();
     let proxy = a.flag("--proxy");
+    let starttls = a.flag("--starttls");
     a.done();
+    let tls = starttls.then(|| tls_client::client_config(false, false));
 
     let mem0 = if pid > 0 { status_mem(pid).1 } else { 0 };
     let next = AtomicUsize::new(0);
-    let held: Mutex<Vec<TcpStream>> = Mutex::new(Vec::with_capacity(k));
+    let held: Mutex<Vec<Held>> = Mutex::new(Vec::with_capacity(k));
     let errors: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
     let t0 = Instant::now();
     std::thread::scope(|sc| {
@@ -1048,7 +1225,7 @@ fn idle(mut a: Args) {
                     if i >= k {
                         break;
                     }
-                    let res = (|| -> Result<TcpStream, String> {
+                    let res = (|| -> Result<Held, String> {
                         let (src, hdr) = if proxy {
                             let ip = if i.is_multiple_of(2) && i / 2 < 762 {
                                 IpAddr::V4(doc_v4(i / 2))
@@ -1074,9 +1251,13 @@ fn idle(mut a: Args) {
                                 .map_err(|e| format!("proxy:{:?}", e.kind()))?;
                         }
                         match c.reply() {
-                            Ok(220) => Ok(c.s),
-                            Ok(code) => Err(format!("banner:{code}")),
-                            Err(e) => Err(format!("banner:{:?}", e.kind())),
+                            Ok(220) => {}
+                            Ok(code) => return Err(format!("banner:{code}")),
+                            Err(e) => return Err(format!("banner:{:?}", e.kind())),
+                        }
+                        match &tls {
+                            None => Ok(Held::Plain(c.s)),
+                            Some(config) => idle_in_tls(c, config).map(Held::Tls),
                         }
                     })();
                     match res {
@@ -1134,7 +1315,8 @@ fn idle(mut a: Args) {
     std::thread::sleep(Duration::from_secs_f64(hold));
     // Still open? A non-blocking read gives WouldBlock on a live idle socket.
     let mut open = 0;
-    for s in &held {
+    for h in &held {
+        let s = h.socket();
         let _ = s.set_nonblocking(true);
         let mut b = [0u8; 64];
         match (&*s).read(&mut b) {
@@ -1144,8 +1326,8 @@ fn idle(mut a: Args) {
     }
     let mem2 = if pid > 0 { status_mem(pid) } else { (0, 0) };
     let got = held.len();
-    for s in &held {
-        let _ = s.shutdown(Shutdown::Both);
+    for h in &held {
+        let _ = h.socket().shutdown(Shutdown::Both);
     }
     drop(held);
     let per_conn = if got > 0 && pid > 0 {
@@ -1155,7 +1337,7 @@ fn idle(mut a: Args) {
     };
     let errs = errors.into_inner().unwrap();
     println!(
-        "{{\"tool\":\"loadgen\",\"mode\":\"idle\",\"label\":\"{label}\",\"addr\":\"{addr}\",\"proxy\":{proxy},\"k\":{k},\"banner_220\":{got},\"setup_s\":{:.2},\"still_open_after_hold\":{open},\"hold_s\":{hold},\"probe_banner_ms\":{},\"probe_ehlo_ms\":{},\"probe_error\":{},\"pid\":{pid},\"rss_before_kb\":{mem0},\"rss_with_idle_kb\":{},\"rss_end_kb\":{},\"peak_rss_kb\":{},\"per_conn_rss_kb\":{per_conn:.1},\"errors\":{}}}",
+        "{{\"tool\":\"loadgen\",\"mode\":\"idle\",\"label\":\"{label}\",\"addr\":\"{addr}\",\"proxy\":{proxy},\"starttls\":{starttls},\"k\":{k},\"banner_220\":{got},\"setup_s\":{:.2},\"still_open_after_hold\":{open},\"hold_s\":{hold},\"probe_banner_ms\":{},\"probe_ehlo_ms\":{},\"probe_error\":{},\"pid\":{pid},\"rss_before_kb\":{mem0},\"rss_with_idle_kb\":{},\"rss_end_kb\":{},\"peak_rss_kb\":{},\"per_conn_rss_kb\":{per_conn:.1},\"errors\":{}}}",
         setup.as_secs_f64(),
         mid.map(|m| format!("{:.3}", m.0.as_secs_f64() * 1e3))
             .unwrap_or("null".into()),

@@ -1,6 +1,7 @@
 //! STARTTLS end to end against the real binary: advertisement, real TLS clients (rustls and
 //! lettre), the RFC 3207 rules (plaintext injection, EHLO again, 503s), broken and silent
-//! handshakes, and certificate reload on SIGHUP.
+//! handshakes, certificate reload on SIGHUP, and session resumption (TLS 1.3 tickets, TLS 1.2
+//! tickets and session ids, across a reload).
 
 mod common;
 
@@ -10,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use rustls::client::{Resumption, Tls12Resumption};
+use rustls::{ClientConfig, ClientConnection, HandshakeKind, StreamOwned};
 
 use common::certs;
 use common::dns_server::{TestDns, TestZone};
@@ -1007,4 +1009,105 @@ fn a_bad_certificate_or_key_stops_startup_naming_the_variable() {
             "{err}"
         );
     }
+}
+
+// ----- session resumption ------------------------------------------------------------------
+
+/// A client that keeps what the server gives it for resumption (tickets, TLS 1.2 session
+/// ids) across its connections, as a sending MTA's TLS session cache does.
+fn resuming_client(
+    der: &[u8],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    tls12: Tls12Resumption,
+) -> Arc<ClientConfig> {
+    let mut config = (*certs::client_config_with_versions(der, versions)).clone();
+    config.resumption = Resumption::in_memory_sessions(16).tls12_resumption(tls12);
+    Arc::new(config)
+}
+
+/// One whole session in TLS (EHLO, STARTTLS, EHLO, a message, QUIT); how its handshake went
+/// and the version it agreed.
+fn deliver_in_tls(s: &TestServer, config: Arc<ClientConfig>, n: usize) -> (HandshakeKind, String) {
+    let mut t = tls_session(s, config);
+    t.deliver(
+        "a@example.org",
+        "b@example.net",
+        &format!("Subject: resumption {n}\r\n\r\nbody {n}"),
+    );
+    let kind = t.conn().handshake_kind().expect("handshake kind");
+    let version = format!("{:?}", t.conn().protocol_version().expect("version"));
+    // The QUIT reply comes after any ticket the server sent, so the store has it.
+    t.cmd("QUIT", 221);
+    (kind, version)
+}
+
+/// The first session of `config` does a full handshake, the second resumes.
+fn assert_second_session_resumes(f: &TlsFixture, config: Arc<ClientConfig>, version: &str) {
+    let first = deliver_in_tls(&f.server, Arc::clone(&config), 1);
+    assert_eq!(first, (HandshakeKind::Full, version.to_string()));
+    let second = deliver_in_tls(&f.server, config, 2);
+    assert_eq!(second, (HandshakeKind::Resumed, version.to_string()));
+    assert_eq!(f.server.wait_messages(2).len(), 2);
+}
+
+#[test]
+fn a_tls13_client_resumes_with_the_ticket_of_its_first_session() {
+    let f = TlsFixture::start();
+    let config = resuming_client(
+        &f.der,
+        &[&rustls::version::TLS13],
+        Tls12Resumption::SessionIdOrTickets,
+    );
+    assert_second_session_resumes(&f, config, "TLSv1_3");
+}
+
+#[test]
+fn a_tls12_client_without_tickets_resumes_by_session_id() {
+    let f = TlsFixture::start();
+    let config = resuming_client(
+        &f.der,
+        &[&rustls::version::TLS12],
+        Tls12Resumption::SessionIdOnly,
+    );
+    assert_second_session_resumes(&f, config, "TLSv1_2");
+}
+
+#[test]
+fn a_tls12_client_with_tickets_resumes_by_ticket() {
+    let f = TlsFixture::start();
+    let config = resuming_client(
+        &f.der,
+        &[&rustls::version::TLS12],
+        Tls12Resumption::SessionIdOrTickets,
+    );
+    assert_second_session_resumes(&f, config, "TLSv1_2");
+}
+
+#[test]
+fn sessions_from_before_a_sighup_still_resume_after_it() {
+    let f = TlsFixture::start();
+    let s = &f.server;
+    let tls13 = resuming_client(
+        &f.der,
+        &[&rustls::version::TLS13],
+        Tls12Resumption::SessionIdOrTickets,
+    );
+    let tls12 = resuming_client(
+        &f.der,
+        &[&rustls::version::TLS12],
+        Tls12Resumption::SessionIdOnly,
+    );
+    assert_eq!(
+        deliver_in_tls(s, Arc::clone(&tls13), 1).0,
+        HandshakeKind::Full
+    );
+    assert_eq!(
+        deliver_in_tls(s, Arc::clone(&tls12), 2).0,
+        HandshakeKind::Full
+    );
+    s.signal(libc::SIGHUP);
+    let log = wait_log(s, "TLS certificate and key reloaded", 1);
+    assert!(log.contains("TLS certificate and key reloaded"), "{log}");
+    assert_eq!(deliver_in_tls(s, tls13, 3).0, HandshakeKind::Resumed);
+    assert_eq!(deliver_in_tls(s, tls12, 4).0, HandshakeKind::Resumed);
 }

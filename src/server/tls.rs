@@ -6,9 +6,16 @@
 //!   PKCS#1 RSA or SEC1 EC; RSA, ECDSA P-256/P-384 or Ed25519), checks that the key belongs to
 //!   the leaf, and builds a TLS 1.2 + 1.3 server configuration on the `ring` provider with the
 //!   server's cipher order, no ALPN and no client certificates.
+//! - Resumption, as Postfix offers it: TLS 1.3 and TLS 1.2 session tickets sealed by a rotating
+//!   ticketer (rustls' `ring::Ticketer`: a new key every 6 hours, the previous one still
+//!   accepted), and TLS 1.2 session ids in a bounded in-memory cache ([`SESSION_CACHE_SIZE`]
+//!   entries) for clients that do not take tickets. A resumed handshake skips the ECDHE
+//!   key share for TLS 1.2 and the certificate signature for both versions.
 //! - [`TlsAcceptor`] holds the current configuration. [`TlsAcceptor::reload`] swaps it only when
 //!   the new files load completely, so a bad reload (SIGHUP) keeps serving the old pair. A
-//!   session that already started TLS keeps the configuration it began with.
+//!   session that already started TLS keeps the configuration it began with. The ticketer
+//!   and the session cache belong to the acceptor, not to one configuration, so a reload does
+//!   not make every returning client pay a full handshake again.
 //! - [`TlsSession`] owns no socket, in the style of rustls-test's `transfer()`: the caller hands
 //!   in ciphertext it read, takes out plaintext, hands in plaintext replies and writes out
 //!   ciphertext. The same type serves the server side of STARTTLS and, as
@@ -37,7 +44,9 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::ServerConnection;
+use rustls::server::{
+    ProducesTickets, ServerConnection, ServerSessionMemoryCache, StoresServerSessions,
+};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{
     CipherSuite, ClientConfig, ClientConnection, ConnectionCommon, InconsistentKeys,
@@ -49,10 +58,52 @@ use crate::session::TlsInfo;
 /// Outgoing TLS bytes rustls may buffer inside one session before the caller drains them.
 pub const SEND_BUFFER_LIMIT: usize = 64 * 1024;
 
-/// Loads a PEM certificate chain and private key into a TLS 1.2/1.3 server configuration.
+/// TLS 1.2 session ids the server remembers for resumption. An entry is the session's secret
+/// and parameters (a few hundred bytes), so the cache stays under a few MiB; past the bound
+/// rustls evicts an older entry and that client does a full handshake.
+pub const SESSION_CACHE_SIZE: usize = 8192;
+
+/// What lets a returning client resume: the ticket key and the session-id cache. Shared by
+/// every configuration built from it.
+#[derive(Clone)]
+pub struct Resumption {
+    ticketer: Arc<dyn ProducesTickets>,
+    cache: Arc<dyn StoresServerSessions>,
+}
+
+impl Resumption {
+    /// A fresh ticket key (random, rotating) and an empty session cache.
+    pub fn new() -> Result<Self, TlsError> {
+        Ok(Self {
+            ticketer: rustls::crypto::ring::Ticketer::new().map_err(TlsError::Config)?,
+            cache: ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
+        })
+    }
+}
+
+impl fmt::Debug for Resumption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resumption")
+            .field("tickets", &self.ticketer.enabled())
+            .field("cache_entries", &SESSION_CACHE_SIZE)
+            .finish()
+    }
+}
+
+/// Loads a PEM certificate chain and private key into a TLS 1.2/1.3 server configuration,
+/// with resumption state of its own.
 pub fn load_server_config(
     cert_path: &Path,
     key_path: &Path,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    build_server_config(cert_path, key_path, &Resumption::new()?)
+}
+
+/// Loads the pair into a configuration that resumes sessions through `resumption`.
+pub fn build_server_config(
+    cert_path: &Path,
+    key_path: &Path,
+    resumption: &Resumption,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = read_certificates(cert_path)?;
     let key = read_private_key(key_path)?;
@@ -72,6 +123,12 @@ pub fn load_server_config(
     config.ignore_client_order = true;
     // SMTP negotiates no ALPN protocol; a client offering some still gets a session.
     config.alpn_protocols = Vec::new();
+    config.ticketer = Arc::clone(&resumption.ticketer);
+    config.session_storage = Arc::clone(&resumption.cache);
+    // One TLS 1.3 ticket per handshake, not rustls' two: a sending MTA opens one connection
+    // at a time per destination and a TLS 1.3 ticket is used once, so the second would cost
+    // an encryption and a record for nothing. A client that resumes gets a fresh one.
+    config.send_tls13_tickets = 1;
     Ok(Arc::new(config))
 }
 
@@ -169,22 +226,29 @@ pub struct TlsAcceptor {
     /// The configuration new sessions start with. Readers clone the `Arc` and let go of the lock
     /// at once, so a reload never waits on a handshake.
     current: RwLock<Arc<ServerConfig>>,
+    /// The ticket key and session cache, carried from one configuration to the next.
+    resumption: Resumption,
 }
 
 impl TlsAcceptor {
     /// Loads the pair once; startup fails if it does not load.
     pub fn new(cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
-        let config = load_server_config(cert_path, key_path)?;
+        let resumption = Resumption::new()?;
+        let config = build_server_config(cert_path, key_path, &resumption)?;
         Ok(Self {
             cert_path: cert_path.to_path_buf(),
             key_path: key_path.to_path_buf(),
             current: RwLock::new(config),
+            resumption,
         })
     }
 
-    /// Re-reads both files; on any error the previous configuration stays in use.
+    /// Re-reads both files; on any error the previous configuration stays in use. Sessions
+    /// issued before the reload still resume: resumption proves the secret of a handshake the
+    /// client already accepted, so it does not depend on the certificate served now, and a
+    /// renewed certificate does not turn every returning client into a full handshake.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = load_server_config(&self.cert_path, &self.key_path)?;
+        let config = build_server_config(&self.cert_path, &self.key_path, &self.resumption)?;
         // A poisoned lock still holds a whole Arc (the only write is one assignment), so the
         // value is safe to replace.
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
@@ -203,8 +267,10 @@ impl TlsAcceptor {
     /// The caller must first discard every plaintext byte that arrived after the STARTTLS line
     /// (RFC 3207 4.2; the CVE-2011-0411 command injection): only bytes read after the 220 go
     /// into [`TlsSession::receive_ciphertext`].
-    pub fn accept(&self) -> Result<TlsSession, TlsError> {
-        TlsSession::new(self.config())
+    ///
+    /// Boxed, because the connection keeps it beside much smaller plaintext state.
+    pub fn accept(&self) -> Result<Box<TlsSession>, TlsError> {
+        TlsSession::new(self.config()).map(Box::new)
     }
 
     /// The certificate file this acceptor reloads from.
@@ -598,7 +664,14 @@ mod tests {
     }
 
     fn server_config() -> Arc<ServerConfig> {
-        let dir = std::env::temp_dir().join(format!("heloguard-tls-unit-{}", std::process::id()));
+        let (cert_path, key_path) = pair_on_disk("hop");
+        load_server_config(&cert_path, &key_path).expect("server config")
+    }
+
+    /// A fresh self-signed pair written under the temp directory; `tag` keeps tests apart.
+    fn pair_on_disk(tag: &str) -> (PathBuf, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("heloguard-tls-unit-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = rcgen::CertificateParams::new(vec!["hop.test".to_string()])
@@ -608,7 +681,28 @@ mod tests {
         let (cert_path, key_path) = (dir.join("hop.crt"), dir.join("hop.key"));
         std::fs::write(&cert_path, cert.pem()).expect("write cert");
         std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-        load_server_config(&cert_path, &key_path).expect("server config")
+        (cert_path, key_path)
+    }
+
+    #[test]
+    fn configurations_resume_by_ticket_and_session_id_and_a_reload_keeps_both() {
+        let (cert, key) = pair_on_disk("reload");
+        let acceptor = TlsAcceptor::new(&cert, &key).expect("acceptor");
+        let before = acceptor.config();
+        assert!(before.ticketer.enabled(), "no TLS 1.3/1.2 tickets");
+        assert_eq!(before.send_tls13_tickets, 1);
+        assert!(
+            before.session_storage.can_cache(),
+            "no TLS 1.2 session-id cache"
+        );
+        acceptor.reload().expect("reload");
+        let after = acceptor.config();
+        assert!(
+            !Arc::ptr_eq(&before, &after),
+            "the reload built no new configuration"
+        );
+        assert!(Arc::ptr_eq(&before.ticketer, &after.ticketer));
+        assert!(Arc::ptr_eq(&before.session_storage, &after.session_storage));
     }
 
     fn handshake(client: &mut TlsSession<ClientConnection>, server: &mut TlsSession) {
