@@ -7,17 +7,22 @@
 #   benches/load.sh [--vs-postfix] [--messages N] [--messages-b N] [--messages-c N]
 #                   [--helo-sessions N] [--latency-sessions N] [--tls-sessions N] [--idle K]
 #                   [--callgrind] [--callgrind-messages N] [--perf] [--reps R]
-#                   [--only a,b,c,helo,latency,tls,idle,tls-idle] [--out DIR]
+#                   [--only a,b,c,relay,helo,latency,tls,idle,tls-idle] [--haraka DIR]
+#                   [--out DIR]
 #
+# relay: load (a) against heloguard in maildir mode, heloguard relaying to smtp-sink, and,
+# with --haraka DIR (installed there by shared/bench/haraka/setup.sh when missing), Haraka 3
+# forwarding to the same smtp-sink; the servers alternate within each rep.
 # Every server gets a fresh temp spool; everything it started is stopped and removed on exit.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MSGS_A=10000 MSGS_B=2000 MSGS_C=2000 HELO_N=5000 LAT_N=10000 IDLE_K=10000 TLS_N=5000
 CG_MSGS=500 REPS=1 VS_POSTFIX=0 CALLGRIND=0 PERF=0 ONLY="a,b,c,helo,latency,tls,idle,tls-idle" OUT=""
+HARAKA_DIR=""
 PF_PORT=2625
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --vs-postfix) VS_POSTFIX=1 ;;
@@ -34,6 +39,7 @@ while [ $# -gt 0 ]; do
     --reps) REPS=$2; shift ;;
     --only) ONLY=$2; shift ;;
     --out) OUT=$2; shift ;;
+    --haraka) HARAKA_DIR=$2; shift ;;
     -h|--help) usage 0 ;;
     *) echo "load.sh: unknown option $1" >&2; usage 2 ;;
   esac
@@ -51,7 +57,7 @@ done
 SMTP_SOURCE=$(command -v smtp-source || { [ -x /usr/sbin/smtp-source ] && echo /usr/sbin/smtp-source; } || true)
 if [ -z "$SMTP_SOURCE" ]; then
   echo "SKIP: smtp-source not found (it comes with Postfix: apt-get install postfix); skipping loads a, b, c and --vs-postfix" >&2
-  ONLY=$(echo ",$ONLY," | sed 's/,a,/,/; s/,b,/,/; s/,c,/,/'); VS_POSTFIX=0
+  ONLY=$(echo ",$ONLY," | sed 's/,a,/,/; s/,b,/,/; s/,c,/,/; s/,relay,/,/'); VS_POSTFIX=0
 fi
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -213,6 +219,43 @@ if want a || want b || want c; then
     loads heloguard "$HG_PID" "$HG_PORT" "$r"
     if [ "$VS_POSTFIX" = 1 ]; then loads postfix "$PF_PID" "$PF_PORT" "$r"; fi
   done
+fi
+
+if want relay; then
+  # Load (a) through the relay modes: the next hop is Postfix's smtp-sink (replies only, no
+  # disk), for heloguard and Haraka alike; heloguard in maildir mode is the yardstick. Only
+  # each server's own process tree is measured.
+  sink=$(command -v smtp-sink || { [ -x /usr/sbin/smtp-sink ] && echo /usr/sbin/smtp-sink; } || true)
+  [ -n "$sink" ] || { echo "load.sh: smtp-sink not found (apt-get install postfix)" >&2; exit 2; }
+  SINK_PORT=$(free_port)
+  "$sink" -u nobody "127.0.0.1:$SINK_PORT" 1000 2>"$TMP/smtp-sink.log" &
+  SINK_PID=$!
+  PIDS+=("$SINK_PID")
+  wait_port "$SINK_PORT" "$SINK_PID" 10
+  MD_PORT=$HG_PORT MD_PID=$HG_PID
+  start_heloguard HELOGUARD_DELIVER="smtp://127.0.0.1:$SINK_PORT" HELOGUARD_DOMAINS=bench.test
+  RL_PORT=$HG_PORT RL_PID=$HG_PID
+  HK_PID=""
+  if [ -n "$HARAKA_DIR" ]; then
+    [ -x "$HARAKA_DIR/run.sh" ] || bash "$SHARED/haraka/setup.sh" "$HARAKA_DIR" >&2
+    HK_PORT=$(free_port)
+    # nodes=0: one process, as in shared/bench/haraka/README.md; the same test DNS server.
+    "$HARAKA_DIR/run.sh" "$HK_PORT" "$SINK_PORT" 0 "$DNS" > "$TMP/haraka.log" 2>&1 &
+    HK_PID=$!
+    PIDS+=("$HK_PID")
+    wait_port "$HK_PORT" "$HK_PID" 60
+  fi
+  for r in $(seq "$REPS"); do
+    run_load "heloguard/relay-a/smtp-source/r$r" "$MD_PID" "$MD_PORT" "$MSGS_A" -s 50 -l 1000
+    run_load "heloguard-relay/relay-a/smtp-source/r$r" "$RL_PID" "$RL_PORT" "$MSGS_A" -s 50 -l 1000
+    if [ -n "$HK_PID" ]; then
+      run_load "haraka/relay-a/smtp-source/r$r" "$HK_PID" "$HK_PORT" "$MSGS_A" -s 50 -l 1000
+    fi
+  done
+  stop_pid "$RL_PID"
+  [ -z "$HK_PID" ] || stop_pid "$HK_PID"
+  stop_pid "$SINK_PID"
+  HG_PORT=$MD_PORT HG_PID=$MD_PID
 fi
 
 if want latency; then
@@ -400,6 +443,18 @@ if any((l, "postfix") in summary for l in loads):
             c8 = ("%.0f%%" % (100.0 * h[0] / ceil[8])) if 8 in ceil else "-"
             fl = ("%.3f" % ((k[1] + file_ms) / p[1])) if k and file_ms is not None else "-"
             print("| %s | %.2fx | %.3f | %s | %s |" % (l, h[0] / p[0], h[1] / p[1], fl, c8))
+relay = {who: v for (l, who), v in summary.items() if l == "relay-a"}
+if "heloguard-relay" in relay:
+    rl = relay["heloguard-relay"]
+    print("\n### Relay mode (load a: 50 concurrent, 1 msg/conn, 1 KiB; next hop smtp-sink)\n")
+    print("| comparison | msgs/s ratio | CPU per message ratio |")
+    print("|---|---|---|")
+    if "heloguard" in relay:
+        md = relay["heloguard"]
+        print("| heloguard relay / heloguard maildir | %.2fx | %.2f |" % (rl[0] / md[0], rl[1] / md[1]))
+    if "haraka" in relay:
+        hk = relay["haraka"]
+        print("| heloguard relay / Haraka | %.2fx | %.2f (1/%.1f) |" % (rl[0] / hk[0], rl[1] / hk[1], hk[1] / rl[1]))
 lat = [r for r in rows if r.get("mode") == "latency"]
 if lat:
     print("\n### EHLO latency (loadgen latency: banner, EHLO, 1 message, QUIT per session)\n")

@@ -142,6 +142,9 @@ pub(crate) struct LinkProgress {
     pub failed: Option<LinkFailure>,
     /// The next hop did not offer XCLIENT: it will take us for the client.
     pub xclient_unavailable: bool,
+    /// What the protocol said about a failure, for the log (e.g. the next hop's refusal of
+    /// XCLIENT).
+    pub why: Option<String>,
 }
 
 /// Why a link failed, for `heloguard_relay_failures_total{reason}`.
@@ -437,6 +440,7 @@ impl RelayLink {
                 RelayEvent::Failed(reply) => {
                     progress.answers.extend(self.fail_all(&reply));
                     progress.failed = Some(LinkFailure::Refused);
+                    progress.why = Some(reply.lines.join(" "));
                 }
             }
         }

@@ -168,7 +168,7 @@ impl Server {
         }
         self.route_link_answers(owner, progress.answers);
         if let Some(failure) = progress.failed {
-            self.fail_relay(key, failure);
+            self.fail_relay(key, failure, progress.why.as_deref());
             return;
         }
         self.note_relay_backlog(key);
@@ -229,7 +229,7 @@ impl Server {
     }
 
     /// The link is unusable: everything waiting on it gets 451 4.4.1 and it is closed.
-    fn fail_relay(&mut self, key: usize, failure: LinkFailure) {
+    fn fail_relay(&mut self, key: usize, failure: LinkFailure, why: Option<&str>) {
         let Some(link) = self.relays.get_mut(key) else {
             return;
         };
@@ -240,7 +240,12 @@ impl Server {
             LinkFailure::Timeout => RelayFailure::Timeout,
             LinkFailure::Refused => RelayFailure::Refused,
         });
-        warn!("next hop failed ({failure:?}); waiting clients get 451 4.4.1");
+        match why {
+            Some(why) => {
+                warn!("next hop failed ({failure:?}: {why}); waiting clients get 451 4.4.1")
+            }
+            None => warn!("next hop failed ({failure:?}); waiting clients get 451 4.4.1"),
+        }
         self.close_relay(key, false);
         if let Some(slot) = self.slot_of(owner)
             && let Some(conn) = self.conns.get_mut(slot)
@@ -300,7 +305,7 @@ impl Server {
             .map(|(k, _)| k)
             .collect();
         for key in late {
-            self.fail_relay(key, LinkFailure::Timeout);
+            self.fail_relay(key, LinkFailure::Timeout, None);
         }
         let idle = self.config.relay_idle;
         let idle_links: Vec<usize> = self
