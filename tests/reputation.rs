@@ -748,3 +748,25 @@ fn spf_under_each_action() {
         assert_eq!(asked, usize::from(action == "log"), "{action}");
     }
 }
+
+/// A client seen again within the answers' TTL is answered from the known answers: the lists
+/// are not asked twice (the test zone's TTL is 60 s).
+#[test]
+fn known_list_answers_are_reused_within_their_ttl() {
+    let (s, dns) = start(&[("HELOGUARD_DNSBL", "bl1.test=127.0.0.[2..11]*2 bl2.test")]);
+    for _ in 0..3 {
+        let xhc = x_helo_check(&deliver_as(&s, "192.0.2.10", "c10.example.com"));
+        assert_eq!(value(&xhc, "dnsbl_score"), Some("2"), "{xhc}");
+        let xhc = x_helo_check(&deliver_as(&s, "198.51.100.20", "mail.spammy.example"));
+        assert_eq!(value(&xhc, "rhsbl"), Some("fail"), "{xhc}");
+    }
+    assert_eq!(
+        dns.count(&list_name(ip("192.0.2.10"), "bl1.test"), RecordType::A),
+        1
+    );
+    assert_eq!(
+        dns.count(&list_name(ip("192.0.2.10"), "bl2.test"), RecordType::A),
+        1
+    );
+    assert_eq!(dns.count("spammy.example.dbl.test", RecordType::A), 1);
+}
