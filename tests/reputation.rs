@@ -770,3 +770,52 @@ fn known_list_answers_are_reused_within_their_ttl() {
     );
     assert_eq!(dns.count("spammy.example.dbl.test", RecordType::A), 1);
 }
+
+/// SPF whose evaluation outlasts the verdict deadline (four answers of 250 ms each, one after
+/// the other; the deadline at 600 ms): waited for under a refusing action, temperror under tag.
+#[test]
+fn the_verdict_waits_for_spf_only_when_its_action_refuses() {
+    let slow = Duration::from_millis(250);
+    let zone = || {
+        aligned(TestZone::new(), "192.0.2.80", "spf-slow.example.com")
+            .txt(
+                "spf-slow.example.com",
+                &["v=spf1 include:_a.spf-slow.example.com -all"],
+            )
+            .txt(
+                "_a.spf-slow.example.com",
+                &["v=spf1 include:_b.spf-slow.example.com ?all"],
+            )
+            .txt(
+                "_b.spf-slow.example.com",
+                &["v=spf1 a:_c.spf-slow.example.com ?all"],
+            )
+            .a("_c.spf-slow.example.com", "198.51.100.99")
+            .delay("spf-slow.example.com", slow)
+            .delay("_a.spf-slow.example.com", slow)
+            .delay("_b.spf-slow.example.com", slow)
+            .delay("_c.spf-slow.example.com", slow)
+            .ttl(0)
+    };
+    let env = |policy: &'static str| {
+        [
+            ("HELOGUARD_HELO_POLICY", policy),
+            ("HELOGUARD_DNSBL", ""),
+            ("HELOGUARD_RHSBL", ""),
+        ]
+    };
+    let (s, _dns) = start_with(zone(), &env("spf=reject"));
+    let mut c = open(&s, "192.0.2.80");
+    c.cmd("EHLO spf-slow.example.com", 250);
+    c.cmd("MAIL FROM:<a@example.org>", 250);
+    c.send(b"RCPT TO:<b@example.net>\r\n");
+    let (code, text) = c.reply();
+    assert_eq!(code, 550, "{text}");
+    assert!(text.contains("spf"), "{text}");
+    drop(s);
+
+    let (s, _dns) = start_with(zone(), &env("spf=tag"));
+    let msg = deliver_as(&s, "192.0.2.80", "spf-slow.example.com");
+    let xhc = x_helo_check(&msg);
+    assert_eq!(value(&xhc, "spf"), Some("temperror"), "{xhc}");
+}
