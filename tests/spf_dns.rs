@@ -322,3 +322,66 @@ fn permerror_from_the_wire() {
         );
     }
 }
+
+#[test]
+fn the_evaluation_runs_as_a_spawned_task() {
+    // As the resolver thread runs it: a task of a JoinSet on a current_thread runtime, which
+    // needs a Send + 'static future.
+    let dns = TestDns::start(
+        TestZone::new()
+            .ttl(0)
+            .txt(HELO, &["v=spf1 a -all"])
+            .a(HELO, "192.0.2.3"),
+    );
+    let (spf_dns, observed) = adapter(&dns, Duration::from_millis(2000));
+    let outcome = run(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async move {
+            let outcome = check_helo(&spf_dns, ip("192.0.2.3"), HELO, "mx.heloguard.test").await;
+            (outcome, spf_dns.queries())
+        });
+        tasks
+            .join_next()
+            .await
+            .expect("one task")
+            .expect("task ran")
+    });
+    assert_eq!(
+        outcome,
+        (
+            SpfOutcome {
+                result: SpfResult::Pass,
+                why: "a".into()
+            },
+            2
+        )
+    );
+    assert_eq!(seen(&observed).len(), 2);
+}
+
+#[test]
+fn a_macro_expanding_to_odd_characters_is_asked_as_it_is() {
+    // %{s} holds an @, %_ a space: DNS carries any octet in a label, so both names are
+    // asked (RFC 7208 7.3), and their NXDOMAIN is no match.
+    let dns = TestDns::start(TestZone::new().ttl(0).txt(
+        HELO,
+        &["v=spf1 exists:%{s}.x.example.test exists:a%_b.x.example.test -all"],
+    ));
+    let (spf_dns, observed) = adapter(&dns, Duration::from_millis(2000));
+    assert_eq!(
+        check(&spf_dns, "192.0.2.3"),
+        SpfOutcome {
+            result: SpfResult::Fail,
+            why: "-all".into()
+        }
+    );
+    assert_eq!(
+        seen(&observed),
+        [
+            (QueryType::Txt, QueryOutcome::Ok),
+            (QueryType::A, QueryOutcome::NxDomain),
+            (QueryType::A, QueryOutcome::NxDomain),
+        ]
+    );
+    assert_eq!(dns.queries().len(), 3, "{:?}", dns.queries());
+}

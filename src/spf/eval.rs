@@ -41,8 +41,10 @@ pub trait SpfDns: Sync {
     /// The TXT records of `name`, each record's strings concatenated (RFC 7208 3.3).
     fn txt(&self, name: &str) -> impl Future<Output = Lookup<Vec<String>>> + Send;
 
+    /// The A records of `name`.
     fn a(&self, name: &str) -> impl Future<Output = Lookup<Vec<Ipv4Addr>>> + Send;
 
+    /// The AAAA records of `name`.
     fn aaaa(&self, name: &str) -> impl Future<Output = Lookup<Vec<Ipv6Addr>>> + Send;
 
     /// The exchange names of `name`'s MX records, lower case, without the trailing dot (the
@@ -202,7 +204,7 @@ impl<'a, D: SpfDns> Evaluation<'a, D> {
             }
             Mechanism::A { domain: spec, cidr } => {
                 self.count_dns_term()?;
-                let Some(target) = self.target(spec.as_ref(), domain).await else {
+                let Some(target) = self.target(spec.as_ref(), domain).await? else {
                     return Ok(false);
                 };
                 let addrs = match self.addresses(&target).await {
@@ -219,14 +221,14 @@ impl<'a, D: SpfDns> Evaluation<'a, D> {
             }
             Mechanism::Mx { domain: spec, cidr } => {
                 self.count_dns_term()?;
-                let Some(target) = self.target(spec.as_ref(), domain).await else {
+                let Some(target) = self.target(spec.as_ref(), domain).await? else {
                     return Ok(false);
                 };
                 self.mx_matches(&target, *cidr).await
             }
             Mechanism::Ptr(spec) => {
                 self.count_dns_term()?;
-                let Some(target) = self.target(spec.as_ref(), domain).await else {
+                let Some(target) = self.target(spec.as_ref(), domain).await? else {
                     return Ok(false);
                 };
                 let names = match self.dns.validated_names(self.ip).await {
@@ -243,7 +245,7 @@ impl<'a, D: SpfDns> Evaluation<'a, D> {
             }
             Mechanism::Exists(spec) => {
                 self.count_dns_term()?;
-                let Some(target) = self.target(Some(spec), domain).await else {
+                let Some(target) = self.target(Some(spec), domain).await? else {
                     return Ok(false);
                 };
                 // RFC 7208 5.7: an A lookup, even for an IPv6 client.
@@ -258,7 +260,7 @@ impl<'a, D: SpfDns> Evaluation<'a, D> {
             }
             Mechanism::Include(spec) => {
                 self.count_dns_term()?;
-                let Some(target) = self.target(Some(spec), domain).await else {
+                let Some(target) = self.target(Some(spec), domain).await? else {
                     return Err(permerror(format!("{}: malformed domain", directive.text)));
                 };
                 let inner = self.check_host(target).await;
@@ -267,10 +269,7 @@ impl<'a, D: SpfDns> Evaluation<'a, D> {
                     SpfResult::Pass => Ok(true),
                     SpfResult::Fail | SpfResult::SoftFail | SpfResult::Neutral => Ok(false),
                     SpfResult::TempError | SpfResult::PermError => Err(inner),
-                    SpfResult::None => Err(permerror(format!(
-                        "{}: no SPF record ({})",
-                        directive.text, inner.why
-                    ))),
+                    SpfResult::None => Err(without_record(&directive.text, &inner)),
                 }
             }
         }
@@ -314,25 +313,31 @@ impl<'a, D: SpfDns> Evaluation<'a, D> {
         if let Err(stop) = self.count_dns_term() {
             return stop;
         }
-        let Some(target) = self.target(Some(spec), domain).await else {
-            return permerror(format!("{text}: malformed domain"));
+        let target = match self.target(Some(spec), domain).await {
+            Ok(Some(target)) => target,
+            Ok(None) => return permerror(format!("{text}: malformed domain")),
+            Err(stop) => return stop,
         };
         let inner = self.check_host(target).await;
         if inner.result == SpfResult::None {
-            return permerror(format!("{text}: no SPF record ({})", inner.why));
+            return without_record(text, &inner);
         }
         inner
     }
 
     /// The name a mechanism looks up: its expanded domain-spec, or the current domain. None
     /// when the expansion is no name DNS can carry (an empty or overlong label): such a
-    /// mechanism matches nothing.
-    async fn target(&mut self, spec: Option<&MacroString>, domain: &str) -> Option<String> {
+    /// mechanism matches nothing. `Err` when `%{p}`'s lookup is past the term limit.
+    async fn target(
+        &mut self,
+        spec: Option<&MacroString>,
+        domain: &str,
+    ) -> Result<Option<String>, SpfOutcome> {
         let Some(spec) = spec else {
-            return Some(domain.to_string());
+            return Ok(Some(domain.to_string()));
         };
         let validated_name = if spec.uses_validated_name() {
-            self.validated_name(domain).await
+            self.validated_name(domain).await?
         } else {
             None
         };
@@ -348,13 +353,17 @@ impl<'a, D: SpfDns> Evaluation<'a, D> {
         };
         let expanded = spec.expand(&ctx);
         let name = truncate_name(expanded.strip_suffix('.').unwrap_or(&expanded));
-        is_valid_name(name).then(|| name.to_string())
+        Ok(is_valid_name(name).then(|| name.to_string()))
     }
 
     /// RFC 7208 7.3 `%{p}`: a validated name of the client, preferring `domain` itself,
     /// then a subdomain of it; None (expanded as `unknown`) when there is none or DNS failed.
-    async fn validated_name(&mut self, domain: &str) -> Option<String> {
+    /// The lookup is made once per evaluation and counts as one DNS-querying term (RFC 7208
+    /// 4.6.4: "When evaluating the "ptr" mechanism or the %{p} macro, the number of "PTR"
+    /// resource records queried is included in the overall limit").
+    async fn validated_name(&mut self, domain: &str) -> Result<Option<String>, SpfOutcome> {
         if self.validated.is_none() {
+            self.count_dns_term()?;
             let names = match self.dns.validated_names(self.ip).await {
                 Lookup::Found(names) => names,
                 _ => Vec::new(),
@@ -362,12 +371,12 @@ impl<'a, D: SpfDns> Evaluation<'a, D> {
             self.validated = Some(names);
         }
         let names = self.validated.as_deref().unwrap_or_default();
-        names
+        Ok(names
             .iter()
             .find(|n| n.eq_ignore_ascii_case(domain))
             .or_else(|| names.iter().find(|n| is_within(n, domain)))
             .or_else(|| names.first())
-            .cloned()
+            .cloned())
     }
 
     /// The client's family's addresses of `name` (RFC 7208 5.3: A for an IPv4 client, AAAA
@@ -409,6 +418,11 @@ fn outcome(result: SpfResult, why: String) -> SpfOutcome {
 
 fn permerror(why: String) -> SpfOutcome {
     outcome(SpfResult::PermError, why)
+}
+
+/// RFC 7208 5.2 and 6.1: an include or redirect target without a policy is `permerror`.
+fn without_record(term: &str, inner: &SpfOutcome) -> SpfOutcome {
+    permerror(format!("{term}: {}", inner.why))
 }
 
 /// RFC 7208 2.6.6: a DNS error is `temperror`; the why names the query.

@@ -425,6 +425,20 @@ mod tests {
         assert_eq!(expand("%{r}", v4), "mx.example.net");
         assert_eq!(expand("%{t}", v4), "1700000000");
         assert_eq!(expand("%{d+}", v4), "email.example.com");
+        // Several delimiters at once: split on + and -, reverse, keep two.
+        let ctx = MacroContext {
+            local_part: "foo-bar+zip+quux",
+            ..appendix_d(v4)
+        };
+        let multi = MacroString::parse("%{l2r+-}", false).expect("valid");
+        assert_eq!(multi.expand(&ctx), "bar.foo");
+        // RFC 3986 unreserved characters stay; the rest is escaped.
+        let ctx = MacroContext {
+            local_part: "~jack&jill=up-a_b3.c",
+            ..appendix_d(v4)
+        };
+        let upper = MacroString::parse("%{L}", false).expect("valid");
+        assert_eq!(upper.expand(&ctx), "~jack%26jill%3Dup-a_b3.c");
         let ctx = MacroContext {
             validated_name: Some("mx.email.example.com"),
             ..appendix_d(v4)

@@ -8,6 +8,18 @@
 //!
 //! `check_helo` is the entry point; the caller bounds it with HELOGUARD_SPF_TIMEOUT_MS
 //! (`out_of_time` is the outcome when that fires). Nothing here puts the `exp=` text anywhere.
+//! On the resolver thread, one evaluation is one task:
+//!
+//! ```ignore
+//! let spf_dns = HickorySpfDns::new(resolver.clone(), query_timeout, observer.clone())
+//!     .with_reverse(client, reverse_facts); // when the session's FCrDNS is known
+//! tasks.spawn(async move {
+//!     let outcome = tokio::time::timeout(spf_timeout, check_helo(&spf_dns, client, &name, &host))
+//!         .await
+//!         .unwrap_or_else(|_| out_of_time(spf_timeout));
+//!     (outcome, spf_dns.queries()) // the queries count toward HELOGUARD_DNS_BUDGET
+//! });
+//! ```
 
 mod eval;
 mod hickory;

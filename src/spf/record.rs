@@ -278,6 +278,8 @@ fn prefix_length(digits: &str, max: u8) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn one(term: &str) -> Mechanism {
@@ -445,6 +447,57 @@ mod tests {
             let err = parse(record).expect_err(record);
             assert_eq!(err.at, at, "{record}");
             assert_eq!(err.to_string(), format!("syntax error at {at:?}"));
+        }
+    }
+
+    /// Terms as publishers write them, valid or not quite.
+    fn term() -> impl Strategy<Value = String> {
+        let qualifier = prop::sample::select(vec!["", "+", "-", "~", "?"]);
+        let mechanism = prop::sample::select(vec![
+            "all",
+            "a",
+            "a/24",
+            "a:mail.%{d}",
+            "mx//64",
+            "mx:example.com/24//48",
+            "ptr",
+            "ptr:%{d2}",
+            "ip4:192.0.2.0/24",
+            "ip6:2001:db8::/32",
+            "include:_spf.%{d}",
+            "exists:%{ir}.%{v}._spf.%{d2}",
+            "redirect=_spf.example.com",
+            "exp=explain.%{d}",
+            "x-unknown=%{l}",
+        ]);
+        (qualifier, mechanism).prop_map(|(q, m)| {
+            if m.contains('=') {
+                m.to_string()
+            } else {
+                format!("{q}{m}")
+            }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_never_panics(text in "\\PC{0,80}") {
+            let _ = parse(&format!("v=spf1 {text}"));
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn well_formed_terms_parse_in_order(terms in prop::collection::vec(term(), 0..12)) {
+            let mut seen_modifier = std::collections::HashSet::new();
+            let terms: Vec<String> = terms
+                .into_iter()
+                .filter(|t| !t.contains('=') || seen_modifier.insert(t.split('=').next().map(str::to_string)))
+                .collect();
+            let record = parse(&format!("v=spf1 {}", terms.join(" ")))
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let directives: Vec<&str> = terms.iter().map(String::as_str).filter(|t| !t.contains('=')).collect();
+            let parsed: Vec<&str> = record.directives.iter().map(|d| d.text.as_str()).collect();
+            prop_assert_eq!(parsed, directives);
         }
     }
 }

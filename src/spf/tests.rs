@@ -7,6 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use proptest::prelude::*;
+
 use super::*;
 use crate::dns::{Lookup, TempFailure};
 use crate::helo::sender::{SpfOutcome, SpfResult};
@@ -726,7 +728,7 @@ fn include_errors_propagate_and_none_is_permerror() {
         check(&none, "192.0.2.3", HELO),
         outcome(
             SpfResult::PermError,
-            "include:_spf.example.net: no SPF record (no SPF record)"
+            "include:_spf.example.net: no SPF record"
         )
     );
 }
@@ -779,7 +781,7 @@ fn redirect_to_no_record_is_permerror() {
         check(&zone, "192.0.2.3", HELO),
         outcome(
             SpfResult::PermError,
-            "redirect=_spf.example.net: no SPF record (no SPF record)"
+            "redirect=_spf.example.net: no SPF record"
         )
     );
     let errors = helo_record("v=spf1 redirect=_spf.example.net")
@@ -862,4 +864,232 @@ fn out_of_time_is_temperror() {
         out_of_time(Duration::from_millis(1500)),
         outcome(SpfResult::TempError, "no SPF result within 1500 ms")
     );
+}
+
+#[test]
+fn the_p_macro_lookup_counts_as_a_dns_term_once() {
+    let nine = ["a"; 9].join(" ");
+    let without_p =
+        helo_record(&format!("v=spf1 {nine} exists:%{{d}}.x.example -all")).a(HELO, "198.51.100.1");
+    assert_eq!(check(&without_p, "192.0.2.3", HELO).why, "-all");
+    let with_p =
+        helo_record(&format!("v=spf1 {nine} exists:%{{p}}.x.example -all")).a(HELO, "198.51.100.1");
+    assert_eq!(
+        check(&with_p, "192.0.2.3", HELO),
+        outcome(SpfResult::PermError, "too many DNS lookups")
+    );
+    // Asked once however many macros use it.
+    let twice = helo_record("v=spf1 exists:%{p}.x.example exists:%{p}.y.example -all")
+        .ptr("192.0.2.3", "host.example.net")
+        .a("host.example.net", "192.0.2.3")
+        .a("host.example.net.y.example", "127.0.0.2");
+    assert_eq!(check(&twice, "192.0.2.3", HELO).result, SpfResult::Pass);
+    assert_eq!(twice.asked_of("PTR"), 1);
+}
+
+#[test]
+fn an_include_or_redirect_to_a_malformed_name_is_permerror() {
+    let include = helo_record("v=spf1 include:%{d}x..%{d} -all");
+    assert_eq!(
+        check(&include, "192.0.2.3", HELO),
+        outcome(
+            SpfResult::PermError,
+            "include:%{d}x..%{d}: malformed domain"
+        )
+    );
+    // A single-label target has no policy (RFC 7208 4.3), so the redirect is permerror.
+    let redirect = helo_record("v=spf1 redirect=%{d1}");
+    assert_eq!(
+        check(&redirect, "192.0.2.3", HELO),
+        outcome(
+            SpfResult::PermError,
+            "redirect=%{d1}: malformed domain \"com\""
+        )
+    );
+}
+
+#[test]
+fn lookups_inside_an_include_count_toward_the_same_limit() {
+    // a, include, then eight a's inside: ten terms; the ip4 after them still decides.
+    let inner = ["a"; 8].join(" ");
+    let at_limit = helo_record("v=spf1 a include:inc.example.com ip4:192.0.2.3 -all")
+        .a(HELO, "198.51.100.1")
+        .txt("inc.example.com", &format!("v=spf1 {inner}"))
+        .a("inc.example.com", "198.51.100.2");
+    assert_eq!(
+        check(&at_limit, "192.0.2.3", HELO),
+        outcome(SpfResult::Pass, "ip4:192.0.2.3")
+    );
+    // One more `a` after the include is the eleventh.
+    let over = helo_record("v=spf1 a include:inc.example.com a ip4:192.0.2.3 -all")
+        .a(HELO, "198.51.100.1")
+        .txt("inc.example.com", &format!("v=spf1 {inner}"))
+        .a("inc.example.com", "198.51.100.2");
+    assert_eq!(
+        check(&over, "192.0.2.3", HELO),
+        outcome(SpfResult::PermError, "too many DNS lookups")
+    );
+}
+
+#[test]
+fn a_redirect_changes_the_implicit_domain() {
+    let zone = helo_record("v=spf1 redirect=target.example.com")
+        .a(HELO, "192.0.2.1")
+        .txt("target.example.com", "v=spf1 a -all")
+        .a("target.example.com", "192.0.2.2");
+    assert_eq!(
+        check(&zone, "192.0.2.2", HELO),
+        outcome(SpfResult::Pass, "a")
+    );
+    assert_eq!(check(&zone, "192.0.2.1", HELO).result, SpfResult::Fail);
+}
+
+#[test]
+fn eleven_mx_records_are_too_many_even_for_one_name() {
+    let mut zone = helo_record("v=spf1 mx").a("mx.example.com", "192.0.2.3");
+    for _ in 0..11 {
+        zone = zone.mx(HELO, "mx.example.com");
+    }
+    assert_eq!(check(&zone, "192.0.2.3", HELO).result, SpfResult::PermError);
+}
+
+#[test]
+fn the_helo_macro_in_an_include_of_a_negated_policy() {
+    // A policy that requires the HELO name to resolve to the client: -include of a record
+    // that passes unless %{h} has the client's address.
+    let zone = helo_record("v=spf1 -include:_spfh.%{d2} ip4:192.0.2.0/24 -all")
+        .txt("_spfh.example.com", "v=spf1 -a:%{h} +all");
+    assert_eq!(
+        check(&zone, "192.0.2.3", HELO),
+        outcome(SpfResult::Fail, "-include:_spfh.%{d2}")
+    );
+    let resolving = helo_record("v=spf1 -include:_spfh.%{d2} ip4:192.0.2.0/24 -all")
+        .txt("_spfh.example.com", "v=spf1 -a:%{h} +all")
+        .a(HELO, "192.0.2.3");
+    assert_eq!(
+        check(&resolving, "192.0.2.3", HELO),
+        outcome(SpfResult::Pass, "ip4:192.0.2.0/24")
+    );
+}
+
+#[test]
+fn more_syntax_errors_from_real_records() {
+    for record in [
+        "v=spf1 -all.",
+        "v=spf1 -all:foobar",
+        "v=spf1 -all/8",
+        "v=spf1 ptr/0 -all",
+        "v=spf1 a/24/64 -all",
+        "v=spf1 ip4:192.0.2.3/032 -all",
+        "v=spf1 ip4:192.0.2.3:8080",
+        "v=spf1 ip6::CAFE::BABE",
+        "v=spf1 ip6:::1.1.1.1//33",
+        "v=spf1 a:example.com:8080",
+        "v=spf1 a:museum.",
+        "v=spf1 a:example.-com",
+        "v=spf1 include:ip5.example.com/24 -all",
+        "v=spf1 exists:mail.example.com/24",
+        "v=spf1 ip4:192.0.2.3 redirect:t2.example.com",
+        "v=spf1 moo.cow/far_out=man:dog/cat ip4:192.0.2.3 -all",
+        "v=spf1 1up=foo",
+        "v=spf1 =all",
+        "v=spf1 -all foo=%abc",
+        "v=spf1 exp= -all",
+        "v=spf1 ?all redirect=",
+        "v=spf1 a:ctrl.example.com\rptr -all",
+        "v=spf1 \u{80}a:example.net -all",
+    ] {
+        assert_eq!(
+            check(&helo_record(record), "192.0.2.3", HELO).result,
+            SpfResult::PermError,
+            "{record:?}"
+        );
+    }
+    // And what is not an error: a modifier name with dots, dashes and underscores, two
+    // spaces, any visible character in a domain-spec, a dashed top label.
+    for record in [
+        "v=spf1 moo.cow-far_out=man:dog/cat ip4:192.0.2.3 -all",
+        "v=spf1 ip4:192.0.2.3  -all",
+        "v=spf1 a:foo:bar/baz.example.com ip4:192.0.2.3",
+        "v=spf1 a:foo.example.xn--zckzah ip4:192.0.2.3",
+        "v=spf1 default=+ ip4:192.0.2.3",
+    ] {
+        assert_eq!(
+            check(&helo_record(record), "192.0.2.3", HELO).result,
+            SpfResult::Pass,
+            "{record:?}"
+        );
+    }
+}
+
+proptest! {
+    #[test]
+    fn any_record_gives_some_result_without_panicking(
+        text in "[ -~]{0,120}",
+        ip6 in any::<bool>(),
+    ) {
+        let zone = helo_record(&format!("v=spf1 {text}"))
+            .a(HELO, "192.0.2.3")
+            .mx(HELO, "mx.example.com")
+            .a("mx.example.com", "198.51.100.1")
+            .ptr("192.0.2.3", "host.example.com")
+            .a("host.example.com", "192.0.2.3");
+        let ip = if ip6 { "2001:db8::1" } else { "192.0.2.3" };
+        let got = check(&zone, ip, HELO);
+        prop_assert!(!got.why.is_empty());
+        // However hostile the record, the limits hold.
+        prop_assert!(zone.asked().len() <= 1 + 10 * (1 + 10) + 1, "{:?}", zone.asked());
+    }
+
+    #[test]
+    fn random_policies_stay_within_the_limits(
+        terms in prop::collection::vec(prop::sample::select(vec![
+            "a", "mx", "ptr", "-all", "?all", "ip4:192.0.2.0/24", "ip6:2001:db8::/32",
+            "include:mail.example.com", "include:other.example.com", "a:nx.example.com",
+            "exists:%{i}.x.example.com", "exists:%{p}.x.example.com", "-mx:other.example.com",
+            "redirect=other.example.com",
+        ]), 0..16),
+        other in prop::collection::vec(prop::sample::select(vec![
+            "a", "mx", "include:mail.example.com", "include:other.example.com",
+            "redirect=mail.example.com", "ptr:example.com", "a:nx2.example.com",
+        ]), 0..8),
+        ip6 in any::<bool>(),
+    ) {
+        let dedup = |terms: Vec<&str>| {
+            let mut redirect = false;
+            terms
+                .into_iter()
+                .filter(|t| !t.starts_with("redirect=") || !std::mem::replace(&mut redirect, true))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut zone = helo_record(&format!("v=spf1 {}", dedup(terms)))
+            .txt("other.example.com", &format!("v=spf1 {}", dedup(other)))
+            .a(HELO, "198.51.100.1")
+            .aaaa(HELO, "2001:db8::1")
+            .ptr("192.0.2.3", "host.example.com")
+            .a("host.example.com", "192.0.2.3");
+        for i in 0..10 {
+            let name = format!("mx{i}.example.com");
+            zone = zone.mx(HELO, &name).a(&name, "198.51.100.2");
+        }
+        zone = zone.mx("other.example.com", "mx0.example.com");
+        let ip = if ip6 { "2001:db8::1" } else { "192.0.2.3" };
+        let got = check(&zone, ip, HELO);
+        prop_assert!(!got.why.is_empty());
+        // The record's TXT, then one per include or redirect at most: ten.
+        prop_assert!(zone.asked_of("TXT") <= 11, "{:?}", zone.asked());
+        // Each of at most ten terms asks one name, or an MX and its ten names, or a PTR and
+        // its names; %{p} once more.
+        prop_assert!(zone.asked().len() <= 1 + 11 * 11, "{:?}", zone.asked());
+        if got.result == SpfResult::PermError {
+            prop_assert!(
+                got.why == "too many DNS lookups"
+                    || got.why == "too many void DNS lookups"
+                    || got.why.ends_with("no SPF record"),
+                "{:?}",
+                got
+            );
+        }
+    }
 }
