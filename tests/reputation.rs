@@ -56,13 +56,13 @@ fn zone() -> TestZone {
         ip("192.0.2.13"),
         "127.255.255.254",
     );
-    // On the allowlist (-5), and on both block lists (3): -2 is above -5, no allow...
+    // On the allowlist only: -5.
     let z = aligned(z, "192.0.2.14", "c14.example.com").listed(
         "wl.test",
         ip("192.0.2.14"),
         "127.0.10.2",
     );
-    // ... on the allowlist and listed too: 3 - 5 = -2.
+    // On the allowlist and on both block lists: 2 + 1 - 5 = -2.
     let z = aligned(z, "192.0.2.15", "c15.example.com")
         .listed("wl.test", ip("192.0.2.15"), "127.0.10.2")
         .listed("bl1.test", ip("192.0.2.15"), "127.0.0.2")
@@ -239,8 +239,8 @@ fn weights_sum_across_zones_against_the_threshold() {
         // The error answer matches no filter: not listed.
         ("192.0.2.13", "c13.example.com", "0", "pass", "pass"),
         ("192.0.2.16", "c16.example.com", "0", "pass", "pass"),
-        // An allowlist weight lowers the score without reaching the DNSWL threshold... it does
-        // here: -5 <= -2 (see the allowlist test for the header).
+        // The allowlist's weight brings the score to -2, the DNSWL threshold here: allowed,
+        // every check none (see the allowlist test for the header).
         ("192.0.2.15", "c15.example.com", "-2", "none", "pass"),
     ] {
         let msg = deliver_as(&s, client, helo);
