@@ -25,7 +25,11 @@
 //!   headers. `--mode cold`: every session a new client IP and name; `--mode warm`: a small set
 //!   repeated. Reports DNS queries per session (counted by the test server) and the server's
 //!   CPU per session. The rest of the child's configuration comes from this process's
-//!   environment (HELOGUARD_HELO_POLICY, HELOGUARD_WORKERS, ...).
+//!   environment (HELOGUARD_HELO_POLICY, HELOGUARD_WORKERS, ...). `--sender` adds the sender
+//!   checks: the zone gets DNS list entries (a client in five on `bl.test`, one in seven on
+//!   the allowlist `wl.test`, none on `bl2.test`), SPF records for the HELO names and an RHSBL
+//!   zone (`dbl.test`), and the child gets HELOGUARD_DNSBL, HELOGUARD_RHSBL and `spf=tag`
+//!   (unless this process's environment sets them).
 //! * `idle`: holds K idle connections (each from its own 127.0.0.x source address, or with
 //!   `--proxy` each behind its own PROXY client address), then measures how long a new client
 //!   waits for its banner, and the server's RSS from /proc/PID/status. With `--starttls` each
@@ -109,7 +113,7 @@ const USAGE: &str = "usage: loadgen latency|helo|idle|dns [options]
   latency --addr A [-c 20] [-n 5000] [--msgs 1] [--size 1000] [--helo NAME] [--proxy]
           [--events [--starttls [--resume] [--tls12]]] [--pid PID] [--label L]
   helo    --server PATH [--mode cold|warm] [-c 20] [-n 5000] [--msgs 1] [--size 1000]
-          [--warm-set 16] [--workdir DIR] [--label L]
+          [--warm-set 16] [--workdir DIR] [--label L] [--sender]
   idle    --addr A [-k 10000] [--pid PID] [--proxy] [--starttls] [--hold 5] [--threads 8]
   dns     [--ttl 3600]";
 
@@ -928,6 +932,29 @@ fn identity(i: usize, mut z: TestZone) -> (Identity, TestZone) {
     (Identity { ip, helo }, z)
 }
 
+/// The sender checks' records for identity `i` (see `--sender`): list entries for its
+/// address, an SPF record for its HELO name when it is a domain, its domain on the RHSBL.
+fn sender_records(i: usize, id: &Identity, mut z: TestZone) -> TestZone {
+    if i.is_multiple_of(5) {
+        z = z.listed("bl.test", id.ip, "127.0.0.2");
+    }
+    if i.is_multiple_of(7) {
+        z = z.listed("wl.test", id.ip, "127.0.10.2");
+    }
+    let dom = format!("d{}.test", i % 997);
+    if (i % 997).is_multiple_of(11) {
+        z = z.a(&format!("{dom}.dbl.test"), "127.0.1.2");
+    }
+    match i % 8 {
+        0..=2 => z.txt(&id.helo, &["v=spf1 a -all"]),
+        3 => z.txt(
+            &id.helo,
+            &["v=spf1 ip4:203.0.113.0/24 ip6:2001:db8:ffff::/48 ~all"],
+        ),
+        _ => z,
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -1014,6 +1041,7 @@ fn helo(mut a: Args) {
     let size: usize = a.num(&["--size"], 1000);
     let warm_set: usize = a.num(&["--warm-set"], 16);
     let label = a.take(&["--label"]).unwrap_or_default();
+    let sender = a.flag("--sender");
     let workdir = a.take(&["--workdir"]);
     a.done();
     let distinct = match mode.as_str() {
@@ -1025,7 +1053,7 @@ fn helo(mut a: Args) {
     let mut ids = Vec::with_capacity(distinct);
     for i in 0..distinct {
         let (id, z) = identity(i, zone);
-        zone = z;
+        zone = if sender { sender_records(i, &id, z) } else { z };
         ids.push(id);
     }
     let dns = TestDns::start(zone);
@@ -1059,6 +1087,20 @@ fn helo(mut a: Args) {
     ] {
         if std::env::var_os(k).is_none() {
             cmd.env(k, v);
+        }
+    }
+    if sender {
+        for (k, v) in [
+            (
+                "HELOGUARD_DNSBL",
+                "bl.test=127.0.0.[2..11]*2 bl2.test wl.test*-2",
+            ),
+            ("HELOGUARD_RHSBL", "dbl.test=127.0.1.[2..99]"),
+            ("HELOGUARD_HELO_POLICY", "default=tag,syntax=reject,spf=tag"),
+        ] {
+            if std::env::var_os(k).is_none() {
+                cmd.env(k, v);
+            }
         }
     }
     let child = cmd
@@ -1103,7 +1145,7 @@ fn helo(mut a: Args) {
     let ws = wall.as_secs_f64();
     drop(srv);
     println!(
-        "{{\"tool\":\"loadgen\",\"mode\":\"helo\",\"cache\":\"{mode}\",\"label\":\"{label}\",\"policy\":\"{}\",\"workers\":\"{}\",\"concurrency\":{c},\"sessions\":{n},\"distinct_identities\":{distinct},\"msgs_per_session\":{msgs},\"wall_s\":{ws:.3},\"sessions_ok\":{ok},\"sessions_per_s\":{:.1},\"messages_ok\":{},\"msgs_per_s\":{:.1},\"server_cpu_s\":{:.2},\"server_cpu_ms_per_session\":{:.3},\"server_peak_rss_kb\":{hwm},\"server_rss_kb\":{rss},\"dns_queries\":{nq},\"dns_queries_per_session\":{:.2},\"dns_by_type\":{},\"ehlo_us\":{},\"session_ms\":{},\"errors\":{},\"loadgen_cpu_s\":{gcpu:.2}}}",
+        "{{\"tool\":\"loadgen\",\"mode\":\"helo\",\"cache\":\"{mode}\",\"sender\":{sender},\"label\":\"{label}\",\"policy\":\"{}\",\"workers\":\"{}\",\"concurrency\":{c},\"sessions\":{n},\"distinct_identities\":{distinct},\"msgs_per_session\":{msgs},\"wall_s\":{ws:.3},\"sessions_ok\":{ok},\"sessions_per_s\":{:.1},\"messages_ok\":{},\"msgs_per_s\":{:.1},\"server_cpu_s\":{:.2},\"server_cpu_ms_per_session\":{:.3},\"server_peak_rss_kb\":{hwm},\"server_rss_kb\":{rss},\"dns_queries\":{nq},\"dns_queries_per_session\":{:.2},\"dns_by_type\":{},\"ehlo_us\":{},\"session_ms\":{},\"errors\":{},\"loadgen_cpu_s\":{gcpu:.2}}}",
         std::env::var("HELOGUARD_HELO_POLICY").unwrap_or_default(),
         std::env::var("HELOGUARD_WORKERS").unwrap_or_default(),
         ok as f64 / ws,

@@ -11,6 +11,8 @@
 //! - `spool`: the trace field text and the Maildir writer threads
 //! - `server`: listeners, the mio event loop, connections, the worker pool, TLS
 //! - `relay`: the sans-I/O next-hop SMTP/LMTP client of the relay modes
+//! - `reputation`: what the resolver thread needs for the sender checks (lists, SPF
+//!   evaluator), from the configuration
 //! - `check_cli`: the `heloguard check` command (one HELO verdict, printed)
 //! - `whatif`: the `heloguard whatif` command (verdict log lines replayed under another policy)
 //! - `logging`: the log format (env_logger, or sd-daemon priorities under journald)

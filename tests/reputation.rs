@@ -56,13 +56,13 @@ fn zone() -> TestZone {
         ip("192.0.2.13"),
         "127.255.255.254",
     );
-    // On the allowlist (-5), and on both block lists (3): -2 is above -5, no allow...
+    // On the allowlist only: -5.
     let z = aligned(z, "192.0.2.14", "c14.example.com").listed(
         "wl.test",
         ip("192.0.2.14"),
         "127.0.10.2",
     );
-    // ... on the allowlist and listed too: 3 - 5 = -2.
+    // On the allowlist and on both block lists: 2 + 1 - 5 = -2.
     let z = aligned(z, "192.0.2.15", "c15.example.com")
         .listed("wl.test", ip("192.0.2.15"), "127.0.10.2")
         .listed("bl1.test", ip("192.0.2.15"), "127.0.0.2")
@@ -239,8 +239,8 @@ fn weights_sum_across_zones_against_the_threshold() {
         // The error answer matches no filter: not listed.
         ("192.0.2.13", "c13.example.com", "0", "pass", "pass"),
         ("192.0.2.16", "c16.example.com", "0", "pass", "pass"),
-        // An allowlist weight lowers the score without reaching the DNSWL threshold... it does
-        // here: -5 <= -2 (see the allowlist test for the header).
+        // The allowlist's weight brings the score to -2, the DNSWL threshold here: allowed,
+        // every check none (see the allowlist test for the header).
         ("192.0.2.15", "c15.example.com", "-2", "none", "pass"),
     ] {
         let msg = deliver_as(&s, client, helo);
@@ -751,4 +751,75 @@ fn spf_under_each_action() {
         let asked = dns.count("spf-fail.example.com", RecordType::TXT);
         assert_eq!(asked, usize::from(action == "log"), "{action}");
     }
+}
+
+/// A client seen again within the answers' TTL is answered from the known answers: the lists
+/// are not asked twice (the test zone's TTL is 60 s).
+#[test]
+fn known_list_answers_are_reused_within_their_ttl() {
+    let (s, dns) = start(&[("HELOGUARD_DNSBL", "bl1.test=127.0.0.[2..11]*2 bl2.test")]);
+    for _ in 0..3 {
+        let xhc = x_helo_check(&deliver_as(&s, "192.0.2.10", "c10.example.com"));
+        assert_eq!(value(&xhc, "dnsbl_score"), Some("2"), "{xhc}");
+        let xhc = x_helo_check(&deliver_as(&s, "198.51.100.20", "mail.spammy.example"));
+        assert_eq!(value(&xhc, "rhsbl"), Some("fail"), "{xhc}");
+    }
+    assert_eq!(
+        dns.count(&list_name(ip("192.0.2.10"), "bl1.test"), RecordType::A),
+        1
+    );
+    assert_eq!(
+        dns.count(&list_name(ip("192.0.2.10"), "bl2.test"), RecordType::A),
+        1
+    );
+    assert_eq!(dns.count("spammy.example.dbl.test", RecordType::A), 1);
+}
+
+/// SPF whose evaluation outlasts the verdict deadline (four answers of 250 ms each, one after
+/// the other; the deadline at 600 ms): waited for under a refusing action, temperror under tag.
+#[test]
+fn the_verdict_waits_for_spf_only_when_its_action_refuses() {
+    let slow = Duration::from_millis(250);
+    let zone = || {
+        aligned(TestZone::new(), "192.0.2.80", "spf-slow.example.com")
+            .txt(
+                "spf-slow.example.com",
+                &["v=spf1 include:_a.spf-slow.example.com -all"],
+            )
+            .txt(
+                "_a.spf-slow.example.com",
+                &["v=spf1 include:_b.spf-slow.example.com ?all"],
+            )
+            .txt(
+                "_b.spf-slow.example.com",
+                &["v=spf1 a:_c.spf-slow.example.com ?all"],
+            )
+            .a("_c.spf-slow.example.com", "198.51.100.99")
+            .delay("spf-slow.example.com", slow)
+            .delay("_a.spf-slow.example.com", slow)
+            .delay("_b.spf-slow.example.com", slow)
+            .delay("_c.spf-slow.example.com", slow)
+            .ttl(0)
+    };
+    let env = |policy: &'static str| {
+        [
+            ("HELOGUARD_HELO_POLICY", policy),
+            ("HELOGUARD_DNSBL", ""),
+            ("HELOGUARD_RHSBL", ""),
+        ]
+    };
+    let (s, _dns) = start_with(zone(), &env("spf=reject"));
+    let mut c = open(&s, "192.0.2.80");
+    c.cmd("EHLO spf-slow.example.com", 250);
+    c.cmd("MAIL FROM:<a@example.org>", 250);
+    c.send(b"RCPT TO:<b@example.net>\r\n");
+    let (code, text) = c.reply();
+    assert_eq!(code, 550, "{text}");
+    assert!(text.contains("spf"), "{text}");
+    drop(s);
+
+    let (s, _dns) = start_with(zone(), &env("spf=tag"));
+    let msg = deliver_as(&s, "192.0.2.80", "spf-slow.example.com");
+    let xhc = x_helo_check(&msg);
+    assert_eq!(value(&xhc, "spf"), Some("temperror"), "{xhc}");
 }

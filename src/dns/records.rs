@@ -14,7 +14,7 @@ use super::{Lookup, QueryOutcome, TempFailure};
 pub const MAX_PTR_NAMES: usize = 10;
 
 /// The name as an absolute DNS name, so no search list or ndots rule applies.
-pub(crate) fn fqdn(name: &str) -> Option<Name> {
+pub(super) fn fqdn(name: &str) -> Option<Name> {
     let trimmed = name.strip_suffix('.').unwrap_or(name);
     if trimmed.is_empty() {
         return None;

@@ -6,8 +6,10 @@
 //! heloguard_dns_queries_total and heloguard_dns_seconds count SPF's queries like the others.
 //! With the session's FCrDNS answers given (`with_reverse`), `ptr` and the validated names
 //! come from them and no PTR query is made (SPEC: "the ptr mechanism reuses the fcrdns
-//! answers"). A name hickory cannot put into a query (a macro expanded into something that is
-//! no DNS name) is answered NXDOMAIN without a query.
+//! answers"). Names go into queries label by label as raw octets, as RFC 7208 7.3 expects
+//! of a macro expansion (`%{s}` holds an `@`, a local part may hold `+` or `=`): DNS carries
+//! any octet in a label. A name that still cannot be one (an empty label, a label over 63
+//! octets, over 255 in all) is answered NXDOMAIN without a query.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -19,7 +21,7 @@ use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::{Name, RData};
 
 use super::eval::{MAX_PTR_NAMES, SpfDns, validate_by_lookup};
-use crate::dns::records::{classify, fqdn, outcome_of};
+use crate::dns::records::{classify, outcome_of};
 use crate::dns::{Lookup, QueryObserver, QueryType, ReverseFacts};
 
 /// The resolver thread's resolver, seen as SPF's DNS.
@@ -98,7 +100,7 @@ impl HickorySpfDns {
 
 impl SpfDns for HickorySpfDns {
     fn txt(&self, name: &str) -> impl Future<Output = Lookup<Vec<String>>> + Send {
-        let name = fqdn(name);
+        let name = query_name(name);
         async move {
             let Some(name) = name else {
                 return Lookup::NxDomain;
@@ -124,7 +126,7 @@ impl SpfDns for HickorySpfDns {
     }
 
     fn a(&self, name: &str) -> impl Future<Output = Lookup<Vec<Ipv4Addr>>> + Send {
-        let name = fqdn(name);
+        let name = query_name(name);
         async move {
             let Some(name) = name else {
                 return Lookup::NxDomain;
@@ -143,7 +145,7 @@ impl SpfDns for HickorySpfDns {
     }
 
     fn aaaa(&self, name: &str) -> impl Future<Output = Lookup<Vec<Ipv6Addr>>> + Send {
-        let name = fqdn(name);
+        let name = query_name(name);
         async move {
             let Some(name) = name else {
                 return Lookup::NxDomain;
@@ -162,7 +164,7 @@ impl SpfDns for HickorySpfDns {
     }
 
     fn mx(&self, name: &str) -> impl Future<Output = Lookup<Vec<String>>> + Send {
-        let name = fqdn(name);
+        let name = query_name(name);
         async move {
             let Some(name) = name else {
                 return Lookup::NxDomain;
@@ -232,8 +234,44 @@ impl SpfDns for HickorySpfDns {
     }
 }
 
+/// `name` as an absolute DNS name of raw labels (no search list applies; no character is
+/// refused that DNS can carry).
+fn query_name(name: &str) -> Option<Name> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() {
+        return None;
+    }
+    Name::from_labels(name.split('.').map(str::as_bytes)).ok()
+}
+
 /// Lower case, without the trailing dot (the root, the null MX, becomes the empty name).
 fn shown(name: &Name) -> String {
     let ascii = name.to_lowercase().to_ascii();
     ascii.strip_suffix('.').unwrap_or(&ascii).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_names_keep_every_octet_dns_can_carry() {
+        let name = query_name("postmaster@mail.example.com").expect("a name");
+        assert!(name.is_fqdn());
+        assert_eq!(name.num_labels(), 3);
+        assert_eq!(
+            name.iter().next().map(<[u8]>::to_vec),
+            Some(b"postmaster@mail".to_vec())
+        );
+        let spaced = query_name("a b+c=d.example.com.").expect("a name");
+        assert_eq!(spaced.num_labels(), 3);
+        for bad in [
+            "",
+            ".",
+            "a..example.com",
+            &format!("{}.com", "a".repeat(64)),
+        ] {
+            assert_eq!(query_name(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -105,6 +105,7 @@ pub struct TestZone {
     refused: HashSet<String>,
     blackhole: HashSet<String>,
     blackhole_zones: HashSet<String>,
+    delayed: HashMap<String, Duration>,
     truncate_udp: HashSet<String>,
     ttl: u32,
 }
@@ -240,6 +241,13 @@ impl TestZone {
         self
     }
 
+    /// Answers for the name leave `delay` after the query came (over UDP; other queries are
+    /// answered meanwhile): a slow but working server.
+    pub fn delay(mut self, name: &str, delay: Duration) -> Self {
+        self.delayed.insert(key(name), delay);
+        self
+    }
+
     /// TTL of every record and of negative answers (default 60 s); 0 keeps resolver caches
     /// out of a test.
     pub fn ttl(mut self, ttl: u32) -> Self {
@@ -317,6 +325,16 @@ struct Shared {
 }
 
 impl Shared {
+    /// How long the answer to this query waits, if it is to wait.
+    fn delay_of(&self, bytes: &[u8]) -> Option<Duration> {
+        if self.zone.delayed.is_empty() {
+            return None;
+        }
+        let request = Message::from_vec(bytes).ok()?;
+        let name = key(&request.queries.first()?.name.to_ascii());
+        self.zone.delayed.get(&name).copied()
+    }
+
     fn handle(&self, bytes: &[u8], tcp: bool) -> Option<Vec<u8>> {
         let request = Message::from_vec(bytes).ok()?;
         if let Some(q) = request.queries.first()
@@ -426,8 +444,21 @@ fn serve_udp(sock: UdpSocket, shared: &Shared) {
         let Ok((n, peer)) = sock.recv_from(&mut buf) else {
             continue;
         };
-        if let Some(reply) = shared.handle(&buf[..n], false) {
-            let _ = sock.send_to(&reply, peer);
+        let Some(reply) = shared.handle(&buf[..n], false) else {
+            continue;
+        };
+        match shared.delay_of(&buf[..n]) {
+            Some(delay) => {
+                if let Ok(sock) = sock.try_clone() {
+                    std::thread::spawn(move || {
+                        std::thread::sleep(delay);
+                        let _ = sock.send_to(&reply, peer);
+                    });
+                }
+            }
+            None => {
+                let _ = sock.send_to(&reply, peer);
+            }
         }
     }
 }

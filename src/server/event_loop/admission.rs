@@ -212,12 +212,6 @@ impl Server {
             }
             known
         });
-        if wants_dnsbl {
-            self.ask_dnsbl(slot, client_ip, now);
-        }
-        let Some(conn) = self.conns.get_mut(slot) else {
-            return;
-        };
         let id = conn.id;
         let greet_now = self.config.greet_delay.is_zero();
         if greet_now {
@@ -240,6 +234,10 @@ impl Server {
             self.timers.push(at, TimerKind::Conn(id, ConnTimer::Greet));
         }
         self.arm_idle(slot, now);
+        // After the banner and a known PTR answer, so the session sees them first.
+        if wants_dnsbl {
+            self.ask_dnsbl(slot, client_ip, now);
+        }
         self.pump(slot);
     }
 
