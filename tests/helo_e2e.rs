@@ -160,7 +160,9 @@ fn start_with(zone: TestZone, env: &[(&str, &str)]) -> (TestServer, TestDns) {
     let mut b = TestServer::builder()
         .dns(dns.addr())
         .proxy()
-        .env("HELOGUARD_DNS_TIMEOUT_MS", DNS_TIMEOUT_MS);
+        .env("HELOGUARD_DNS_TIMEOUT_MS", DNS_TIMEOUT_MS)
+        // helo_churn has its own tests (greylist.rs, state_redis.rs); here it stays `none`.
+        .env("HELOGUARD_HELO_CHURN", "0");
     for (k, v) in env {
         b = b.env(k, v);
     }
