@@ -71,24 +71,46 @@ for _ in $(seq 100); do rcli PING 2>/dev/null | grep -q PONG && break; sleep 0.0
 info() { rcli INFO "$1" | tr -d '\r' | sed -n "s/^$2://p"; }
 redis_cpu() { awk '{print $14+$15}' "/proc/$REDIS_PID/stat"; }
 TICKS=$(getconf CLK_TCK)
+# The server runs through this wrapper, which samples the CPU time of its state thread
+# (`heloguard-state`) every 0.1 s until the process ends: the store's own cost, apart from the
+# noise of the rest of the server on a shared machine.
+cat > "$TMP/server.sh" <<WRAPPER
+#!/bin/sh
+pid=\$\$
+( while [ -d /proc/\$pid ]; do
+    for t in /proc/\$pid/task/*; do
+      if [ "\$(cat \$t/comm 2>/dev/null)" = heloguard-state ]; then
+        awk '{print \$14+\$15}' \$t/stat > "\$STATE_CPU_FILE.tmp" 2>/dev/null &&
+          mv "\$STATE_CPU_FILE.tmp" "\$STATE_CPU_FILE"
+      fi
+    done
+    sleep 0.1
+  done ) &
+exec "$BIN"
+WRAPPER
+chmod +x "$TMP/server.sh"
 
 run() { # label policy churn store
   local label=$1 policy=$2 churn=$3 store=$4 rep=$5
   local calls0 cpu0 line
   calls0=$(info commandstats cmdstat_evalsha | sed 's/^calls=\([0-9]*\).*/\1/'); calls0=${calls0:-0}
   cpu0=$(redis_cpu)
-  line=$(HELOGUARD_HELO_POLICY=$policy HELOGUARD_HELO_CHURN=$churn HELOGUARD_STATE=$store \
+  echo 0 > "$TMP/state-cpu-$label"
+  line=$(STATE_CPU_FILE=$TMP/state-cpu-$label HELOGUARD_HELO_POLICY=$policy HELOGUARD_HELO_CHURN=$churn HELOGUARD_STATE=$store \
     HELOGUARD_STATE_FILE=$TMP/heloguard-$label.state HELOGUARD_WORKERS=2 \
-    "$LOADGEN" helo --server "$BIN" --mode cold -n "$N" -c 20 --msgs 1 \
+    "$LOADGEN" helo --server "$TMP/server.sh" --mode cold -n "$N" -c 20 --msgs 1 \
     --workdir "$TMP" --label "$label-$rep")
   local calls1 cpu1
   calls1=$(info commandstats cmdstat_evalsha | sed 's/^calls=\([0-9]*\).*/\1/'); calls1=${calls1:-0}
   cpu1=$(redis_cpu)
-  python3 - "$line" "$label" "$((calls1 - calls0))" "$(( (cpu1 - cpu0) ))" "$TICKS" "$N" >> "$RES" <<'EOF'
+  sleep 0.3
+  python3 - "$line" "$label" "$((calls1 - calls0))" "$(( (cpu1 - cpu0) ))" "$TICKS" "$N" \
+    "$(cat "$TMP/state-cpu-$label")" >> "$RES" <<'EOF'
 import json, sys
 r = json.loads(sys.argv[1]); label = sys.argv[2]
 calls, ticks, hz, n = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 r["state"] = label
+r["state_thread_cpu_ms_per_session"] = round(int(sys.argv[7]) * 1000 / hz / n, 4)
 greylisted = sum(v for k, v in r.get("errors", {}).items() if k.startswith("rcpt:451"))
 r["sessions_451_at_rcpt"] = greylisted
 if label == "redis":
