@@ -430,6 +430,62 @@ mod tests {
         );
     }
 
+    /// A store that answers Known once the test lets it.
+    struct GatedStore(crossbeam_channel::Receiver<()>);
+
+    impl StateBackend for GatedStore {
+        fn answer(&mut self, queries: &[StateQuery]) -> Result<Vec<StateReply>, StoreError> {
+            let _ = self.0.recv();
+            Ok(queries
+                .iter()
+                .map(|_| StateReply::Greylist(GreylistOutcome::Known))
+                .collect())
+        }
+        fn tick(&mut self) {}
+        fn close(&mut self) {}
+    }
+
+    #[test]
+    fn a_full_queue_and_questions_older_than_the_timeout_answer_unavailable_and_count() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (open, gate) = crossbeam_channel::unbounded();
+        let metrics = Arc::new(Metrics::new());
+        let handle = spawn_with(
+            Box::new(GatedStore(gate)),
+            Duration::from_millis(1),
+            tx,
+            Arc::new(CountingWaker(AtomicUsize::new(0))),
+            metrics.clone(),
+        )
+        .expect("spawn");
+        // The store holds the thread: the queue fills, and what does not fit is answered now.
+        let asked = QUEUE_BOUND + 2;
+        for id in 0..asked {
+            handle.submit(id as u64, greylist_query());
+        }
+        assert!(
+            rx.try_iter()
+                .all(|a| a.reply == StateReply::Greylist(GreylistOutcome::Unavailable)),
+            "answered at once: unavailable"
+        );
+        for _ in 0..asked {
+            let _ = open.send(());
+        }
+        handle.shutdown();
+        let unavailable = asked
+            - rx.try_iter()
+                .filter(|a| a.reply == StateReply::Greylist(GreylistOutcome::Known))
+                .count();
+        // At least one did not fit, and those that waited past the timeout are unavailable.
+        assert!(unavailable >= 1);
+        assert!(
+            metrics
+                .render()
+                .contains(&format!("heloguard_state_errors_total {unavailable}\n")),
+            "every unavailable answer is counted"
+        );
+    }
+
     #[test]
     fn the_embedded_store_answers_through_the_thread() {
         let (tx, rx) = crossbeam_channel::unbounded();
