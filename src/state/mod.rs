@@ -155,7 +155,7 @@ impl std::error::Error for StoreError {}
 pub(crate) trait StateBackend: Send {
     /// Answers every question, or fails as a whole (every question is then unavailable).
     fn answer(&mut self, queries: &[StateQuery]) -> Result<Vec<StateReply>, StoreError>;
-    /// Housekeeping, about every minute and whenever the thread is idle that long.
+    /// Housekeeping: when the thread starts, then about every minute.
     fn tick(&mut self);
     /// The thread is stopping.
     fn close(&mut self);
@@ -291,6 +291,7 @@ struct StateThread {
 
 impl StateThread {
     fn run(&mut self, rx: &crossbeam_channel::Receiver<StateRequest>) {
+        self.backend.tick();
         let mut next_tick = Instant::now() + TICK;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
