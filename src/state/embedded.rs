@@ -22,6 +22,7 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use log::{info, warn};
 
@@ -45,13 +46,16 @@ struct Entry {
     expires: u64,
 }
 
+/// A key, held once for the map and the expiry index alike.
+type Key = Arc<str>;
+
 /// Triplets and HELO histories in one map: a greylist key starts with `g`, a history's with
 /// `h`, so the two never collide.
 #[derive(Debug)]
 pub(crate) struct EmbeddedStore {
-    entries: HashMap<String, Entry>,
+    entries: HashMap<Key, Entry>,
     /// (expires, key) for every entry: expiry and eviction take from the front.
-    by_expiry: BTreeSet<(u64, String)>,
+    by_expiry: BTreeSet<(u64, Key)>,
     max_entries: usize,
     path: PathBuf,
     times: GreylistTimes,
@@ -116,16 +120,21 @@ impl EmbeddedStore {
     }
 
     fn remove(&mut self, key: &str) {
-        if let Some(old) = self.entries.remove(key) {
-            self.by_expiry.remove(&(old.expires, key.to_string()));
+        if let Some((key, old)) = self.entries.remove_entry(key) {
+            self.by_expiry.remove(&(old.expires, key));
             self.dirty = true;
         }
     }
 
     fn put(&mut self, key: String, entry: Entry) {
-        if let Some(old) = self.entries.get(&key) {
-            self.by_expiry.remove(&(old.expires, key.clone()));
-        }
+        let key: Key = match self.entries.get_key_value(key.as_str()) {
+            Some((held, old)) => {
+                let held = held.clone();
+                self.by_expiry.remove(&(old.expires, held.clone()));
+                held
+            }
+            None => Key::from(key),
+        };
         self.by_expiry.insert((entry.expires, key.clone()));
         self.entries.insert(key, entry);
         self.dirty = true;
@@ -133,7 +142,7 @@ impl EmbeddedStore {
             let Some((_, key)) = self.by_expiry.pop_first() else {
                 break;
             };
-            self.entries.remove(&key);
+            self.entries.remove(&*key);
         }
     }
 
@@ -143,7 +152,7 @@ impl EmbeddedStore {
             && *expires <= now
         {
             if let Some((_, key)) = self.by_expiry.pop_first() {
-                self.entries.remove(&key);
+                self.entries.remove(&*key);
                 self.dirty = true;
             }
         }
@@ -256,7 +265,7 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn write_entries(tmp: &Path, entries: &HashMap<String, Entry>) -> io::Result<()> {
+fn write_entries(tmp: &Path, entries: &HashMap<Key, Entry>) -> io::Result<()> {
     let file = File::create(tmp)?;
     let mut out = BufWriter::new(file);
     writeln!(out, "{VERSION_LINE}")?;

@@ -155,7 +155,7 @@ impl std::error::Error for StoreError {}
 pub(crate) trait StateBackend: Send {
     /// Answers every question, or fails as a whole (every question is then unavailable).
     fn answer(&mut self, queries: &[StateQuery]) -> Result<Vec<StateReply>, StoreError>;
-    /// Housekeeping, about every minute and whenever the thread is idle that long.
+    /// Housekeeping: when the thread starts, then about every minute.
     fn tick(&mut self);
     /// The thread is stopping.
     fn close(&mut self);
@@ -291,6 +291,7 @@ struct StateThread {
 
 impl StateThread {
     fn run(&mut self, rx: &crossbeam_channel::Receiver<StateRequest>) {
+        self.backend.tick();
         let mut next_tick = Instant::now() + TICK;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
@@ -427,6 +428,62 @@ mod tests {
             metrics
                 .render()
                 .contains("heloguard_state_errors_total 2\n")
+        );
+    }
+
+    /// A store that answers Known once the test lets it.
+    struct GatedStore(crossbeam_channel::Receiver<()>);
+
+    impl StateBackend for GatedStore {
+        fn answer(&mut self, queries: &[StateQuery]) -> Result<Vec<StateReply>, StoreError> {
+            let _ = self.0.recv();
+            Ok(queries
+                .iter()
+                .map(|_| StateReply::Greylist(GreylistOutcome::Known))
+                .collect())
+        }
+        fn tick(&mut self) {}
+        fn close(&mut self) {}
+    }
+
+    #[test]
+    fn a_full_queue_and_questions_older_than_the_timeout_answer_unavailable_and_count() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (open, gate) = crossbeam_channel::unbounded();
+        let metrics = Arc::new(Metrics::new());
+        let handle = spawn_with(
+            Box::new(GatedStore(gate)),
+            Duration::from_millis(1),
+            tx,
+            Arc::new(CountingWaker(AtomicUsize::new(0))),
+            metrics.clone(),
+        )
+        .expect("spawn");
+        // The store holds the thread: the queue fills, and what does not fit is answered now.
+        let asked = QUEUE_BOUND + 2;
+        for id in 0..asked {
+            handle.submit(id as u64, greylist_query());
+        }
+        assert!(
+            rx.try_iter()
+                .all(|a| a.reply == StateReply::Greylist(GreylistOutcome::Unavailable)),
+            "answered at once: unavailable"
+        );
+        for _ in 0..asked {
+            let _ = open.send(());
+        }
+        handle.shutdown();
+        let unavailable = asked
+            - rx.try_iter()
+                .filter(|a| a.reply == StateReply::Greylist(GreylistOutcome::Known))
+                .count();
+        // At least one did not fit, and those that waited past the timeout are unavailable.
+        assert!(unavailable >= 1);
+        assert!(
+            metrics
+                .render()
+                .contains(&format!("heloguard_state_errors_total {unavailable}\n")),
+            "every unavailable answer is counted"
         );
     }
 

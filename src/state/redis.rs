@@ -110,7 +110,7 @@ impl RedisStore {
                 format!("redis://{shown}: {}", e.category()),
             )
         })?;
-        let mut store = Self {
+        Ok(Self {
             client,
             shown,
             timeout,
@@ -118,10 +118,7 @@ impl RedisStore {
             connection: None,
             down_since: None,
             last_attempt: None,
-        };
-        // A store that is down at startup is logged now, not at the first question.
-        store.connected().ok();
-        Ok(store)
+        })
     }
 
     fn connect(&self) -> Result<(Connection, Loaded), ::redis::RedisError> {
@@ -306,7 +303,14 @@ impl StateBackend for RedisStore {
             .collect()
     }
 
-    fn tick(&mut self) {}
+    /// Connects when not connected: at the thread's start, so that a store down at startup
+    /// is logged then rather than at the first question, and when idle, so that the end of an
+    /// outage is seen before a session waits on it.
+    fn tick(&mut self) {
+        if self.connection.is_none() {
+            let _ = self.connected();
+        }
+    }
 
     fn close(&mut self) {}
 }
@@ -364,6 +368,7 @@ mod tests {
             GreylistTimes::default(),
         )
         .expect("store");
+        store.tick();
         assert!(store.down_since.is_some());
         assert!(matches!(store.answer(&[greylist()]), Err(StoreError::Down)));
     }
