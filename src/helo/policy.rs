@@ -378,7 +378,10 @@ pub fn decide(
         .unwrap_or_default();
     let dnswl: Vec<ListHit> = listed.iter().filter(|h| h.weight < 0).cloned().collect();
     if let Some(entry) = allow.iter().find(|e| e.matches(client_ip, ptr.as_deref())) {
-        return allowed_verdict(entry.to_string(), ptr, iprev, lists, Vec::new(), 0);
+        return HeloVerdict {
+            listed,
+            ..allowed_verdict(entry.to_string(), ptr, iprev, lists, Vec::new(), 0)
+        };
     }
     let score = sender.dnsbl.as_ref().map_or(0, |d| d.score);
     if lists.dnswl_threshold < 0
@@ -389,7 +392,10 @@ pub fn decide(
         // SPEC HELOGUARD_DNSWL_THRESHOLD: allowed as HELOGUARD_HELO_ALLOW allows, shown with
         // the first matching negative-weight entry's zone.
         let entry = format!("dnswl:{}", first.zone);
-        return allowed_verdict(entry, ptr, iprev, lists, dnswl, score);
+        return HeloVerdict {
+            listed,
+            ..allowed_verdict(entry, ptr, iprev, lists, dnswl, score)
+        };
     }
     let results = checks::run_all(input, helo_addrs, reverse, sender, lists);
     let measured = mask(&results, policy, |a| a == Action::Off);
@@ -452,7 +458,7 @@ fn allowed_verdict(
         decision: Decision::Accept,
         dnsbl_score: lists.dnsbl.then_some(score),
         spf: None,
-        listed: dnswl.clone(),
+        listed: Vec::new(),
         dnswl,
     }
 }
