@@ -10,7 +10,7 @@
 //! (`out_of_time` is the outcome when that fires). Nothing here puts the `exp=` text anywhere.
 //! On the resolver thread, one evaluation is one task:
 //!
-//! ```ignore
+//! ```text
 //! let spf_dns = HickorySpfDns::new(resolver.clone(), query_timeout, observer.clone())
 //!     .with_reverse(client, reverse_facts); // when the session's FCrDNS is known
 //! tasks.spawn(async move {
