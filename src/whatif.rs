@@ -7,12 +7,9 @@
 //! keys through its HELO: a value holding spaces, quotes or backslashes is quoted, and a
 //! newline in it is `\x0a`, never a line of its own.
 //!
-//! The policy string has HELOGUARD_HELO_POLICY's grammar and defaults (see
-//! `crate::helo::policy`), over the fifteen check names of SPEC and the six actions with
-//! `greylist`. It is parsed here rather than by `HeloPolicy::parse` because that parser knows
-//! the checks and actions the server runs today, and a replay must also judge the checks and
-//! actions an operator is about to turn on; a test keeps the two in agreement where they
-//! overlap.
+//! The policy string is HELOGUARD_HELO_POLICY, parsed by the server's own parser
+//! (`crate::helo::policy::HeloPolicy`), so a replay judges with exactly the grammar, defaults
+//! and actions the server would run.
 //!
 //! A check that was `off` when the line was written was not run and shows `none`: the replay
 //! cannot know what it would have said and treats it as `none`.
@@ -24,58 +21,26 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::IpAddr;
 
-use crate::helo::CheckResult;
+pub use crate::helo::Action;
+use crate::helo::policy::HeloPolicy;
+pub use crate::helo::policy::PolicyError;
+use crate::helo::{CHECKS as CHECK_COUNT, Check, CheckResult};
 
-/// SPEC's fifteen checks, in header order (the first eleven are `crate::helo::Check::ALL`).
-pub const CHECKS: [&str; 15] = [
-    "syntax",
-    "bare_ip",
-    "fqdn",
-    "localhost",
-    "own_name",
-    "literal_match",
-    "forward",
-    "forward_match",
-    "fcrdns",
-    "rdns_match",
-    "dynamic",
-    "spf",
-    "rhsbl",
-    "dnsbl",
-    "helo_churn",
-];
+/// SPEC's fifteen checks, in header order: the server's names.
+pub const CHECKS: [&str; CHECK_COUNT] = {
+    let mut names = [""; CHECK_COUNT];
+    let mut i = 0;
+    while i < CHECK_COUNT {
+        names[i] = Check::ALL[i].name();
+        i += 1;
+    }
+    names
+};
 
-const SYNTAX: usize = 0;
-const DNSBL: usize = 13;
-const SPF: usize = 11;
+const DNSBL: usize = Check::Dnsbl.index();
 
 /// How many HELO names and client networks the report lists.
 const TOP: usize = 10;
-
-/// A policy action, weakest first: the session's action is the strongest of its failed checks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Action {
-    Off,
-    Log,
-    Tag,
-    Greylist,
-    Defer,
-    Reject,
-}
-
-impl Action {
-    fn parse(text: &str) -> Option<Self> {
-        match text.to_ascii_lowercase().as_str() {
-            "off" => Some(Action::Off),
-            "log" => Some(Action::Log),
-            "tag" => Some(Action::Tag),
-            "greylist" => Some(Action::Greylist),
-            "defer" => Some(Action::Defer),
-            "reject" => Some(Action::Reject),
-            _ => None,
-        }
-    }
-}
 
 /// What was, or would be, done with a session: the five lines of the report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -125,78 +90,20 @@ impl Outcome {
     }
 }
 
-/// One action per check, over SPEC's fifteen checks.
+/// A `--policy` string, read as HELOGUARD_HELO_POLICY is (the server's parser and defaults).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Policy {
-    actions: [Action; 15],
-}
+pub struct Policy(HeloPolicy);
 
 impl Policy {
-    /// Parses `default=tag,fqdn=reject,...` as HELOGUARD_HELO_POLICY is parsed: items
-    /// separated by commas, blanks ignored, case-insensitive; a check not named takes
-    /// `default` (itself `tag`), except `syntax`, which stays `reject` unless named, and `spf`,
-    /// which stays `off` unless named.
     pub fn parse(spec: &str) -> Result<Self, PolicyError> {
-        let mut default = None;
-        let mut explicit: [Option<Action>; 15] = [None; 15];
-        for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let Some((key, action)) = item.split_once('=') else {
-                return Err(PolicyError::NotCheckAction(item.to_string()));
-            };
-            let key = key.trim().to_ascii_lowercase();
-            let action = action.trim();
-            let action =
-                Action::parse(action).ok_or_else(|| PolicyError::UnknownAction(action.into()))?;
-            let slot = if key == "default" {
-                &mut default
-            } else {
-                let index = check_index(key.as_bytes())
-                    .ok_or_else(|| PolicyError::UnknownCheck(key.clone()))?;
-                &mut explicit[index]
-            };
-            if slot.is_some() {
-                return Err(PolicyError::GivenTwice(key));
-            }
-            *slot = Some(action);
-        }
-        let default = default.unwrap_or(Action::Tag);
-        let mut actions = explicit.map(|a| a.unwrap_or(default));
-        actions[SYNTAX] = explicit[SYNTAX].unwrap_or(Action::Reject);
-        // As the server's: spf runs only when named.
-        actions[SPF] = explicit[SPF].unwrap_or(Action::Off);
-        Ok(Self { actions })
+        HeloPolicy::parse(spec).map(Policy)
     }
 
     /// The action of the check at `index` in [`CHECKS`].
     pub fn action(&self, index: usize) -> Action {
-        self.actions[index]
+        self.0.action(Check::ALL[index])
     }
 }
-
-/// Why a `--policy` string was refused; each variant names the bad part.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PolicyError {
-    NotCheckAction(String),
-    UnknownCheck(String),
-    UnknownAction(String),
-    GivenTwice(String),
-}
-
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PolicyError::NotCheckAction(item) => write!(f, "`{item}` is not CHECK=ACTION"),
-            PolicyError::UnknownCheck(name) => write!(f, "unknown HELO check `{name}`"),
-            PolicyError::UnknownAction(name) => write!(
-                f,
-                "unknown HELO action `{name}` (expected off, log, tag, greylist, defer or reject)"
-            ),
-            PolicyError::GivenTwice(key) => write!(f, "`{key}` is given twice"),
-        }
-    }
-}
-
-impl std::error::Error for PolicyError {}
 
 fn check_index(name: &[u8]) -> Option<usize> {
     CHECKS.iter().position(|c| c.as_bytes() == name)
@@ -582,25 +489,8 @@ fn top<K: Ord>(counts: HashMap<K, u64>) -> Vec<(K, u64)> {
 /// A value written as the log writes it, so a client's name cannot start a line of its own or
 /// pass for another field of the report.
 fn log_value(value: &[u8]) -> String {
-    let needs_quotes = value.is_empty()
-        || value
-            .iter()
-            .any(|&b| matches!(b, b' ' | b'"' | b'\\') || !(0x21..0x7f).contains(&b));
     let mut out = String::with_capacity(value.len() + 2);
-    if needs_quotes {
-        out.push('"');
-    }
-    for &byte in value {
-        match byte {
-            b'"' => out.push_str("\\\""),
-            b'\\' => out.push_str("\\\\"),
-            0x20..0x7f => out.push(char::from(byte)),
-            _ => out.push_str(&format!("\\x{byte:02x}")),
-        }
-    }
-    if needs_quotes {
-        out.push('"');
-    }
+    crate::logfmt::push_value(&mut out, value);
     out
 }
 
@@ -742,8 +632,8 @@ pub fn run(args: &[String]) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::helo::Check;
-    use crate::helo::policy::HeloPolicy;
+
+    const SYNTAX: usize = Check::Syntax.index();
 
     /// A results field: every check `pass` except those given.
     fn results(overrides: &[(&str, &str)]) -> String {

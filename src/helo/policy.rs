@@ -56,13 +56,42 @@ pub enum AllowEntry {
     PtrDomain(String),
 }
 
-/// Why a policy or allow string was refused; the message names the bad part.
+/// Why a policy, allow or reject-point string was refused; each variant names the bad part.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PolicyError(pub String);
+pub enum PolicyError {
+    /// A policy item without `=`.
+    NotCheckAction(String),
+    UnknownCheck(String),
+    UnknownAction(String),
+    /// `default` or a check named twice.
+    GivenTwice(String),
+    /// An allow-list entry that is neither an address block nor `ptr:DOMAIN`, and why.
+    BadAllowEntry {
+        entry: String,
+        why: String,
+    },
+    UnknownRejectAt(String),
+}
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            PolicyError::NotCheckAction(item) => {
+                write!(f, "`{item}` in the HELO policy is not CHECK=ACTION")
+            }
+            PolicyError::UnknownCheck(name) => write!(f, "unknown HELO check `{name}`"),
+            PolicyError::UnknownAction(name) => write!(
+                f,
+                "unknown HELO action `{name}` (expected off, log, tag, greylist, defer or reject)"
+            ),
+            PolicyError::GivenTwice(key) => write!(f, "`{key}` is given twice in the HELO policy"),
+            PolicyError::BadAllowEntry { entry, why } => {
+                write!(f, "`{entry}` in the HELO allow list: {why}")
+            }
+            PolicyError::UnknownRejectAt(text) => {
+                write!(f, "unknown reject point `{text}` (expected rcpt or helo)")
+            }
+        }
     }
 }
 
@@ -81,10 +110,7 @@ impl HeloPolicy {
                 PolicyKey::Check(check) => &mut explicit[check.index()],
             };
             if slot.is_some() {
-                return Err(PolicyError(format!(
-                    "`{}` is given twice in the HELO policy",
-                    key.name()
-                )));
+                return Err(PolicyError::GivenTwice(key.name().to_string()));
             }
             *slot = Some(action);
         }
@@ -157,16 +183,13 @@ impl PolicyKey {
 
 fn parse_item(item: &str) -> Result<(PolicyKey, Action), PolicyError> {
     let Some((key, action)) = item.split_once('=') else {
-        return Err(PolicyError(format!(
-            "`{item}` in the HELO policy is not CHECK=ACTION"
-        )));
+        return Err(PolicyError::NotCheckAction(item.to_string()));
     };
     let key = key.trim().to_ascii_lowercase();
     let key = match key.as_str() {
         "default" => PolicyKey::Default,
         name => PolicyKey::Check(
-            Check::from_name(name)
-                .ok_or_else(|| PolicyError(format!("unknown HELO check `{name}`")))?,
+            Check::from_name(name).ok_or_else(|| PolicyError::UnknownCheck(name.to_string()))?,
         ),
     };
     Ok((key, parse_action(action.trim())?))
@@ -180,9 +203,7 @@ fn parse_action(text: &str) -> Result<Action, PolicyError> {
         "greylist" => Ok(Action::Greylist),
         "defer" => Ok(Action::Defer),
         "reject" => Ok(Action::Reject),
-        _ => Err(PolicyError(format!(
-            "unknown HELO action `{text}` (expected off, log, tag, greylist, defer or reject)"
-        ))),
+        _ => Err(PolicyError::UnknownAction(text.to_string())),
     }
 }
 
@@ -192,9 +213,7 @@ impl RejectAt {
         match text.trim().to_ascii_lowercase().as_str() {
             "rcpt" => Ok(RejectAt::Rcpt),
             "helo" => Ok(RejectAt::Helo),
-            _ => Err(PolicyError(format!(
-                "unknown reject point `{text}` (expected rcpt or helo)"
-            ))),
+            _ => Err(PolicyError::UnknownRejectAt(text.to_string())),
         }
     }
 }
@@ -223,12 +242,18 @@ fn parse_allow_entry(entry: &str) -> Result<AllowEntry, PolicyError> {
     if let Some(domain) = ptr_domain {
         return checks::normalize_domain(domain.trim())
             .map(AllowEntry::PtrDomain)
-            .ok_or_else(|| PolicyError(format!("`{entry}` in the HELO allow list: bad domain")));
+            .ok_or_else(|| PolicyError::BadAllowEntry {
+                entry: entry.to_string(),
+                why: "bad domain".to_string(),
+            });
     }
     entry
         .parse::<Cidr>()
         .map(AllowEntry::Net)
-        .map_err(|e| PolicyError(format!("`{entry}` in the HELO allow list: {e}")))
+        .map_err(|e| PolicyError::BadAllowEntry {
+            entry: entry.to_string(),
+            why: e.to_string(),
+        })
 }
 
 impl AllowEntry {
@@ -572,7 +597,9 @@ mod tests {
     }
 
     fn err(spec: &str) -> String {
-        HeloPolicy::parse(spec).expect_err("invalid policy").0
+        HeloPolicy::parse(spec)
+            .expect_err("invalid policy")
+            .to_string()
     }
 
     #[test]
@@ -625,7 +652,7 @@ mod tests {
         assert!(
             RejectAt::parse("data")
                 .expect_err("bad")
-                .0
+                .to_string()
                 .contains("`data`")
         );
         assert_eq!(RejectAt::default(), RejectAt::Rcpt);
@@ -661,7 +688,7 @@ mod tests {
             "example.com",
         ] {
             let e = parse_allow_list(bad).expect_err(bad);
-            assert!(e.0.contains(&format!("`{bad}`")), "{bad}: {e}");
+            assert!(e.to_string().contains(&format!("`{bad}`")), "{bad}: {e}");
         }
     }
 

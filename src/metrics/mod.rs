@@ -242,7 +242,13 @@ impl Metrics {
     /// A list entry of `zone` (its displayed name) matched a client.
     pub fn dnsbl_listing(&self, zone: &str) {
         if let Ok(mut zones) = self.dnsbl_listings.lock() {
-            *zones.entry(zone.to_string()).or_insert(0) += 1;
+            // The zones are few and fixed: a name is allocated once, on its first listing.
+            match zones.get_mut(zone) {
+                Some(count) => *count += 1,
+                None => {
+                    zones.insert(zone.to_string(), 1);
+                }
+            }
         }
     }
 

@@ -112,7 +112,6 @@ impl Session {
                 .any(|check| settings.helo_policy.action(check) != Action::Off);
             let asks = SenderAsks::for_identity(settings, self.params.client_ip, &parsed, &arg);
             let mut identity = Identity::new(verb, arg, parsed, self.generation, needs_forward);
-            identity.spf_decides = settings.helo_policy.action(Check::Spf) >= Action::Greylist;
             identity.spf = Asked::for_name(asks.spf.as_ref());
             identity.rhsbl = Asked::for_name(asks.rhsbl.as_ref());
             identity.churn = Asked::for_name(asks.churn.as_ref());
@@ -170,13 +169,14 @@ impl Session {
     pub(super) fn evaluate(&mut self, out: &mut Output) {
         let reverse = self.reverse.as_ref();
         let settings = &self.params.settings;
+        let dnsbl_waiting = self.dnsbl_expected && self.dnsbl.is_none();
+        let spf_decides = settings.helo_policy.action(Check::Spf) >= Action::Greylist;
         for identity in [self.candidate.as_mut(), self.current.as_mut()]
             .into_iter()
             .flatten()
         {
-            let dnsbl_waiting = self.dnsbl_expected && self.dnsbl.is_none();
             if identity.verdict.is_some()
-                || !identity.ready_to_judge(reverse.is_some(), dnsbl_waiting)
+                || !identity.ready_to_judge(reverse.is_some(), dnsbl_waiting, spf_decides)
             {
                 continue;
             }

@@ -71,9 +71,6 @@ pub(crate) struct Identity {
     pub rhsbl: Asked<RhsblOutcome>,
     /// The client's HELO history with this name recorded (helo_churn).
     pub churn: Asked<ChurnOutcome>,
-    /// spf's action can delay or refuse: the verdict waits for SPF past the deadline (SPF
-    /// has its own time limit, HELOGUARD_SPF_TIMEOUT_MS, and always answers).
-    pub spf_decides: bool,
 }
 
 impl Identity {
@@ -96,7 +93,6 @@ impl Identity {
             spf: Asked::No,
             rhsbl: Asked::No,
             churn: Asked::No,
-            spf_decides: false,
         }
     }
 
@@ -108,10 +104,16 @@ impl Identity {
         }
     }
 
-    /// Every fact the checks need is in (or the deadline made the missing ones temperror;
-    /// SPF whose action decides is waited for past it).
-    pub(super) fn ready_to_judge(&self, reverse_known: bool, dnsbl_waiting: bool) -> bool {
-        if self.spf_decides && self.spf.is_waiting() {
+    /// Every fact the checks need is in (or the deadline made the missing ones temperror).
+    /// When spf's action can delay or refuse (`spf_decides`) SPF is waited for past the
+    /// deadline: it has its own time limit, HELOGUARD_SPF_TIMEOUT_MS, and always answers.
+    pub(super) fn ready_to_judge(
+        &self,
+        reverse_known: bool,
+        dnsbl_waiting: bool,
+        spf_decides: bool,
+    ) -> bool {
+        if spf_decides && self.spf.is_waiting() {
             return false;
         }
         self.deadline_passed

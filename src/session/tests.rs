@@ -1697,18 +1697,26 @@ fn a_tagging_spf_is_not_waited_for_past_the_deadline() {
     assert_eq!(h.take(), "");
     h.event(Event::VerdictDeadline { generation: 1 });
     assert!(h.take().starts_with("250 2.1.5"));
-    // A local client asks for nothing.
+    // A local client asks for nothing; a remote one with the same settings asks for its lists.
     let mut c = config();
     c.helo_policy = HeloPolicy::parse("spf=tag").expect("policy");
+    c.sender_checks.dnsbl = true;
     c.sender_checks.rhsbl = true;
     c.sender_checks.helo_churn = true;
-    let params = SessionParams {
-        settings: Arc::new(c),
-        client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        session_id: 1,
-        tls_available: false,
-        spill: None,
+    let settings = Arc::new(c);
+    let session_of = |client_ip| {
+        Session::with_judge(
+            SessionParams {
+                settings: settings.clone(),
+                client_ip,
+                session_id: 1,
+                tls_available: false,
+                spill: None,
+            },
+            FAKE,
+        )
     };
-    let session = Session::with_judge(params, FAKE);
+    let session = session_of(IpAddr::V4(Ipv4Addr::LOCALHOST));
     assert!(!session.expects_dnsbl());
+    assert!(session_of(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))).expects_dnsbl());
 }
