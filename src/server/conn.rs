@@ -225,6 +225,10 @@ pub(crate) struct DnsWork {
     pub forward_wanted: Option<String>,
     /// What the `forward_wanted` lookup may cost, counted until its answer says what it did.
     pub forward_reserved: u32,
+    /// The resolver thread was asked something for this session, so at close it is told to
+    /// forget it. Most sessions of a repeat client are answered from the known answers and
+    /// never wake that thread.
+    pub asked_resolver: bool,
 }
 
 /// Queries one Forward lookup may make (A, then AAAA).
@@ -283,6 +287,11 @@ pub(crate) struct Conn {
     pub state: ConnState,
     /// What reading the socket has shown so far.
     pub read: ReadSide,
+    /// A readiness event hinted that the peer closed its side or the socket failed. Until
+    /// then a short read shows the socket is drained (epoll reports every later arrival as a
+    /// new edge), which saves the read that would only say `WouldBlock`; after it, reads go
+    /// on until EOF or `WouldBlock`, because a FIN queued behind the data is not read with it.
+    pub closed_hint: bool,
     pub transport: Transport,
     /// Events for the session that wait until it is here.
     pub pending: Vec<OwnedEvent>,
@@ -331,6 +340,7 @@ impl Conn {
             counted_as: None,
             state: ConnState::AwaitingProxy,
             read: ReadSide::Open,
+            closed_hint: false,
             transport: Transport::Plain,
             pending: Vec::new(),
             inbuf: Vec::new(),
@@ -356,9 +366,11 @@ impl Conn {
         }
     }
 
-    /// Reads until the socket would block, the input cap is reached, or EOF. mio readiness
-    /// is edge-triggered: stopping early is only allowed with `ReadSide::Full`, so the loop
-    /// knows to come back (mio `Poll` docs, "Draining readiness").
+    /// Reads until the socket is drained (it would block, or a read came back short before any
+    /// hint of a close), the input cap is reached, or EOF. mio readiness is edge-triggered:
+    /// stopping early otherwise is only allowed with `ReadSide::Full`, so the loop knows to
+    /// come back (mio `Poll` docs, "Draining readiness"; epoll(7) on short reads of stream
+    /// sockets).
     ///
     /// `chunk` is the loop's scratch buffer: one for all connections, so no read pays for
     /// zeroing a fresh one.
@@ -386,9 +398,14 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            let drained = n < want && !self.closed_hint;
             let Some(tls) = self.transport.tls_mut() else {
                 self.inbuf.extend_from_slice(&chunk[..n]);
                 outcome.got_data = true;
+                if drained {
+                    self.read = ReadSide::Open;
+                    return Ok(outcome);
+                }
                 continue;
             };
             let before = self.inbuf.len();
@@ -405,6 +422,10 @@ impl Conn {
             if peer_closed {
                 outcome.eof = true;
                 self.read = ReadSide::Ended;
+                return Ok(outcome);
+            }
+            if drained {
+                self.read = ReadSide::Open;
                 return Ok(outcome);
             }
         }

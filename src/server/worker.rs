@@ -1,4 +1,7 @@
-//! The protocol worker pool: a fixed number of threads that run session state machines.
+//! The protocol worker pool: a fixed number of threads that run session state machines when
+//! their work is large or may touch the disk (message content that goes to a spill file).
+//! The loop runs the small jobs itself with the same `run_job` (`Server::pump`): a command
+//! line costs microseconds, less than the two thread wakes a trip to a worker costs.
 //!
 //! A `Box<Session>` is moved loop -> worker -> loop with the events gathered for it, so one
 //! thread at a time owns it and its replies stay in order without a lock. Workers send their
@@ -187,23 +190,26 @@ fn run_worker(
     known: &AnswerCache,
 ) {
     while let Ok(job) = jobs.recv() {
-        let conn_id = job.conn_id;
-        // A bug hit by one session's input must cost that session only: without this, the
-        // thread would die and the loop would wait for the session for ever, holding its
-        // descriptor and per-IP slot. The session is dropped with the job; the state it was
-        // in when the panic struck is not trusted further.
-        let report =
-            match panic::catch_unwind(AssertUnwindSafe(|| process(job, metrics, Some(known)))) {
-                Ok(finished) => WorkerReport::Finished(finished),
-                Err(payload) => WorkerReport::Panicked {
-                    conn_id,
-                    message: panic_message(payload.as_ref()),
-                },
-            };
-        if done.send(report).is_err() {
+        if done.send(run_job(job, metrics, Some(known))).is_err() {
             return;
         }
         let _ = waker.wake();
+    }
+}
+
+/// Runs one job, here or on the loop, and says how it ended.
+pub(crate) fn run_job(job: Job, metrics: &Metrics, known: Option<&AnswerCache>) -> WorkerReport {
+    let conn_id = job.conn_id;
+    // A bug hit by one session's input must cost that session only: without this, a worker
+    // would die and the loop would wait for the session for ever (or the loop itself would
+    // die), holding its descriptor and per-IP slot. The session is dropped with the job; the
+    // state it was in when the panic struck is not trusted further.
+    match panic::catch_unwind(AssertUnwindSafe(|| process(job, metrics, known))) {
+        Ok(finished) => WorkerReport::Finished(finished),
+        Err(payload) => WorkerReport::Panicked {
+            conn_id,
+            message: panic_message(payload.as_ref()),
+        },
     }
 }
 

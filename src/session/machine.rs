@@ -27,7 +27,7 @@ use crate::helo::policy::RejectAt;
 use crate::helo::sender::DnsblOutcome;
 use crate::helo::verdict::Decision;
 use crate::helo::{Action, Check};
-use crate::message::content::ContentBuilder;
+use crate::message::content::{ContentBuilder, MEMORY_PART};
 use crate::protocol::command::{Command, MailParams, Path, Verb};
 use crate::protocol::line::{LineRead, LineReader};
 use crate::protocol::reply::Reply;
@@ -267,6 +267,19 @@ impl Session {
             _ => 0,
         };
         data + chunks + content + parked
+    }
+
+    /// Whether the session can take `more` octets of input, and whatever event is queued for
+    /// it, without touching the disk: no content of its message has gone to a spill (whose
+    /// appends, flush and removal are file I/O), and `more` would not make it go there.
+    pub fn stays_in_memory(&self, more: usize) -> bool {
+        let spilled = self
+            .tx
+            .as_ref()
+            .and_then(|tx| tx.content.as_ref())
+            .is_some_and(ContentBuilder::spilled)
+            || matches!(&self.park, Some(Park::DataVerdict { content, .. }) if content.spill.is_some());
+        !spilled && self.buffered_bytes().saturating_add(more) <= MEMORY_PART
     }
 
     /// The id the loop gave the session, unique in this run; queue IDs start with it.

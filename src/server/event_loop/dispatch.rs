@@ -52,13 +52,20 @@ impl Server {
 
     /// A session is back from a worker with its replies and actions.
     pub(super) fn on_done(&mut self, done: Done) {
-        let Some(slot) = self.slot_of(done.conn_id) else {
+        let Some(slot) = self.settle(done) else {
             return;
         };
+        self.pump(slot);
+        self.flush_or_close(slot);
+    }
+
+    /// Takes a session back from its job (at a worker or on the loop): queues its replies,
+    /// carries out its actions and reads on if the socket was left unread. Returns its slot,
+    /// or `None` when the connection is gone or was closed here.
+    pub(super) fn settle(&mut self, done: Done) -> Option<usize> {
+        let slot = self.slot_of(done.conn_id)?;
         let now = Instant::now();
-        let Some(conn) = self.conns.get_mut(slot) else {
-            return;
-        };
+        let conn = self.conns.get_mut(slot)?;
         let mut input = done.input;
         if !conn.inbuf.is_empty() {
             input.extend_from_slice(&conn.inbuf);
@@ -73,33 +80,28 @@ impl Server {
         if let Err(e) = conn.queue_output(&output.bytes) {
             debug!("{}: TLS write failed: {e}", conn.client_ip);
             self.close(slot, "TLS error");
-            return;
+            return None;
         }
         log_observations(conn, &output.observations);
         for action in output.actions {
             self.on_action(slot, action, now);
         }
-        let Some(conn) = self.conns.get_mut(slot) else {
-            return;
-        };
+        let conn = self.conns.get_mut(slot)?;
         if conn.read == ReadSide::Full && conn.inbuf.len() < INBUF_CAP {
             self.read_conn(slot);
         }
-        let Some(conn) = self.conns.get_mut(slot) else {
-            return;
-        };
+        let conn = self.conns.get_mut(slot)?;
         if conn.read == ReadSide::Ended && conn.finished_after_eof() {
             let _ = conn.flush();
             self.close(slot, "client closed");
-            return;
+            return None;
         }
-        self.pump(slot);
-        self.flush_or_close(slot);
+        Some(slot)
     }
 
     /// A worker panicked on this connection's job: its session is gone, so the connection
     /// ends with 421 4.3.0 and gives back its per-IP slot like any other close.
-    fn on_worker_panic(&mut self, conn_id: ConnId, message: &str) {
+    pub(super) fn on_worker_panic(&mut self, conn_id: ConnId, message: &str) {
         self.metrics.panicked();
         let Some(slot) = self.slot_of(conn_id) else {
             error!(
@@ -181,6 +183,7 @@ impl Server {
                         }
                     } else if let Some(r) = &self.resolver {
                         conn.dns_work.reserve_forward();
+                        conn.dns_work.asked_resolver = true;
                         r.submit(request);
                     }
                 }

@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::dns::resolver::ResolverHandle;
 use crate::dns::{DnsAnswer, DnsRequest};
 use crate::metrics::Metrics;
-use crate::server::conn::{Conn, ConnState, ReadSide, Transport};
+use crate::server::conn::{Conn, ConnState, READ_CHUNK, ReadSide, Transport};
 use crate::server::conn_id::{ConnId, live_slot};
 use crate::server::event_loop::admission::Admission;
 use crate::server::event_loop::next_hop::NextHop;
@@ -45,7 +45,7 @@ use crate::server::listener::ListenerKind;
 use crate::server::loop_wake::LoopWake;
 use crate::server::relay_link::RelayLink;
 use crate::server::tls::TlsAcceptor;
-use crate::server::worker::{Job, OwnedEvent, WorkerPool, WorkerReport};
+use crate::server::worker::{Job, OwnedEvent, WorkerPool, WorkerReport, run_job};
 use crate::session::SessionSettings;
 use crate::spool::writer::SpoolDone;
 use crate::spool::writer::SpoolWriters;
@@ -66,6 +66,11 @@ pub(super) const FIRST_LISTENER: usize = 2;
 pub(super) const FIRST_CONN: usize = 1024;
 /// Next-hop link tokens start here (relay modes); client connections sit below.
 pub(super) const FIRST_RELAY: usize = 1 << 30;
+/// Input above this goes to a worker: one job on the loop stays in the microseconds.
+const LOOP_JOB_INPUT: usize = READ_CHUNK;
+/// Jobs in a row for one connection on the loop; a client that keeps sending while its work
+/// runs then continues at a worker, and the loop turns to the others.
+const LOOP_JOB_ROUNDS: usize = 4;
 
 /// Why the server could not start.
 #[derive(Debug)]
@@ -149,6 +154,8 @@ pub struct Server {
     pub(super) xclient_warned: bool,
     /// Scratch for socket reads, shared by every connection.
     pub(super) read_buf: Box<[u8]>,
+    /// The connection whose work `pump` is running on the loop right now.
+    pub(super) pumping: Option<usize>,
 }
 
 /// What a readiness event allows, with mio's hints folded in (rule 3: they only tell us to
@@ -157,13 +164,17 @@ pub struct Server {
 pub(super) struct Readiness {
     pub readable: bool,
     pub writable: bool,
+    /// The peer may have closed its side or the socket failed (EPOLLRDHUP, EPOLLERR).
+    pub closed_hint: bool,
 }
 
 impl Readiness {
     fn of(event: &Event) -> Self {
+        let closed_hint = event.is_read_closed() || event.is_error();
         Readiness {
-            readable: event.is_readable() || event.is_read_closed() || event.is_error(),
+            readable: event.is_readable() || closed_hint,
             writable: event.is_writable() || event.is_write_closed() || event.is_error(),
+            closed_hint,
         }
     }
 }
@@ -231,6 +242,7 @@ impl Server {
             // A spurious event for a slot that was closed.
             return;
         };
+        conn.closed_hint |= ready.closed_hint;
         if ready.writable
             && let Err(e) = conn.flush()
         {
@@ -317,28 +329,69 @@ impl Server {
         }
     }
 
-    /// Hands the session to a worker when it is here and has something to do.
+    /// Runs the session's work when it is here and has something to do: on the loop when the
+    /// work is small and stays in memory, at a worker otherwise.
+    ///
+    /// Most jobs are one command line or a small message, a few microseconds of work; sending
+    /// them to a worker and back costs two thread wakes and more CPU than the work itself.
+    /// Jobs that could touch the disk (message content past the memory part goes to a spill
+    /// file), or that are large, go to a worker, so the loop never waits on the disk or
+    /// serves one client for long.
     pub(super) fn pump(&mut self, slot: usize) {
-        let Some(conn) = self.conns.get_mut(slot) else {
+        if self.pumping == Some(slot) {
+            // Re-entered from `settle` (a re-read, an EOF): the loop below sees the new work.
             return;
-        };
+        }
+        let outer = self.pumping.replace(slot);
+        let mut ran_here = false;
+        for round in 0..=LOOP_JOB_ROUNDS {
+            let Some(job) = self.take_job(slot) else {
+                break;
+            };
+            let small =
+                job.input.len() <= LOOP_JOB_INPUT && job.session.stays_in_memory(job.input.len());
+            if round == LOOP_JOB_ROUNDS || !small {
+                if let Some(w) = &self.workers {
+                    w.submit(job);
+                }
+                break;
+            }
+            ran_here = true;
+            let known = self.resolver.as_ref().map(|r| &**r.known_answers());
+            match run_job(job, &self.metrics, known) {
+                WorkerReport::Finished(done) => {
+                    if self.settle(done).is_none() {
+                        ran_here = false;
+                        break;
+                    }
+                }
+                WorkerReport::Panicked { conn_id, message } => {
+                    ran_here = false;
+                    self.on_worker_panic(conn_id, &message);
+                    break;
+                }
+            }
+        }
+        self.pumping = outer;
+        if ran_here {
+            self.flush_or_close(slot);
+        }
+    }
+
+    /// The session with its queued events and input, when it is here and has work.
+    fn take_job(&mut self, slot: usize) -> Option<Job> {
+        let conn = self.conns.get_mut(slot)?;
         if !conn.has_work() {
-            return;
+            return None;
         }
-        let Some(session) = conn.state.send_to_worker() else {
-            return;
-        };
-        let events = std::mem::take(&mut conn.pending);
-        let input = std::mem::take(&mut conn.inbuf);
+        let session = conn.state.send_to_worker()?;
         conn.unseen_input = false;
-        if let Some(w) = &self.workers {
-            w.submit(Job {
-                conn_id: conn.id,
-                session,
-                events,
-                input,
-            });
-        }
+        Some(Job {
+            conn_id: conn.id,
+            session,
+            events: std::mem::take(&mut conn.pending),
+            input: std::mem::take(&mut conn.inbuf),
+        })
     }
 
     /// Writes what is queued; a closing connection closes once all of it is out.
@@ -361,8 +414,10 @@ impl Server {
         if !self.conns.contains(slot) {
             return;
         }
+        // Dropping the socket closes its descriptor, the only one for that socket, and the
+        // kernel takes a closed descriptor out of the epoll set itself (epoll(7), Q6): a
+        // `deregister` first would be one more syscall per connection for nothing.
         let mut conn = self.conns.remove(slot);
-        let _ = self.poll.registry().deregister(&mut conn.socket);
         // However it ends (bad bytes, silence, the client leaving, shutdown), a handshake that
         // never completed is a failed one, counted once here.
         if matches!(conn.transport, Transport::Handshaking(_)) {
@@ -375,7 +430,9 @@ impl Server {
             self.admission.release(key);
         }
         // Lookups only this connection waited for are dropped or stopped.
-        if let Some(r) = &self.resolver {
+        if conn.dns_work.asked_resolver
+            && let Some(r) = &self.resolver
+        {
             r.submit(DnsRequest::Forget { id: conn.id.raw() });
         }
         self.metrics.session_closed();
@@ -502,6 +559,94 @@ pub mod tests {
         client
     }
 
+    const READABLE: Readiness = Readiness {
+        readable: true,
+        writable: false,
+        closed_hint: false,
+    };
+
+    /// Sends `bytes` and waits until they are in the server's socket, unseen by the loop.
+    fn send_unseen(client: &mut std::net::TcpStream, bytes: &[u8]) {
+        client.write_all(bytes).expect("write");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    /// What the client can read without the loop turning again.
+    fn read_now(client: &mut std::net::TcpStream) -> String {
+        client
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut got = [0u8; 512];
+        let n = client.read(&mut got).unwrap_or(0);
+        String::from_utf8_lossy(&got[..n]).into_owned()
+    }
+
+    #[test]
+    fn a_command_is_answered_on_the_loop_in_the_same_round() {
+        let mut server = TestServer::start(&[]);
+        let mut client = connect(&mut server);
+        assert!(server.read_reply(&mut client).starts_with("220 "));
+        let slot = server.only_conn_id().slot();
+        send_unseen(&mut client, b"NOOP\r\n");
+        server.server.conn_ready(slot, READABLE);
+        // No worker had the session: the reply went out before the loop turned again.
+        assert!(read_now(&mut client).starts_with("250 "));
+        let conn = server.server.conns.get(slot).expect("open");
+        assert!(matches!(conn.state, ConnState::Waiting { .. }));
+    }
+
+    #[test]
+    fn message_content_that_would_spill_goes_to_a_worker() {
+        let mut server = TestServer::start(&[]);
+        let mut client = connect(&mut server);
+        assert!(server.read_reply(&mut client).starts_with("220 "));
+        for (line, code) in [
+            ("HELO client.example.org\r\n", "250 "),
+            ("MAIL FROM:<a@example.org>\r\n", "250 "),
+            ("RCPT TO:<b@example.net>\r\n", "250 "),
+            ("DATA\r\n", "354 "),
+        ] {
+            client.write_all(line.as_bytes()).expect("write");
+            let reply = server.read_reply(&mut client);
+            assert!(reply.starts_with(code), "{line}: {reply}");
+        }
+        let slot = server.only_conn_id().slot();
+        let line = format!("{}\r\n", "x".repeat(998));
+        let lines = crate::message::content::MEMORY_PART / line.len() + 2;
+        send_unseen(&mut client, line.repeat(lines).as_bytes());
+        server.server.conn_ready(slot, READABLE);
+        let conn = server.server.conns.get(slot).expect("open");
+        assert!(
+            matches!(conn.state, ConnState::AtWorker),
+            "{:?}",
+            conn.state
+        );
+
+        // Back from the worker with its content spilled: a small piece goes there too.
+        let deadline = Instant::now() + PATIENCE;
+        while !server
+            .server
+            .conns
+            .get(slot)
+            .is_some_and(|c| matches!(c.state, ConnState::Waiting { .. }) && c.inbuf.is_empty())
+        {
+            assert!(Instant::now() < deadline, "the worker never gave it back");
+            server.turn();
+        }
+        send_unseen(&mut client, line.as_bytes());
+        server.server.conn_ready(slot, READABLE);
+        let conn = server.server.conns.get(slot).expect("open");
+        assert!(
+            matches!(conn.state, ConnState::AtWorker),
+            "{:?}",
+            conn.state
+        );
+
+        client.write_all(b".\r\n").expect("write");
+        let reply = server.read_reply(&mut client);
+        assert!(reply.starts_with("250 "), "{reply}");
+    }
+
     #[test]
     fn a_writable_only_event_reads_nothing() {
         let mut server = TestServer::start(&[("HELOGUARD_GREET_DELAY_MS", "60000")]);
@@ -513,6 +658,7 @@ pub mod tests {
         let writable = Readiness {
             readable: false,
             writable: true,
+            closed_hint: false,
         };
         server.server.conn_ready(slot, writable);
         let conn = server.server.conns.get(slot).expect("open");
@@ -527,6 +673,7 @@ pub mod tests {
         let readable = Readiness {
             readable: true,
             writable: false,
+            closed_hint: false,
         };
         server.server.conn_ready(slot, readable);
         let conn = server.server.conns.get(slot).expect("open");

@@ -28,7 +28,10 @@ impl Server {
         };
         match resolver.known_answers().dnsbl(client_ip, now) {
             Some(outcome) => conn.pending.push(OwnedEvent::Dnsbl(outcome)),
-            None => resolver.submit(request),
+            None => {
+                conn.dns_work.asked_resolver = true;
+                resolver.submit(request)
+            }
         }
     }
 
@@ -63,7 +66,10 @@ impl Server {
         }
         for request in requests {
             match &self.resolver {
-                Some(resolver) if !over_budget => resolver.submit(request),
+                Some(resolver) if !over_budget => {
+                    conn.dns_work.asked_resolver = true;
+                    resolver.submit(request)
+                }
                 _ => {
                     if let Some(answer) = request.unavailable()
                         && let Some(event) = sender_event(answer)

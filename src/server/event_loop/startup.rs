@@ -170,6 +170,7 @@ impl Server {
             relay_check_armed: false,
             xclient_warned: false,
             read_buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
+            pumping: None,
         };
         server.check_spool_space(Instant::now());
         Ok(server)
