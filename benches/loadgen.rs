@@ -321,7 +321,14 @@ struct Results {
     errors: BTreeMap<String, usize>,
     /// Completed TLS handshakes: full, resumed.
     handshakes: (usize, usize),
+    /// Paced runs: sessions that started more than `LATE_START` after their time, because
+    /// every connection was busy or the generator was.
+    late_starts: usize,
 }
+
+/// A paced session starting later than this after its time counts as late (poll waits are
+/// whole milliseconds, so a start can be up to one late without anything being busy).
+const LATE_START: Duration = Duration::from_millis(5);
 
 impl Results {
     fn merge(&mut self, o: Results) {
@@ -330,6 +337,7 @@ impl Results {
         self.session.extend(o.session);
         self.msgs_ok += o.msgs_ok;
         self.handshakes.0 += o.handshakes.0;
+        self.late_starts += o.late_starts;
         self.handshakes.1 += o.handshakes.1;
         for (k, v) in o.errors {
             *self.errors.entry(k).or_default() += v;
@@ -433,7 +441,11 @@ fn latency(mut a: Args) {
     let resume = a.flag("--resume");
     let tls12 = a.flag("--tls12");
     let pid: u32 = a.num(&["--pid"], 0);
+    let rate: f64 = a.num(&["--rate"], 0.0);
     a.done();
+    if rate > 0.0 && !events {
+        die("--rate runs on the event-driven generator: add --events");
+    }
     if (resume || tls12) && !starttls {
         die("--resume and --tls12 go with --starttls");
     }
@@ -453,7 +465,8 @@ fn latency(mut a: Args) {
             body: &body,
             tls,
         };
-        drive_events(addr, c, n, msgs, &script)
+        let pace = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+        drive_events(addr, c, n, msgs, &script, pace)
     } else {
         drive(c, n, |i, run| {
             let hdr = proxy.then(|| {
@@ -473,6 +486,11 @@ fn latency(mut a: Args) {
         })
     };
     let ws = wall.as_secs_f64();
+    let rate_json = if rate > 0.0 {
+        format!("{rate}")
+    } else {
+        "null".into()
+    };
     let server_cpu = server_cpu0
         .map(|c0| {
             let used = proc_usage(pid).0 - c0;
@@ -488,7 +506,7 @@ fn latency(mut a: Args) {
         "null".into()
     };
     println!(
-        "{{\"tool\":\"loadgen\",\"mode\":\"latency\",\"label\":\"{label}\",\"addr\":\"{addr}\",\"concurrency\":{c},\"sessions\":{n},\"msgs_per_session\":{msgs},\"size\":{size},\"tls\":{tls_json},\"wall_s\":{ws:.3},\"sessions_ok\":{},\"sessions_per_s\":{:.1},\"messages_ok\":{},\"msgs_per_s\":{:.1},\"server_cpu_ms_per_msg\":{server_cpu},\"ehlo_us\":{},\"banner_us\":{},\"session_ms\":{},\"errors\":{},\"client_cpu_s\":{:.2}}}",
+        "{{\"tool\":\"loadgen\",\"mode\":\"latency\",\"label\":\"{label}\",\"addr\":\"{addr}\",\"concurrency\":{c},\"sessions\":{n},\"msgs_per_session\":{msgs},\"size\":{size},\"tls\":{tls_json},\"wall_s\":{ws:.3},\"sessions_ok\":{},\"sessions_per_s\":{:.1},\"messages_ok\":{},\"msgs_per_s\":{:.1},\"server_cpu_ms_per_msg\":{server_cpu},\"ehlo_us\":{},\"banner_us\":{},\"session_ms\":{},\"errors\":{},\"rate\":{rate_json},\"late_starts\":{},\"client_cpu_s\":{:.2}}}",
         r.session.len(),
         r.session.len() as f64 / ws,
         r.msgs_ok,
@@ -497,6 +515,7 @@ fn latency(mut a: Args) {
         pct_json(&mut r.banner, true),
         pct_json(&mut r.session, false),
         errors_json(&r.errors),
+        r.late_starts,
         own_cpu_s() - cpu0
     );
 }
@@ -701,12 +720,18 @@ impl EvConn {
 }
 
 /// `drive` on one thread: `c` connections at a time over one mio poll, `n` sessions in all.
+/// Without `pace` a session starts as soon as another ends (a closed loop: the rate is what
+/// client and server manage together, and at that saturation a reply waits behind the
+/// others by Little's law). With `pace` one session starts every `pace` (an open loop, as
+/// mail arrives at an MX), at most `c` at a time; a start that finds every connection busy
+/// waits for one and counts in `late_starts`.
 fn drive_events(
     addr: SocketAddr,
     c: usize,
     n: usize,
     msgs: usize,
     script: &Script,
+    pace: Option<Duration>,
 ) -> (Results, Duration) {
     let mut poll = mio::Poll::new().unwrap_or_else(|e| die(&format!("poll: {e}")));
     let mut events = mio::Events::with_capacity(1024);
@@ -715,6 +740,7 @@ fn drive_events(
     let mut started = 0;
     let mut finished = 0;
     let t0 = Instant::now();
+    let mut next_start = t0;
     let open = |slot: usize, poll: &mut mio::Poll| -> io::Result<EvConn> {
         let mut conn = EvConn::open(addr, msgs)?;
         poll.registry().register(
@@ -725,7 +751,7 @@ fn drive_events(
         Ok(conn)
     };
     for (slot, entry) in conns.iter_mut().enumerate() {
-        if started < n {
+        if started < n && pace.is_none() {
             started += 1;
             match open(slot, &mut poll) {
                 Ok(conn) => *entry = Some(conn),
@@ -740,13 +766,44 @@ fn drive_events(
     }
     let mut tmp = vec![0u8; 64 * 1024];
     while finished < n {
-        if let Err(e) = poll.poll(&mut events, Some(IO_TIMEOUT)) {
+        let mut all_busy = false;
+        if let Some(pace) = pace {
+            // Open loop: every session whose start time has come gets a free connection.
+            let now = Instant::now();
+            while started < n && next_start <= now {
+                let Some(slot) = conns.iter().position(Option::is_none) else {
+                    all_busy = true;
+                    break;
+                };
+                if now.saturating_duration_since(next_start) > LATE_START {
+                    r.late_starts += 1;
+                }
+                started += 1;
+                next_start += pace;
+                match open(slot, &mut poll) {
+                    Ok(conn) => conns[slot] = Some(conn),
+                    Err(e) => {
+                        *r.errors
+                            .entry(format!("connect:{:?}", e.kind()))
+                            .or_default() += 1;
+                        finished += 1;
+                    }
+                }
+            }
+        }
+        let wait = match pace {
+            Some(_) if started < n && !all_busy => next_start
+                .saturating_duration_since(Instant::now())
+                .min(IO_TIMEOUT),
+            _ => IO_TIMEOUT,
+        };
+        if let Err(e) = poll.poll(&mut events, Some(wait)) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             die(&format!("poll: {e}"));
         }
-        if events.is_empty() {
+        if events.is_empty() && wait == IO_TIMEOUT {
             die("no progress within the I/O timeout");
         }
         for event in events.iter() {
@@ -804,7 +861,7 @@ fn drive_events(
                 if let Some(mut old) = conns[slot].take() {
                     let _ = poll.registry().deregister(&mut old.sock);
                 }
-                if started < n {
+                if started < n && pace.is_none() {
                     started += 1;
                     match open(slot, &mut poll) {
                         Ok(conn) => conns[slot] = Some(conn),

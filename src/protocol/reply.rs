@@ -1,8 +1,6 @@
 //! SMTP replies: a code, an enhanced status code (RFC 2034, RFC 3463) and text, written with
 //! the hyphen continuation of RFC 5321 4.2.1.
 
-use std::fmt::Write as _;
-
 /// One reply, possibly multi-line. Every line but the last is written `code-text`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
@@ -52,19 +50,26 @@ impl Reply {
         self
     }
 
-    /// Appends the wire form, CRLF after every line.
+    /// Appends the wire form, CRLF after every line, straight into `out` (every reply of a
+    /// session goes through here, so no line is formatted into a buffer of its own first).
     pub fn write_to(&self, out: &mut Vec<u8>) {
+        let code = self.code.min(999);
+        let digits = [
+            b'0' + (code / 100) as u8,
+            b'0' + (code / 10 % 10) as u8,
+            b'0' + (code % 10) as u8,
+        ];
         let last = self.lines.len().saturating_sub(1);
-        let mut buf = String::new();
         for (i, line) in self.lines.iter().enumerate() {
-            let sep = if i == last { ' ' } else { '-' };
-            // Writing to a String cannot fail.
-            let _ = write!(buf, "{}{}{}\r\n", self.code, sep, line);
+            out.extend_from_slice(&digits);
+            out.push(if i == last { b' ' } else { b'-' });
+            out.extend_from_slice(line.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
         if self.lines.is_empty() {
-            let _ = write!(buf, "{} \r\n", self.code);
+            out.extend_from_slice(&digits);
+            out.extend_from_slice(b" \r\n");
         }
-        out.extend_from_slice(buf.as_bytes());
     }
 }
 
