@@ -5,7 +5,8 @@
 # callgrind instruction count and a perf profile. See docs/benchmarks.md.
 #
 #   benches/load.sh [--vs-postfix] [--messages N] [--messages-b N] [--messages-c N]
-#                   [--helo-sessions N] [--latency-sessions N] [--tls-sessions N] [--idle K]
+#                   [--helo-sessions N] [--latency-sessions N] [--latency-rate R]
+#                   [--tls-sessions N] [--idle K]
 #                   [--callgrind] [--callgrind-messages N] [--perf] [--reps R]
 #                   [--only a,b,c,relay,helo,latency,tls,idle,tls-idle] [--haraka DIR]
 #                   [--out DIR]
@@ -17,7 +18,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-MSGS_A=10000 MSGS_B=2000 MSGS_C=2000 HELO_N=5000 LAT_N=10000 IDLE_K=10000 TLS_N=5000
+MSGS_A=10000 MSGS_B=2000 MSGS_C=2000 HELO_N=5000 LAT_N=10000 LAT_RATE=1000 IDLE_K=10000 TLS_N=5000
 CG_MSGS=500 REPS=1 VS_POSTFIX=0 CALLGRIND=0 PERF=0 ONLY="a,b,c,helo,latency,tls,idle,tls-idle" OUT=""
 HARAKA_DIR=""
 PF_PORT=2625
@@ -31,6 +32,7 @@ while [ $# -gt 0 ]; do
     --messages-c) MSGS_C=$2; shift ;;
     --helo-sessions) HELO_N=$2; shift ;;
     --latency-sessions) LAT_N=$2; shift ;;
+    --latency-rate) LAT_RATE=$2; shift ;;
     --tls-sessions) TLS_N=$2; shift ;;
     --idle) IDLE_K=$2; shift ;;
     --callgrind) CALLGRIND=1 ;;
@@ -260,16 +262,37 @@ fi
 
 if want latency; then
   # One client thread drives every connection (--events), so 50 client threads queueing for
-  # the two cores are not counted as server latency.
+  # the two cores are not counted as server latency. c1 and c50 are closed loops (a session
+  # starts when one ends): at c50 client and server saturate the two cores together, and a
+  # reply waits behind the others whatever the server (Little's law), so smtp-sink, which only
+  # answers, runs the same load as the floor of this generator on this machine. paced: an
+  # open loop, LAT_RATE sessions/s arriving over at most 50 connections, as mail reaches an MX.
+  SINK_BIN=$(command -v smtp-sink || { [ -x /usr/sbin/smtp-sink ] && echo /usr/sbin/smtp-sink; } || true)
+  LAT_SINK_PORT=""
+  if [ -n "$SINK_BIN" ]; then
+    LAT_SINK_PORT=$(free_port)
+    "$SINK_BIN" -u nobody "127.0.0.1:$LAT_SINK_PORT" 1000 2>/dev/null &
+    LAT_SINK_PID=$!
+    PIDS+=("$LAT_SINK_PID")
+    wait_port "$LAT_SINK_PORT" "$LAT_SINK_PID" 10
+  fi
+  lat_run() { # WHO PORT LABEL-SUFFIX ARGS...
+    local who=$1 port=$2 suffix=$3; shift 3
+    "$LOADGEN" latency --events --addr "127.0.0.1:$port" -n "$LAT_N" --label "$who/$suffix" "$@" | tee -a "$RES" >&2
+  }
   for r in $(seq "$REPS"); do
     for c in 1 50; do
       echo "== EHLO latency, $c concurrent, rep $r" >&2
-      "$LOADGEN" latency --events --addr "127.0.0.1:$HG_PORT" -c "$c" -n "$LAT_N" --label "heloguard/c$c/r$r" | tee -a "$RES" >&2
-      if [ "$VS_POSTFIX" = 1 ]; then
-        "$LOADGEN" latency --events --addr "127.0.0.1:$PF_PORT" -c "$c" -n "$LAT_N" --label "postfix/c$c/r$r" | tee -a "$RES" >&2
-      fi
+      lat_run heloguard "$HG_PORT" "c$c/r$r" -c "$c"
+      if [ "$VS_POSTFIX" = 1 ]; then lat_run postfix "$PF_PORT" "c$c/r$r" -c "$c"; fi
+      if [ "$c" = 50 ] && [ -n "$LAT_SINK_PORT" ]; then lat_run smtp-sink "$LAT_SINK_PORT" "c$c/r$r" -c "$c"; fi
     done
+    echo "== EHLO latency, $LAT_RATE sessions/s over at most 50 connections, rep $r" >&2
+    lat_run heloguard "$HG_PORT" "paced$LAT_RATE/r$r" -c 50 --rate "$LAT_RATE"
+    if [ "$VS_POSTFIX" = 1 ]; then lat_run postfix "$PF_PORT" "paced$LAT_RATE/r$r" -c 50 --rate "$LAT_RATE"; fi
+    if [ -n "$LAT_SINK_PORT" ]; then lat_run smtp-sink "$LAT_SINK_PORT" "paced$LAT_RATE/r$r" -c 50 --rate "$LAT_RATE"; fi
   done
+  [ -z "$LAT_SINK_PORT" ] || stop_pid "$LAT_SINK_PID"
 fi
 # tls_load WHO PID PORT REP MODE: 50 concurrent, 1 message (1 KiB) per session, each session
 # EHLO, STARTTLS, handshake, EHLO, MAIL, RCPT, DATA, QUIT. MODE full: no session is resumed;
@@ -422,7 +445,7 @@ if os.path.exists(fp):
             ceil[int(m.group(1))] = int(m.group(2))
     print("\nfsync ceiling (same disk, same run): " + ", ".join("%d writers %d files/s" % kv for kv in sorted(ceil.items())))
 floor = os.path.join(out, "file-floor.txt")
-sink = {r["label"].split("/")[1]: r for r in rows if r.get("label", "").startswith("smtp-sink/")}
+sink = {r["label"].split("/")[1]: r for r in rows if r.get("label", "").startswith("smtp-sink/") and "server_cpu_s" in r}
 if sink or os.path.exists(floor):
     print("\nCPU floor on this machine (no server can do less per message):")
     for load, r in sorted(sink.items()):
@@ -458,12 +481,13 @@ if "heloguard-relay" in relay:
 lat = [r for r in rows if r.get("mode") == "latency"]
 if lat:
     print("\n### EHLO latency (loadgen latency: banner, EHLO, 1 message, QUIT per session)\n")
-    print("| server/concurrency | sessions/s | EHLO p50 us | p90 us | p99 us | max us | session p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| server/load | sessions/s | EHLO p50 us | p90 us | p99 us | max us | session p99 ms | late starts | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in lat:
         e = r["ehlo_us"]
-        print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (r["label"], f(r["sessions_per_s"]), f(e["p50"]), f(e["p90"]),
-              f(e["p99"]), f(e["max"]), f(r["session_ms"]["p99"], 1), sum(r["errors"].values())))
+        late = r.get("late_starts") if r.get("rate") else None
+        print("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (r["label"], f(r["sessions_per_s"]), f(e["p50"]), f(e["p90"]),
+              f(e["p99"]), f(e["max"]), f(r["session_ms"]["p99"], 1), f(late), sum(r["errors"].values())))
     groups = {}
     for r in lat:
         groups.setdefault("/".join(r["label"].split("/")[:2]), []).append(r["ehlo_us"])
