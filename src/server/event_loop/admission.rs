@@ -148,7 +148,6 @@ impl Server {
             self.metrics.reply(421);
             return;
         }
-        let _ = socket.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
         self.generation = self.generation.wrapping_add(1);

@@ -582,6 +582,16 @@ pub mod tests {
     }
 
     #[test]
+    fn an_accepted_connection_replies_without_nagle_delay() {
+        let mut server = TestServer::start(&[]);
+        let _client = connect(&mut server);
+        let slot = server.only_conn_id().slot();
+        let conn = server.server.conns.get(slot).expect("open");
+        // Set once on the listener, inherited at accept.
+        assert!(conn.socket.nodelay().expect("getsockopt"));
+    }
+
+    #[test]
     fn a_command_is_answered_on_the_loop_in_the_same_round() {
         let mut server = TestServer::start(&[]);
         let mut client = connect(&mut server);

@@ -55,6 +55,13 @@ impl Server {
 
         let mut listeners = Vec::with_capacity(bound.len());
         for (i, b) in bound.into_iter().enumerate() {
+            // Replies go out as soon as they are written (no Nagle wait behind an unacked
+            // one). Linux hands TCP_NODELAY from the listener to every socket it accepts, so
+            // this one call saves a setsockopt per connection; it also covers sockets a
+            // service manager passed without NoDelay=.
+            socket2::SockRef::from(&b.listener)
+                .set_tcp_nodelay(true)
+                .map_err(|e| StartError::Io("listener TCP_NODELAY", e))?;
             let mut l = TcpListener::from_std(b.listener);
             poll.registry()
                 .register(&mut l, Token(FIRST_LISTENER + i), Interest::READABLE)
