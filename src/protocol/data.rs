@@ -204,6 +204,11 @@ impl DataDecoder {
 
     /// Decodes as much of `input` as belongs to the message.
     pub fn feed(&mut self, input: &[u8]) -> Feed {
+        if self.refusal.is_none() {
+            // Decoded content is about as long as the input: one reservation, not a growth
+            // step per line.
+            self.content.reserve(input.len());
+        }
         let mut i = 0;
         while i < input.len() {
             match self.state {

@@ -60,6 +60,7 @@ impl Reply {
             b'0' + (code % 10) as u8,
         ];
         let last = self.lines.len().saturating_sub(1);
+        out.reserve(self.lines.iter().map(|line| line.len() + 6).sum::<usize>() + 6);
         for (i, line) in self.lines.iter().enumerate() {
             out.extend_from_slice(&digits);
             out.push(if i == last { b' ' } else { b'-' });
