@@ -153,13 +153,46 @@ start_postfix() {
   wait_port "$PF_PORT" "$PF_PID" 10
 }
 
+# CPU ticks of each thread of PID, summed by name without its number ("worker-1" -> "worker").
+thread_ticks() {
+  python3 - "$1" <<'PY'
+import json, os, re, sys
+pid, out = sys.argv[1], {}
+for tid in os.listdir("/proc/%s/task" % pid):
+    try:
+        stat = open("/proc/%s/task/%s/stat" % (pid, tid)).read()
+    except OSError:
+        continue
+    name = re.sub(r"-\d+$", "", stat[stat.index("(") + 1:stat.rindex(")")])
+    fields = stat[stat.rindex(")") + 2:].split()
+    out[name] = out.get(name, 0) + int(fields[11]) + int(fields[12])
+print(json.dumps(out))
+PY
+}
+
 # load LABEL PID PORT N smtp-source-args...
+# For heloguard the CPU is also split by thread (from /proc, so no profiler runs): the
+# protocol work is every thread but the spool writers.
 run_load() {
   local label=$1 pid=$2 port=$3 n=$4; shift 4
   echo "== $label ($n messages)" >&2
+  local before=""
+  case "$label" in heloguard*) before=$(thread_ticks "$pid") ;; esac
   python3 "$SHARED/bench-run.py" --pid "$pid" --label "$label" --messages "$n" -- \
     "$SMTP_SOURCE" "$@" -m "$n" -f load@client.example.org -t rcpt@bench.test \
     -M client.example.org "127.0.0.1:$port" | tee -a "$RES" | cut -c1-200 >&2
+  if [ -n "$before" ]; then
+    python3 - "$label" "$n" "$(getconf CLK_TCK)" "$before" "$(thread_ticks "$pid")" <<'PY' | tee -a "$RES" >&2
+import json, sys
+label, n, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+a, b = json.loads(sys.argv[4]), json.loads(sys.argv[5])
+ms = {k: 1000.0 * (b[k] - a.get(k, 0)) / hz / n for k in b}
+protocol = sum(v for k, v in ms.items() if "spool" not in k)
+print(json.dumps({"tool": "threads", "label": label, "messages": n, "protocol_ms_per_msg": round(protocol, 4),
+                  "spool_ms_per_msg": round(sum(ms.values()) - protocol, 4),
+                  "by_thread_ms_per_msg": {k: round(v, 4) for k, v in sorted(ms.items())}}))
+PY
+  fi
 }
 
 loads() { # NAME PID PORT REP
@@ -452,6 +485,18 @@ if sink or os.path.exists(floor):
         print("- smtp-sink (replies only, no disk), load %s: %.3f ms/msg at %.0f msgs/s" % (load, 1000.0 * r["server_cpu_s"] / (r["msgs_per_s"] * r["wall_s"]), r["msgs_per_s"]))
     if os.path.exists(floor):
         print("- " + open(floor).read().strip())
+threads = [r for r in rows if r.get("tool") == "threads" and r["label"].split("/")[0] == "heloguard"]
+if threads:
+    print("\nProtocol CPU (every thread but the spool writers, from /proc by thread) against smtp-sink's:")
+    by_load = {}
+    for r in threads:
+        by_load.setdefault(r["label"].split("/")[1], []).append(r["protocol_ms_per_msg"])
+    for load, ps in sorted(by_load.items()):
+        s = sink.get(load)
+        s_ms = 1000.0 * s["server_cpu_s"] / (s["msgs_per_s"] * s["wall_s"]) if s else None
+        print("- load %s: %s ms/msg (median of %d; %s), smtp-sink %s ms/msg, ratio %s" % (
+            load, f(med(ps), 3), len(ps), ", ".join(f(p, 3) for p in ps), f(s_ms, 3),
+            "-" if s_ms is None else "%.2fx" % (med(ps) / s_ms)))
 file_ms = None
 if os.path.exists(floor):
     m = re.search(r"([\d.]+) ms/file", open(floor).read())
