@@ -479,8 +479,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_worker_panic_ends_its_session_with_421_and_frees_its_slot_and_thread() {
+    /// `count` NOOP lines; past 16 KiB they make a job for a worker, not for the loop.
+    fn noops(count: usize) -> Vec<u8> {
+        b"NOOP\r\n".repeat(count)
+    }
+
+    /// A session whose job panics ends with 421 4.3.0 and gives back its per-IP slot; the
+    /// next client is served by the same threads. `padding` NOOP lines ride along with the
+    /// panicking line, and with the next client's first command.
+    fn a_panic_ends_only_its_session(padding: usize) {
         use crate::server::worker::PANIC_TRIGGER;
         use std::io::Write;
         let mut server = TestServer::start(&[
@@ -492,7 +499,10 @@ mod tests {
         let mut line = b"NOOP ".to_vec();
         line.extend_from_slice(PANIC_TRIGGER);
         line.extend_from_slice(b"\r\n");
+        line.extend_from_slice(&noops(padding));
         client.write_all(&line).expect("write");
+        // All of it in the server's socket before the loop reads, so it is one job.
+        std::thread::sleep(std::time::Duration::from_millis(50));
         let rest = read_to_eof(&mut server, &mut client);
         assert!(rest.starts_with("421 4.3.0 "), "{rest:?}");
         assert_eq!(rest.lines().count(), 1, "{rest:?}");
@@ -510,7 +520,9 @@ mod tests {
         let mut again = connect(&mut server);
         let banner = server.read_reply(&mut again);
         assert!(banner.starts_with("220 "), "{banner}");
-        again.write_all(b"NOOP\r\n").expect("write");
+        let mut next = b"NOOP\r\n".to_vec();
+        next.extend_from_slice(&noops(padding));
+        again.write_all(&next).expect("write");
         let reply = server.read_reply(&mut again);
         assert!(reply.starts_with("250 "), "{reply}");
         assert!(
@@ -520,6 +532,17 @@ mod tests {
                 .render()
                 .contains("heloguard_panics_total 1\n")
         );
+    }
+
+    #[test]
+    fn a_panic_on_the_loop_ends_its_session_with_421_and_frees_its_slot() {
+        a_panic_ends_only_its_session(0);
+    }
+
+    #[test]
+    fn a_worker_panic_ends_its_session_with_421_and_frees_its_slot_and_thread() {
+        // 4,000 lines are 24,000 octets: above what the loop runs itself.
+        a_panic_ends_only_its_session(4_000);
     }
 
     #[test]
