@@ -741,27 +741,30 @@ fn drive_events(
     let mut finished = 0;
     let t0 = Instant::now();
     let mut next_start = t0;
-    let open = |slot: usize, poll: &mut mio::Poll| -> io::Result<EvConn> {
-        let mut conn = EvConn::open(addr, msgs)?;
-        poll.registry().register(
-            &mut conn.sock,
-            mio::Token(slot),
-            mio::Interest::READABLE | mio::Interest::WRITABLE,
-        )?;
-        Ok(conn)
+    // A session's connection in `slot`; one that cannot connect is a finished session with
+    // its error counted.
+    let start = |slot: usize, poll: &mut mio::Poll, r: &mut Results| -> Option<EvConn> {
+        let opened = EvConn::open(addr, msgs).and_then(|mut conn| {
+            poll.registry().register(
+                &mut conn.sock,
+                mio::Token(slot),
+                mio::Interest::READABLE | mio::Interest::WRITABLE,
+            )?;
+            Ok(conn)
+        });
+        opened
+            .map_err(|e| {
+                *r.errors
+                    .entry(format!("connect:{:?}", e.kind()))
+                    .or_default() += 1;
+            })
+            .ok()
     };
     for (slot, entry) in conns.iter_mut().enumerate() {
         if started < n && pace.is_none() {
             started += 1;
-            match open(slot, &mut poll) {
-                Ok(conn) => *entry = Some(conn),
-                Err(e) => {
-                    *r.errors
-                        .entry(format!("connect:{:?}", e.kind()))
-                        .or_default() += 1;
-                    finished += 1;
-                }
-            }
+            *entry = start(slot, &mut poll, &mut r);
+            finished += usize::from(entry.is_none());
         }
     }
     let mut tmp = vec![0u8; 64 * 1024];
@@ -780,15 +783,8 @@ fn drive_events(
                 }
                 started += 1;
                 next_start += pace;
-                match open(slot, &mut poll) {
-                    Ok(conn) => conns[slot] = Some(conn),
-                    Err(e) => {
-                        *r.errors
-                            .entry(format!("connect:{:?}", e.kind()))
-                            .or_default() += 1;
-                        finished += 1;
-                    }
-                }
+                conns[slot] = start(slot, &mut poll, &mut r);
+                finished += usize::from(conns[slot].is_none());
             }
         }
         let wait = match pace {
@@ -863,15 +859,8 @@ fn drive_events(
                 }
                 if started < n && pace.is_none() {
                     started += 1;
-                    match open(slot, &mut poll) {
-                        Ok(conn) => conns[slot] = Some(conn),
-                        Err(e) => {
-                            *r.errors
-                                .entry(format!("connect:{:?}", e.kind()))
-                                .or_default() += 1;
-                            finished += 1;
-                        }
-                    }
+                    conns[slot] = start(slot, &mut poll, &mut r);
+                    finished += usize::from(conns[slot].is_none());
                 }
             }
         }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
+use crate::dns::DnsRequest;
+use crate::dns::resolver::ResolverHandle;
 use crate::net::ClientKey;
 use crate::server::conn_id::ConnId;
 use crate::server::listener::ListenerKind;
@@ -225,9 +227,9 @@ pub(crate) struct DnsWork {
     pub forward_wanted: Option<String>,
     /// What the `forward_wanted` lookup may cost, counted until its answer says what it did.
     pub forward_reserved: u32,
-    /// The resolver thread was asked something for this session, so at close it is told to
-    /// forget it. Most sessions of a repeat client are answered from the known answers and
-    /// never wake that thread.
+    /// The resolver thread was asked something for this session (`ask`), so at close it is
+    /// told to forget it. Most sessions of a repeat client are answered from the known answers
+    /// and never wake that thread.
     pub asked_resolver: bool,
 }
 
@@ -248,6 +250,12 @@ impl DnsWork {
     pub(crate) fn replace_forward(&mut self) {
         self.queries = self.queries.saturating_add(self.forward_reserved);
         self.forward_reserved = 0;
+    }
+
+    /// Sends one of this session's lookups to the resolver thread.
+    pub(crate) fn ask(&mut self, resolver: &ResolverHandle, request: DnsRequest) {
+        self.asked_resolver = true;
+        resolver.submit(request);
     }
 
     /// A Forward lookup goes to the resolver.

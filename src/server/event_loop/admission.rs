@@ -204,11 +204,11 @@ impl Server {
         let known_reverse = self.resolver.as_ref().and_then(|r| {
             let known = r.known_answers().reverse(client_ip, now);
             if known.is_none() {
-                conn.dns_work.asked_resolver = true;
-                r.submit(DnsRequest::Reverse {
+                let request = DnsRequest::Reverse {
                     id: conn.id.raw(),
                     ip: client_ip,
-                });
+                };
+                conn.dns_work.ask(r, request);
             }
             known
         });

@@ -183,8 +183,7 @@ impl Server {
                         }
                     } else if let Some(r) = &self.resolver {
                         conn.dns_work.reserve_forward();
-                        conn.dns_work.asked_resolver = true;
-                        r.submit(request);
+                        conn.dns_work.ask(r, request);
                     }
                 }
                 let deadline = now + self.config.dns_timeout * 2;

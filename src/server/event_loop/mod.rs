@@ -361,18 +361,17 @@ impl Server {
             match run_job(job, &self.metrics, known) {
                 WorkerReport::Finished(done) => {
                     if self.settle(done).is_none() {
-                        ran_here = false;
                         break;
                     }
                 }
                 WorkerReport::Panicked { conn_id, message } => {
-                    ran_here = false;
                     self.on_worker_panic(conn_id, &message);
                     break;
                 }
             }
         }
         self.pumping = outer;
+        // A connection closed meanwhile is gone from its slot, and this does nothing.
         if ran_here {
             self.flush_or_close(slot);
         }
@@ -581,6 +580,76 @@ pub mod tests {
         String::from_utf8_lossy(&got[..n]).into_owned()
     }
 
+    /// A readable event for `slot` hands its input to a worker instead of running it here.
+    fn assert_read_goes_to_a_worker(server: &mut TestServer, slot: usize) {
+        server.server.conn_ready(slot, READABLE);
+        let conn = server.server.conns.get(slot).expect("open");
+        assert!(
+            matches!(conn.state, ConnState::AtWorker),
+            "{:?}",
+            conn.state
+        );
+    }
+
+    #[test]
+    fn a_fin_queued_behind_a_command_is_read_though_the_read_was_short() {
+        let mut server = TestServer::start(&[]);
+        let mut client = connect(&mut server);
+        assert!(server.read_reply(&mut client).starts_with("220 "));
+        // The command and the FIN both wait in the socket before the loop reads: one read
+        // returns the command short of the buffer, and only the close hint says to go on.
+        client.write_all(b"NOOP\r\n").expect("write");
+        client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+        std::thread::sleep(Duration::from_millis(50));
+        client
+            .set_read_timeout(Some(Duration::from_millis(5)))
+            .expect("timeout");
+        let deadline = Instant::now() + PATIENCE;
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 512];
+        loop {
+            assert!(Instant::now() < deadline, "never closed: {got:?}");
+            match client.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(_) => server.turn(),
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("250 "), "{text}");
+        assert!(server.server.conns.is_empty(), "closed after the reply");
+    }
+
+    #[test]
+    fn only_a_session_that_asked_the_resolver_is_marked_for_forgetting_at_close() {
+        // The test resolver (127.0.0.1:9) knows nothing yet, so the PTR lookup is asked.
+        let mut server = TestServer::start(&[]);
+        let _client = connect(&mut server);
+        let slot = server.only_conn_id().slot();
+        let conn = server.server.conns.get(slot).expect("open");
+        assert!(conn.dns_work.asked_resolver);
+
+        // A client whose PTR facts are known never wakes the resolver, nor at its close.
+        let facts = crate::dns::answer_cache::Keepable {
+            value: crate::dns::ReverseFacts {
+                ptr: crate::dns::Lookup::NxDomain,
+            },
+            until: Some(Instant::now() + Duration::from_secs(60)),
+        };
+        let ip = conn.client_ip;
+        let resolver = server.server.resolver.as_ref().expect("resolver");
+        resolver
+            .known_answers()
+            .keep_reverse(ip, &facts, Vec::new());
+        server.server.close(slot, "test");
+        let _second = connect(&mut server);
+        let slot = server.only_conn_id().slot();
+        let conn = server.server.conns.get(slot).expect("open");
+        assert!(!conn.dns_work.asked_resolver);
+    }
+
     #[test]
     fn an_accepted_connection_replies_without_nagle_delay() {
         let mut server = TestServer::start(&[]);
@@ -624,13 +693,7 @@ pub mod tests {
         let line = format!("{}\r\n", "x".repeat(998));
         let lines = crate::message::content::MEMORY_PART / line.len() + 2;
         send_unseen(&mut client, line.repeat(lines).as_bytes());
-        server.server.conn_ready(slot, READABLE);
-        let conn = server.server.conns.get(slot).expect("open");
-        assert!(
-            matches!(conn.state, ConnState::AtWorker),
-            "{:?}",
-            conn.state
-        );
+        assert_read_goes_to_a_worker(&mut server, slot);
 
         // Back from the worker with its content spilled: a small piece goes there too.
         let deadline = Instant::now() + PATIENCE;
@@ -644,13 +707,7 @@ pub mod tests {
             server.turn();
         }
         send_unseen(&mut client, line.as_bytes());
-        server.server.conn_ready(slot, READABLE);
-        let conn = server.server.conns.get(slot).expect("open");
-        assert!(
-            matches!(conn.state, ConnState::AtWorker),
-            "{:?}",
-            conn.state
-        );
+        assert_read_goes_to_a_worker(&mut server, slot);
 
         client.write_all(b".\r\n").expect("write");
         let reply = server.read_reply(&mut client);
@@ -680,12 +737,7 @@ pub mod tests {
                 ..
             }
         ));
-        let readable = Readiness {
-            readable: true,
-            writable: false,
-            closed_hint: false,
-        };
-        server.server.conn_ready(slot, readable);
+        server.server.conn_ready(slot, READABLE);
         let conn = server.server.conns.get(slot).expect("open");
         assert_eq!(conn.inbuf, b"EHLO early.example\r\n");
         assert!(matches!(

@@ -28,10 +28,7 @@ impl Server {
         };
         match resolver.known_answers().dnsbl(client_ip, now) {
             Some(outcome) => conn.pending.push(OwnedEvent::Dnsbl(outcome)),
-            None => {
-                conn.dns_work.asked_resolver = true;
-                resolver.submit(request)
-            }
+            None => conn.dns_work.ask(resolver, request),
         }
     }
 
@@ -66,10 +63,7 @@ impl Server {
         }
         for request in requests {
             match &self.resolver {
-                Some(resolver) if !over_budget => {
-                    conn.dns_work.asked_resolver = true;
-                    resolver.submit(request)
-                }
+                Some(resolver) if !over_budget => conn.dns_work.ask(resolver, request),
                 _ => {
                     if let Some(answer) = request.unavailable()
                         && let Some(event) = sender_event(answer)
