@@ -6,11 +6,14 @@
 #
 #   benches/load.sh [--vs-postfix] [--messages N] [--messages-b N] [--messages-c N]
 #                   [--helo-sessions N] [--latency-sessions N] [--latency-rate R]
-#                   [--tls-sessions N] [--idle K]
+#                   [--same-rate R] [--same-rate-messages N] [--tls-sessions N] [--idle K]
 #                   [--callgrind] [--callgrind-messages N] [--perf] [--reps R]
-#                   [--only a,b,c,relay,helo,latency,tls,idle,tls-idle] [--haraka DIR]
-#                   [--out DIR]
+#                   [--only a,b,c,relay,helo,latency,same-rate,tls,idle,tls-idle]
+#                   [--haraka DIR] [--out DIR]
 #
+# same-rate: heloguard's protocol CPU per message and smtp-sink's at one paced rate (default
+# 500 messages/s), in the shape of load a (a session per message) and of load b (20
+# connections, messages paced over them), so the two are compared at the same work per second.
 # relay: load (a) against heloguard in maildir mode, heloguard relaying to smtp-sink, and,
 # with --haraka DIR (installed there by shared/bench/haraka/setup.sh when missing), Haraka 3
 # forwarding to the same smtp-sink; the servers alternate within each rep.
@@ -19,11 +22,12 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MSGS_A=10000 MSGS_B=2000 MSGS_C=2000 HELO_N=5000 LAT_N=10000 LAT_RATE=1000 IDLE_K=10000 TLS_N=5000
-CG_MSGS=500 REPS=1 VS_POSTFIX=0 CALLGRIND=0 PERF=0 ONLY="a,b,c,helo,latency,tls,idle,tls-idle" OUT=""
+SAME_RATE=500 SAME_RATE_N=5000
+CG_MSGS=500 REPS=1 VS_POSTFIX=0 CALLGRIND=0 PERF=0 ONLY="a,b,c,helo,latency,same-rate,tls,idle,tls-idle" OUT=""
 HARAKA_DIR=""
 PF_PORT=2625
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --vs-postfix) VS_POSTFIX=1 ;;
@@ -33,6 +37,8 @@ while [ $# -gt 0 ]; do
     --helo-sessions) HELO_N=$2; shift ;;
     --latency-sessions) LAT_N=$2; shift ;;
     --latency-rate) LAT_RATE=$2; shift ;;
+    --same-rate) SAME_RATE=$2; shift ;;
+    --same-rate-messages) SAME_RATE_N=$2; shift ;;
     --tls-sessions) TLS_N=$2; shift ;;
     --idle) IDLE_K=$2; shift ;;
     --callgrind) CALLGRIND=1 ;;
@@ -327,6 +333,49 @@ if want latency; then
   done
   [ -z "$LAT_SINK_PORT" ] || stop_pid "$LAT_SINK_PID"
 fi
+if want same-rate; then
+  # Closed loops (loads a and b) let smtp-sink, which never waits for a disk, run several times
+  # faster than a server that makes each message durable; a server that sleeps between
+  # arrivals pays a wake for each of them. Here both get the same paced arrivals, and the CPU
+  # of every thread but the spool writers (all of smtp-sink's) is read from /proc around them.
+  SINK_BIN=$(command -v smtp-sink || { [ -x /usr/sbin/smtp-sink ] && echo /usr/sbin/smtp-sink; } || true)
+  [ -n "$SINK_BIN" ] || { echo "load.sh: smtp-sink not found (apt-get install postfix)" >&2; exit 2; }
+  SR_SINK_PORT=$(free_port)
+  "$SINK_BIN" -u nobody "127.0.0.1:$SR_SINK_PORT" 1000 2>/dev/null &
+  SR_SINK_PID=$!
+  PIDS+=("$SR_SINK_PID")
+  wait_port "$SR_SINK_PORT" "$SR_SINK_PID" 10
+  same_rate_run() { # WHO PID PORT SHAPE REP LOADGEN-ARGS...
+    local who=$1 pid=$2 port=$3 shape=$4 r=$5; shift 5
+    echo "== same rate, $who, shape of load $shape, $SAME_RATE messages/s, rep $r" >&2
+    local before gen
+    before=$(thread_ticks "$pid")
+    gen=$("$LOADGEN" latency --events --addr "127.0.0.1:$port" --label "$who/same-rate-$shape/r$r" "$@")
+    python3 - "$who" "$shape" "$r" "$(getconf CLK_TCK)" "$before" "$(thread_ticks "$pid")" "$gen" <<'PY' | tee -a "$RES" >&2
+import json, sys
+who, shape, rep, hz = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+a, b, gen = json.loads(sys.argv[5]), json.loads(sys.argv[6]), json.loads(sys.argv[7])
+n = max(1, gen["messages_ok"])
+ms = {k: 1000.0 * (b[k] - a.get(k, 0)) / hz / n for k in b}
+protocol = sum(v for k, v in ms.items() if "spool" not in k)
+print(json.dumps({"tool": "same-rate", "who": who, "shape": shape, "rep": rep,
+                  "rate": gen["message_rate"] or gen["rate"], "messages": gen["messages_ok"],
+                  "msgs_per_s": gen["msgs_per_s"], "late_starts": gen["late_starts"],
+                  "errors": sum(gen["errors"].values()), "protocol_ms_per_msg": round(protocol, 4),
+                  "by_thread_ms_per_msg": {k: round(v, 4) for k, v in sorted(ms.items())}}))
+PY
+  }
+  SR_PER_CONN=$(( (SAME_RATE_N + 19) / 20 ))
+  for r in $(seq "$REPS"); do
+    for who in heloguard smtp-sink; do
+      if [ "$who" = heloguard ]; then pid=$HG_PID port=$HG_PORT; else pid=$SR_SINK_PID port=$SR_SINK_PORT; fi
+      same_rate_run "$who" "$pid" "$port" a "$r" -c 50 -n "$SAME_RATE_N" --rate "$SAME_RATE"
+      same_rate_run "$who" "$pid" "$port" b "$r" -c 20 -n 20 --msgs "$SR_PER_CONN" --message-rate "$SAME_RATE"
+    done
+  done
+  stop_pid "$SR_SINK_PID"
+fi
+
 # tls_load WHO PID PORT REP MODE: 50 concurrent, 1 message (1 KiB) per session, each session
 # EHLO, STARTTLS, handshake, EHLO, MAIL, RCPT, DATA, QUIT. MODE full: no session is resumed;
 # resume: the client keeps tickets and session ids, as a sending MTA's TLS cache does.
@@ -523,6 +572,20 @@ if "heloguard-relay" in relay:
     if "haraka" in relay:
         hk = relay["haraka"]
         print("| heloguard relay / Haraka | %.2fx | %.2f (1/%.1f) |" % (rl[0] / hk[0], rl[1] / hk[1], hk[1] / rl[1]))
+same = [r for r in rows if r.get("tool") == "same-rate"]
+if same:
+    print("\n### Protocol CPU at the same paced rate (loadgen; every thread but the spool writers, from /proc)\n")
+    print("| shape | rate msgs/s | heloguard ms/msg | smtp-sink ms/msg | ratio (medians) | late starts h/s | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in sorted({r["shape"] for r in same}):
+        h = [r for r in same if r["shape"] == shape and r["who"] == "heloguard"]
+        s = [r for r in same if r["shape"] == shape and r["who"] == "smtp-sink"]
+        hm, sm = med([r["protocol_ms_per_msg"] for r in h]), med([r["protocol_ms_per_msg"] for r in s])
+        print("| %s | %s | %s (%s) | %s (%s) | %s | %d/%d | %d |" % (
+            shape, f(med([r["rate"] for r in h + s])), f(hm, 3), ", ".join(f(r["protocol_ms_per_msg"], 3) for r in h),
+            f(sm, 3), ", ".join(f(r["protocol_ms_per_msg"], 3) for r in s),
+            "-" if not hm or not sm else "%.2fx" % (hm / sm), sum(r["late_starts"] for r in h),
+            sum(r["late_starts"] for r in s), sum(r["errors"] for r in h + s)))
 lat = [r for r in rows if r.get("mode") == "latency"]
 if lat:
     print("\n### EHLO latency (loadgen latency: banner, EHLO, 1 message, QUIT per session)\n")

@@ -15,7 +15,10 @@
 //!   would be measured as server latency. `--starttls` (with `--events`): every session says
 //!   STARTTLS after EHLO, does a rustls handshake, EHLO again and its messages inside TLS;
 //!   `--resume` keeps tickets and TLS 1.2 session ids for the next sessions (full and resumed
-//!   handshakes are counted), `--tls12` offers TLS 1.2 only. `--pid PID` adds that server
+//!   handshakes are counted), `--tls12` offers TLS 1.2 only. `--rate R` (with `--events`)
+//!   starts R sessions a second, an open loop; `--message-rate R` keeps C connections open
+//!   (one session each, `-n` equal to `-c`) and starts R messages a second over them, so
+//!   that two servers can be compared at the same message rate. `--pid PID` adds that server
 //!   process's CPU per message.
 //! * `helo`: starts a test DNS server in this process, serving a zone of documentation-range
 //!   clients (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32) and varied HELO
@@ -43,7 +46,7 @@ mod dns_server;
 #[path = "loadgen/tls_client.rs"]
 mod tls_client;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -111,7 +114,8 @@ fn die(msg: &str) -> ! {
 
 const USAGE: &str = "usage: loadgen latency|helo|idle|dns [options]
   latency --addr A [-c 20] [-n 5000] [--msgs 1] [--size 1000] [--helo NAME] [--proxy]
-          [--events [--starttls [--resume] [--tls12]]] [--pid PID] [--label L]
+          [--events [--starttls [--resume] [--tls12]] [--rate R | --message-rate R]]
+          [--pid PID] [--label L]
   helo    --server PATH [--mode cold|warm] [-c 20] [-n 5000] [--msgs 1] [--size 1000]
           [--warm-set 16] [--workdir DIR] [--label L] [--sender]
   idle    --addr A [-k 10000] [--pid PID] [--proxy] [--starttls] [--hold 5] [--threads 8]
@@ -442,9 +446,16 @@ fn latency(mut a: Args) {
     let tls12 = a.flag("--tls12");
     let pid: u32 = a.num(&["--pid"], 0);
     let rate: f64 = a.num(&["--rate"], 0.0);
+    let message_rate: f64 = a.num(&["--message-rate"], 0.0);
     a.done();
-    if rate > 0.0 && !events {
-        die("--rate runs on the event-driven generator: add --events");
+    if (rate > 0.0 || message_rate > 0.0) && !events {
+        die("--rate and --message-rate run on the event-driven generator: add --events");
+    }
+    if rate > 0.0 && message_rate > 0.0 {
+        die("--rate paces sessions and --message-rate messages: give one");
+    }
+    if message_rate > 0.0 && n != c {
+        die("--message-rate keeps each connection for one session: give -n equal to -c");
     }
     if (resume || tls12) && !starttls {
         die("--resume and --tls12 go with --starttls");
@@ -464,9 +475,10 @@ fn latency(mut a: Args) {
             helo: &helo,
             body: &body,
             tls,
+            paced_messages: message_rate > 0.0,
         };
-        let pace = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
-        drive_events(addr, c, n, msgs, &script, pace)
+        let pace = |r: f64| (r > 0.0).then(|| Duration::from_secs_f64(1.0 / r));
+        drive_events(addr, c, n, msgs, &script, pace(rate), pace(message_rate))
     } else {
         drive(c, n, |i, run| {
             let hdr = proxy.then(|| {
@@ -486,10 +498,12 @@ fn latency(mut a: Args) {
         })
     };
     let ws = wall.as_secs_f64();
-    let rate_json = if rate > 0.0 {
-        format!("{rate}")
-    } else {
-        "null".into()
+    let rate_json = |r: f64| {
+        if r > 0.0 {
+            format!("{r}")
+        } else {
+            "null".into()
+        }
     };
     let server_cpu = server_cpu0
         .map(|c0| {
@@ -506,7 +520,7 @@ fn latency(mut a: Args) {
         "null".into()
     };
     println!(
-        "{{\"tool\":\"loadgen\",\"mode\":\"latency\",\"label\":\"{label}\",\"addr\":\"{addr}\",\"concurrency\":{c},\"sessions\":{n},\"msgs_per_session\":{msgs},\"size\":{size},\"tls\":{tls_json},\"wall_s\":{ws:.3},\"sessions_ok\":{},\"sessions_per_s\":{:.1},\"messages_ok\":{},\"msgs_per_s\":{:.1},\"server_cpu_ms_per_msg\":{server_cpu},\"ehlo_us\":{},\"banner_us\":{},\"session_ms\":{},\"errors\":{},\"rate\":{rate_json},\"late_starts\":{},\"client_cpu_s\":{:.2}}}",
+        "{{\"tool\":\"loadgen\",\"mode\":\"latency\",\"label\":\"{label}\",\"addr\":\"{addr}\",\"concurrency\":{c},\"sessions\":{n},\"msgs_per_session\":{msgs},\"size\":{size},\"tls\":{tls_json},\"wall_s\":{ws:.3},\"sessions_ok\":{},\"sessions_per_s\":{:.1},\"messages_ok\":{},\"msgs_per_s\":{:.1},\"server_cpu_ms_per_msg\":{server_cpu},\"ehlo_us\":{},\"banner_us\":{},\"session_ms\":{},\"errors\":{},\"rate\":{},\"message_rate\":{},\"late_starts\":{},\"client_cpu_s\":{:.2}}}",
         r.session.len(),
         r.session.len() as f64 / ws,
         r.msgs_ok,
@@ -515,6 +529,8 @@ fn latency(mut a: Args) {
         pct_json(&mut r.banner, true),
         pct_json(&mut r.session, false),
         errors_json(&r.errors),
+        rate_json(rate),
+        rate_json(message_rate),
         r.late_starts,
         own_cpu_s() - cpu0
     );
@@ -526,6 +542,8 @@ struct Script<'a> {
     body: &'a [u8],
     /// STARTTLS after the first EHLO, with this client configuration.
     tls: Option<Arc<ClientConfig>>,
+    /// Messages start when the driver says (`--message-rate`), not as soon as the last ends.
+    paced_messages: bool,
 }
 
 /// Where an event-driven session is: the reply it waits for next (or the handshake).
@@ -540,6 +558,8 @@ enum Step {
     Rcpt,
     Data,
     Dot,
+    /// Between messages, until the driver starts the next one (`--message-rate`).
+    Waiting,
     Quit,
 }
 
@@ -559,6 +579,8 @@ struct EvConn {
     ehlo: Duration,
     msgs_left: usize,
     msgs_ok: usize,
+    /// In the driver's queue of connections waiting for their next message.
+    queued: bool,
 }
 
 impl EvConn {
@@ -579,6 +601,7 @@ impl EvConn {
             ehlo: Duration::ZERO,
             msgs_left: msgs,
             msgs_ok: 0,
+            queued: false,
         })
     }
 
@@ -665,7 +688,7 @@ impl EvConn {
                 if script.tls.is_some() {
                     self.send(b"STARTTLS\r\n", Step::StartTls)?;
                 } else {
-                    self.next_message()?;
+                    self.next_message(script)?;
                 }
             }
             Step::StartTls => {
@@ -680,9 +703,10 @@ impl EvConn {
                 self.step = Step::Handshake;
             }
             Step::Handshake => return Err(format!("handshake:plaintext-{code}")),
+            Step::Waiting => return Err(format!("waiting:unexpected-{code}")),
             Step::TlsEhlo => {
                 expect(250, "tls-ehlo")?;
-                self.next_message()?;
+                self.next_message(script)?;
             }
             Step::Mail => {
                 expect(250, "mail")?;
@@ -699,7 +723,7 @@ impl EvConn {
             Step::Dot => {
                 expect(250, "dot")?;
                 self.msgs_ok += 1;
-                self.next_message()?;
+                self.next_message(script)?;
             }
             Step::Quit => {
                 expect(221, "quit")?;
@@ -709,13 +733,20 @@ impl EvConn {
         Ok(false)
     }
 
-    fn next_message(&mut self) -> Result<(), String> {
+    fn next_message(&mut self, script: &Script) -> Result<(), String> {
         if self.msgs_left == 0 {
             self.send(b"QUIT\r\n", Step::Quit)
+        } else if script.paced_messages {
+            self.step = Step::Waiting;
+            Ok(())
         } else {
-            self.msgs_left -= 1;
-            self.send(b"MAIL FROM:<load@client.example.org>\r\n", Step::Mail)
+            self.start_message()
         }
+    }
+
+    fn start_message(&mut self) -> Result<(), String> {
+        self.msgs_left -= 1;
+        self.send(b"MAIL FROM:<load@client.example.org>\r\n", Step::Mail)
     }
 }
 
@@ -725,6 +756,11 @@ impl EvConn {
 /// others by Little's law). With `pace` one session starts every `pace` (an open loop, as
 /// mail arrives at an MX), at most `c` at a time; a start that finds every connection busy
 /// waits for one and counts in `late_starts`.
+///
+/// With `msg_pace` (and `script.paced_messages`) each connection is one session of `msgs`
+/// messages, and one message starts every `msg_pace` on a connection that waits between
+/// messages: the same message rate for every server, so that CPU per message compares at
+/// that rate. A start that finds no connection waiting counts in `late_starts`.
 fn drive_events(
     addr: SocketAddr,
     c: usize,
@@ -732,6 +768,7 @@ fn drive_events(
     msgs: usize,
     script: &Script,
     pace: Option<Duration>,
+    msg_pace: Option<Duration>,
 ) -> (Results, Duration) {
     let mut poll = mio::Poll::new().unwrap_or_else(|e| die(&format!("poll: {e}")));
     let mut events = mio::Events::with_capacity(1024);
@@ -741,6 +778,9 @@ fn drive_events(
     let mut finished = 0;
     let t0 = Instant::now();
     let mut next_start = t0;
+    let mut waiting: VecDeque<usize> = VecDeque::new();
+    // Set when the first connection waits for a message, so session setup is not late.
+    let mut next_message: Option<Instant> = None;
     // A session's connection in `slot`; one that cannot connect is a finished session with
     // its error counted.
     let start = |slot: usize, poll: &mut mio::Poll, r: &mut Results| -> Option<EvConn> {
@@ -787,8 +827,37 @@ fn drive_events(
                 finished += usize::from(conns[slot].is_none());
             }
         }
-        let wait = match pace {
-            Some(_) if started < n && !all_busy => next_start
+        if let (Some(msg_pace), Some(due)) = (msg_pace, next_message.as_mut()) {
+            let now = Instant::now();
+            while *due <= now {
+                let Some(slot) = waiting.pop_front() else {
+                    break;
+                };
+                let Some(conn) = conns.get_mut(slot).and_then(Option::as_mut) else {
+                    continue;
+                };
+                if now.saturating_duration_since(*due) > LATE_START {
+                    r.late_starts += 1;
+                }
+                *due += msg_pace;
+                conn.queued = false;
+                let sent = conn
+                    .start_message()
+                    .and_then(|()| conn.flush().map_err(|e| format!("write:{:?}", e.kind())));
+                if let Err(e) = sent {
+                    *r.errors.entry(e).or_default() += 1;
+                    finished += 1;
+                    if let Some(mut old) = conns[slot].take() {
+                        let _ = poll.registry().deregister(&mut old.sock);
+                    }
+                }
+            }
+        }
+        let wait = match (pace, msg_pace, next_message) {
+            (Some(_), _, _) if started < n && !all_busy => next_start
+                .saturating_duration_since(Instant::now())
+                .min(IO_TIMEOUT),
+            (_, Some(_), Some(due)) if !waiting.is_empty() => due
                 .saturating_duration_since(Instant::now())
                 .min(IO_TIMEOUT),
             _ => IO_TIMEOUT,
@@ -834,7 +903,14 @@ fn drive_events(
                 Ok(false)
             })();
             let over = match outcome {
-                Ok(false) => continue,
+                Ok(false) => {
+                    if conn.step == Step::Waiting && !conn.queued {
+                        conn.queued = true;
+                        waiting.push_back(slot);
+                        next_message.get_or_insert_with(Instant::now);
+                    }
+                    continue;
+                }
                 Ok(true) => {
                     r.banner.push(conn.banner);
                     r.ehlo.push(conn.ehlo);
