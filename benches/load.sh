@@ -13,7 +13,9 @@
 #
 # same-rate: heloguard's protocol CPU per message and smtp-sink's at one paced rate (default
 # 500 messages/s), in the shape of load a (a session per message) and of load b (20
-# connections, messages paced over them), so the two are compared at the same work per second.
+# connections, messages paced over them), so the two are compared at the same work per second;
+# once with the scheduler placing threads freely, and once with server and generator both on
+# CPU 0 (a wake that crosses CPUs costs an inter-processor interrupt, which on a VM is dear).
 # relay: load (a) against heloguard in maildir mode, heloguard relaying to smtp-sink, and,
 # with --haraka DIR (installed there by shared/bench/haraka/setup.sh when missing), Haraka 3
 # forwarding to the same smtp-sink; the servers alternate within each rep.
@@ -345,20 +347,27 @@ if want same-rate; then
   SR_SINK_PID=$!
   PIDS+=("$SR_SINK_PID")
   wait_port "$SR_SINK_PORT" "$SR_SINK_PID" 10
-  same_rate_run() { # WHO PID PORT SHAPE REP LOADGEN-ARGS...
-    local who=$1 pid=$2 port=$3 shape=$4 r=$5; shift 5
-    echo "== same rate, $who, shape of load $shape, $SAME_RATE messages/s, rep $r" >&2
-    local before gen
+  ALL_CPUS=$(taskset -c -p $$ | sed 's/.*: //')
+  same_rate_run() { # WHO PID PORT SHAPE PLACEMENT REP LOADGEN-ARGS...
+    local who=$1 pid=$2 port=$3 shape=$4 placement=$5 r=$6; shift 6
+    echo "== same rate, $who, shape of load $shape, $placement, $SAME_RATE messages/s, rep $r" >&2
+    local before gen pin=()
+    if [ "$placement" = cpu0 ]; then
+      taskset -a -c -p 0 "$pid" >/dev/null
+      pin=(taskset -c 0)
+    fi
     before=$(thread_ticks "$pid")
-    gen=$("$LOADGEN" latency --events --addr "127.0.0.1:$port" --label "$who/same-rate-$shape/r$r" "$@")
-    python3 - "$who" "$shape" "$r" "$(getconf CLK_TCK)" "$before" "$(thread_ticks "$pid")" "$gen" <<'PY' | tee -a "$RES" >&2
+    gen=$("${pin[@]}" "$LOADGEN" latency --events --addr "127.0.0.1:$port" --label "$who/same-rate-$shape/r$r" "$@")
+    local after; after=$(thread_ticks "$pid")
+    [ "$placement" = free ] || taskset -a -c -p "$ALL_CPUS" "$pid" >/dev/null
+    python3 - "$who" "$shape" "$placement" "$r" "$(getconf CLK_TCK)" "$before" "$after" "$gen" <<'PY' | tee -a "$RES" >&2
 import json, sys
-who, shape, rep, hz = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-a, b, gen = json.loads(sys.argv[5]), json.loads(sys.argv[6]), json.loads(sys.argv[7])
+who, shape, placement, rep, hz = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+a, b, gen = json.loads(sys.argv[6]), json.loads(sys.argv[7]), json.loads(sys.argv[8])
 n = max(1, gen["messages_ok"])
 ms = {k: 1000.0 * (b[k] - a.get(k, 0)) / hz / n for k in b}
 protocol = sum(v for k, v in ms.items() if "spool" not in k)
-print(json.dumps({"tool": "same-rate", "who": who, "shape": shape, "rep": rep,
+print(json.dumps({"tool": "same-rate", "who": who, "shape": shape, "placement": placement, "rep": rep,
                   "rate": gen["message_rate"] or gen["rate"], "messages": gen["messages_ok"],
                   "msgs_per_s": gen["msgs_per_s"], "late_starts": gen["late_starts"],
                   "errors": sum(gen["errors"].values()), "protocol_ms_per_msg": round(protocol, 4),
@@ -367,10 +376,13 @@ PY
   }
   SR_PER_CONN=$(( (SAME_RATE_N + 19) / 20 ))
   for r in $(seq "$REPS"); do
-    for who in heloguard smtp-sink; do
-      if [ "$who" = heloguard ]; then pid=$HG_PID port=$HG_PORT; else pid=$SR_SINK_PID port=$SR_SINK_PORT; fi
-      same_rate_run "$who" "$pid" "$port" a "$r" -c 50 -n "$SAME_RATE_N" --rate "$SAME_RATE"
-      same_rate_run "$who" "$pid" "$port" b "$r" -c 20 -n 20 --msgs "$SR_PER_CONN" --message-rate "$SAME_RATE"
+    for placement in free cpu0; do
+      for who in heloguard smtp-sink; do
+        if [ "$who" = heloguard ]; then pid=$HG_PID port=$HG_PORT; else pid=$SR_SINK_PID port=$SR_SINK_PORT; fi
+        same_rate_run "$who" "$pid" "$port" a "$placement" "$r" -c 50 -n "$SAME_RATE_N" --rate "$SAME_RATE"
+        same_rate_run "$who" "$pid" "$port" b "$placement" "$r" -c 20 -n 20 --msgs "$SR_PER_CONN" \
+          --message-rate "$SAME_RATE"
+      done
     done
   done
   stop_pid "$SR_SINK_PID"
@@ -575,14 +587,14 @@ if "heloguard-relay" in relay:
 same = [r for r in rows if r.get("tool") == "same-rate"]
 if same:
     print("\n### Protocol CPU at the same paced rate (loadgen; every thread but the spool writers, from /proc)\n")
-    print("| shape | rate msgs/s | heloguard ms/msg | smtp-sink ms/msg | ratio (medians) | late starts h/s | errors |")
-    print("|---|---|---|---|---|---|---|")
-    for shape in sorted({r["shape"] for r in same}):
-        h = [r for r in same if r["shape"] == shape and r["who"] == "heloguard"]
-        s = [r for r in same if r["shape"] == shape and r["who"] == "smtp-sink"]
+    print("| shape | placement | rate msgs/s | heloguard ms/msg | smtp-sink ms/msg | ratio (medians) | late starts h/s | errors |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, placement in sorted({(r["shape"], r["placement"]) for r in same}):
+        h = [r for r in same if (r["shape"], r["placement"], r["who"]) == (shape, placement, "heloguard")]
+        s = [r for r in same if (r["shape"], r["placement"], r["who"]) == (shape, placement, "smtp-sink")]
         hm, sm = med([r["protocol_ms_per_msg"] for r in h]), med([r["protocol_ms_per_msg"] for r in s])
-        print("| %s | %s | %s (%s) | %s (%s) | %s | %d/%d | %d |" % (
-            shape, f(med([r["rate"] for r in h + s])), f(hm, 3), ", ".join(f(r["protocol_ms_per_msg"], 3) for r in h),
+        print("| %s | %s | %s | %s (%s) | %s (%s) | %s | %d/%d | %d |" % (
+            shape, placement, f(med([r["rate"] for r in h + s])), f(hm, 3), ", ".join(f(r["protocol_ms_per_msg"], 3) for r in h),
             f(sm, 3), ", ".join(f(r["protocol_ms_per_msg"], 3) for r in s),
             "-" if not hm or not sm else "%.2fx" % (hm / sm), sum(r["late_starts"] for r in h),
             sum(r["late_starts"] for r in s), sum(r["errors"] for r in h + s)))
