@@ -50,15 +50,33 @@ impl Reply {
         self
     }
 
+    /// Appends the wire form of `Reply::new(code, enhanced, text)` without making the
+    /// `Reply`: the replies of every transaction (MAIL, RCPT, DATA) go out this way, with no
+    /// allocation of their own.
+    pub fn write_line(out: &mut Vec<u8>, code: u16, enhanced: &str, text: &str) {
+        out.reserve(enhanced.len() + text.len() + 7);
+        out.extend_from_slice(&code_digits(code));
+        out.push(b' ');
+        out.extend_from_slice(enhanced.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// Appends the wire form of `Reply::plain(code, text)` without making the `Reply` (the
+    /// banner).
+    pub fn write_plain_line(out: &mut Vec<u8>, code: u16, text: &str) {
+        out.reserve(text.len() + 6);
+        out.extend_from_slice(&code_digits(code));
+        out.push(b' ');
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+
     /// Appends the wire form, CRLF after every line, straight into `out` (every reply of a
     /// session goes through here, so no line is formatted into a buffer of its own first).
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        let code = self.code.min(999);
-        let digits = [
-            b'0' + (code / 100) as u8,
-            b'0' + (code / 10 % 10) as u8,
-            b'0' + (code % 10) as u8,
-        ];
+        let digits = code_digits(self.code);
         let last = self.lines.len().saturating_sub(1);
         out.reserve(self.lines.iter().map(|line| line.len() + 6).sum::<usize>() + 6);
         for (i, line) in self.lines.iter().enumerate() {
@@ -72,6 +90,17 @@ impl Reply {
             out.extend_from_slice(b" \r\n");
         }
     }
+}
+
+/// A reply code's three digits; codes are three digits wherever they are made or parsed, and
+/// the clamp keeps the arithmetic total.
+fn code_digits(code: u16) -> [u8; 3] {
+    let code = code.min(999);
+    [
+        b'0' + (code / 100) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+    ]
 }
 
 /// The class digit of an enhanced status code (`c.s.d`, then a space or the end) at the start
@@ -123,5 +152,22 @@ mod tests {
         let mut out = Vec::new();
         Reply::new(550, "5.7.1", "Go away").write_to(&mut out);
         assert_eq!(out, b"550 5.7.1 Go away\r\n");
+    }
+
+    #[test]
+    fn a_line_written_without_a_reply_is_the_reply_s_wire_form() {
+        for (code, enhanced, text) in [(250, "2.1.0", "Ok"), (354, "2.0.0", ""), (999, "", "x")] {
+            let mut made = b"before\r\n".to_vec();
+            let mut direct = made.clone();
+            Reply::new(code, enhanced, text).write_to(&mut made);
+            Reply::write_line(&mut direct, code, enhanced, text);
+            assert_eq!(direct, made, "{code} {enhanced} {text}");
+        }
+        let mut made = Vec::new();
+        let mut direct = Vec::new();
+        Reply::plain(220, "mx.example ESMTP heloguard").write_to(&mut made);
+        Reply::write_plain_line(&mut direct, 220, "mx.example ESMTP heloguard");
+        assert_eq!(direct, made);
+        assert_eq!(direct, b"220 mx.example ESMTP heloguard\r\n");
     }
 }

@@ -106,6 +106,9 @@ pub(crate) struct Job {
     pub events: Vec<OwnedEvent>,
     /// Plaintext not yet consumed by the session.
     pub input: Vec<u8>,
+    /// Where the job's replies and actions go: an emptied `Output` of an earlier job, whose
+    /// buffers are reused.
+    pub output: Output,
 }
 
 /// A session coming back from a worker.
@@ -237,7 +240,9 @@ pub(crate) fn process(job: Job, metrics: &Metrics, known: Option<&AnswerCache>) 
         mut session,
         events,
         mut input,
+        mut output,
     } = job;
+    output.clear();
     let now = Now {
         mono: Instant::now(),
         wall: SystemTime::now(),
@@ -249,7 +254,6 @@ pub(crate) fn process(job: Job, metrics: &Metrics, known: Option<&AnswerCache>) 
     {
         panic!("injected worker panic");
     }
-    let mut output = Output::default();
     let family = Family::of(session.client_ip());
     for event in events {
         session.handle(event.into_event(), now, &mut output);
@@ -363,6 +367,7 @@ mod tests {
             session,
             events: vec![OwnedEvent::Greet, OwnedEvent::Reverse(facts)],
             input: format!("EHLO {HELO}\r\nMAIL FROM:<a@example.org>\r\n").into_bytes(),
+            output: Output::default(),
         }
     }
 
@@ -398,6 +403,37 @@ mod tests {
                 .observations
                 .iter()
                 .any(|o| matches!(o, Observation::Verdict { .. }))
+        );
+    }
+
+    #[test]
+    fn a_reused_output_carries_nothing_of_its_last_job_into_the_next() {
+        let mut stale = Output::default();
+        stale
+            .bytes
+            .extend_from_slice(b"250 2.0.0 Ok: queued as OTHER\r\n");
+        stale.consumed = 999;
+        stale.actions.push(SessionAction::Close);
+        stale.observations.push(Observation::Reply(550));
+        let mut job = job();
+        job.output = stale;
+        let done = process(job, &Metrics::new(), None);
+        let text = String::from_utf8_lossy(&done.output.bytes);
+        assert!(text.starts_with("220 "), "{text}");
+        assert!(!text.contains("OTHER"), "{text}");
+        assert!(
+            !done
+                .output
+                .actions
+                .iter()
+                .any(|a| matches!(a, SessionAction::Close))
+        );
+        assert!(
+            !done
+                .output
+                .observations
+                .iter()
+                .any(|o| matches!(o, Observation::Reply(550)))
         );
     }
 

@@ -72,10 +72,7 @@ impl Session {
             self.relay_content_start(None, now.wall, out);
             return;
         }
-        self.reply(
-            out,
-            Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"),
-        );
+        self.reply_line(out, 354, "2.0.0", "End data with <CR><LF>.<CR><LF>");
         let decoder = DataDecoder::new(Framing::Dot, self.data_limits()).streaming();
         self.input_mode = InputMode::Data(decoder);
         self.start_content();

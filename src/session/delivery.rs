@@ -114,9 +114,9 @@ impl Session {
         // many messages starts each one with a clean slate.
         self.counters.restart();
         out.observations.push(Observation::MessageAccepted);
-        let reply = Reply::new(250, "2.0.0", &format!("Ok: queued as {}", message.id));
+        let queued = format!("Ok: queued as {}", message.id);
         message.relay = relay;
         out.observations.push(Observation::Accepted(message));
-        self.reply(out, reply);
+        self.reply_line(out, 250, "2.0.0", &queued);
     }
 }

@@ -309,7 +309,8 @@ impl Session {
         self.park = None;
         if greeting == Greeting::Greeted {
             let banner = format!("{} ESMTP heloguard", self.params.settings.hostname);
-            self.send(out, &Reply::plain(220, &banner));
+            Reply::write_plain_line(&mut out.bytes, 220, &banner);
+            out.observations.push(Observation::Reply(220));
         } else {
             self.send_line(
                 out,
@@ -561,7 +562,7 @@ impl Session {
         let mut tx = Transaction::new(from.mailbox, params.smtputf8);
         tx.octets_before = self.bytes;
         self.tx = Some(tx);
-        self.reply(out, Reply::new(250, "2.1.0", "Ok"));
+        self.reply_line(out, 250, "2.1.0", "Ok");
     }
 
     fn on_rcpt(&mut self, to: Path<'_>, out: &mut Output) {
@@ -637,7 +638,7 @@ impl Session {
             (Decision::Accept, Some(_)) if relaying => self.relay_accept_rcpt(recipient, out),
             (Decision::Accept, Some(tx)) => {
                 tx.recipients.push(recipient);
-                self.reply(out, Reply::new(250, "2.1.5", "Ok"));
+                self.reply_line(out, 250, "2.1.5", "Ok");
             }
             (Decision::Accept, None) => {
                 self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"))
@@ -772,6 +773,14 @@ impl Session {
         }
     }
 
+    /// `reply` of `Reply::new(code, enhanced, text)`, written without making the `Reply`.
+    pub(super) fn reply_line(&mut self, out: &mut Output, code: u16, enhanced: &str, text: &str) {
+        self.send_line(out, code, enhanced, text);
+        if code >= 500 {
+            self.count_error(out);
+        }
+    }
+
     /// One more error toward HELOGUARD_MAX_ERRORS: past it, 421 4.7.0 and close.
     pub(super) fn count_error(&mut self, out: &mut Output) {
         if self.counters.error_over(self.params.settings.max_errors) {
@@ -791,6 +800,7 @@ impl Session {
     }
 
     fn send_line(&mut self, out: &mut Output, code: u16, enhanced: &str, text: &str) {
-        self.send(out, &Reply::new(code, enhanced, text));
+        Reply::write_line(&mut out.bytes, code, enhanced, text);
+        out.observations.push(Observation::Reply(code));
     }
 }

@@ -245,6 +245,17 @@ pub struct Output {
     pub observations: Vec<Observation>,
 }
 
+impl Output {
+    /// Empties the output and keeps its buffers, so the next job writes into them without
+    /// allocating.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.consumed = 0;
+        self.actions.clear();
+        self.observations.clear();
+    }
+}
+
 /// How a session ended, for the session-end log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {

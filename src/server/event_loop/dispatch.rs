@@ -76,16 +76,17 @@ impl Server {
             conn.inbuf = Vec::new();
         }
         conn.state.back_from_worker(done.session);
-        let output = done.output;
+        let mut output = done.output;
         if let Err(e) = conn.queue_output(&output.bytes) {
             debug!("{}: TLS write failed: {e}", conn.client_ip);
             self.close(slot, "TLS error");
             return None;
         }
         log_observations(conn, &output.observations);
-        for action in output.actions {
+        for action in output.actions.drain(..) {
             self.on_action(slot, action, now);
         }
+        self.keep_spare(output);
         let conn = self.conns.get_mut(slot)?;
         if conn.read == ReadSide::Full && conn.inbuf.len() < INBUF_CAP {
             self.read_conn(slot);

@@ -46,6 +46,7 @@ use crate::server::loop_wake::LoopWake;
 use crate::server::relay_link::RelayLink;
 use crate::server::tls::TlsAcceptor;
 use crate::server::worker::{Job, OwnedEvent, WorkerPool, WorkerReport, run_job};
+use crate::session::Output;
 use crate::session::SessionSettings;
 use crate::spool::writer::SpoolDone;
 use crate::spool::writer::SpoolWriters;
@@ -71,6 +72,10 @@ const LOOP_JOB_INPUT: usize = READ_CHUNK;
 /// Jobs in a row for one connection on the loop; a client that keeps sending while its work
 /// runs then continues at a worker, and the loop turns to the others.
 const LOOP_JOB_ROUNDS: usize = 4;
+/// Emptied job outputs kept for reuse: as many as jobs that come back in one busy round.
+const SPARE_OUTPUTS: usize = 64;
+/// A kept output's reply buffer at most (a long reply is rare; its buffer is not kept).
+const SPARE_OUTPUT_BYTES: usize = 4096;
 
 /// Why the server could not start.
 #[derive(Debug)]
@@ -156,6 +161,8 @@ pub struct Server {
     pub(super) read_buf: Box<[u8]>,
     /// The connection whose work `pump` is running on the loop right now.
     pub(super) pumping: Option<usize>,
+    /// Emptied outputs of settled jobs, handed to the next jobs (at most `SPARE_OUTPUTS`).
+    pub(super) spare_outputs: Vec<Output>,
 }
 
 /// What a readiness event allows, with mio's hints folded in (rule 3: they only tell us to
@@ -377,6 +384,16 @@ impl Server {
         }
     }
 
+    /// Keeps a settled job's output for a later job, emptied: a job's replies, actions and
+    /// observations then go into buffers that already exist.
+    pub(super) fn keep_spare(&mut self, mut output: Output) {
+        if self.spare_outputs.len() < SPARE_OUTPUTS && output.bytes.capacity() <= SPARE_OUTPUT_BYTES
+        {
+            output.clear();
+            self.spare_outputs.push(output);
+        }
+    }
+
     /// The session with its queued events and input, when it is here and has work.
     fn take_job(&mut self, slot: usize) -> Option<Job> {
         let conn = self.conns.get_mut(slot)?;
@@ -390,6 +407,7 @@ impl Server {
             session,
             events: std::mem::take(&mut conn.pending),
             input: std::mem::take(&mut conn.inbuf),
+            output: self.spare_outputs.pop().unwrap_or_default(),
         })
     }
 

@@ -178,6 +178,7 @@ impl Server {
             xclient_warned: false,
             read_buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
             pumping: None,
+            spare_outputs: Vec::new(),
         };
         server.check_spool_space(Instant::now());
         Ok(server)
