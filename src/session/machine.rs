@@ -768,14 +768,16 @@ impl Session {
     /// A reply to a command or a message: 5xx counts toward HELOGUARD_MAX_ERRORS.
     pub(super) fn reply(&mut self, out: &mut Output, reply: Reply) {
         self.send(out, &reply);
-        if reply.code >= 500 {
-            self.count_error(out);
-        }
+        self.count_if_error(out, reply.code);
     }
 
     /// `reply` of `Reply::new(code, enhanced, text)`, written without making the `Reply`.
     pub(super) fn reply_line(&mut self, out: &mut Output, code: u16, enhanced: &str, text: &str) {
         self.send_line(out, code, enhanced, text);
+        self.count_if_error(out, code);
+    }
+
+    fn count_if_error(&mut self, out: &mut Output, code: u16) {
         if code >= 500 {
             self.count_error(out);
         }

@@ -528,6 +528,12 @@ pub mod tests {
             ids[0]
         }
 
+        /// The one open connection.
+        pub(crate) fn only_conn(&self) -> &Conn {
+            let slot = self.only_conn_id().slot();
+            self.server.conns.get(slot).expect("open")
+        }
+
         pub(crate) fn pending_events(&self, id: ConnId) -> usize {
             self.server
                 .conns
@@ -645,8 +651,7 @@ pub mod tests {
         // The test resolver (127.0.0.1:9) knows nothing yet, so the PTR lookup is asked.
         let mut server = TestServer::start(&[]);
         let _client = connect(&mut server);
-        let slot = server.only_conn_id().slot();
-        let conn = server.server.conns.get(slot).expect("open");
+        let conn = server.only_conn();
         assert!(conn.dns_work.asked_resolver);
 
         // A client whose PTR facts are known never wakes the resolver, nor at its close.
@@ -656,26 +661,22 @@ pub mod tests {
             },
             until: Some(Instant::now() + Duration::from_secs(60)),
         };
-        let ip = conn.client_ip;
+        let (ip, slot) = (conn.client_ip, conn.id.slot());
         let resolver = server.server.resolver.as_ref().expect("resolver");
         resolver
             .known_answers()
             .keep_reverse(ip, &facts, Vec::new());
         server.server.close(slot, "test");
         let _second = connect(&mut server);
-        let slot = server.only_conn_id().slot();
-        let conn = server.server.conns.get(slot).expect("open");
-        assert!(!conn.dns_work.asked_resolver);
+        assert!(!server.only_conn().dns_work.asked_resolver);
     }
 
     #[test]
     fn an_accepted_connection_replies_without_nagle_delay() {
         let mut server = TestServer::start(&[]);
         let _client = connect(&mut server);
-        let slot = server.only_conn_id().slot();
-        let conn = server.server.conns.get(slot).expect("open");
         // Set once on the listener, inherited at accept.
-        assert!(conn.socket.nodelay().expect("getsockopt"));
+        assert!(server.only_conn().socket.nodelay().expect("getsockopt"));
     }
 
     #[test]
@@ -690,6 +691,26 @@ pub mod tests {
         assert!(read_now(&mut client).starts_with("250 "));
         let conn = server.server.conns.get(slot).expect("open");
         assert!(matches!(conn.state, ConnState::Waiting { .. }));
+    }
+
+    #[test]
+    fn a_settled_job_leaves_its_output_empty_for_the_next_job_to_write_into() {
+        let mut server = TestServer::start(&[]);
+        let mut client = connect(&mut server);
+        assert!(server.read_reply(&mut client).starts_with("220 "));
+        let slot = server.only_conn_id().slot();
+        for round in 0..3 {
+            send_unseen(&mut client, b"NOOP\r\n");
+            server.server.conn_ready(slot, READABLE);
+            assert!(read_now(&mut client).starts_with("250 "), "round {round}");
+            // One output circulates: taken by the job, kept again when it settled.
+            let spare = &server.server.spare_outputs;
+            assert_eq!(spare.len(), 1, "round {round}");
+            let kept = &spare[0];
+            assert!(kept.bytes.is_empty() && kept.bytes.capacity() > 0);
+            assert!(kept.actions.is_empty() && kept.observations.is_empty());
+            assert_eq!(kept.consumed, 0);
+        }
     }
 
     #[test]
@@ -783,8 +804,8 @@ pub mod tests {
         while server.server.generation == before {
             server.turn();
         }
-        let slot = server.only_conn_id().slot();
-        let conn = server.server.conns.get(slot).expect("open");
+        let conn = server.only_conn();
+        let slot = conn.id.slot();
         let server_side = socket2::SockRef::from(&conn.socket);
         server_side.set_send_buffer_size(4096).expect("sndbuf");
         server_side.set_recv_buffer_size(4096).expect("rcvbuf");
